@@ -1,0 +1,65 @@
+"""LoRA Lab: Low-Rank Adaptation built from scratch, measured on a toy transformer.
+
+The public API that notebooks, tests and users rely on is listed in `__all__`.
+"""
+
+from .base import BASE_MODEL_PATH, load_base_model, save_base_model
+from .lora import (
+    LoRALinear,
+    ParamCount,
+    add_lora,
+    count_parameters,
+    load_adapter,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    remove_lora,
+    save_adapter,
+    unmerge_lora,
+)
+from .memory import (
+    MemoryBreakdown,
+    analytic_flops,
+    analytic_memory,
+    flops_per_step,
+    measure_step_memory,
+)
+from .model import PRESETS, ModelConfig, ToyTransformer, default_device, get_preset
+from .tasks import TASKS, Task, get_task
+from .train import TrainResult, train
+
+__all__ = [
+    "BASE_MODEL_PATH",
+    "PRESETS",
+    "TASKS",
+    "LoRALinear",
+    "MemoryBreakdown",
+    "ModelConfig",
+    "ParamCount",
+    "Task",
+    "ToyTransformer",
+    "TrainResult",
+    "add_lora",
+    "analytic_flops",
+    "analytic_memory",
+    "count_parameters",
+    "default_device",
+    "flops_per_step",
+    "get_preset",
+    "get_task",
+    "load_adapter",
+    "load_base_model",
+    "load_lora_state_dict",
+    "lora_layers",
+    "lora_state_dict",
+    "measure_step_memory",
+    "merge_lora",
+    "remove_lora",
+    "save_adapter",
+    "save_base_model",
+    "train",
+    "unmerge_lora",
+]
+
+__version__ = "0.1.0"

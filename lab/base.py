@@ -1,0 +1,68 @@
+"""The lab's pretrained base model: a committed safetensors file and how to load or rewrite it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+
+from .model import ModelConfig, ToyTransformer, default_device
+
+__all__ = ["BASE_MODEL_PATH", "load_base_model", "save_base_model"]
+
+BASE_MODEL_PATH = Path(__file__).parent / "data" / "base_model.safetensors"
+_CONFIG_KEY = "lora_lab_model_config"
+_TIED = "head.weight"  # the same tensor as tok_emb.weight; stored once
+
+
+def save_base_model(
+    model: ToyTransformer, path: str | os.PathLike = BASE_MODEL_PATH, info: dict | None = None
+) -> Path:
+    """Write `model`'s weights and config to a safetensors file, atomically."""
+    path = Path(path)
+    tensors = {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED
+    }
+    metadata = {_CONFIG_KEY: json.dumps(model.config.to_dict()), "info": json.dumps(info or {})}
+    data = safetensors_save(tensors, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_base_model(
+    device: torch.device | str | None = None, path: str | os.PathLike = BASE_MODEL_PATH
+) -> ToyTransformer:
+    """The pretrained base (copy, reverse, sort, add) on `device` (default: `default_device()`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no base model at {path}; rebuild it with `python scripts/pretrain_base.py`"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+        config = ModelConfig(**json.loads(metadata[_CONFIG_KEY]))
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a readable base model file: {exc}") from exc
+    with torch.device("meta"):
+        model = ToyTransformer(config)
+    model.load_state_dict(tensors | {_TIED: tensors["tok_emb.weight"]}, strict=True, assign=True)
+    model.head.weight = model.tok_emb.weight  # assign=True replaced the tied Parameter: re-tie
+    device = torch.device(device) if device is not None else default_device()
+    return model.to(device).eval()

@@ -1,0 +1,528 @@
+"""Low-Rank Adaptation (LoRA, Hu et al. 2021) written from scratch.
+
+A frozen linear layer y = x W^T + b gets a trainable low-rank update:
+
+    y = x W^T + b + scaling * (x A^T) B^T,    A: (rank, in),  B: (out, rank)
+
+so only rank * (in + out) numbers are trained instead of in * out. B starts at zero, so a fresh
+adapter leaves the model's outputs exactly unchanged. After training, ΔW = scaling * B A can be
+folded ("merged") into W, and inference costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+__all__ = [
+    "LoRALinear",
+    "ParamCount",
+    "add_lora",
+    "count_parameters",
+    "load_adapter",
+    "load_lora_state_dict",
+    "lora_layers",
+    "lora_state_dict",
+    "merge_lora",
+    "remove_lora",
+    "save_adapter",
+    "unmerge_lora",
+]
+
+_CONFIG_KEY = "lora_lab_config"  # safetensors metadata key that holds the adapter's JSON config
+_FORMAT, _VERSION = "lora-lab-adapter", 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation. Every public function checks everything first and changes nothing on error.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_hparams(rank: object, alpha: object, dropout: object, rslora: object) -> None:
+    """Raise TypeError/ValueError for a bad rank, alpha, dropout or rslora."""
+    # bool is a subclass of int, but rank=True is certainly a mistake
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise TypeError(f"rank must be an int >= 1, got {rank!r} ({type(rank).__name__})")
+    if rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank}")
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+        raise TypeError(f"alpha must be a real number > 0, got {alpha!r} ({type(alpha).__name__})")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
+        raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if not 0.0 <= dropout < 1.0:  # also rejects nan, for which every comparison is False
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(rslora, bool):
+        raise TypeError(f"rslora must be True or False, got {rslora!r}")
+
+
+def _check_rank_fits(rank: int, linear: nn.Linear, where: str) -> None:
+    """A rank above min(in, out) cannot add expressiveness: B A would already be full rank."""
+    bound = min(linear.in_features, linear.out_features)
+    if rank > bound:
+        raise ValueError(
+            f"rank={rank} is too large for {where} (in_features={linear.in_features}, "
+            f"out_features={linear.out_features}): rank must be <= min(in, out) = {bound}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update scaling * B @ A."""
+
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+    ) -> None:
+        if isinstance(base, LoRALinear):
+            raise TypeError("base already has LoRA (it is a LoRALinear); wrap a plain nn.Linear")
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        _check_hparams(rank, alpha, dropout, rslora)
+        _check_rank_fits(rank, base, "this layer")
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
+        self.dropout_p = float(dropout)
+        # rsLoRA (Kalajdzievski 2023) divides by sqrt(rank) so the update's size does not shrink
+        # as the rank grows; classic LoRA divides by rank.
+        self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
+        self.merged = False
+        # Adapters train in (at least) fp32 even on a bf16/fp16 base: tiny updates to small
+        # matrices would be rounded away in half precision. A float64 base keeps float64.
+        weight = base.weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.lora_A = nn.Parameter(
+            torch.empty(rank, self.in_features, dtype=dtype, device=weight.device)
+        )
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, rank, dtype=dtype, device=weight.device)
+        )
+        # A is initialised like nn.Linear's weight; B = 0 makes the initial update exactly zero.
+        # (On the meta device this is a no-op: there is no data to fill.)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        out = self.base(x)
+        if self.merged:  # ΔW already lives inside base.weight
+            return out
+        # Dropout touches only the adapter's input, never the frozen path.
+        h = self.dropout(x.to(self.lora_A.dtype))
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # (..., out)
+        return out + update.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling * B @ A, shape (out_features, in_features), in the base weight's dtype."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling  # computed in the adapter's fp32
+        return delta.to(dtype=self.base.weight.dtype, device=self.base.weight.device)
+
+    @torch.no_grad()
+    def _folded_weight(self, sign: int) -> torch.Tensor:
+        """W ± ΔW computed in fp32 (rounding once, at the end), cast to the base weight's dtype."""
+        w = self.base.weight
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return (w.to(delta.dtype) + sign * delta.to(w.device)).to(w.dtype)
+
+    def _check_mergeable(self, name: str = "this layer") -> torch.Tensor:
+        """The merged weight, or ValueError if it would contain inf/nan (e.g. fp16 overflow)."""
+        new = self._folded_weight(+1)
+        if not new.is_meta and not bool(torch.isfinite(new).all()):
+            raise ValueError(
+                f"merging would produce non-finite weights in {name} "
+                f"(dtype {self.base.weight.dtype}); weights left unchanged"
+            )
+        return new
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into base.weight; forward then runs the base alone."""
+        if self.merged:
+            warnings.warn("LoRALinear is already merged; merge() did nothing", stacklevel=2)
+            return
+        self.base.weight.copy_(self._check_mergeable())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW from base.weight again (exact up to rounding of the base dtype)."""
+        if not self.merged:
+            warnings.warn("LoRALinear is not merged; unmerge() did nothing", stacklevel=2)
+            return
+        self.base.weight.copy_(self._folded_weight(-1))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        """Summary shown by print(model)."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+            f"dropout={self.dropout_p:g}, rslora={self.rslora}, merged={self.merged}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear in the model: qualified name -> layer, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _require_lora(model: nn.Module) -> dict[str, LoRALinear]:
+    """lora_layers(model), or a ValueError that says how to add some."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers; call add_lora(model, ...) first")
+    return layers
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` was (setattr on its parent; works for ModuleList)."""
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, new)
+
+
+def _normalize_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """A str or an iterable of non-empty str -> a non-empty tuple of str."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    elif not isinstance(targets, Iterable):
+        raise TypeError(f"targets must be a str or an iterable of str, got {targets!r}")
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError("targets is empty; name at least one layer, e.g. ('q_proj', 'v_proj')")
+    for t in targets:
+        if not isinstance(t, str) or not t:
+            raise TypeError(f"every target must be a non-empty str, got {t!r} in {targets!r}")
+    return targets
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of parameters registered in more than one module (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
+def add_lora(
+    model: nn.Module,
+    targets: str | Iterable[str] = ("q_proj", "v_proj"),
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> list[str]:
+    """Wrap every nn.Linear named like a target in a LoRALinear and freeze everything else.
+
+    A target matches a module whose qualified name equals it or ends with "." + target, so
+    "q_proj" matches "blocks.0.attn.q_proj" and "attn.q_proj" works too. Returns the replaced
+    names in module order. Everything is validated first: on error the model is unchanged.
+    """
+    targets = _normalize_targets(targets)
+    _check_hparams(rank, alpha, dropout, rslora)
+
+    # Match by name among all modules, but not the insides of existing LoRALinears (their
+    # `.base` is an implementation detail, not a layer of the user's model).
+    existing = lora_layers(model).values()
+    internal = {id(m) for layer in existing for m in layer.modules() if m is not layer}
+    candidates = [(n, m) for n, m in model.named_modules() if n and id(m) not in internal]
+
+    def hits(name: str, t: str) -> bool:
+        return name == t or name.endswith("." + t)
+
+    matches = [(n, m) for n, m in candidates if any(hits(n, t) for t in targets)]
+    unmatched = [t for t in targets if not any(hits(n, t) for n, _ in candidates)]
+    if unmatched:
+        linear_names = [n for n, m in candidates if isinstance(m, nn.Linear | LoRALinear)]
+        leaves = sorted({n.rpartition(".")[2] for n in linear_names})
+        raise ValueError(
+            f"targets {unmatched} match no module. Linear layers in this model are named "
+            f"{leaves} (e.g. {linear_names[:4]})"
+        )
+    shared = _shared_parameter_ids(model)
+    for name, module in matches:
+        if isinstance(module, LoRALinear):  # a state problem rather than a wrong type
+            raise ValueError(  # noqa: TRY004
+                f"{name} already has LoRA; call remove_lora(model) first to start again"
+            )
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"target {name} is a {type(module).__name__}, not an nn.Linear; "
+                "LoRA here only wraps linear layers"
+            )
+        # A tied weight (e.g. an output head sharing the embedding) would silently change the
+        # other module too when ΔW is merged, so refuse rather than surprise.
+        if id(module.weight) in shared:
+            raise ValueError(
+                f"{name}.weight is shared with another module (tied weights); "
+                "merging LoRA into it would change both, so it cannot be a target"
+            )
+        _check_rank_fits(rank, module, name)
+
+    # All checks passed: build every new layer, then swap them in, then freeze.
+    new_layers = {n: LoRALinear(m, rank, alpha, dropout, rslora) for n, m in matches}
+    for name, layer in new_layers.items():
+        _replace_module(model, name, layer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in lora_layers(model).values():  # includes adapters added by earlier calls
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    return list(new_layers)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merge every LoRA layer; all-or-nothing: raises before any change if one would overflow."""
+    todo = {n: layer for n, layer in _require_lora(model).items() if not layer.merged}
+    if not todo:
+        warnings.warn("all LoRA layers are already merged; merge_lora did nothing", stacklevel=2)
+        return
+    for name, layer in todo.items():  # first pass only checks; the second pass writes
+        layer._check_mergeable(name)
+    for layer in todo.values():
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Unmerge every merged LoRA layer."""
+    todo = [layer for layer in _require_lora(model).values() if layer.merged]
+    if not todo:
+        warnings.warn("no LoRA layer is merged; unmerge_lora did nothing", stacklevel=2)
+    for layer in todo:
+        layer.unmerge()
+
+
+def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
+    """Replace every LoRALinear by its plain nn.Linear base, with ΔW merged in or dropped.
+
+    The returned bases keep requires_grad=False (they stay frozen, as they were under LoRA).
+    Returns the replaced names; a model without LoRA is left alone and [] is returned.
+    """
+    layers = lora_layers(model)
+    if merge:
+        for name, layer in layers.items():  # all-or-nothing, as in merge_lora
+            if not layer.merged:
+                layer._check_mergeable(name)
+    for name, layer in layers.items():
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        _replace_module(model, name, layer.base)
+    return list(layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading adapters
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors, e.g. {"blocks.0.attn.q_proj.lora_A": (rank, in) tensor, ...}."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{name}.lora_A"] = layer.lora_A.detach()
+        state[f"{name}.lora_B"] = layer.lora_B.detach()
+    return state
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into the model's LoRA layers; strict, and all-or-nothing."""
+    layers = _require_lora(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        # The merged weights contain the old ΔW; new A, B would leave them inconsistent.
+        raise ValueError(f"LoRA layers {merged} are merged; call unmerge_lora(model) first")
+    params = lora_state_dict(model)
+    missing = sorted(params.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(f"adapter keys do not match: missing {missing}, unexpected {unexpected}")
+    for key, param in params.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{key}: expected a tensor, got {type(value).__name__}")
+        if value.shape != param.shape:
+            raise ValueError(
+                f"{key}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}"
+            )
+        if not value.is_meta and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{key} contains non-finite values (inf or nan)")
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state_dict[key])  # copy_ casts dtype and moves device as needed
+
+
+def _adapter_config(layers: dict[str, LoRALinear]) -> dict:
+    """The JSON-able description of a model's adapters, used both to save and to compare."""
+    settings = {
+        name: {"rank": m.rank, "alpha": m.alpha, "dropout": m.dropout_p, "rslora": m.rslora}
+        for name, m in layers.items()
+    }
+    first = next(iter(settings.values()))
+    uniform = all(s == first for s in settings.values())
+    config = {"format": _FORMAT, "version": _VERSION}
+    # With mixed settings (add_lora called twice with different ranks, say) the top-level
+    # fields are null and the exact per-layer values are stored under "per_layer".
+    config.update(first if uniform else dict.fromkeys(first))
+    config["targets"] = sorted({name.rpartition(".")[2] for name in layers})
+    config["layers"] = list(layers)
+    if not uniform:
+        config["per_layer"] = settings
+    return config
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; directories cannot be opened like this on Windows.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the adapters and their config to a .safetensors file, atomically; returns the path.
+
+    The file holds only A and B for each layer (kilobytes to megabytes, not the whole model);
+    the config is JSON in the safetensors metadata under "lora_lab_config".
+    """
+    path = Path(path)
+    layers = _require_lora(model)
+    state = lora_state_dict(model)
+    if any(t.is_meta for t in state.values()):
+        raise ValueError("the model is on the meta device: its adapters hold no values to save")
+    tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
+    metadata = {_CONFIG_KEY: json.dumps(_adapter_config(layers))}
+    data = safetensors_save(tensors, metadata=metadata)
+    # Write to a temporary file next to the target and rename it over the target: readers see
+    # either the old file or the complete new one, never a half-written adapter.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _describe(value: object, limit: int = 120) -> str:
+    """repr(value), shortened so a long layer list cannot flood an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Load a file written by save_adapter into the model's LoRA layers; returns its config.
+
+    The model must already have LoRA with the same settings: call add_lora(model, targets=...,
+    rank=..., alpha=..., dropout=..., rslora=...) as when training, then load_adapter. Any
+    mismatch raises ValueError and leaves the model unchanged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not iterable)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"{path} is not a readable adapter file (truncated or corrupt?): {exc}"
+        ) from exc
+    if _CONFIG_KEY not in metadata:
+        raise ValueError(f"{path} has no {_CONFIG_KEY!r} metadata: not written by save_adapter?")
+    try:
+        config = json.loads(metadata[_CONFIG_KEY])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: the {_CONFIG_KEY!r} metadata is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        raise ValueError(f"{path}: metadata is not a {_FORMAT!r} config")
+    if config.get("version") != _VERSION:
+        raise ValueError(
+            f"{path}: adapter format version {config.get('version')!r} "
+            f"is not supported (expected {_VERSION})"
+        )
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(
+            f"cannot load {path}: the model has no LoRA layers; first call add_lora(model, "
+            f"targets={config.get('targets')}, rank={config.get('rank')}, "
+            f"alpha={config.get('alpha')}, dropout={config.get('dropout')}, "
+            f"rslora={config.get('rslora')})"
+        )
+    expected = _adapter_config(layers)
+    differences = [
+        f"{field}: file has {_describe(config.get(field))}, model has {_describe(expected.get(field))}"
+        for field in ("rank", "alpha", "dropout", "rslora", "targets", "layers", "per_layer")
+        if config.get(field) != expected.get(field)
+    ]
+    if differences:
+        raise ValueError(
+            f"{path} does not match the model's LoRA layers: " + "; ".join(differences)
+        )
+    try:
+        load_lora_state_dict(model, tensors)
+    except ValueError as exc:
+        raise ValueError(f"cannot load {path}: {exc}") from exc
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting
+# ---------------------------------------------------------------------------------------------
+
+
+class ParamCount(NamedTuple):
+    """Trainable and total parameter counts (tied weights counted once)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        """trainable / total (0.0 for a model without parameters)."""
+        return self.trainable / self.total if self.total else 0.0
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Count unique parameters; works on the meta device since only shapes are needed."""
+    # model.parameters() yields each Parameter object once, so a tied weight counts once.
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return ParamCount(trainable=trainable, total=sum(p.numel() for p in params))
