@@ -488,7 +488,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         )
     expected = _adapter_config(layers)
     differences = [
-        f"{field}: file has {_describe(config.get(field))}, model has {_describe(expected.get(field))}"
+        f"{field}: file has {_describe(config.get(field))}, "
+        f"model has {_describe(expected.get(field))}"
         for field in ("rank", "alpha", "dropout", "rslora", "targets", "layers", "per_layer")
         if config.get(field) != expected.get(field)
     ]

@@ -1,4 +1,4 @@
-"""The lab's own language: character-level algorithmic tasks, generated offline and deterministically.
+"""The lab's own language: character-level algorithmic tasks, generated offline, deterministic.
 
 Every example is one token sequence ``<task> prompt <sep> answer <eos>``, right-padded to
 ``SEQ_LEN`` tokens. The model is trained to predict the answer and ``<eos>`` only (the prompt and
@@ -38,8 +38,10 @@ LETTERS = list("abcdefghijklmnopqrstuvwxyz")
 SYMBOLS = ["+", "-"]
 # One token per task: the prompt's first token tells the model what to do.
 PRETRAIN_TASKS = ("copy", "reverse", "sort", "add")
-FINETUNE_TASKS = ("sort_desc", "shift", "rotate", "swap", "shift_small")
-TASK_TOKENS = [f"<{name}>" for name in PRETRAIN_TASKS + ("sort_desc", "shift", "rotate", "swap")]
+FINETUNE_TASKS = ("sort_desc", "shift", "rotate", "swap", "evens", "sort_desc_small")
+TASK_TOKENS = [
+    f"<{name}>" for name in PRETRAIN_TASKS + ("sort_desc", "shift", "rotate", "swap", "evens")
+]
 VOCAB: list[str] = SPECIALS + DIGITS + LETTERS + SYMBOLS + TASK_TOKENS
 TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
 PAD, SEP, EOS = (TOKEN_ID[t] for t in SPECIALS)
@@ -118,6 +120,11 @@ def _swap(rng):
     return s, out
 
 
+def _evens(rng):
+    s = _letters(rng)
+    return s, s[::2]
+
+
 GENERATORS: dict[str, Callable[[random.Random], tuple[list[str], list[str]]]] = {
     "copy": _copy,
     "reverse": _reverse,
@@ -127,6 +134,7 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[list[str], list[str]]]] = 
     "shift": _shift,
     "rotate": _rotate,
     "swap": _swap,
+    "evens": _evens,
 }
 
 
@@ -168,15 +176,23 @@ class Task:
         return self.train_inputs[idx], self.train_targets[idx]
 
     @torch.no_grad()
-    def evaluate(self, model: ToyTransformer, batch_size: int = 512) -> dict[str, float]:
-        """Held-out loss and exact-match accuracy of `model` (the model's mode is restored)."""
+    def evaluate(
+        self, model: ToyTransformer, batch_size: int = 512, split: str = "heldout"
+    ) -> dict[str, float]:
+        """Loss and exact-match accuracy of `model` on the held-out (or train) split.
+
+        The model's train/eval mode is restored afterwards.
+        """
+        if split not in ("heldout", "train"):
+            raise ValueError(f"split={split!r}: expected 'heldout' or 'train'")
+        inputs, targets = getattr(self, f"{split}_inputs"), getattr(self, f"{split}_targets")
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         total_loss, total_tokens, correct = 0.0, 0, 0
-        for start in range(0, len(self.heldout_inputs), batch_size):
-            x = self.heldout_inputs[start : start + batch_size].to(device)
-            y = self.heldout_targets[start : start + batch_size].to(device)
+        for start in range(0, len(inputs), batch_size):
+            x = inputs[start : start + batch_size].to(device)
+            y = targets[start : start + batch_size].to(device)
             logits = model(x)
             mask = y != IGNORE_INDEX
             n_tokens = int(mask.sum())
@@ -185,7 +201,7 @@ class Task:
             hit = (logits.argmax(-1) == y) | ~mask
             correct += int(hit.all(dim=1).sum())
         model.train(was_training)
-        n = len(self.heldout_inputs)
+        n = len(inputs)
         return {"loss": total_loss / total_tokens, "accuracy": correct / n, "n": n}
 
 
@@ -221,8 +237,9 @@ DESCRIPTIONS = {
     "sort_desc": "sort letters in descending order (new task token)",
     "shift": f"Caesar shift every letter by {SHIFT} (new task token): a token-to-token remap",
     "rotate": "move the first letter to the end (new task token)",
+    "evens": "keep every other letter, starting with the first: abcde -> ace (new task token)",
     "swap": "swap neighbouring letters: abcde -> badce (new task token)",
-    "shift_small": "the shift task with only 256 training examples: a small-data regime",
+    "sort_desc_small": "sort_desc with only 256 training examples: a small-data regime",
 }
 N_TRAIN, N_HELDOUT, N_SMALL = 20_000, 512, 256
 TASKS: tuple[str, ...] = ("pretrain", *PRETRAIN_TASKS, *FINETUNE_TASKS)

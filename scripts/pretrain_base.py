@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab  # noqa: E402
 from lab.tasks import PRETRAIN_TASKS  # noqa: E402
 
-STEPS, BATCH, LR, SEED = 2000, 128, 3e-3, 0
+STEPS, BATCH, LR, SEED = 3000, 128, 3e-3, 0
 
 
 def main() -> None:
