@@ -1,0 +1,10 @@
+"""nbval runs the notebooks with a throwaway sweep cache.
+
+The kernel inherits this process's environment, so the notebooks never read or write a user's
+cache during the tests (they see only the lab's shipped default grid).
+"""
+
+import os
+import tempfile
+
+os.environ["LORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="lora-lab-nbval-cache-")
