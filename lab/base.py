@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
+from .fileio import atomic_write_bytes
 from .model import ModelConfig, ToyTransformer, default_device
 
 __all__ = ["BASE_MODEL_PATH", "load_base_model", "save_base_model"]
@@ -30,18 +30,7 @@ def save_base_model(
     }
     metadata = {_CONFIG_KEY: json.dumps(model.config.to_dict()), "info": json.dumps(info or {})}
     data = safetensors_save(tensors, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def load_base_model(

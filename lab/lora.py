@@ -11,12 +11,10 @@ folded ("merged") into W, and inference costs nothing extra.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,6 +25,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
+
+from .fileio import atomic_write_bytes
 
 __all__ = [
     "LoRALinear",
@@ -400,16 +400,6 @@ def _adapter_config(layers: dict[str, LoRALinear]) -> dict:
     return config
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Make the rename itself durable; directories cannot be opened like this on Windows.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapters and their config to a .safetensors file, atomically; returns the path.
 
@@ -424,21 +414,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     metadata = {_CONFIG_KEY: json.dumps(_adapter_config(layers))}
     data = safetensors_save(tensors, metadata=metadata)
-    # Write to a temporary file next to the target and rename it over the target: readers see
-    # either the old file or the complete new one, never a half-written adapter.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def _describe(value: object, limit: int = 120) -> str:
