@@ -1,0 +1,288 @@
+"""Tests for lab/plots.py: each plot returns a labelled Figure that really shows the data."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from lab import plots  # noqa: E402
+
+MIB = 2**20
+
+
+def breakdown(parameters: int, gradients: int, optimizer: int, activations: int) -> dict[str, int]:
+    """A memory breakdown with an extra key that the plots must ignore."""
+    return {
+        "parameters": parameters,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": activations,
+        "other": 123_456_789,
+    }
+
+
+FULL = breakdown(4 * MIB, 4 * MIB, 8 * MIB, 6 * MIB)
+LORA = breakdown(4 * MIB, MIB // 4, MIB // 2, 6 * MIB)
+
+
+def main_axes(fig: Figure):
+    """The first Axes: the plot itself (a colorbar, if any, comes after)."""
+    return fig.axes[0]
+
+
+def texts(fig: Figure) -> list[str]:
+    """Every text drawn on any Axes of the figure."""
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def assert_labelled(fig: Figure, unit: str | None = None) -> None:
+    """A Figure with a title, both axis labels and, when given, the unit in the y label."""
+    assert isinstance(fig, Figure)
+    ax = main_axes(fig)
+    assert ax.get_title()
+    assert ax.get_xlabel()
+    assert ax.get_ylabel()
+    if unit is not None:
+        assert unit in ax.get_ylabel()
+
+
+def bar_heights(ax) -> list[float]:
+    """Heights of the bars drawn on an Axes, in drawing order."""
+    return [patch.get_height() for patch in ax.patches]
+
+
+def lines_with_data(ax) -> list:
+    """Lines that plot data (not axhline references)."""
+    return [line for line in ax.get_lines() if len(line.get_xdata()) > 2]
+
+
+# ---------------------------------------------------------------- trainable_vs_rank
+
+
+def test_trainable_vs_rank_annotates_exact_counts_and_full_line():
+    fig = plots.trainable_vs_rank([1, 4, 8], [1024, 4096, 8192], full=415_232)
+    assert_labelled(fig, unit="count")
+    ax = main_axes(fig)
+    assert ax.get_yscale() == "log"
+    assert list(ax.get_lines()[0].get_ydata()) == [1024, 4096, 8192]
+    assert {"1,024", "4,096", "8,192"} <= set(texts(fig))
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "full fine-tuning (415,232)" in legend
+    assert ax.get_lines()[1].get_ydata()[0] == 415_232
+
+
+def test_trainable_vs_rank_without_full_has_one_line():
+    fig = plots.trainable_vs_rank([2, 4], [10, 20])
+    assert len(main_axes(fig).get_lines()) == 1
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_memory_vs_rank_bars_are_categories_in_mib_with_full_total():
+    fig = plots.memory_vs_rank([4, 8], [LORA, LORA], full=FULL)
+    assert_labelled(fig, unit="MiB")
+    ax = main_axes(fig)
+    # Bars are drawn category by category: parameters for both ranks, then gradients, ...
+    expected = [LORA[c] / MIB for c in plots.CATEGORIES for _ in range(2)]
+    assert bar_heights(ax) == pytest.approx(expected)
+    full_total = sum(FULL[c] for c in plots.CATEGORIES) / MIB
+    assert ax.get_lines()[0].get_ydata()[0] == pytest.approx(full_total)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "8"]
+
+
+def test_memory_breakdown_annotates_totals_and_converts_to_gib():
+    fig = plots.memory_breakdown({"full fine-tuning": FULL, "LoRA r=8": LORA})
+    assert_labelled(fig, unit="MiB")
+    lora_total = sum(LORA[c] for c in plots.CATEGORIES) / MIB
+    assert f"{lora_total:,.1f} MiB" in texts(fig)
+    assert len(main_axes(fig).patches) == 2 * len(plots.CATEGORIES)
+
+    fig = plots.memory_breakdown({"full": FULL}, unit="GiB")
+    assert "GiB" in main_axes(fig).get_ylabel()
+    assert bar_heights(main_axes(fig))[0] == pytest.approx(FULL["parameters"] / 2**30)
+
+
+def test_memory_breakdown_rejects_unknown_unit():
+    with pytest.raises(ValueError, match="unit"):
+        plots.memory_breakdown({"full": FULL}, unit="MB")
+
+
+def test_memory_breakdown_accepts_objects_with_category_attributes():
+    class Breakdown:
+        parameters, gradients, optimizer, activations = MIB, 2 * MIB, 3 * MIB, 4 * MIB
+
+    fig = plots.memory_breakdown({"measured": Breakdown()})
+    assert bar_heights(main_axes(fig)) == pytest.approx([1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_cost_comparison_shows_gigabytes(log):
+    models = ["GPT-3 full", "GPT-3 LoRA r=4"]
+    big = {k: v * 10_000 for k, v in FULL.items()}
+    fig = plots.cost_comparison(models, [big, LORA], log=log)
+    assert_labelled(fig, unit="GB")
+    ax = main_axes(fig)
+    assert ax.get_yscale() == ("log" if log else "linear")
+    heights = bar_heights(ax)
+    assert len(heights) == len(models) * len(plots.CATEGORIES)
+    # Both layouts draw one category at a time across the models, in CATEGORIES order.
+    expected = [b[c] / 1e9 for c in plots.CATEGORIES for b in (big, LORA)]
+    assert heights == pytest.approx(expected)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["GPT-3 full", "GPT-3 LoRA r=4"]
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_loss_curves_one_line_per_label_and_smoothing():
+    curves = {"LoRA": [3.0, 2.0, 1.0, 0.5], "full": [3.0, 1.0, 0.5, 0.25]}
+    fig = plots.loss_curves(curves)
+    assert_labelled(fig, unit="nats/token")
+    ax = main_axes(fig)
+    assert len(ax.get_lines()) == 2
+    assert list(ax.get_lines()[0].get_ydata()) == curves["LoRA"]
+    assert ax.get_yscale() == "log"
+    assert ax.get_xlabel() == "training step"
+
+    smoothed = plots.loss_curves({"LoRA": [4.0, 2.0, 2.0, 0.0]}, smooth=2, log=False)
+    line = main_axes(smoothed).get_lines()[0]
+    assert list(line.get_ydata()) == pytest.approx([3.0, 2.0, 1.0])
+    assert list(line.get_xdata()) == [2, 3, 4]
+    assert main_axes(smoothed).get_legend() is None
+
+
+def test_loss_curves_rejects_bad_window():
+    with pytest.raises(ValueError, match="smooth"):
+        plots.loss_curves({"a": [1.0]}, smooth=0)
+
+
+def test_accuracy_heatmap_shows_the_grid_in_percent():
+    grid = [[0.1, 0.875], [math.nan, 1.0]]
+    fig = plots.accuracy_heatmap([4, 8], [8, 16.5], grid)
+    assert_labelled(fig)
+    ax = main_axes(fig)
+    shown = ax.get_images()[0].get_array()
+    assert np.ma.getmaskarray(shown).tolist() == [[False, False], [True, False]]
+    assert shown.filled(np.nan) == pytest.approx(np.array(grid) * 100, nan_ok=True)
+    assert ax.get_xlabel() == "alpha"
+    assert ax.get_ylabel() == "rank r"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "16.5"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["4", "8"]
+    assert {"10%", "88%", "–", "100%"} <= set(texts(fig))
+    assert "held-out accuracy (%)" in fig.axes[1].get_ylabel()
+
+
+def test_accuracy_heatmap_rejects_wrong_shape():
+    with pytest.raises(ValueError, match=r"\(2, 3\)"):
+        plots.accuracy_heatmap([4, 8], [1, 2, 3], [[0.1, 0.2], [0.3, 0.4]])
+
+
+def test_dropout_effect_draws_both_losses_and_the_gap():
+    fig = plots.dropout_effect([0.0, 0.1, 0.3], [0.2, 0.3, 0.5], [0.9, 0.6, 0.7])
+    assert_labelled(fig, unit="nats/token")
+    ax = main_axes(fig)
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [[0.2, 0.3, 0.5], [0.9, 0.6, 0.7]]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "generalisation gap" in legend
+    assert ax.get_xlabel() == "adapter dropout p"
+
+
+# ---------------------------------------------------------------- why low rank works
+
+
+def test_update_size_vs_rank_is_log_log_one_line_per_rule():
+    sizes = {"alpha/r": [1.0, 0.5, 0.25], "alpha/sqrt(r)": [1.0, 1.0, 1.0]}
+    fig = plots.update_size_vs_rank([1, 4, 16], sizes)
+    assert_labelled(fig, unit="Frobenius")
+    ax = main_axes(fig)
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+    assert len(ax.get_lines()) == 2
+    assert list(ax.get_lines()[0].get_ydata()) == sizes["alpha/r"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "4", "16"]
+
+
+def test_singular_values_keeps_the_top_values():
+    spectra = {"full": list(np.linspace(10, 1, 50)), "LoRA": [3.0, 2.0, 1.0]}
+    fig = plots.singular_values(spectra, top=8)
+    assert_labelled(fig, unit="σ_i")
+    ax = main_axes(fig)
+    assert ax.get_yscale() == "log"
+    assert [len(line.get_ydata()) for line in ax.get_lines()] == [8, 3]
+    assert list(ax.get_lines()[0].get_xdata()) == list(range(1, 9))
+
+
+def test_energy_captured_shows_percent_and_rejects_percent_input():
+    fig = plots.energy_captured({"full": [0.5, 0.8, 0.95, 1.0], "LoRA": [0.7, 1.0, 1.0, 1.0]})
+    assert_labelled(fig, unit="%")
+    ax = main_axes(fig)
+    assert len(lines_with_data(ax)) == 2
+    assert list(lines_with_data(ax)[0].get_ydata()) == pytest.approx([50, 80, 95, 100])
+    with pytest.raises(ValueError, match="fractions"):
+        plots.energy_captured({"full": [50.0, 80.0]})
+
+
+# ---------------------------------------------------------------- deployment
+
+
+def test_timings_bars_in_milliseconds_with_values_and_errors():
+    fig = plots.timings(["base", "merged"], [0.002, 0.0025], errors=[0.0001, 0.0002])
+    ax = main_axes(fig)
+    assert ax.get_title() and "ms" in ax.get_xlabel() and ax.get_ylabel()
+    assert [p.get_width() for p in ax.patches] == pytest.approx([2.0, 2.5])
+    assert {"2 ms", "2.5 ms"} <= set(texts(fig))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["base", "merged"]
+
+
+# ---------------------------------------------------------------- shared behaviour
+
+MISMATCHED = {
+    "trainable_vs_rank": lambda: plots.trainable_vs_rank([1, 2, 4], [1, 2]),
+    "memory_vs_rank": lambda: plots.memory_vs_rank([1, 2], [LORA]),
+    "cost_comparison": lambda: plots.cost_comparison(["a", "b"], [FULL]),
+    "dropout_effect": lambda: plots.dropout_effect([0.0, 0.1], [1.0, 2.0], [1.0]),
+    "update_size_vs_rank": lambda: plots.update_size_vs_rank([1, 2], {"alpha/r": [1.0]}),
+    "timings": lambda: plots.timings(["a"], [1.0, 2.0]),
+    "timings_errors": lambda: plots.timings(["a"], [1.0], errors=[0.1, 0.2]),
+}
+
+
+@pytest.mark.parametrize("call", MISMATCHED.values(), ids=MISMATCHED.keys())
+def test_mismatched_lengths_raise_naming_the_lengths(call):
+    with pytest.raises(ValueError, match=r"has \d+.*has \d+"):
+        call()
+
+
+EMPTY = {
+    "trainable_vs_rank": lambda: plots.trainable_vs_rank([], [], full=100),
+    "memory_vs_rank": lambda: plots.memory_vs_rank([], []),
+    "memory_breakdown": lambda: plots.memory_breakdown({}),
+    "cost_comparison": lambda: plots.cost_comparison([], []),
+    "loss_curves": lambda: plots.loss_curves({}),
+    "loss_curves_empty_series": lambda: plots.loss_curves({"LoRA": []}),
+    "accuracy_heatmap": lambda: plots.accuracy_heatmap([], [], []),
+    "dropout_effect": lambda: plots.dropout_effect([], [], []),
+    "update_size_vs_rank": lambda: plots.update_size_vs_rank([], {}),
+    "singular_values": lambda: plots.singular_values({}),
+    "energy_captured": lambda: plots.energy_captured({}),
+    "timings": lambda: plots.timings([], []),
+}
+
+
+@pytest.mark.parametrize("call", EMPTY.values(), ids=EMPTY.keys())
+def test_empty_input_says_no_results_yet(call):
+    fig = call()
+    assert_labelled(fig)
+    assert plots.NO_RESULTS in texts(fig)
+
+
+def test_savefig_bytes_is_png():
+    fig = plots.trainable_vs_rank([1, 2], [10, 20])
+    assert plots.savefig_bytes(fig, dpi=30).startswith(b"\x89PNG\r\n\x1a\n")
