@@ -26,6 +26,7 @@ from .memory import (
     measure_step_memory,
 )
 from .model import PRESETS, ModelConfig, ToyTransformer, default_device, get_preset
+from .sweep import SweepCache, SweepPoint, SweepResult, full_point, grid, sweep
 from .tasks import TASKS, Task, get_task
 from .train import TrainResult, train
 
@@ -37,6 +38,9 @@ __all__ = [
     "MemoryBreakdown",
     "ModelConfig",
     "ParamCount",
+    "SweepCache",
+    "SweepPoint",
+    "SweepResult",
     "Task",
     "ToyTransformer",
     "TrainResult",
@@ -46,8 +50,10 @@ __all__ = [
     "count_parameters",
     "default_device",
     "flops_per_step",
+    "full_point",
     "get_preset",
     "get_task",
+    "grid",
     "load_adapter",
     "load_base_model",
     "load_lora_state_dict",
@@ -58,6 +64,7 @@ __all__ = [
     "remove_lora",
     "save_adapter",
     "save_base_model",
+    "sweep",
     "train",
     "unmerge_lora",
 ]

@@ -9,7 +9,9 @@ Prints each notebook's run time; fails loudly if any cell raises.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +25,10 @@ def run(path: Path) -> float:
     """Run one notebook from its own folder; returns seconds."""
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
         store_widget_state=False,
     )
     start = time.perf_counter()
@@ -37,6 +42,9 @@ def run(path: Path) -> float:
 
 
 def main() -> None:
+    # Like the tests, never read or write the user's own sweep cache: the stored outputs must
+    # come from the shipped default grid alone.
+    os.environ["LORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="lora-lab-run-notebooks-")
     paths = [Path(p) for p in sys.argv[1:]] or sorted((ROOT / "notebooks").rglob("*.ipynb"))
     for path in paths:
         if ".ipynb_checkpoints" in path.parts:

@@ -1,0 +1,390 @@
+"""The sweep explorer: ipywidgets controls over a cached grid of LoRA runs, and its plots.
+
+Controls choose a grid (task, ranks, alphas, dropouts, targets, scaling rule, steps); the plots
+show whatever of that grid is already in the `SweepCache`, so moving a control only redraws
+(from disk, in well under a second) and never trains. Training happens only when Run is pressed,
+and only for points not cached yet. Plots are `ipywidgets.Image`s whose PNG bytes are replaced
+in place, so nothing flickers, and a test can read them without a browser.
+
+Everything the callbacks compute comes from pure functions: `lab.sweep` for the data and
+`lab.plots` for the figures; `plot_specs` joins the two and is tested on its own.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ipywidgets as W
+from matplotlib.figure import Figure
+
+from . import plots
+from .sweep import (
+    DEFAULT_ALPHA,
+    DEFAULT_STEPS,
+    DEFAULT_TARGETS,
+    LORA_LR,
+    SweepCache,
+    SweepPoint,
+    SweepResult,
+    accuracy_table,
+    by_rank,
+    describe,
+    dropout_series,
+    full_point,
+    grid,
+    select,
+    sweep,
+    trainable_counts,
+)
+from .tasks import FINETUNE_TASKS
+
+__all__ = ["PLOTS", "Selection", "SweepExplorer", "plot_specs", "sweep_explorer"]
+
+RANK_OPTIONS = (1, 2, 4, 8, 16, 32, 64)
+ALPHA_OPTIONS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+DROPOUT_OPTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+TARGET_OPTIONS = (
+    ("q", "q_proj"),
+    ("k", "k_proj"),
+    ("v", "v_proj"),
+    ("o", "o_proj"),
+    ("up", "up_proj"),
+    ("down", "down_proj"),
+)
+SMALL_TASK = "sort_desc_small"  # where the dropout plot looks when the chosen task is not small
+LOSS_SMOOTHING = 20  # steps in the loss curves' moving average: per-batch losses are noisy
+# Tab key -> tab title, in display order.
+PLOTS = {
+    "trainable": "Trainable parameters",
+    "memory": "Memory",
+    "loss": "Loss curves",
+    "accuracy": "Accuracy (rank × alpha)",
+    "dropout": "Dropout (small data)",
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the controls select; a plain value, so plot_specs can be called without widgets."""
+
+    task: str = "sort_desc"
+    ranks: tuple[int, ...] = RANK_OPTIONS
+    alphas: tuple[float, ...] = (8.0, 16.0, 32.0)
+    dropouts: tuple[float, ...] = (0.0,)
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    rslora: bool = False
+    steps: int = DEFAULT_STEPS
+    full: bool = True  # also train the full fine-tuning reference
+
+    def points(self) -> list[SweepPoint]:
+        """The grid's points (empty when no rank, alpha, dropout or target is selected)."""
+        if not (self.ranks and self.alphas and self.dropouts and self.targets):
+            return []
+        sorted_ = (sorted(self.ranks), sorted(self.alphas), sorted(self.dropouts))
+        points = grid(self.task, *sorted_, self.targets, self.rslora, self.steps)
+        return points + [full_point(self.task, self.steps)] if self.full else points
+
+
+def _points(n: int) -> str:
+    """'1 point', '3 points'."""
+    return f"{n} point" if n == 1 else f"{n} points"
+
+
+def _closest(values: Sequence[float], target: float) -> float:
+    """The value nearest `target` (the smaller one on a tie)."""
+    return min(sorted(values), key=lambda v: abs(v - target))
+
+
+def plot_specs(
+    results: Sequence[SweepResult], sel: Selection
+) -> dict[str, tuple[Callable[..., Figure], tuple, dict]]:
+    """For each plot, the lab.plots function and its arguments, from cached results (pure)."""
+    chosen = set(sel.points())
+    mine = sorted(
+        (r for r in results if r.point in chosen and not r.point.is_full),
+        key=lambda r: (r.point.rank, r.point.alpha, r.point.dropout),
+    )
+    full_pt = full_point(sel.task, sel.steps)
+    full = next((r for r in results if r.point == full_pt), None)
+    ranks = sorted(sel.ranks)
+    targets = ", ".join(sel.targets) or "no targets"
+    where = f"{sel.task}, {sel.steps} steps"
+    specs: dict[str, tuple[Callable[..., Figure], tuple, dict]] = {}
+
+    # Exact counts need no training: they are counted on the meta device.
+    counts, full_count = trainable_counts(ranks, sel.targets) if sel.targets else ([], 0)
+    specs["trainable"] = (
+        plots.trainable_vs_rank,
+        (ranks if sel.targets else [], counts, full_count),
+        {"title": f"Trainable parameters vs rank (LoRA on {targets})"},
+    )
+
+    # Memory does not depend on alpha; one measured run per rank is enough.
+    per_rank = by_rank(r for r in mine if r.memory)
+    specs["memory"] = (
+        plots.memory_vs_rank,
+        (list(per_rank), [r.memory for r in per_rank.values()]),
+        {
+            "full": full.memory if full and full.memory else None,
+            "title": f"Measured memory of one training step vs rank ({sel.task})",
+        },
+    )
+
+    # One curve per rank (and dropout) at one alpha: every alpha at once would be unreadable.
+    alpha = _closest(sel.alphas, DEFAULT_ALPHA) if sel.alphas else DEFAULT_ALPHA
+    curves = {describe(r.point): r.losses for r in mine if r.point.alpha == alpha}
+    if full is not None:
+        curves[describe(full.point)] = full.losses
+    specs["loss"] = (
+        plots.loss_curves,
+        (curves,),
+        {"smooth": LOSS_SMOOTHING, "title": f"Training loss ({where}, α={alpha:g})"},
+    )
+
+    dropout = min(sel.dropouts) if sel.dropouts else 0.0
+    table = accuracy_table(select(mine, dropout=dropout), ranks, sorted(sel.alphas))
+    has_any = any(v == v for row in table for v in row)  # nan != nan
+    specs["accuracy"] = (
+        plots.accuracy_heatmap,
+        (ranks, sorted(sel.alphas), table) if has_any else ([], [], []),
+        {"title": f"Held-out accuracy ({where}, dropout {dropout:g})"},
+    )
+
+    # Dropout matters where data are scarce: every cached dropout of the small-data task.
+    small = sel.task if sel.task.endswith("_small") else SMALL_TASK
+    rank = int(_closest(ranks, 8)) if ranks else 8
+    series = dropout_series(
+        select(
+            results,
+            task=small,
+            steps=sel.steps,
+            rank=rank,
+            alpha=alpha,
+            targets=sel.targets,
+            rslora=sel.rslora,
+            lr=LORA_LR,  # the settings the explorer trains with; other runs in the cache
+            batch_size=64,  # (lab.sweep with another lr or seed, say) are left out
+            seed=0,
+        )
+    )
+    specs["dropout"] = (
+        plots.dropout_effect,
+        series,
+        {"title": f"Adapter dropout, small data ({small}, r{rank} α{alpha:g}, {sel.steps} steps)"},
+    )
+    return specs
+
+
+class SweepExplorer:
+    """Controls, plots and a Run button over a SweepCache; display it in a notebook cell."""
+
+    def __init__(
+        self,
+        cache: SweepCache | None = None,
+        *,
+        run_fn: Callable[..., SweepResult] | None = None,
+        device: Any = None,
+        selection: Selection | None = None,
+    ) -> None:
+        self.cache = cache if cache is not None else SweepCache()
+        self.run_fn, self.device = run_fn, device
+        sel = selection or Selection()
+        self.message = ""  # what the last run did, shown after the counts
+        self.redraw_seconds = 0.0
+        self._drawn: dict[str, str] = {}  # plot -> repr of the arguments it was drawn from
+        self._specs: dict[str, tuple[Callable[..., Figure], tuple, dict]] = {}
+
+        column = W.Layout(width="140px")
+        self.task = W.Dropdown(options=FINETUNE_TASKS, value=sel.task, description="task")
+        self.ranks = W.SelectMultiple(options=RANK_OPTIONS, value=sel.ranks, rows=7, layout=column)
+        self.alphas = W.SelectMultiple(
+            options=[(f"{a:g}", a) for a in ALPHA_OPTIONS], value=sel.alphas, rows=7, layout=column
+        )
+        self.dropouts = W.SelectMultiple(
+            options=[(f"{d:g}", d) for d in DROPOUT_OPTIONS],
+            value=sel.dropouts,
+            rows=7,
+            layout=column,
+        )
+        self.targets = W.SelectMultiple(
+            options=TARGET_OPTIONS, value=sel.targets, rows=7, layout=column
+        )
+        self.scaling = W.ToggleButtons(
+            options=[("α/r", False), ("α/√r (rsLoRA)", True)],
+            value=sel.rslora,
+            description="scaling",
+            style={"button_width": "110px"},
+        )
+        self.steps = W.IntSlider(
+            value=sel.steps, min=20, max=2000, step=20, description="steps",
+            continuous_update=False,
+        )  # fmt: skip
+        self.full = W.Checkbox(value=sel.full, description="with full fine-tuning", indent=False)
+        self.run_button = W.Button(description="Run", button_style="primary", icon="play")
+        self.status = W.HTML()
+        self.log = W.Output(layout=W.Layout(max_height="120px", overflow="auto"))
+        self.images = {
+            name: W.Image(format="png", layout=W.Layout(width="700px", height="400px"))
+            for name in PLOTS
+        }
+
+        def labelled(text: str, widget: W.Widget) -> W.VBox:
+            return W.VBox([W.HTML(f"<b>{text}</b>"), widget])
+
+        settings = W.VBox(
+            [self.task, self.scaling, self.steps, self.full, W.HBox([self.run_button])]
+        )
+        lists = W.HBox(
+            [
+                labelled("rank r", self.ranks),
+                labelled("alpha α", self.alphas),
+                labelled("adapter dropout", self.dropouts),
+                labelled("targets", self.targets),
+            ]
+        )
+        self.tabs = W.Tab(children=list(self.images.values()), titles=list(PLOTS.values()))
+        # The two control groups wrap onto two rows when JupyterLab's side bar makes room scarce.
+        top = W.HBox([settings, lists], layout=W.Layout(flex_flow="row wrap"))
+        self.widget = W.VBox([top, self.status, self.log, self.tabs])
+
+        for control in self.controls:
+            control.observe(lambda _change: self.refresh(), names="value")
+        self.tabs.observe(lambda change: self._draw(list(PLOTS)[change["new"]]), "selected_index")
+        self.run_button.on_click(self.on_run)
+        self.refresh()
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def controls(self) -> list[W.ValueWidget]:
+        """The widgets whose values make the selection."""
+        return [
+            self.task,
+            self.ranks,
+            self.alphas,
+            self.dropouts,
+            self.targets,
+            self.scaling,
+            self.steps,
+            self.full,
+        ]
+
+    @property
+    def selection(self) -> Selection:
+        """The controls' current values."""
+        return Selection(
+            task=self.task.value,
+            ranks=tuple(self.ranks.value),
+            alphas=tuple(float(a) for a in self.alphas.value),
+            dropouts=tuple(float(d) for d in self.dropouts.value),
+            targets=tuple(self.targets.value),
+            rslora=bool(self.scaling.value),
+            steps=int(self.steps.value),
+            full=bool(self.full.value),
+        )
+
+    def facts(self) -> dict[str, int]:
+        """How many points are selected, cached and still to train."""
+        points = self.selection.points()
+        cached = sum(p in self.cache for p in points)
+        return {"selected": len(points), "cached": cached, "to_train": len(points) - cached}
+
+    def status_text(self) -> str:
+        """The status line as plain text (the HTML label shows the same)."""
+        f = self.facts()
+        if not f["selected"]:
+            return "select at least one rank, alpha, dropout and target"
+        text = f"{self.task.value}: {_points(f['selected'])} selected, {f['cached']} cached, "
+        text += f"{f['to_train']} to train"
+        return f"{text}. {self.message}" if self.message else text
+
+    # -- drawing ----------------------------------------------------------------------------
+
+    def figures(self) -> dict[str, Figure]:
+        """The plots for the current selection, from the cache."""
+        specs = plot_specs(self.cache.results(), self.selection)
+        return {name: fn(*args, **kwargs) for name, (fn, args, kwargs) in specs.items()}
+
+    def refresh(self, all_tabs: bool = False) -> None:
+        """Update the status line and redraw the visible plot (or all) if its data changed.
+
+        Hidden tabs are drawn when they are opened: each PNG takes a few tenths of a second to
+        render, and drawing only what is seen keeps a redraw well under a second.
+        """
+        start = time.perf_counter()
+        self.status.value = html.escape(self.status_text())
+        self._specs = plot_specs(self.cache.results(), self.selection)
+        visible = list(PLOTS)[self.tabs.selected_index or 0]
+        for name in list(PLOTS) if all_tabs else [visible]:
+            self._draw(name)
+        self.redraw_seconds = time.perf_counter() - start
+
+    def _draw(self, name: str) -> None:
+        """Render one plot into its Image, unless it already shows these data."""
+        fn, args, kwargs = self._specs[name]
+        drawn = repr((args, kwargs))
+        if self._drawn.get(name) != drawn:  # unchanged data: keep the image, skip the work
+            self.images[name].value = plots.savefig_bytes(fn(*args, **kwargs))
+            self._drawn[name] = drawn
+
+    # -- training ---------------------------------------------------------------------------
+
+    def run(self) -> list[SweepResult]:
+        """Train the selected points that are not cached yet (with progress bars); redraw."""
+        points = self.selection.points()
+        todo = [p for p in points if p not in self.cache]
+        done: list[SweepResult] = []
+        start = time.perf_counter()
+
+        def after_each(result: SweepResult) -> None:
+            done.append(result)
+            self.message = f"trained {len(done)} of {len(todo)}"
+            self.refresh()
+
+        self.run_button.disabled = True
+        try:
+            with self.log:
+                sweep(
+                    todo, self.cache, progress=True, device=self.device,
+                    run_fn=self.run_fn, on_result=after_each,
+                )  # fmt: skip
+        finally:
+            self.run_button.disabled = False
+        seconds = time.perf_counter() - start
+        self.message = (
+            f"last run trained {_points(len(todo))} in {seconds:.0f} s"
+            if todo
+            else "nothing to train: every selected point is cached"
+        )
+        self.refresh()
+        return [self.cache.get(p) for p in points]
+
+    def on_run(self, _button: W.Button | None = None) -> None:
+        """The Run button's handler: run(), and show any error in the status line."""
+        try:
+            self.run()
+        except Exception as exc:  # a widget callback has nowhere else to report to
+            self.message = f"error: {type(exc).__name__}: {exc}"
+            self.status.value = (
+                f"<span style='color:#D55E00'>{html.escape(self.status_text())}</span>"
+            )
+            with self.log:
+                traceback.print_exc()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def sweep_explorer(
+    cache: SweepCache | None = None,
+    *,
+    run_fn: Callable[..., SweepResult] | None = None,
+    device: Any = None,
+) -> SweepExplorer:
+    """A SweepExplorer over `cache` (default: SweepCache()); display it as a cell's result."""
+    return SweepExplorer(cache, run_fn=run_fn, device=device)
