@@ -23,6 +23,8 @@ import ipywidgets as W
 from matplotlib.figure import Figure
 
 from . import plots
+from .analysis import ATTENTION, describe_counts, lora_counts
+from .model import PRESETS
 from .sweep import (
     DEFAULT_ALPHA,
     DEFAULT_STEPS,
@@ -43,7 +45,14 @@ from .sweep import (
 )
 from .tasks import FINETUNE_TASKS
 
-__all__ = ["PLOTS", "Selection", "SweepExplorer", "plot_specs", "sweep_explorer"]
+__all__ = [
+    "PLOTS",
+    "Selection",
+    "SweepExplorer",
+    "count_explorer",
+    "plot_specs",
+    "sweep_explorer",
+]
 
 RANK_OPTIONS = (1, 2, 4, 8, 16, 32, 64)
 ALPHA_OPTIONS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -388,3 +397,26 @@ def sweep_explorer(
 ) -> SweepExplorer:
     """A SweepExplorer over `cache` (default: SweepCache()); display it as a cell's result."""
     return SweepExplorer(cache, run_fn=run_fn, device=device)
+
+
+def count_explorer(
+    preset: str = "gpt3-175b", rank: int = 8, targets: Sequence[str] = ("q_proj", "v_proj")
+) -> W.VBox:
+    """A widget tree (VBox: preset, rank, targets, readout) showing `lora_counts` live."""
+    preset_w = W.Dropdown(options=list(PRESETS), value=preset, description="model")
+    rank_w = W.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64], value=rank, description="rank")
+    targets_w = W.SelectMultiple(options=ATTENTION, value=tuple(targets), description="on")
+    readout = W.HTML()
+
+    def update(_change: object = None) -> None:
+        try:
+            counts = lora_counts(preset_w.value, rank_w.value, targets_w.value)
+            text = describe_counts(counts)
+        except ValueError as exc:  # no target picked, or a rank the layers cannot take
+            text = f"cannot count: {exc}"
+        readout.value = f"<pre>{text}</pre>"
+
+    for control in (preset_w, rank_w, targets_w):
+        control.observe(update, names="value")
+    update()
+    return W.VBox([preset_w, rank_w, targets_w, readout])

@@ -1,0 +1,342 @@
+"""Small measurements the notebooks show: timings, spectra, LoRA parameter counts, tables.
+
+Pure functions (data in, numbers out); `lab.widgets.count_explorer` shows `lora_counts` live.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear, add_lora, count_parameters, remove_lora
+from .memory import analytic_flops
+from .model import PRESETS, ModelConfig, ToyTransformer, get_preset
+from .tasks import EOS, SEP, Task, decode
+
+__all__ = [
+    "describe_counts",
+    "ATTENTION",
+    "PAPER_GPT3",
+    "answers",
+    "checkpoint_bytes",
+    "energy_captured",
+    "format_table",
+    "lora_counts",
+    "lora_flop_share",
+    "paper_counts",
+    "rank_for_energy",
+    "singular_values",
+    "subspace_similarity",
+    "time_forward",
+    "time_models",
+    "update_norms",
+]
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ORDER = {name: i for i, name in enumerate((*ATTENTION, "up_proj", "down_proj"))}
+
+# The LoRA paper's GPT-3 175B adapters (Hu et al. 2021): (targets, rank, what it reports).
+PAPER_GPT3: tuple[tuple[tuple[str, ...], int, str], ...] = (
+    (("q_proj", "v_proj"), 1, "4.7M (Table 4)"),
+    (("q_proj", "v_proj"), 8, "37.7M (Table 4)"),
+    (("q_proj",), 8, "18M budget (Table 5)"),
+    (("k_proj",), 8, "18M budget (Table 5)"),
+    (("v_proj",), 8, "18M budget (Table 5)"),
+    (("o_proj",), 8, "18M budget (Table 5)"),
+    (("q_proj", "k_proj"), 4, "18M budget (Table 5)"),
+    (("q_proj", "v_proj"), 4, "18M budget (Table 5)"),
+    (ATTENTION, 2, "18M budget (Table 5)"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, mean, min, max and interquartile range of some timings, in seconds."""
+    q1, _, q3 = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else (seconds[0],) * 3
+    return {
+        "median_s": statistics.median(seconds),
+        "mean_s": statistics.fmean(seconds),
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "iqr_s": q3 - q1,
+        "repeats": len(seconds),
+    }
+
+
+@torch.inference_mode()
+def time_models(
+    models: Mapping[str, nn.Module], inputs: torch.Tensor, repeats: int = 30, warmup: int = 3
+) -> dict[str, dict[str, float]]:
+    """Time each model's forward on `inputs`, interleaved so that machine noise hits all alike.
+
+    Each model runs `warmup` untimed forwards, then the models take turns for `repeats` rounds;
+    returns label -> timing statistics (see `time_forward`). Models are put in eval mode.
+    """
+    if not isinstance(repeats, int) or repeats < 1 or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"repeats={repeats!r}, warmup={warmup!r}: expected ints >= 1 and >= 0")
+    if not models:
+        raise ValueError("models is empty: give at least one label -> model")
+    for model in models.values():
+        model.eval()
+        for _ in range(warmup):
+            model(inputs)
+    _sync(inputs.device)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for _ in range(repeats):
+        for label, model in models.items():
+            start = time.perf_counter()
+            model(inputs)
+            _sync(inputs.device)
+            times[label].append(time.perf_counter() - start)
+    return {label: _stats(t) for label, t in times.items()}
+
+
+def time_forward(
+    model: nn.Module, inputs: torch.Tensor, repeats: int = 30, warmup: int = 3
+) -> dict[str, float]:
+    """Forward-pass wall time: median_s, mean_s, min_s, max_s, iqr_s (seconds) and repeats."""
+    return time_models({"model": model}, inputs, repeats, warmup)["model"]
+
+
+# --------------------------------------------------------------------------------------------
+# Spectra: how low-rank is an update?
+# --------------------------------------------------------------------------------------------
+
+
+def singular_values(delta: torch.Tensor) -> list[float]:
+    """Singular values of a 2-D tensor (out, in), largest first, computed in float64."""
+    if delta.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(delta.shape)}")
+    return torch.linalg.svdvals(delta.detach().to("cpu", torch.float64)).tolist()
+
+
+def energy_captured(sv: Sequence[float]) -> list[float]:
+    """Cumulative fraction of the squared Frobenius norm held by the top 1, 2, ... directions."""
+    squares = [float(s) ** 2 for s in sv]
+    total = math.fsum(squares)
+    if not squares or total <= 0:
+        raise ValueError("all singular values are zero: the matrix has no energy to capture")
+    out, running = [], 0.0
+    for sq in squares:
+        running += sq
+        out.append(min(1.0, running / total))
+    out[-1] = 1.0  # exactly, whatever the rounding
+    return out
+
+
+def rank_for_energy(sv: Sequence[float], fraction: float) -> int:
+    """The fewest top directions whose squared singular values reach `fraction` of the total."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r}: expected a number in (0, 1]")
+    energy = energy_captured(sv)
+    return next(k for k, e in enumerate(energy, start=1) if e >= fraction - 1e-12)
+
+
+def subspace_similarity(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """Overlap in [0, 1] of the top-k left singular subspaces of two (out, in) matrices.
+
+    ‖U_a[:, :k]ᵀ U_b[:, :k]‖²_F / k, the LoRA paper's measure (Section 7): 1 when the k
+    directions are the same, about k / out for unrelated random subspaces.
+    """
+    if a.shape[0] != b.shape[0] or not 1 <= k <= min(*a.shape, *b.shape):
+        raise ValueError(f"shapes {tuple(a.shape)}, {tuple(b.shape)} and k={k} do not fit")
+    ua = torch.linalg.svd(a.detach().to("cpu", torch.float64), full_matrices=False).U[:, :k]
+    ub = torch.linalg.svd(b.detach().to("cpu", torch.float64), full_matrices=False).U[:, :k]
+    return float((ua.T @ ub).square().sum() / k)
+
+
+def update_norms(
+    ranks: Iterable[int],
+    *,
+    features: int = 128,
+    alpha: float = 16.0,
+    rslora: bool = False,
+    b_std: float = 0.02,
+    trials: int = 4,
+    seed: int = 0,
+) -> list[float]:
+    """Mean ‖ΔW‖_F of a LoRALinear(features -> features) per rank, with B drawn at random.
+
+    A keeps its Kaiming init and B's entries are N(0, b_std²) at every rank, as if trained:
+    then ‖B A‖ grows like sqrt(rank), so alpha/rank shrinks ΔW like 1/sqrt(rank) and
+    rsLoRA's alpha/sqrt(rank) keeps it about constant.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    norms = []
+    for rank in ranks:
+        total = 0.0
+        for _ in range(trials):
+            layer = LoRALinear(nn.Linear(features, features, bias=False), rank, alpha, 0.0, rslora)
+            with torch.no_grad():
+                bound = 1 / math.sqrt(features)  # Kaiming-uniform(a=sqrt(5)) bound for A
+                layer.lora_A.uniform_(-bound, bound, generator=generator)
+                layer.lora_B.normal_(0.0, b_std, generator=generator)
+                total += float(layer.delta_weight().norm())
+        norms.append(total / trials)
+    return norms
+
+
+# --------------------------------------------------------------------------------------------
+# Counting: LoRA on any preset, built on the meta device (shapes only, no memory)
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=len(PRESETS))
+def _meta_model(preset: str) -> ToyTransformer:
+    with torch.device("meta"):
+        return ToyTransformer(get_preset(preset))
+
+
+def checkpoint_bytes(n_params: int, bytes_per_param: int = 2) -> int:
+    """Bytes of the tensors in a checkpoint of n_params values (2 per value in fp16/bf16)."""
+    return n_params * bytes_per_param
+
+
+@functools.lru_cache(maxsize=256)
+def _counts(preset: str, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
+    model = _meta_model(preset)  # cached and shared: LoRA is added, counted, then removed
+    try:
+        add_lora(model, targets, rank=rank)
+        counts = count_parameters(model)
+    finally:
+        remove_lora(model, merge=False)
+    return counts.trainable, counts.total
+
+
+def lora_counts(preset: str, rank: int, targets: str | Iterable[str]) -> dict:
+    """LoRA's trainable parameters on a preset, counted with add_lora on the meta device.
+
+    Returns preset, rank, targets, trainable, base (the frozen model's parameters), fraction
+    (trainable / base), and checkpoint sizes in fp16: adapter_bytes and base_bytes.
+    """
+    targets = (targets,) if isinstance(targets, str) else targets
+    targets = tuple(sorted(set(targets), key=lambda t: (_ORDER.get(t, len(_ORDER)), t)))
+    if not targets:
+        raise ValueError("targets is empty; pick at least one of " + ", ".join(ATTENTION))
+    get_preset(preset)  # a clear error for an unknown preset
+    trainable, total = _counts(preset, rank, targets)
+    base = total - trainable
+    return {
+        "preset": preset,
+        "rank": rank,
+        "targets": targets,
+        "trainable": trainable,
+        "base": base,
+        "fraction": trainable / base,
+        "adapter_bytes": checkpoint_bytes(trainable),
+        "base_bytes": checkpoint_bytes(base),
+    }
+
+
+def paper_counts() -> list[dict]:
+    """The LoRA paper's GPT-3 175B adapters (PAPER_GPT3), each counted by `lora_counts`."""
+    return [
+        {**lora_counts("gpt3-175b", rank, targets), "paper": reported}
+        for targets, rank, reported in PAPER_GPT3
+    ]
+
+
+def lora_flop_share(config: ModelConfig, targets: str | Iterable[str], rank: int) -> float:
+    """Extra forward FLOPs of unmerged LoRA as a fraction of the base's forward FLOPs.
+
+    Per token and adapted layer, LoRA adds 2 * rank * (in + out) FLOPs (x @ Aᵀ, then @ Bᵀ).
+    """
+    base = analytic_flops(config, 1, 1)["forward"]
+    lora = analytic_flops(config, 1, 1, lora_targets=targets, lora_rank=rank)["forward"]
+    return (lora - base) / base
+
+
+# --------------------------------------------------------------------------------------------
+# Presentation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answers(model: nn.Module, task: Task, n: int = 4, max_new: int = 10) -> list[dict[str, str]]:
+    """The model's greedy answers to the first n held-out prompts: prompt, expected, answer."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    for ids in task.heldout_inputs[:n].tolist():
+        sep = ids.index(SEP)
+        seq = ids[: sep + 1]
+        for _ in range(max_new):  # one token at a time, the most likely each time
+            logits = model(torch.tensor([seq], device=device))
+            token = int(logits[0, -1].argmax())
+            if token == EOS:
+                break
+            seq.append(token)
+        expected, answer = decode(ids[sep + 1 :]), decode(seq[sep + 1 :])
+        rows.append(
+            {
+                "prompt": decode(ids[:sep]),
+                "expected": expected,
+                "answer": answer,
+                "correct": answer == expected,
+            }
+        )
+    model.train(was_training)
+    return rows
+
+
+_NUMBER = re.compile(r"[-+]?[\d,]*\.?\d+(e[-+]?\d+)?%?")  # 8,192  0.25  1e-06  98%
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
+    """Rows of dicts as an aligned text table; numbers align right, ints get thousands commas."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    numeric = [all(_NUMBER.fullmatch(r[i]) for r in cells) for i in range(len(columns))]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if right else v.ljust(w)
+            for v, w, right in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(columns), rule, *(line(r) for r in cells)])
+
+
+def describe_counts(counts: dict) -> str:
+    gb = 1e9
+    return (
+        f"{counts['preset']}, rank {counts['rank']} on {', '.join(counts['targets'])}\n"
+        f"trainable parameters: {counts['trainable']:,} "
+        f"({100 * counts['fraction']:.4f}% of {counts['base']:,})\n"
+        f"adapter file (fp16): {counts['adapter_bytes'] / 1e6:,.1f} MB; "
+        f"base checkpoint (fp16): {counts['base_bytes'] / gb:,.2f} GB"
+    )
