@@ -72,7 +72,7 @@ PLOTS = {
     "trainable": "Trainable parameters",
     "memory": "Memory",
     "loss": "Loss curves",
-    "accuracy": "Accuracy (rank × alpha)",
+    "accuracy": "Accuracy (r × α)",
     "dropout": "Dropout (small data)",
 }
 

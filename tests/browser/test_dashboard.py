@@ -1,0 +1,82 @@
+"""The Voilà dashboard (notebooks/dashboard.ipynb) in headless Chromium at 1280x800.
+
+It opens with the shipped grid drawn, no code, no error and no stray text; its controls fit the
+screen in readable type; a control change and Run train one point and redraw the plot in place.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from pages import (
+    FAST_STEPS,
+    Explorer,
+    expect,
+    find_errors,
+    font_sizes,
+    layout_problems,
+    stray_reprs,
+    train_one_point,
+)
+
+pytestmark = pytest.mark.browser
+
+MIN_FONT_PX = 14  # readable on a projector from the back of a room
+
+
+def open_dashboard(page, server) -> tuple[Explorer, float]:
+    start = time.perf_counter()
+    page.goto(f"{server.url}/?token={server.token}", timeout=180_000)
+    root = page.locator(".lora-dashboard")
+    expect(root).to_be_visible(timeout=180_000)
+    explorer = Explorer(root)
+    expect(explorer.status).to_contain_text(
+        "sort_desc: 22 points selected, 22 cached, 0 to train", timeout=60_000
+    )
+    expect(explorer.visible_image).to_have_attribute("src", re.compile(r"^blob:"))
+    return explorer, time.perf_counter() - start
+
+
+def test_dashboard_opens_ready_and_fits_the_screen(voila_server, page, shots, timings):
+    explorer, seconds = open_dashboard(page, voila_server)
+    timings("Voila: first load (runs the notebook)", seconds)
+    page.screenshot(path=shots / "voila-dashboard.png")
+    explorer.check_structure()
+
+    text = page.locator("body").inner_text()
+    assert "LoRA Lab" in text
+    assert not find_errors(page), find_errors(page)
+    assert not stray_reprs(text), stray_reprs(text)
+    code = page.locator(".jp-CodeCell .jp-InputArea, .jp-CodeMirrorEditor, .cm-editor")
+    assert code.locator("visible=true").count() == 0, "code is showing"
+
+    vw, vh = page.viewport_size["width"], page.viewport_size["height"]
+    problems = layout_problems(explorer.root, vw)
+    assert not problems, problems
+    assert page.evaluate("document.documentElement.scrollWidth") <= vw, "horizontal scrolling"
+    # Everything a presenter needs is on screen without scrolling: controls, Run, status, plot.
+    for what in (explorer.run, explorer.status, explorer.visible_image, explorer.lists.nth(3)):
+        box = what.bounding_box()
+        assert box and box["y"] >= 0 and box["y"] + box["height"] <= vh, (what, box)
+    sizes = font_sizes(explorer.root)
+    assert all(size >= MIN_FONT_PX for size in sizes.values()), sizes
+
+    for title in ("Memory", "Loss", "Accuracy", "Dropout", "Parameters"):
+        explorer.open_tab(title)
+        expect(explorer.visible_image).to_have_attribute("src", re.compile(r"^blob:"))
+    page.screenshot(path=shots / "voila-dashboard-tabs.png")
+    assert not find_errors(page)
+
+
+def test_dashboard_run_trains_one_point_and_redraws(voila_server, page, shots, timings):
+    explorer, _ = open_dashboard(page, voila_server)
+    seconds = train_one_point(explorer, shots, "voila-dashboard")
+    timings("Voila: set the explorer's controls", seconds["controls"])
+    timings(f"Voila: Run (1 point, {FAST_STEPS} steps)", seconds["run"])
+    assert not find_errors(page)
+    problems = layout_problems(explorer.root, page.viewport_size["width"])
+    assert not problems, problems  # the longer status line still fits
+    text = page.locator("body").inner_text()
+    assert not stray_reprs(text), stray_reprs(text)  # no placeholder left by the progress bars
