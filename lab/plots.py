@@ -364,14 +364,15 @@ def loss_curves(
     xlabel = "training step"
     ylabel = "loss (nats/token, log scale)" if log else "loss (nats/token)"
     if smooth > 1:
-        ylabel += f", moving average of {smooth}"
+        ylabel += f", moving average of {smooth}"  # shorter runs: half their length
     if not any(len(v) for v in curves.values()):
         return _empty(title, xlabel, ylabel)
     fig, ax = _figure()
     for i, (label, losses) in enumerate(curves.items()):
         y = np.asarray(losses, dtype=float)
         steps = np.arange(1, len(y) + 1)
-        window = min(smooth, len(y))
+        # A run no longer than the window would shrink to one point: average over half of it.
+        window = min(smooth, max(1, len(y) // 2))
         if window > 1:  # the average of steps t-window+1..t, drawn at step t
             y = np.convolve(y, np.ones(window) / window, mode="valid")
             steps = steps[window - 1 :]

@@ -259,7 +259,7 @@ class SweepExplorer:
         self.tabs = W.Tab(children=list(self.images.values()), titles=list(PLOTS.values()))
         # The two control groups wrap onto two rows when JupyterLab's side bar makes room scarce.
         top = W.HBox([settings, lists], layout=W.Layout(flex_flow="row wrap"))
-        self.widget = W.VBox([top, self.status, self.log, self.tabs])
+        self.widget = W.VBox([top, self.status, self.tabs, self.log])  # log below: plots never move
 
         for control in self.controls:
             control.observe(lambda _change: self.refresh(), names="value")

@@ -142,6 +142,13 @@ def test_cost_comparison_shows_gigabytes(log):
 # ---------------------------------------------------------------- training
 
 
+def test_loss_curves_short_run_still_draws_a_curve():
+    fig = plots.loss_curves({"LoRA": [4.0, 3.0, 2.5, 2.0, 1.8, 1.5]}, smooth=20, log=False)
+    line = main_axes(fig).get_lines()[0]
+    assert len(line.get_xdata()) == 4  # window clamped to 3 of 6 steps: 4 averaged points
+    assert line.get_ydata()[0] == pytest.approx((4.0 + 3.0 + 2.5) / 3)
+
+
 def test_loss_curves_one_line_per_label_and_smoothing():
     curves = {"LoRA": [3.0, 2.0, 1.0, 0.5], "full": [3.0, 1.0, 0.5, 0.25]}
     fig = plots.loss_curves(curves)
