@@ -131,8 +131,16 @@ class LoRALinear(nn.Module):
             return out
         # Dropout touches only the adapter's input, never the frozen path.
         h = self.dropout(x.to(self.lora_A.dtype))
-        update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # (..., out)
-        return out + update.to(out.dtype)
+        # The scaling multiplies the narrow (..., rank) intermediate, not the wide (..., out)
+        # update, and the second matmul adds straight into the base output (addmm): two fewer
+        # passes over a (tokens, out) tensor than `out + B(A(h)) * scaling`, same algebra.
+        u = F.linear(h, self.lora_A) * self.scaling  # (..., rank)
+        if u.dtype != out.dtype:  # a half-precision base without autocast: add in its dtype
+            return out + F.linear(u, self.lora_B).to(out.dtype)
+        flat = torch.addmm(
+            out.reshape(-1, self.out_features), u.reshape(-1, self.rank), self.lora_B.t()
+        )
+        return flat.view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling * B @ A, shape (out_features, in_features), in the base weight's dtype."""

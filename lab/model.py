@@ -187,8 +187,11 @@ class ToyTransformer(nn.Module):
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose target is not IGNORE_INDEX.
 
-    logits: (batch, seq, vocab); targets: (batch, seq) token ids or IGNORE_INDEX.
+    logits: (batch, seq, vocab); targets: (batch, seq) token ids or IGNORE_INDEX. Half-precision
+    logits are upcast to float32; float64 logits stay float64.
     """
     return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+        logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
     )

@@ -25,10 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import BASE_MODEL_PATH, load_base_model
+from .batched import AdapterSpec, max_configs_for_memory, train_batched
 from .fileio import atomic_write_bytes
 from .lora import add_lora, count_parameters
-from .model import ModelConfig, ToyTransformer
-from .tasks import FINETUNE_TASKS, get_task
+from .memory import analytic_memory, measure_step_memory
+from .model import ModelConfig, ToyTransformer, default_device
+from .tasks import FINETUNE_TASKS, SEQ_LEN, get_task
 from .train import train
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "full_point",
     "grid",
     "load_grid_file",
+    "run_group",
     "run_point",
     "select",
     "sweep",
@@ -262,6 +265,148 @@ class SweepResult:
         return result
 
 
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def group_key(point: SweepPoint) -> tuple:
+    """Points with equal keys can train together in one batched run (LoRA points only)."""
+    return (point.task, point.steps, point.batch_size)
+
+
+def _bytes_per_config(point: SweepPoint, config: ModelConfig) -> int:
+    """A generous estimate of what one more configuration adds to a batched step's memory."""
+    predicted = analytic_memory(
+        config, point.batch_size, SEQ_LEN, lora_targets=point.targets, lora_rank=point.rank
+    )
+    # Activations dominate; dropout masks, backward temporaries and the allocator's slack can
+    # double them, so plan for twice the prediction.
+    return 2 * (predicted.activations + predicted.gradients + predicted.optimizer)
+
+
+def _first_step_memory(point: SweepPoint, device: torch.device) -> dict:
+    """The memory of the point's first training step, measured as run_point measures it.
+
+    A scratch copy of the base with a fresh adapter runs one tracked step on the same first
+    batch the point trains on; the trained models are not touched.
+    """
+    task = get_task(point.task)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(point.seed)
+        model = load_base_model(device)
+        add_lora(model, point.targets, point.rank, point.alpha, point.dropout, point.rslora)
+        model.train()
+        idx = torch.randint(task.n_train, (point.batch_size,),
+                            generator=torch.Generator().manual_seed(point.seed))  # fmt: skip
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=point.lr)  # fmt: skip
+        autocast = torch.bfloat16 if device.type == "cuda" else None
+        x, y = task.train_inputs[idx].to(device), task.train_targets[idx].to(device)
+        return measure_step_memory(model, x, y, optimizer, autocast).to_dict()
+
+
+def run_group(
+    points: Sequence[SweepPoint],
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    max_configs: int | None = None,
+    on_result: Callable[[SweepResult], None] | None = None,
+) -> list[SweepResult]:
+    """Train LoRA points that share task, steps and batch size together (lab.batched).
+
+    Each point trains exactly as `run_point` would train it alone (same data order, adapter
+    initialisation, dropout masks and optimizer; see tests/test_batched.py) and is measured the
+    same way: held-out (and, for small data sets, train) evaluation and the first step's memory.
+    A group larger than `max_configs` (default: what fits in half the free memory) trains in
+    chunks; if a chunk still runs out of memory it is split in half and retried. Each result's
+    wall_seconds is its share of its chunk's training time; extra["batched"] says how it ran.
+    """
+    points = list(dict.fromkeys(points))
+    if not points:
+        return []
+    full = [p for p in points if p.is_full]
+    if full:
+        raise ValueError(f"{describe(full[0])} has no adapter to batch; train it with run_point")
+    keys = {group_key(p) for p in points}
+    if len(keys) > 1:
+        raise ValueError(
+            f"points differ in (task, steps, batch_size): {sorted(keys)}; "
+            "a batched group shares all three (sweep() groups them for you)"
+        )
+    if max_configs is not None and (
+        not isinstance(max_configs, int) or isinstance(max_configs, bool) or max_configs < 1
+    ):
+        raise ValueError(f"max_configs={max_configs!r}: expected a positive int or None")
+    device = torch.device(device) if device is not None else default_device()
+    base = load_base_model("cpu")
+    if max_configs is None:
+        largest = max(points, key=lambda p: (p.rank * len(p.targets), p.dropout > 0))
+        max_configs = max_configs_for_memory(_bytes_per_config(largest, base.config), device)
+    results: list[SweepResult] = []
+    pending = [points[i : i + max_configs] for i in range(0, len(points), max_configs)]
+    while pending:
+        chunk = pending.pop(0)
+        try:
+            results += _run_chunk(chunk, base, device, progress, on_result)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if len(chunk) == 1 or not _out_of_memory(exc):
+                raise
+            half = len(chunk) // 2
+            warnings.warn(
+                f"{len(chunk)} configurations did not fit in memory; retrying as "
+                f"{half} + {len(chunk) - half}",
+                stacklevel=2,
+            )
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            pending[:0] = [chunk[:half], chunk[half:]]
+    return results
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA's OutOfMemoryError and the CPU allocator's "can't allocate memory"."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def _run_chunk(
+    chunk: list[SweepPoint],
+    base: ToyTransformer,
+    device: torch.device,
+    progress: bool,
+    on_result: Callable[[SweepResult], None] | None,
+) -> list[SweepResult]:
+    first = chunk[0]
+    task = get_task(first.task)
+    specs = [
+        AdapterSpec(p.targets, p.rank, p.alpha, p.dropout, p.rslora, p.lr, p.seed) for p in chunk
+    ]
+    run = train_batched(base, task, specs, first.steps, first.batch_size, device, progress)
+    share = run.wall_seconds / len(chunk)
+    tokens = first.steps * first.batch_size * task.train_inputs.shape[1]
+    results = []
+    for k, (point, model) in enumerate(zip(chunk, run.models, strict=True)):
+        counts = count_parameters(model)
+        small = task.n_train <= SMALL_DATA_LIMIT
+        result = SweepResult(
+            point=point,
+            losses=[float(x) for x in run.losses[k]],
+            heldout=task.evaluate(model),
+            train_eval=task.evaluate(model, split="train") if small else None,
+            trainable_parameters=counts.trainable,
+            total_parameters=counts.total,
+            memory=_first_step_memory(point, device),
+            wall_seconds=share,
+            tokens_per_second=tokens / share,
+            device=str(device),
+            date=_now(),
+            extra={"batched": {"configs": len(chunk), "chunk_seconds": run.wall_seconds}},
+        )
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
 def run_point(
     point: SweepPoint, device: torch.device | str | None = None, progress: bool = True
 ) -> SweepResult:
@@ -287,7 +432,7 @@ def run_point(
         wall_seconds=run.wall_seconds,
         tokens_per_second=run.tokens_per_second,
         device=run.device,
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        date=_now(),
     )
 
 
@@ -402,24 +547,46 @@ def sweep(
     *,
     run_fn: Callable[..., SweepResult] | None = None,
     on_result: Callable[[SweepResult], None] | None = None,
+    batched: bool = True,
+    max_configs: int | None = None,
 ) -> list[SweepResult]:
     """Results for `points` in order: cached ones are read, the others trained and cached.
 
-    `cache` defaults to `SweepCache()` (the user's cache folder or $LORA_LAB_CACHE). `run_fn`
-    (default `run_point`) is called as run_fn(point, device=..., progress=...), so tests and
-    widgets can pass a fake trainer. `on_result` is called after each newly trained point.
+    By default the LoRA points still to train are grouped by (task, steps, batch_size) and each
+    group trains in one batched run (`run_group`; `max_configs` caps a chunk); full fine-tuning
+    points train one by one with `run_point`. `batched=False` trains every point alone.
+    `cache` defaults to `SweepCache()` (the user's cache folder or $LORA_LAB_CACHE). A `run_fn`
+    replaces run_point and turns batching off: it is called as run_fn(point, device=...,
+    progress=...), so tests and widgets can pass a fake trainer. `on_result` is called after
+    each newly trained point.
     """
     cache = SweepCache() if cache is None else cache
-    run_fn = run_point if run_fn is None else run_fn
     points = list(dict.fromkeys(points))
     results = {p: cache.get(p) for p in points}
     todo = [p for p in points if results[p] is None]
-    for point in tqdm(todo, desc="sweep", unit="point", disable=not progress or not todo):
-        result = run_fn(point, device=device, progress=progress)
+    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress or not todo)
+
+    def done(result: SweepResult) -> None:
         cache.put(result)
-        results[point] = result
+        results[result.point] = result
+        bar.update(1)
         if on_result is not None:
             on_result(result)
+
+    if run_fn is not None or not batched:
+        run_fn = run_point if run_fn is None else run_fn
+        for point in todo:
+            done(run_fn(point, device=device, progress=progress))
+    else:
+        groups: dict[tuple, list[SweepPoint]] = {}
+        for point in todo:
+            if point.is_full:
+                done(run_point(point, device=device, progress=progress))
+            else:
+                groups.setdefault(group_key(point), []).append(point)
+        for group in groups.values():
+            run_group(group, device, progress, max_configs, on_result=done)
+    bar.close()
     return [results[p] for p in points]
 
 

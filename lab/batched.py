@@ -1,0 +1,404 @@
+"""Train many LoRA configurations at once over one shared frozen base.
+
+A sweep's points differ only in their adapters: the frozen base is the same for all of them. So
+instead of K training runs one after another, each step runs ONE forward and backward pass of
+the base over K batches stacked along the batch dimension, and every adapted layer carries K
+adapters stacked along a new leading dimension:
+
+    y[k] = x[k] W^T + scaling[k] * (drop_k(x[k]) A[k]^T) B[k]^T,   k = 0 .. K-1
+
+    A: (K, R, in), B: (K, out, R), R = the largest rank in the group
+
+A configuration of rank r < R uses only the first r rows of its A and columns of its B; the
+rest are masked to zero in the forward pass, so they get exactly zero gradients and stay
+exactly zero. A configuration that does not target a layer has rank 0 there. Each
+configuration's loss, gradients, Adam moments, learning rate, data order and dropout masks stay
+its own, so it trains exactly as it would alone (`lab.sweep.run_point`); the test suite checks
+that on the CPU to float32 tolerance. Nothing is shared except the frozen weights, which is what
+makes the big matmuls cheaper than K small ones.
+
+On a CUDA device the dropout masks come from per-configuration CUDA generators instead of the
+global CPU stream, so runs with dropout are statistically, not bitwise, the same as alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .lora import LoRALinear, _check_hparams, _check_rank_fits, add_lora
+from .model import IGNORE_INDEX, ToyTransformer
+from .tasks import Task
+from .train import _lr_at
+
+__all__ = [
+    "AdapterSpec",
+    "BatchedLoRALinear",
+    "BatchedRun",
+    "StackedAdamW",
+    "max_configs_for_memory",
+    "train_batched",
+]
+
+BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which lab.train uses
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One configuration in a batched run: its adapter, its optimizer settings, its seed."""
+
+    targets: tuple[str, ...]
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+    lr: float = 2e-2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_hparams(self.rank, self.alpha, self.dropout, self.rslora)
+        if not self.targets:
+            raise ValueError("targets is empty; name at least one layer, e.g. ('q_proj', 'v_proj')")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r}: expected a positive finite number")
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank (or alpha / sqrt(rank) for rsLoRA), exactly as LoRALinear computes it."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def targets_layer(self, name: str) -> bool:
+        """True if a module with qualified name `name` is one of this spec's targets."""
+        return any(name == t or name.endswith("." + t) for t in self.targets)
+
+
+class BatchedLoRALinear(nn.Module):
+    """One frozen nn.Linear carrying K stacked adapters; input (K*B, ..., in) -> (K*B, ..., out).
+
+    The leading dimension holds the K configurations' batches one after another. `ranks[k]` is
+    configuration k's rank in this layer (0: it has no adapter here).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        ranks: Sequence[int],
+        scalings: Sequence[float],
+        dropouts: Sequence[float],
+        generators: Sequence[torch.Generator | None],
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        k = len(ranks)
+        if not k or not (len(scalings) == len(dropouts) == len(generators) == k):
+            raise ValueError("ranks, scalings, dropouts and generators need one entry per config")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.n_configs, self.max_rank = k, max(max(ranks), 1)
+        self.ranks = list(ranks)
+        self.dropouts = [float(p) for p in dropouts]
+        self.generators = list(generators)
+        w = base.weight
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        r, device = self.max_rank, w.device
+        self.lora_A = nn.Parameter(torch.zeros(k, r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(k, self.out_features, r, dtype=dtype, device=device))
+        mask = (torch.arange(r) < torch.tensor(self.ranks)[:, None]).to(dtype)  # (K, R)
+        self.register_buffer("rank_mask", mask.to(device), persistent=False)
+        scale = torch.tensor([float(s) for s in scalings], dtype=dtype).view(k, 1, 1)
+        self.register_buffer("scaling", scale.to(device), persistent=False)
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """Each configuration's dropout on its own slice (K, B, ..., in), from its own generator.
+
+        The mask is drawn exactly as nn.Dropout draws it on the CPU (bernoulli(1 - p), divided
+        by 1 - p, multiplied in), with the same shape, so a configuration sees the same masks it
+        would see training alone. Configurations without dropout here draw nothing.
+        """
+        if not self.training or not any(
+            p > 0 and r > 0 for p, r in zip(self.dropouts, self.ranks, strict=True)
+        ):
+            return x
+        noise = torch.ones_like(x)
+        for k, (p, r) in enumerate(zip(self.dropouts, self.ranks, strict=True)):
+            if p > 0 and r > 0:
+                noise[k].bernoulli_(1 - p, generator=self.generators[k]).div_(1 - p)
+        return x * noise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(K*B, ..., in) -> (K*B, ..., out)."""
+        out = self.base(x)
+        k = self.n_configs
+        xs = x.to(self.lora_A.dtype).reshape(k, x.shape[0] // k, *x.shape[1:])  # (K, B, ..., in)
+        h = self._dropped(xs).reshape(k, -1, self.in_features)  # (K, N, in)
+        a = self.lora_A * self.rank_mask[:, :, None]  # padded rows masked: their grads are 0
+        b = self.lora_B * self.rank_mask[:, None, :]
+        u = torch.bmm(h, a.transpose(1, 2)) * self.scaling  # (K, N, R), scaled while narrow
+        if u.dtype != out.dtype:
+            return out + torch.bmm(u, b.transpose(1, 2)).to(out.dtype).view(out.shape)
+        flat = torch.baddbmm(out.reshape(k, -1, self.out_features), u, b.transpose(1, 2))
+        return flat.view(out.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"configs={self.n_configs}, ranks={self.ranks}"
+        )
+
+
+class StackedAdamW:
+    """AdamW over stacked (K, ...) parameters with one learning rate per configuration.
+
+    Adam is elementwise, so this is K independent AdamW optimizers. The arithmetic follows
+    torch.optim.AdamW's single-tensor path step for step (decoupled weight decay, lerp for the
+    first moment, bias corrections), so a slice trains as AdamW would train it alone.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], n_configs: int, weight_decay: float = 0.0):
+        self.params = list(params)
+        self.n_configs, self.weight_decay = n_configs, weight_decay
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.step_count = 0
+
+    @torch.no_grad()
+    def step(self, lrs: Sequence[float]) -> None:
+        """One update; lrs[k] is configuration k's learning rate for this step."""
+        if len(lrs) != self.n_configs:
+            raise ValueError(f"got {len(lrs)} learning rates for {self.n_configs} configurations")
+        self.step_count += 1
+        beta1, beta2 = BETAS
+        bias1 = 1 - beta1**self.step_count
+        bias2_sqrt = (1 - beta2**self.step_count) ** 0.5
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            if p.grad is None:
+                continue
+            shape = (self.n_configs,) + (1,) * (p.dim() - 1)
+            grad = p.grad
+            if self.weight_decay:
+                decay = [1 - lr * self.weight_decay for lr in lrs]
+                p.mul_(torch.tensor(decay, dtype=p.dtype, device=p.device).view(shape))
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / bias2_sqrt).add_(EPS)
+            step_size = torch.tensor([-lr / bias1 for lr in lrs], dtype=p.dtype, device=p.device)
+            p.add_((m / denom) * step_size.view(shape))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_bytes(self) -> int:
+        """Bytes held by the Adam moments."""
+        return sum(t.numel() * t.element_size() for t in self.exp_avg + self.exp_avg_sq)
+
+
+@dataclass
+class BatchedRun:
+    """What a batched run produced: per-configuration losses and one model per configuration."""
+
+    specs: list[AdapterSpec]
+    losses: torch.Tensor  # (K, steps) training loss per configuration and step, on the CPU
+    models: list[ToyTransformer]  # configuration k alone: the base plus its trained LoRALinears
+    layers: dict[str, BatchedLoRALinear]  # the stacked adapters as trained (for inspection)
+    wall_seconds: float  # the whole group's training loop
+    tokens_per_second: float  # input tokens of all configurations per second of training
+    peak_bytes: int | None  # CUDA allocator peak of the loop; None on the CPU
+
+
+def _batched_model(
+    base: ToyTransformer, specs: Sequence[AdapterSpec], device: torch.device
+) -> tuple[ToyTransformer, dict[str, BatchedLoRALinear], list[torch.Generator | None]]:
+    """The base (on the CPU) with every targeted linear replaced by a BatchedLoRALinear.
+
+    A is initialised for configuration k exactly as `add_lora` would after torch.manual_seed(
+    seed): LoRALinear wrappers are built in module order from the global generator, and the
+    generator's state afterwards seeds k's dropout masks, as alone the same stream would.
+    """
+    names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "head"]
+    used = [n for n in names if any(s.targets_layer(n) for s in specs)]
+    for s in specs:
+        unmatched = [t for t in s.targets if not any(s.targets_layer(n) for n in names)]
+        if unmatched:
+            leaves = sorted({n.rpartition(".")[2] for n in names})
+            raise ValueError(f"targets {unmatched} match no layer; layers are named {leaves}")
+        for n in used:
+            if s.targets_layer(n):
+                _check_rank_fits(s.rank, base.get_submodule(n), n)
+    init: dict[tuple[int, str], torch.Tensor] = {}
+    generators: list[torch.Generator | None] = []
+    saved = torch.get_rng_state()
+    try:
+        for k, s in enumerate(specs):
+            torch.manual_seed(s.seed)
+            for n in used:
+                if s.targets_layer(n):
+                    init[k, n] = LoRALinear(base.get_submodule(n), s.rank, s.alpha).lora_A.detach()
+            if device.type == "cpu":
+                g = torch.Generator()
+                g.set_state(torch.get_rng_state())
+            else:
+                g = torch.Generator(device).manual_seed(s.seed)
+            generators.append(g if s.dropout > 0 else None)
+    finally:
+        torch.set_rng_state(saved)
+    layers = {}
+    for n in used:
+        ranks = [s.rank if s.targets_layer(n) else 0 for s in specs]
+        layer = BatchedLoRALinear(
+            base.get_submodule(n),
+            ranks,
+            [s.scaling if r else 0.0 for s, r in zip(specs, ranks, strict=True)],
+            [s.dropout if r else 0.0 for s, r in zip(specs, ranks, strict=True)],
+            generators,
+        )
+        with torch.no_grad():
+            for k, r in enumerate(ranks):
+                if r:
+                    layer.lora_A[k, :r] = init[k, n]
+        parent, _, leaf = n.rpartition(".")
+        setattr(base.get_submodule(parent), leaf, layer)
+        layers[n] = layer
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    return base.to(device), layers, generators
+
+
+def _extract(
+    base_state: dict[str, torch.Tensor],
+    config,
+    layers: dict[str, BatchedLoRALinear],
+    spec: AdapterSpec,
+    k: int,
+    device: torch.device,
+) -> ToyTransformer:
+    """Configuration k as an ordinary model: the base plus LoRALinears holding its adapters."""
+    with torch.device("meta"):
+        model = ToyTransformer(config)
+    model.load_state_dict(base_state, strict=True, assign=True)
+    model.head.weight = model.tok_emb.weight
+    model = model.to(device)
+    with torch.random.fork_rng(devices=[]):  # A's init is overwritten below: keep the stream
+        add_lora(model, spec.targets, spec.rank, spec.alpha, spec.dropout, spec.rslora)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if spec.targets_layer(name):
+                target = model.get_submodule(name)
+                target.lora_A.copy_(layer.lora_A[k, : spec.rank])
+                target.lora_B.copy_(layer.lora_B[k, :, : spec.rank])
+    return model
+
+
+def max_configs_for_memory(
+    bytes_per_config: int, device: torch.device | str, fraction: float = 0.5
+) -> int:
+    """How many configurations fit in `fraction` of the device's free memory (at least 1)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            import os
+
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 4 << 30  # unknown: assume 4 GiB
+    return max(1, int(free * fraction) // max(1, bytes_per_config))
+
+
+def train_batched(
+    base: ToyTransformer,
+    task: Task,
+    specs: Sequence[AdapterSpec],
+    steps: int,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    weight_decay: float = 0.0,
+) -> BatchedRun:
+    """Train every spec's adapter on `task` together, each exactly as it would train alone.
+
+    `base` is not modified (a CPU copy is made). Learning rates follow lab.train's schedule
+    (5% warmup, cosine to 10%) per configuration; each configuration draws its batches from
+    torch.Generator().manual_seed(seed), as lab.train does. On CUDA the forward runs under bf16
+    autocast, as in lab.train.
+    """
+    specs = list(specs)
+    if not specs:
+        raise ValueError("specs is empty: give at least one AdapterSpec")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
+    from .model import default_device
+
+    device = torch.device(device) if device is not None else default_device()
+    base_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
+    with torch.device("meta"):
+        work = ToyTransformer(base.config)
+    work.load_state_dict({k: v.clone() for k, v in base_state.items()}, strict=True, assign=True)
+    work.head.weight = work.tok_emb.weight
+    model, layers, _ = _batched_model(work, specs, device)
+    model.train()
+    k = len(specs)
+    params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+    optimizer = StackedAdamW(params, k, weight_decay)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    train_x, train_y = task.train_inputs.to(device), task.train_targets.to(device)
+    seeds = sorted({s.seed for s in specs})
+    data_gen = {seed: torch.Generator().manual_seed(seed) for seed in seeds}
+    which = torch.tensor([seeds.index(s.seed) for s in specs])
+    losses = torch.zeros(steps, k, device=device)
+    bar = tqdm(range(steps), desc=f"train {k} configs", disable=not progress, leave=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for step in bar:
+        idx = torch.stack([torch.randint(len(train_x), (batch_size,), generator=data_gen[s])
+                           for s in seeds])  # fmt: skip
+        idx = idx[which].flatten().to(device)  # configuration k's batch is block k
+        x, y = train_x[idx], train_y[idx]
+        with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(x)
+        token_loss = F.cross_entropy(
+            logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
+            y.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(k, -1)
+        counted = (y != IGNORE_INDEX).view(k, -1).sum(1)
+        loss = token_loss.sum(1) / counted  # (K,) each configuration's own mean loss
+        loss.sum().backward()  # the sum's gradient w.r.t. slice k is loss k's gradient
+        optimizer.step([_lr_at(step, steps, s.lr) for s in specs])
+        optimizer.zero_grad()
+        losses[step] = loss.detach()
+        if progress and (step % 25 == 0 or step == steps - 1):
+            bar.set_postfix(mean_loss=f"{losses[step].mean().item():.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    bar.close()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    models = [_extract(base_state, base.config, layers, s, i, device) for i, s in enumerate(specs)]
+    return BatchedRun(
+        specs=specs,
+        losses=losses.T.cpu(),
+        models=models,
+        layers=layers,
+        wall_seconds=wall,
+        tokens_per_second=steps * k * batch_size * train_x.shape[1] / wall,
+        peak_bytes=peak,
+    )
