@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .lora import LoRALinear, _check_hparams, _check_rank_fits, add_lora
-from .model import IGNORE_INDEX, ToyTransformer
+from .model import IGNORE_INDEX, ToyTransformer, default_device
 from .tasks import Task
 from .train import _lr_at
 
@@ -42,6 +42,7 @@ __all__ = [
     "AdapterSpec",
     "BatchedLoRALinear",
     "BatchedRun",
+    "BatchedTrainer",
     "StackedAdamW",
     "max_configs_for_memory",
     "train_batched",
@@ -319,6 +320,86 @@ def max_configs_for_memory(
     return max(1, int(free * fraction) // max(1, bytes_per_config))
 
 
+class BatchedTrainer:
+    """The state of a batched run, one `step()` at a time (train_batched drives it).
+
+    `base` is not modified (a CPU copy is made). Learning rates follow lab.train's schedule
+    (5% warmup, cosine to 10%) per configuration; each configuration draws its batches from
+    torch.Generator().manual_seed(seed), as lab.train does. On CUDA the forward runs under bf16
+    autocast, as in lab.train.
+    """
+
+    def __init__(
+        self,
+        base: ToyTransformer,
+        task: Task,
+        specs: Sequence[AdapterSpec],
+        steps: int,
+        batch_size: int = 64,
+        device: torch.device | str | None = None,
+        weight_decay: float = 0.0,
+    ) -> None:
+        specs = list(specs)
+        if not specs:
+            raise ValueError("specs is empty: give at least one AdapterSpec")
+        for name, value in (("steps", steps), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive int")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.base_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
+        self.config = base.config
+        with torch.device("meta"):
+            work = ToyTransformer(base.config)
+        work.load_state_dict(
+            {k: v.clone() for k, v in self.base_state.items()}, strict=True, assign=True
+        )
+        work.head.weight = work.tok_emb.weight
+        self.model, self.layers, _ = _batched_model(work, specs, self.device)
+        self.model.train()
+        self.specs, self.steps, self.batch_size, self.task = specs, steps, batch_size, task
+        params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+        self.optimizer = StackedAdamW(params, len(specs), weight_decay)
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.train_x = task.train_inputs.to(self.device)
+        self.train_y = task.train_targets.to(self.device)
+        self.seeds = sorted({s.seed for s in specs})
+        self.data_gen = {seed: torch.Generator().manual_seed(seed) for seed in self.seeds}
+        self.which = torch.tensor([self.seeds.index(s.seed) for s in specs])
+        self.step_index = 0
+
+    def step(self) -> torch.Tensor:
+        """One training step of every configuration; returns their losses (K,) on the device."""
+        k, step = len(self.specs), self.step_index
+        draws = [
+            torch.randint(len(self.train_x), (self.batch_size,), generator=self.data_gen[s])
+            for s in self.seeds
+        ]
+        idx = torch.stack(draws)[self.which].flatten().to(self.device)  # k's batch is block k
+        x, y = self.train_x[idx], self.train_y[idx]
+        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+            logits = self.model(x)
+        token_loss = F.cross_entropy(
+            logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
+            y.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(k, -1)
+        counted = (y != IGNORE_INDEX).view(k, -1).sum(1)
+        loss = token_loss.sum(1) / counted  # (K,) each configuration's own mean loss
+        loss.sum().backward()  # the sum's gradient w.r.t. slice k is loss k's gradient
+        self.optimizer.step([_lr_at(step, self.steps, s.lr) for s in self.specs])
+        self.optimizer.zero_grad()
+        self.step_index += 1
+        return loss.detach()
+
+    def models(self) -> list[ToyTransformer]:
+        """Every configuration as an ordinary model with its LoRALinears, as trained so far."""
+        return [
+            _extract(self.base_state, self.config, self.layers, s, i, self.device)
+            for i, s in enumerate(self.specs)
+        ]
+
+
 def train_batched(
     base: ToyTransformer,
     task: Task,
@@ -331,35 +412,10 @@ def train_batched(
 ) -> BatchedRun:
     """Train every spec's adapter on `task` together, each exactly as it would train alone.
 
-    `base` is not modified (a CPU copy is made). Learning rates follow lab.train's schedule
-    (5% warmup, cosine to 10%) per configuration; each configuration draws its batches from
-    torch.Generator().manual_seed(seed), as lab.train does. On CUDA the forward runs under bf16
-    autocast, as in lab.train.
+    See BatchedTrainer for the schedule, data order and precision; `base` is not modified.
     """
-    specs = list(specs)
-    if not specs:
-        raise ValueError("specs is empty: give at least one AdapterSpec")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive int")
-    from .model import default_device
-
-    device = torch.device(device) if device is not None else default_device()
-    base_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
-    with torch.device("meta"):
-        work = ToyTransformer(base.config)
-    work.load_state_dict({k: v.clone() for k, v in base_state.items()}, strict=True, assign=True)
-    work.head.weight = work.tok_emb.weight
-    model, layers, _ = _batched_model(work, specs, device)
-    model.train()
-    k = len(specs)
-    params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
-    optimizer = StackedAdamW(params, k, weight_decay)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    train_x, train_y = task.train_inputs.to(device), task.train_targets.to(device)
-    seeds = sorted({s.seed for s in specs})
-    data_gen = {seed: torch.Generator().manual_seed(seed) for seed in seeds}
-    which = torch.tensor([seeds.index(s.seed) for s in specs])
+    trainer = BatchedTrainer(base, task, specs, steps, batch_size, device, weight_decay)
+    device, k = trainer.device, len(trainer.specs)
     losses = torch.zeros(steps, k, device=device)
     bar = tqdm(range(steps), desc=f"train {k} configs", disable=not progress, leave=False)
     if device.type == "cuda":
@@ -367,24 +423,7 @@ def train_batched(
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for step in bar:
-        idx = torch.stack([torch.randint(len(train_x), (batch_size,), generator=data_gen[s])
-                           for s in seeds])  # fmt: skip
-        idx = idx[which].flatten().to(device)  # configuration k's batch is block k
-        x, y = train_x[idx], train_y[idx]
-        with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x)
-        token_loss = F.cross_entropy(
-            logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
-            y.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view(k, -1)
-        counted = (y != IGNORE_INDEX).view(k, -1).sum(1)
-        loss = token_loss.sum(1) / counted  # (K,) each configuration's own mean loss
-        loss.sum().backward()  # the sum's gradient w.r.t. slice k is loss k's gradient
-        optimizer.step([_lr_at(step, steps, s.lr) for s in specs])
-        optimizer.zero_grad()
-        losses[step] = loss.detach()
+        losses[step] = trainer.step()
         if progress and (step % 25 == 0 or step == steps - 1):
             bar.set_postfix(mean_loss=f"{losses[step].mean().item():.3f}")
     if device.type == "cuda":
@@ -392,13 +431,12 @@ def train_batched(
     wall = time.perf_counter() - start
     bar.close()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    models = [_extract(base_state, base.config, layers, s, i, device) for i, s in enumerate(specs)]
     return BatchedRun(
-        specs=specs,
+        specs=trainer.specs,
         losses=losses.T.cpu(),
-        models=models,
-        layers=layers,
+        models=trainer.models(),
+        layers=trainer.layers,
         wall_seconds=wall,
-        tokens_per_second=steps * k * batch_size * train_x.shape[1] / wall,
+        tokens_per_second=steps * k * batch_size * trainer.train_x.shape[1] / wall,
         peak_bytes=peak,
     )

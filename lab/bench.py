@@ -1,0 +1,936 @@
+"""Benchmarks that measure the lab's claims about speed and memory, side by side.
+
+Every comparison runs both sides in one process, in alternating rounds after a warm-up, and
+reports medians and ratios next to the analytic limit. `python -m lab bench` runs them all and
+writes JSON, a markdown report and plots; `benchmarks/gpu.py` runs them at the GPU preset.
+
+- lora_vs_full: one training step of LoRA (q, v) against full fine-tuning across widths and
+  ranks: time and measured peak memory, next to the FLOP ratio and the analytic bytes.
+- layers: lab.LoRALinear against loralib.Linear and PEFT's LoRA Linear on identical weights:
+  forward+backward time, and a check that the three give the same outputs.
+- inference: base vs merged vs unmerged forward time, next to the unmerged FLOP share.
+- growth: trainable parameters against model width and rank (exact counts), with measured memory.
+- sweep: a grid trained one configuration after another against the same grid batched
+  (lab.batched), how the batched cost per configuration scales with the grid's size, and a
+  profile of where a step's time goes.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from tqdm.auto import tqdm
+
+from .analysis import lora_flop_share
+from .base import load_base_model
+from .batched import AdapterSpec, BatchedTrainer, train_batched
+from .fileio import atomic_write_bytes
+from .lora import LoRALinear, add_lora, count_parameters, merge_lora
+from .memory import analytic_flops, analytic_memory, measure_step_memory
+from .model import ModelConfig, ToyTransformer, get_preset, lm_loss
+from .tasks import SEQ_LEN, get_task
+from .train import train
+
+__all__ = [
+    "BENCHMARKS",
+    "QUICK",
+    "alternate",
+    "bench_growth",
+    "bench_inference",
+    "bench_layers",
+    "bench_lora_vs_full",
+    "bench_sweep",
+    "machine",
+    "markdown",
+    "plots",
+    "run_all",
+    "write_results",
+]
+
+TARGETS = ("q_proj", "v_proj")
+MIB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    """Where the numbers were measured: CPU, cores, threads, versions and the GPU if used."""
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Wall seconds of each function over `repeats` rounds, taking turns so noise hits all alike."""
+    if not fns:
+        raise ValueError("fns is empty: give at least one label -> function")
+    if not isinstance(repeats, int) or repeats < 1 or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"repeats={repeats!r}, warmup={warmup!r}: expected ints >= 1 and >= 0")
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def _median(seconds: Sequence[float]) -> float:
+    return statistics.median(seconds)
+
+
+def _iqr(seconds: Sequence[float]) -> float:
+    if len(seconds) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(seconds, n=4)
+    return q3 - q1
+
+
+def width_config(d_model: int, n_layers: int = 2) -> ModelConfig:
+    """The lab's CPU model at another width: d_ff = 4 d, heads of 32."""
+    return get_preset(
+        "cpu", d_model=d_model, d_ff=4 * d_model, n_heads=max(1, d_model // 32), n_layers=n_layers
+    )
+
+
+def _batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    task = get_task("sort_desc")
+    x, y = task.train_inputs[:batch_size], task.train_targets[:batch_size]
+    if len(x) < batch_size:
+        raise ValueError(f"batch_size={batch_size}: the task has only {len(x)} examples")
+    return x.to(device), y.to(device)
+
+
+class _Trainer:
+    """One model, one AdamW, one fixed batch: a callable that runs a real training step."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+        self.model, self.x, self.y = model.to(device).train(), x, y
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5)
+        self.autocast = torch.bfloat16 if device.type == "cuda" else None
+        self.device = device
+
+    def __call__(self) -> None:
+        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+            logits = self.model(self.x)
+        lm_loss(logits, self.y).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def peak_bytes(self) -> int:
+        """Measured peak of one steady-state step (Adam's state already exists)."""
+        return measure_step_memory(self.model, self.x, self.y, self.optimizer, self.autocast).peak
+
+
+def _pair(config: ModelConfig, ranks: Sequence[int], alpha: float) -> dict[str, nn.Module]:
+    """Full fine-tuning and LoRA models on the same random base: 'full', 'r1', 'r8', ..."""
+    torch.manual_seed(0)
+    full = ToyTransformer(config)
+    models: dict[str, nn.Module] = {"full": full}
+    for rank in ranks:
+        model = copy.deepcopy(full)
+        add_lora(model, TARGETS, rank, alpha)
+        models[f"r{rank}"] = model
+    return models
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. LoRA vs full fine-tuning: one training step across widths and ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_lora_vs_full(
+    widths: Sequence[int] = (128, 256, 512, 1024),
+    ranks: Sequence[int] = (1, 4, 8, 16, 64),
+    rank_width: int = 512,
+    rank: int = 8,
+    alpha: float = 16.0,
+    n_layers: int = 2,
+    batch_size: int = 64,
+    repeats: int = 7,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Step time and measured peak memory of LoRA (q, v) against full fine-tuning.
+
+    The analytic time limit is the matmul FLOP ratio (LoRA's backward skips the frozen
+    weights' gradients: about 2/3); full fine-tuning's optimizer step over every weight is not
+    in it, so a measured ratio can land below it. The analytic memory is `analytic_memory`.
+    """
+    device = torch.device(device)
+    x, y = _batch(batch_size, device)
+    tokens = batch_size * x.shape[1]
+    jobs = [(d, (rank,)) for d in widths]
+    if rank_width is not None and ranks:
+        jobs.append((rank_width, tuple(ranks)))
+    width_rows, rank_rows = [], []
+    for i, (d, job_ranks) in enumerate(tqdm(jobs, desc="lora vs full", disable=not progress)):
+        config = width_config(d, n_layers)
+        trainers = {
+            k: _Trainer(m, x, y, device) for k, m in _pair(config, job_ranks, alpha).items()
+        }
+        times = alternate(trainers, repeats, warmup=2, device=device)
+        full_s = _median(times["full"])
+        full_flops = analytic_flops(config, batch_size, x.shape[1])["total"]
+        full_mem = analytic_memory(config, batch_size, x.shape[1])
+        peaks = {k: t.peak_bytes() for k, t in trainers.items()}
+        rows = []
+        for r in job_ranks:
+            key = f"r{r}"
+            lora_flops = analytic_flops(
+                config, batch_size, x.shape[1], lora_targets=TARGETS, lora_rank=r
+            )["total"]
+            lora_mem = analytic_memory(
+                config, batch_size, x.shape[1], lora_targets=TARGETS, lora_rank=r
+            )
+            rows.append({
+                "d_model": d,
+                "rank": r,
+                "parameters": count_parameters(trainers["full"].model).total,
+                "trainable": count_parameters(trainers[key].model).trainable,
+                "full_ms": 1e3 * full_s,
+                "lora_ms": 1e3 * _median(times[key]),
+                "full_iqr_ms": 1e3 * _iqr(times["full"]),
+                "lora_iqr_ms": 1e3 * _iqr(times[key]),
+                "time_ratio": _median(times[key]) / full_s,
+                "flop_ratio": lora_flops / full_flops,
+                "full_tokens_per_s": tokens / full_s,
+                "lora_tokens_per_s": tokens / _median(times[key]),
+                "full_peak_bytes": peaks["full"],
+                "lora_peak_bytes": peaks[key],
+                "memory_ratio": peaks[key] / peaks["full"],
+                "full_analytic_bytes": full_mem.total,
+                "lora_analytic_bytes": lora_mem.total,
+            })  # fmt: skip
+        (rank_rows if i == len(widths) else width_rows).extend(rows)
+        del trainers
+    return {
+        "name": "lora_vs_full",
+        "settings": {
+            "widths": list(widths),
+            "ranks": list(ranks),
+            "rank_width": rank_width,
+            "rank": rank,
+            "alpha": alpha,
+            "n_layers": n_layers,
+            "batch_size": batch_size,
+            "seq_len": SEQ_LEN,
+            "repeats": repeats,
+            "targets": list(TARGETS),
+        },  # fmt: skip
+        "widths": width_rows,
+        "ranks": rank_rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. One layer: lab.LoRALinear vs loralib vs PEFT
+# ---------------------------------------------------------------------------------------------
+
+
+def _import(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def _layer_implementations(
+    base: nn.Linear, a: torch.Tensor, b: torch.Tensor, rank: int, alpha: float
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """LoRA layers with identical weights: ours always, loralib and PEFT when installed."""
+    d_in, d_out = base.in_features, base.out_features
+    device = base.weight.device
+    layers: dict[str, nn.Module] = {}
+    versions = {"lab": "lab.LoRALinear"}
+    ours = LoRALinear(copy.deepcopy(base), rank, alpha)
+    layers["lab"] = ours
+    loralib = _import("loralib")
+    if loralib is not None:
+        layer = loralib.Linear(d_in, d_out, r=rank, lora_alpha=alpha, merge_weights=False)
+        with torch.no_grad():
+            layer.weight.copy_(base.weight)
+            layer.bias.copy_(base.bias)
+        loralib.mark_only_lora_as_trainable(layer, bias="none")
+        layers["loralib"] = layer.to(device)
+        versions["loralib"] = getattr(loralib, "__version__", "installed")
+    peft = _import("peft")
+    if peft is not None:
+        holder = nn.Module()
+        holder.layer = copy.deepcopy(base)
+        config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["layer"])
+        holder = peft.inject_adapter_in_model(config, holder)
+        layers["peft"] = holder.layer
+        versions["peft"] = peft.__version__
+    with torch.no_grad():  # the same A and B everywhere
+        ours.lora_A.copy_(a)
+        ours.lora_B.copy_(b)
+        if "loralib" in layers:
+            layers["loralib"].lora_A.copy_(a)
+            layers["loralib"].lora_B.copy_(b)
+        if "peft" in layers:
+            layers["peft"].lora_A["default"].weight.copy_(a)
+            layers["peft"].lora_B["default"].weight.copy_(b)
+    return layers, versions
+
+
+def bench_layers(
+    d_model: int = 1024,
+    rank: int = 8,
+    alpha: float = 16.0,
+    tokens: int = 2048,
+    repeats: int = 30,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Forward+backward of one adapted linear layer (fp32), ours against loralib and PEFT."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    base = nn.Linear(d_model, d_model).to(device)
+    a = torch.randn(rank, d_model, device=device) / math.sqrt(d_model)
+    b = torch.randn(d_model, rank, device=device) * 0.02  # nonzero: the update shows in outputs
+    layers, versions = _layer_implementations(base, a, b, rank, alpha)
+    x = torch.randn(tokens, d_model, device=device)
+    with torch.no_grad():
+        outputs = {k: layer(x) for k, layer in layers.items()}
+    reference = outputs["lab"]
+    scale = float(reference.abs().max())
+    xg = x.clone().requires_grad_(True)  # an input that needs a gradient, as inside a network
+
+    def step(layer: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            layer(xg).sum().backward()
+            for p in layer.parameters():
+                p.grad = None
+            xg.grad = None
+
+        return run
+
+    fns = {k: step(layer) for k, layer in layers.items()}
+    with tqdm(total=1, desc="layers", disable=not progress) as bar:
+        times = alternate(fns, repeats, warmup=3, device=device)
+        bar.update(1)
+    rows = []
+    for name in layers:
+        rows.append({
+            "implementation": name,
+            "version": versions[name],
+            "median_ms": 1e3 * _median(times[name]),
+            "iqr_ms": 1e3 * _iqr(times[name]),
+            "lab_ratio": _median(times["lab"]) / _median(times[name]),
+            "max_abs_diff": float((outputs[name] - reference).abs().max()),
+            "same_output": bool(
+                torch.allclose(outputs[name], reference, rtol=1e-5, atol=1e-5 * scale)
+            ),
+            "trainable": sum(p.numel() for p in layers[name].parameters() if p.requires_grad),
+        })  # fmt: skip
+    missing = [n for n in ("loralib", "peft") if n not in layers]
+    return {
+        "name": "layers",
+        "settings": {
+            "d_model": d_model,
+            "rank": rank,
+            "alpha": alpha,
+            "tokens": tokens,
+            "repeats": repeats,
+            "dtype": "float32",
+        },  # fmt: skip
+        "rows": rows,
+        "missing": missing,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Inference: merged costs what the base costs
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_inference(
+    widths: Sequence[int] = (512, 1024),
+    rank: int = 8,
+    alpha: float = 16.0,
+    n_layers: int = 2,
+    batch_size: int = 64,
+    repeats: int = 30,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Forward time of the base, the merged model and the unmerged (adapter-carrying) model."""
+    device = torch.device(device)
+    x, _ = _batch(batch_size, device)
+    rows = []
+    for d in tqdm(widths, desc="inference", disable=not progress):
+        config = width_config(d, n_layers)
+        torch.manual_seed(0)
+        base = ToyTransformer(config).to(device).eval()
+        unmerged = copy.deepcopy(base)
+        add_lora(unmerged, TARGETS, rank, alpha)
+        with torch.no_grad():  # a trained-looking adapter: B != 0, so merging changes W
+            for p in unmerged.parameters():
+                if p.requires_grad and p.dim() == 2 and p.shape[1] == rank:
+                    p.normal_(0, 0.02)
+        merged = copy.deepcopy(unmerged)
+        merge_lora(merged)
+        models = {"base": base, "merged": merged, "unmerged": unmerged.eval()}
+        with torch.inference_mode():
+            times = alternate({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats, 3,
+                              device)  # fmt: skip
+            agree = float((merged(x) - unmerged(x)).abs().max())
+        base_s = _median(times["base"])
+        rows.append({
+            "d_model": d,
+            "rank": rank,
+            "base_ms": 1e3 * base_s,
+            "merged_ms": 1e3 * _median(times["merged"]),
+            "unmerged_ms": 1e3 * _median(times["unmerged"]),
+            "merged_ratio": _median(times["merged"]) / base_s,
+            "unmerged_ratio": _median(times["unmerged"]) / base_s,
+            "unmerged_flop_share": lora_flop_share(config, TARGETS, rank),
+            "merged_vs_unmerged_max_abs_diff": agree,
+        })  # fmt: skip
+    return {
+        "name": "inference",
+        "settings": {
+            "widths": list(widths),
+            "rank": rank,
+            "alpha": alpha,
+            "n_layers": n_layers,
+            "batch_size": batch_size,
+            "repeats": repeats,
+        },  # fmt: skip
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Cost growth: trainable parameters against width and rank
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_growth(
+    widths: Sequence[int] = (128, 256, 512, 1024, 2048, 4096, 8192, 12288),
+    ranks: Sequence[int] = (1, 4, 8, 16, 64),
+    n_layers: int = 2,
+    lora_vs_full: dict | None = None,
+) -> dict:
+    """Exact parameter counts (meta device) for full fine-tuning and LoRA (q, v) per rank.
+
+    Full fine-tuning grows with d^2, LoRA with r * d. Measured step memory comes from a
+    lora_vs_full result when one is given.
+    """
+    rows = []
+    for d in widths:
+        config = width_config(d, n_layers)
+        with torch.device("meta"):
+            full = count_parameters(ToyTransformer(config)).total
+            row = {"d_model": d, "parameters": full}
+            for r in ranks:
+                if r > d:
+                    continue
+                model = ToyTransformer(config)
+                add_lora(model, TARGETS, r)
+                row[f"r{r}_trainable"] = count_parameters(model).trainable
+        rows.append(row)
+    measured = []
+    for row in (lora_vs_full or {}).get("widths", []):
+        measured.append({k: row[k] for k in ("d_model", "rank", "full_peak_bytes",
+                                             "lora_peak_bytes", "full_analytic_bytes",
+                                             "lora_analytic_bytes")})  # fmt: skip
+    return {
+        "name": "growth",
+        "settings": {
+            "widths": list(widths),
+            "ranks": list(ranks),
+            "n_layers": n_layers,
+            "targets": list(TARGETS),
+        },  # fmt: skip
+        "rows": rows,
+        "measured_memory": measured,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Sweeps: one after another vs batched
+# ---------------------------------------------------------------------------------------------
+
+
+def _alone(base: ToyTransformer, task, spec: AdapterSpec, steps, batch_size, device) -> float:
+    """Train one configuration the way run_point does; the training loop's seconds."""
+    torch.manual_seed(spec.seed)
+    model = copy.deepcopy(base)
+    add_lora(model, spec.targets, spec.rank, spec.alpha, spec.dropout, spec.rslora)
+    result = train(model, task, steps, spec.lr, batch_size, spec.seed, device, progress=False,
+                   measure_memory=False)  # fmt: skip
+    return result.wall_seconds
+
+
+def _profile(fn: Callable[[], object], device: torch.device, top: int = 8) -> list[dict]:
+    """Where the time of fn() goes: the top operators by self time, and the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attr, 0.0)) for e in prof.key_averages()]
+    events = [(k, t) for k, t in events if t > 0 and not k.startswith("autograd::engine")]
+    events.sort(key=lambda e: -e[1])
+    total = sum(t for _, t in events) or 1.0
+    rows = [{"op": k, "ms": t / 1e3, "share": t / total} for k, t in events[:top]]
+    rest = sum(t for _, t in events[top:])
+    rows.append({"op": "everything else", "ms": rest / 1e3, "share": rest / total})
+    return rows
+
+
+def _profile_steps(base, task, specs, batch_size, device, steps) -> dict[str, list[dict]]:
+    """Profiles of `steps` training steps: the middle configuration alone, and all batched."""
+    spec = specs[len(specs) // 2]
+    torch.manual_seed(spec.seed)
+    model = copy.deepcopy(base)
+    add_lora(model, spec.targets, spec.rank, spec.alpha, spec.dropout, spec.rslora)
+    x, y = task.train_inputs[:batch_size].to(device), task.train_targets[:batch_size].to(device)
+    alone = _Trainer(model, x, y, device)
+    batched = BatchedTrainer(base, task, specs, steps, batch_size, device)
+    alone(), batched.step()  # warm-up, outside the profile
+
+    def run(step: Callable[[], object]) -> Callable[[], None]:
+        return lambda: [step() for _ in range(steps)]
+
+    return {"alone": _profile(run(alone), device), "batched": _profile(run(batched.step), device)}
+
+
+def bench_sweep(
+    task: str = "sort_desc",
+    ranks: Sequence[int] = (1, 4, 8, 16),
+    alphas: Sequence[float] = (8.0, 16.0),
+    dropouts: Sequence[float] = (0.0, 0.1),
+    steps: int = 40,
+    batch_sizes: Sequence[int] = (64, 8),
+    grid_sizes: Sequence[int] = (1, 2, 4, 8, 16),
+    repeats: int = 2,
+    device: torch.device | str = "cpu",
+    profile_steps: int = 5,
+    progress: bool = True,
+) -> dict:
+    """A rank x alpha x dropout grid trained one after another and batched, in turns.
+
+    Training loops only (loading, evaluation and memory measurement excluded on both sides).
+    For each batch size: the whole grid alone vs batched (median of `repeats` alternating
+    rounds), then the batched cost per configuration-step as the grid grows, then a profile of
+    one configuration alone and of the whole grid batched.
+    """
+    device = torch.device(device)
+    base = load_base_model("cpu")
+    the_task = get_task(task)
+    specs = [AdapterSpec(TARGETS, r, a, p) for r in ranks for a in alphas for p in dropouts]
+    n = len(specs)
+    rows, scaling, profiles = [], [], {}
+    total = len(batch_sizes) * (repeats + len(grid_sizes) + 1)
+    bar = tqdm(total=total, desc="sweep bench", disable=not progress)
+    for batch_size in batch_sizes:
+        alone_s, batched_s = [], []
+        for _ in range(repeats):
+            alone_s.append(sum(_alone(base, the_task, s, steps, batch_size, device) for s in specs))
+            batched_s.append(train_batched(base, the_task, specs, steps, batch_size, device,
+                                           progress=False).wall_seconds)  # fmt: skip
+            bar.update(1)
+        rows.append({
+            "batch_size": batch_size,
+            "configs": n,
+            "steps": steps,
+            "alone_s": _median(alone_s),
+            "batched_s": _median(batched_s),
+            "speedup": _median(alone_s) / _median(batched_s),
+            "alone_ms_per_config_step": 1e3 * _median(alone_s) / (n * steps),
+            "batched_ms_per_config_step": 1e3 * _median(batched_s) / (n * steps),
+        })  # fmt: skip
+        alone_step = 1e3 * _median(alone_s) / (n * steps)
+        for k in grid_sizes:
+            if k > n:
+                continue
+            run = train_batched(base, the_task, specs[:k], steps, batch_size, device,
+                                progress=False)  # fmt: skip
+            per = 1e3 * run.wall_seconds / (k * steps)
+            scaling.append({"batch_size": batch_size, "configs": k, "ms_per_config_step": per,
+                            "speedup_vs_alone": alone_step / per})  # fmt: skip
+            bar.update(1)
+        profiles[str(batch_size)] = _profile_steps(base, the_task, specs, batch_size, device,
+                                                   profile_steps)  # fmt: skip
+        bar.update(1)
+    bar.close()
+    return {
+        "name": "sweep",
+        "settings": {
+            "task": task,
+            "ranks": list(ranks),
+            "alphas": list(alphas),
+            "dropouts": list(dropouts),
+            "steps": steps,
+            "repeats": repeats,
+            "targets": list(TARGETS),
+            "profile_steps": profile_steps,
+        },  # fmt: skip
+        "rows": rows,
+        "scaling": scaling,
+        "profiles": profiles,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Running, reporting, plotting
+# ---------------------------------------------------------------------------------------------
+
+BENCHMARKS = ("lora_vs_full", "layers", "inference", "growth", "sweep")
+
+# Smallest settings that still exercise every code path: for the test suite and a quick look.
+QUICK = {
+    "lora_vs_full": {"widths": (32, 64), "ranks": (1, 4), "rank_width": 64, "rank": 4,
+                     "batch_size": 4, "repeats": 1},
+    "layers": {"d_model": 64, "rank": 4, "tokens": 32, "repeats": 2},
+    "inference": {"widths": (64,), "rank": 4, "batch_size": 4, "repeats": 2},
+    "growth": {"widths": (32, 64, 128), "ranks": (1, 4)},
+    "sweep": {"ranks": (1, 2), "alphas": (8.0,), "dropouts": (0.0, 0.1), "steps": 2,
+              "batch_sizes": (4,), "grid_sizes": (1, 2), "repeats": 1, "profile_steps": 1},
+}  # fmt: skip
+
+
+def run_all(
+    names: Sequence[str] = BENCHMARKS,
+    quick: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    overrides: Mapping[str, Mapping] | None = None,
+) -> dict:
+    """Run the named benchmarks (in BENCHMARKS order) and return every result with the machine."""
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown or not names:
+        raise ValueError(f"unknown benchmarks {unknown or list(names)}; valid: {list(BENCHMARKS)}")
+    settings = {n: dict(QUICK[n]) if quick else {} for n in BENCHMARKS}
+    for name, values in (overrides or {}).items():
+        settings[name].update(values)
+    report = {"machine": machine(device), "quick": quick, "results": {}}
+    results = report["results"]
+    for name in BENCHMARKS:
+        if name not in names:
+            continue
+        kwargs = settings[name]
+        if name == "growth":
+            results[name] = bench_growth(lora_vs_full=results.get("lora_vs_full"), **kwargs)
+        else:
+            fn = globals()[f"bench_{name}"]
+            results[name] = fn(device=device, progress=progress, **kwargs)
+        if progress:
+            print(markdown({**report, "results": {name: results[name]}}, header=False))
+    return report
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:.1f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def markdown(report: dict, header: bool = True) -> str:
+    """The results as markdown tables, with the machine and date when `header`."""
+    out: list[str] = []
+    m = report["machine"]
+    if header:
+        out += ["# LoRA Lab benchmarks", ""]
+        where = f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
+        if "gpu" in m:
+            where = f"{m['gpu']} (host: {where})"
+        out += [f"Measured {m['date']} on {where}; torch {m['torch']}, Python {m['python']}, "
+                f"device `{m['device']}`." + (" Quick settings (smoke test)." if report.get(
+                    "quick") else ""), ""]  # fmt: skip
+    results = report["results"]
+    if "lora_vs_full" in results:
+        r = results["lora_vs_full"]
+        s = r["settings"]
+        out += ["## LoRA (q, v) vs full fine-tuning: one training step",
+                "", f"{s['n_layers']} layers, batch {s['batch_size']} x {s['seq_len']} tokens, "
+                f"AdamW, median of {s['repeats']} alternating rounds. Time limit: the analytic "
+                "matmul FLOP ratio. Memory: measured peak of a steady-state step, MiB "
+                "(analytic in brackets).", ""]  # fmt: skip
+        for title, rows in ((f"By width (rank {s['rank']})", r["widths"]),
+                            (f"By rank (d_model {s['rank_width']})", r["ranks"])):  # fmt: skip
+            if not rows:
+                continue
+            out += [f"**{title}**", ""]
+            out += _table(
+                ["d_model", "rank", "trainable / all", "full ms", "LoRA ms", "LoRA/full time",
+                 "FLOP limit", "full MiB", "LoRA MiB", "LoRA/full memory"],
+                [[x["d_model"], x["rank"], f"{x['trainable']:,} / {x['parameters']:,}",
+                  f"{x['full_ms']:.1f}", f"{x['lora_ms']:.1f}", f"**{x['time_ratio']:.3f}**",
+                  f"{x['flop_ratio']:.3f}",
+                  f"{_mib(x['full_peak_bytes'])} ({_mib(x['full_analytic_bytes'])})",
+                  f"{_mib(x['lora_peak_bytes'])} ({_mib(x['lora_analytic_bytes'])})",
+                  f"{x['memory_ratio']:.2f}"] for x in rows],
+            )  # fmt: skip
+    if "layers" in results:
+        r = results["layers"]
+        s = r["settings"]
+        out += ["## One adapted layer: lab.LoRALinear vs loralib vs PEFT", "",
+                f"d {s['d_model']} in and out, rank {s['rank']}, alpha {s['alpha']:g}, "
+                f"{s['tokens']} tokens, {s['dtype']}, forward + backward (input gradient "
+                f"included), median of {s['repeats']} alternating rounds; the same weights in "
+                "all three.", ""]  # fmt: skip
+        out += _table(
+            ["implementation", "version", "median ms", "lab / this", "same output",
+             "max abs diff"],
+            [[x["implementation"], x["version"], f"{x['median_ms']:.2f}",
+              f"**{x['lab_ratio']:.3f}**", "yes" if x["same_output"] else "NO",
+              f"{x['max_abs_diff']:.1e}"] for x in r["rows"]],
+        )  # fmt: skip
+        if r["missing"]:
+            out += [f"Not installed, so not compared: {', '.join(r['missing'])} "
+                    "(`pip install -r benchmarks/requirements.txt`).", ""]  # fmt: skip
+    if "inference" in results:
+        r = results["inference"]
+        out += ["## Inference: merged vs base", "",
+                f"Forward of batch {r['settings']['batch_size']}, median of "
+                f"{r['settings']['repeats']} alternating rounds.", ""]  # fmt: skip
+        out += _table(
+            ["d_model", "base ms", "merged ms", "merged/base", "unmerged ms", "unmerged/base",
+             "unmerged FLOP share"],
+            [[x["d_model"], f"{x['base_ms']:.2f}", f"{x['merged_ms']:.2f}",
+              f"**{x['merged_ratio']:.3f}**", f"{x['unmerged_ms']:.2f}",
+              f"{x['unmerged_ratio']:.3f}", f"+{100 * x['unmerged_flop_share']:.1f}%"]
+             for x in r["rows"]],
+        )  # fmt: skip
+    if "growth" in results:
+        r = results["growth"]
+        ranks = r["settings"]["ranks"]
+        out += [
+            "## Cost growth: trainable parameters",
+            "",
+            f"{r['settings']['n_layers']} layers, LoRA on q, v; exact counts.",
+            "",
+        ]
+        out += _table(
+            ["d_model", "full fine-tuning"] + [f"LoRA r{k}" for k in ranks],
+            [[x["d_model"], f"{x['parameters']:,}"]
+             + [f"{x.get(f'r{k}_trainable', 0):,}" for k in ranks] for x in r["rows"]],
+        )  # fmt: skip
+    if "sweep" in results:
+        r = results["sweep"]
+        s = r["settings"]
+        out += ["## Sweeps: one after another vs batched", "",
+                f"Grid: ranks {s['ranks']} x alphas {s['alphas']} x dropouts {s['dropouts']} on "
+                f"{s['task']}, {s['steps']} steps each, training loops only, median of "
+                f"{s['repeats']} alternating rounds.", ""]  # fmt: skip
+        out += _table(
+            ["batch", "configs", "alone s", "batched s", "speedup", "alone ms/config-step",
+             "batched ms/config-step"],
+            [[x["batch_size"], x["configs"], f"{x['alone_s']:.1f}", f"{x['batched_s']:.1f}",
+              f"**{x['speedup']:.2f}x**", f"{x['alone_ms_per_config_step']:.2f}",
+              f"{x['batched_ms_per_config_step']:.2f}"] for x in r["rows"]],
+        )  # fmt: skip
+        out += ["**How it scales with grid size**", ""]
+        out += _table(
+            ["batch", "configs batched", "ms per config-step", "speedup vs alone"],
+            [[x["batch_size"], x["configs"], f"{x['ms_per_config_step']:.2f}",
+              f"{x['speedup_vs_alone']:.2f}x"] for x in r["scaling"]],
+        )  # fmt: skip
+        n_configs = r["rows"][0]["configs"] if r["rows"] else 0
+        for batch, prof in r["profiles"].items():
+            out += [f"**Where the time goes (batch {batch}, {s['profile_steps']} steps)**", ""]
+            names = list(dict.fromkeys([p["op"] for p in prof["batched"]]
+                                       + [p["op"] for p in prof["alone"]]))  # fmt: skip
+            alone = {p["op"]: p["share"] for p in prof["alone"]}
+            batched = {p["op"]: p["share"] for p in prof["batched"]}
+            out += _table(
+                ["operator", "one config alone", f"{n_configs} configs batched"],
+                [[n, f"{100 * alone[n]:.0f}%" if n in alone else "-",
+                  f"{100 * batched[n]:.0f}%" if n in batched else "-"] for n in names],
+            )  # fmt: skip
+    return "\n".join(out)
+
+
+def _figure(title: str, xlabel: str, ylabel: str, figsize=(7.0, 4.0)):
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def plots(report: dict) -> dict[str, Figure]:
+    """Figures for the results present: file stem -> Figure (titles, labelled axes, units)."""
+    results, figs = report["results"], {}
+    if "lora_vs_full" in results and results["lora_vs_full"]["widths"]:
+        rows = results["lora_vs_full"]["widths"]
+        d = [x["d_model"] for x in rows]
+        fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2)
+        ax1.plot(d, [x["full_ms"] for x in rows], "o-", color="#D55E00", label="full fine-tuning")
+        ax1.plot(d, [x["lora_ms"] for x in rows], "s--", color="#0072B2",
+                 label=f"LoRA r{rows[0]['rank']} (q, v)")  # fmt: skip
+        ax1.set(
+            xscale="log",
+            yscale="log",
+            title="Training step time vs width",
+            xlabel="d_model (log scale)",
+            ylabel="median step time (ms, log scale)",
+        )
+        ax1.legend()
+        ax1.grid(True, alpha=0.3)
+        ax2.plot(d, [x["time_ratio"] for x in rows], "o-", color="#009E73", label="time, measured")
+        ax2.plot(d, [x["flop_ratio"] for x in rows], ":", color="#009E73", label="FLOP limit")
+        ax2.plot(d, [x["memory_ratio"] for x in rows], "s-", color="#CC79A7",
+                 label="peak memory, measured")  # fmt: skip
+        ax2.plot(d, [x["lora_analytic_bytes"] / x["full_analytic_bytes"] for x in rows], "--",
+                 color="#CC79A7", label="memory, analytic")  # fmt: skip
+        ax2.set(
+            xscale="log",
+            ylim=(0, 1.05),
+            title="LoRA / full fine-tuning",
+            xlabel="d_model (log scale)",
+            ylabel="ratio (LoRA / full)",
+        )
+        ax2.legend()
+        ax2.grid(True, alpha=0.3)
+        figs["lora_vs_full"] = fig
+    if "growth" in results:
+        r = results["growth"]
+        fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2)
+        d = [x["d_model"] for x in r["rows"]]
+        ax1.plot(d, [x["parameters"] for x in r["rows"]], "o-", color="#D55E00",
+                 label="full fine-tuning")  # fmt: skip
+        styles = ("--", "-.", ":", "--", "-.")
+        for i, k in enumerate(r["settings"]["ranks"]):
+            pts = [
+                (x["d_model"], x[f"r{k}_trainable"]) for x in r["rows"] if f"r{k}_trainable" in x
+            ]
+            ax1.plot(*zip(*pts, strict=True), styles[i % 5], marker="s", label=f"LoRA r{k}")
+        ax1.set(
+            xscale="log",
+            yscale="log",
+            title="Trainable parameters vs width",
+            xlabel="d_model (log scale)",
+            ylabel="trainable parameters (log scale)",
+        )
+        ax1.legend(fontsize="small")
+        ax1.grid(True, alpha=0.3)
+        m = r["measured_memory"]
+        if m:
+            dm = [x["d_model"] for x in m]
+            ax2.plot(dm, [x["full_peak_bytes"] / MIB for x in m], "o-", color="#D55E00",
+                     label="full, measured")  # fmt: skip
+            ax2.plot(dm, [x["full_analytic_bytes"] / MIB for x in m], ":", color="#D55E00",
+                     label="full, analytic")  # fmt: skip
+            ax2.plot(dm, [x["lora_peak_bytes"] / MIB for x in m], "s-", color="#0072B2",
+                     label=f"LoRA r{m[0]['rank']}, measured")  # fmt: skip
+            ax2.plot(dm, [x["lora_analytic_bytes"] / MIB for x in m], ":", color="#0072B2",
+                     label=f"LoRA r{m[0]['rank']}, analytic")  # fmt: skip
+            ax2.legend(fontsize="small")
+        else:
+            ax2.text(0.5, 0.5, "run lora_vs_full for measured memory", ha="center",
+                     transform=ax2.transAxes)  # fmt: skip
+        ax2.set(
+            xscale="log",
+            yscale="log",
+            title="Training step memory vs width",
+            xlabel="d_model (log scale)",
+            ylabel="peak memory (MiB, log scale)",
+        )
+        ax2.grid(True, alpha=0.3)
+        figs["growth"] = fig
+    if "sweep" in results:
+        r = results["sweep"]
+        fig, ax = _figure(
+            "Batched sweeps: cost per configuration as the grid grows",
+            "configurations trained together",
+            "ms per configuration-step",
+        )
+        for i, batch in enumerate(sorted({x["batch_size"] for x in r["scaling"]}, reverse=True)):
+            pts = [(x["configs"], x["ms_per_config_step"]) for x in r["scaling"]
+                   if x["batch_size"] == batch]  # fmt: skip
+            alone = next(x for x in r["rows"] if x["batch_size"] == batch)
+            color = ("#0072B2", "#E69F00", "#009E73")[i % 3]
+            ax.plot(*zip(*pts, strict=True), "o-", color=color, label=f"batched, batch {batch}")
+            ax.axhline(alone["alone_ms_per_config_step"], ls="--", color=color,
+                       label=f"one after another, batch {batch}")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize="small")
+        figs["sweep"] = fig
+    return figs
+
+
+def write_results(report: dict, out_dir: str | os.PathLike, stem: str = "bench") -> list[Path]:
+    """Write <stem>.json, <stem>.md and one PNG per plot into out_dir, each atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        atomic_write_bytes(out / f"{stem}.json", json.dumps(report, indent=1).encode()),
+    ]
+    figs = plots(report)
+    md = markdown(report)
+    if figs:
+        md += "\n" + "\n".join(f"![{name}]({stem}_{name}.png)" for name in figs) + "\n"
+    paths.append(atomic_write_bytes(out / f"{stem}.md", md.encode()))
+    for name, fig in figs.items():
+        from .plots import savefig_bytes
+
+        paths.append(atomic_write_bytes(out / f"{stem}_{name}.png", savefig_bytes(fig)))
+    return paths
