@@ -44,6 +44,8 @@ __all__ = [
     "BatchedRun",
     "BatchedTrainer",
     "StackedAdamW",
+    "CPU_ROWS_PER_STEP",
+    "default_max_configs",
     "max_configs_for_memory",
     "train_batched",
 ]
@@ -318,6 +320,26 @@ def max_configs_for_memory(
         except (ValueError, OSError, AttributeError):
             free = 4 << 30  # unknown: assume 4 GiB
     return max(1, int(free * fraction) // max(1, bytes_per_config))
+
+
+# On a CPU a configuration's own step at batch 64 already runs the matmuls near the cores' peak;
+# stacking more rows only pushes activations out of cache (benchmarks/results/bench.md, "How it
+# scales with grid size": at batch 64 two configurations per step were fastest, at batch 8
+# sixteen). So on a CPU a batched step holds about this many sequences in all.
+CPU_ROWS_PER_STEP = 128
+
+
+def default_max_configs(batch_size: int, device: torch.device | str, bytes_per_config: int) -> int:
+    """How many configurations to train per batched step on `device`, by default.
+
+    On CUDA: as many as fit in half the free memory. On a CPU: also no more than
+    CPU_ROWS_PER_STEP // batch_size (at least 1), where the CPU measured fastest.
+    """
+    device = torch.device(device)
+    cap = max_configs_for_memory(bytes_per_config, device)
+    if device.type != "cuda":
+        cap = min(cap, max(1, CPU_ROWS_PER_STEP // batch_size))
+    return cap
 
 
 class BatchedTrainer:

@@ -18,6 +18,7 @@ writes JSON, a markdown report and plots; `benchmarks/gpu.py` runs them at the G
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .analysis import lora_flop_share
 from .base import load_base_model
-from .batched import AdapterSpec, BatchedTrainer, train_batched
+from .batched import AdapterSpec, BatchedTrainer, default_max_configs, train_batched
 from .fileio import atomic_write_bytes
 from .lora import LoRALinear, add_lora, count_parameters, merge_lora
 from .memory import analytic_flops, analytic_memory, measure_step_memory
@@ -47,11 +48,13 @@ __all__ = [
     "BENCHMARKS",
     "QUICK",
     "alternate",
+    "EXTRA",
     "bench_growth",
     "bench_inference",
     "bench_layers",
     "bench_lora_vs_full",
     "bench_sweep",
+    "bench_throughput",
     "machine",
     "markdown",
     "plots",
@@ -197,7 +200,7 @@ def bench_lora_vs_full(
     alpha: float = 16.0,
     n_layers: int = 2,
     batch_size: int = 64,
-    repeats: int = 7,
+    repeats: int = 11,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> dict:
@@ -270,6 +273,81 @@ def bench_lora_vs_full(
         },  # fmt: skip
         "widths": width_rows,
         "ranks": rank_rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 1b. Throughput and model FLOPs utilisation (the GPU script's headline numbers)
+# ---------------------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, FLOP/s (no sparsity).
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12,
+                   "L4": 121e12, "A10G": 70e12}  # fmt: skip
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """The device's dense bf16 peak in FLOP/s if it is a GPU in PEAK_BF16_FLOPS, else None."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def bench_throughput(
+    preset: str = "gpu",
+    rank: int = 8,
+    alpha: float = 16.0,
+    batch_size: int = 512,
+    repeats: int = 10,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Tokens per second, model FLOPs utilisation and peak memory of full fine-tuning and LoRA.
+
+    Model FLOPs are each method's analytic matmul FLOPs per step (full: 6 N per token; LoRA:
+    no weight gradients); MFU divides the achieved FLOP/s by the device's bf16 peak (CUDA only).
+    """
+    device = torch.device(device)
+    config = get_preset(preset)
+    x, y = _batch(batch_size, device)
+    tokens = batch_size * x.shape[1]
+    with tqdm(total=2, desc=f"throughput {preset}", disable=not progress) as bar:
+        trainers = {k: _Trainer(m, x, y, device) for k, m in _pair(config, (rank,), alpha).items()}
+        times = alternate(trainers, repeats, warmup=3, device=device)
+        bar.update(1)
+        peaks = {k: t.peak_bytes() for k, t in trainers.items()}
+        bar.update(1)
+    peak = peak_flops(device)
+    rows = []
+    for key, label in (("full", "full fine-tuning"), (f"r{rank}", f"LoRA r{rank} (q, v)")):
+        seconds = _median(times[key])
+        lora = {} if key == "full" else {"lora_targets": TARGETS, "lora_rank": rank}
+        flops = analytic_flops(config, batch_size, x.shape[1], **lora)["total"]
+        rows.append({
+            "method": label,
+            "step_ms": 1e3 * seconds,
+            "tokens_per_s": tokens / seconds,
+            "model_flops_per_step": flops,
+            "achieved_tflops": flops / seconds / 1e12,
+            "mfu": None if peak is None else flops / seconds / peak,
+            "peak_bytes": peaks[key],
+            "trainable": count_parameters(trainers[key].model).trainable,
+        })  # fmt: skip
+    return {
+        "name": "throughput",
+        "settings": {
+            "preset": preset,
+            "config": config.to_dict(),
+            "rank": rank,
+            "alpha": alpha,
+            "batch_size": batch_size,
+            "seq_len": x.shape[1],
+            "repeats": repeats,
+            "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+            "peak_flops": peak,
+        },  # fmt: skip
+        "rows": rows,
     }
 
 
@@ -568,9 +646,10 @@ def bench_sweep(
     """A rank x alpha x dropout grid trained one after another and batched, in turns.
 
     Training loops only (loading, evaluation and memory measurement excluded on both sides).
-    For each batch size: the whole grid alone vs batched (median of `repeats` alternating
-    rounds), then the batched cost per configuration-step as the grid grows, then a profile of
-    one configuration alone and of the whole grid batched.
+    For each batch size: the whole grid alone vs batched in the chunks sweep() would use
+    (`default_max_configs`; median of `repeats` alternating rounds), then the batched cost per
+    configuration-step as the grid grows, then a profile of one configuration alone and of the
+    whole grid batched.
     """
     device = torch.device(device)
     base = load_base_model("cpu")
@@ -582,14 +661,25 @@ def bench_sweep(
     bar = tqdm(total=total, desc="sweep bench", disable=not progress)
     for batch_size in batch_sizes:
         alone_s, batched_s = [], []
+        per_config = analytic_memory(base.config, batch_size, SEQ_LEN, lora_targets=TARGETS,
+                                     lora_rank=max(ranks))  # fmt: skip
+        chunk = default_max_configs(batch_size, device, 2 * per_config.activations)
+        chunks = [specs[i : i + chunk] for i in range(0, n, chunk)]
         for _ in range(repeats):
             alone_s.append(sum(_alone(base, the_task, s, steps, batch_size, device) for s in specs))
-            batched_s.append(train_batched(base, the_task, specs, steps, batch_size, device,
-                                           progress=False).wall_seconds)  # fmt: skip
+            batched_s.append(
+                sum(
+                    train_batched(
+                        base, the_task, c, steps, batch_size, device, progress=False
+                    ).wall_seconds
+                    for c in chunks
+                )
+            )
             bar.update(1)
         rows.append({
             "batch_size": batch_size,
             "configs": n,
+            "chunk": chunk,
             "steps": steps,
             "alone_s": _median(alone_s),
             "batched_s": _median(batched_s),
@@ -599,9 +689,9 @@ def bench_sweep(
         })  # fmt: skip
         alone_step = 1e3 * _median(alone_s) / (n * steps)
         for k in grid_sizes:
-            if k > n:
-                continue
-            run = train_batched(base, the_task, specs[:k], steps, batch_size, device,
+            # Past the grid's own size, the same settings again with further seeds.
+            more = [dataclasses.replace(specs[i % n], seed=i // n) for i in range(k)]
+            run = train_batched(base, the_task, more, steps, batch_size, device,
                                 progress=False)  # fmt: skip
             per = 1e3 * run.wall_seconds / (k * steps)
             scaling.append({"batch_size": batch_size, "configs": k, "ms_per_config_step": per,
@@ -633,12 +723,14 @@ def bench_sweep(
 # Running, reporting, plotting
 # ---------------------------------------------------------------------------------------------
 
-BENCHMARKS = ("lora_vs_full", "layers", "inference", "growth", "sweep")
+BENCHMARKS = ("lora_vs_full", "layers", "inference", "growth", "sweep")  # the default run
+EXTRA = ("throughput",)  # GPU-sized: benchmarks/gpu.py runs it
 
 # Smallest settings that still exercise every code path: for the test suite and a quick look.
 QUICK = {
     "lora_vs_full": {"widths": (32, 64), "ranks": (1, 4), "rank_width": 64, "rank": 4,
                      "batch_size": 4, "repeats": 1},
+    "throughput": {"preset": "tiny", "rank": 4, "batch_size": 4, "repeats": 2},
     "layers": {"d_model": 64, "rank": 4, "tokens": 32, "repeats": 2},
     "inference": {"widths": (64,), "rank": 4, "batch_size": 4, "repeats": 2},
     "growth": {"widths": (32, 64, 128), "ranks": (1, 4)},
@@ -655,15 +747,16 @@ def run_all(
     overrides: Mapping[str, Mapping] | None = None,
 ) -> dict:
     """Run the named benchmarks (in BENCHMARKS order) and return every result with the machine."""
-    unknown = sorted(set(names) - set(BENCHMARKS))
+    valid = EXTRA + BENCHMARKS
+    unknown = sorted(set(names) - set(valid))
     if unknown or not names:
-        raise ValueError(f"unknown benchmarks {unknown or list(names)}; valid: {list(BENCHMARKS)}")
-    settings = {n: dict(QUICK[n]) if quick else {} for n in BENCHMARKS}
+        raise ValueError(f"unknown benchmarks {unknown or list(names)}; valid: {list(valid)}")
+    settings = {n: dict(QUICK[n]) if quick else {} for n in valid}
     for name, values in (overrides or {}).items():
         settings[name].update(values)
     report = {"machine": machine(device), "quick": quick, "results": {}}
     results = report["results"]
-    for name in BENCHMARKS:
+    for name in valid:
         if name not in names:
             continue
         kwargs = settings[name]
@@ -700,6 +793,23 @@ def markdown(report: dict, header: bool = True) -> str:
                 f"device `{m['device']}`." + (" Quick settings (smoke test)." if report.get(
                     "quick") else ""), ""]  # fmt: skip
     results = report["results"]
+    if "throughput" in results:
+        r = results["throughput"]
+        s = r["settings"]
+        c = s["config"]
+        out += [f"## Throughput: the {s['preset']} preset", "",
+                f"d_model {c['d_model']}, {c['n_layers']} layers, d_ff {c['d_ff']}; batch "
+                f"{s['batch_size']} x {s['seq_len']} tokens, {s['precision']}, AdamW, median of "
+                f"{s['repeats']} alternating steps. MFU: analytic model FLOPs per second over "
+                + (f"the bf16 peak, {s['peak_flops'] / 1e12:.0f} TFLOP/s."
+                   if s["peak_flops"] else "the peak (unknown for this device)."), ""]  # fmt: skip
+        out += _table(
+            ["method", "trainable", "step ms", "tokens/s", "TFLOP/s", "MFU", "peak MiB"],
+            [[x["method"], f"{x['trainable']:,}", f"{x['step_ms']:.2f}",
+              f"{x['tokens_per_s']:,.0f}", f"{x['achieved_tflops']:.2f}",
+              "-" if x["mfu"] is None else f"{100 * x['mfu']:.1f}%", _mib(x["peak_bytes"])]
+             for x in r["rows"]],
+        )  # fmt: skip
     if "lora_vs_full" in results:
         r = results["lora_vs_full"]
         s = r["settings"]
@@ -776,9 +886,10 @@ def markdown(report: dict, header: bool = True) -> str:
                 f"{s['task']}, {s['steps']} steps each, training loops only, median of "
                 f"{s['repeats']} alternating rounds.", ""]  # fmt: skip
         out += _table(
-            ["batch", "configs", "alone s", "batched s", "speedup", "alone ms/config-step",
-             "batched ms/config-step"],
-            [[x["batch_size"], x["configs"], f"{x['alone_s']:.1f}", f"{x['batched_s']:.1f}",
+            ["batch", "configs", "per batched step", "alone s", "batched s", "speedup",
+             "alone ms/config-step", "batched ms/config-step"],
+            [[x["batch_size"], x["configs"], x["chunk"], f"{x['alone_s']:.1f}",
+              f"{x['batched_s']:.1f}",
               f"**{x['speedup']:.2f}x**", f"{x['alone_ms_per_config_step']:.2f}",
               f"{x['batched_ms_per_config_step']:.2f}"] for x in r["rows"]],
         )  # fmt: skip

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import BASE_MODEL_PATH, load_base_model
-from .batched import AdapterSpec, max_configs_for_memory, train_batched
+from .batched import AdapterSpec, default_max_configs, train_batched
 from .fileio import atomic_write_bytes
 from .lora import add_lora, count_parameters
 from .memory import analytic_memory, measure_step_memory
@@ -317,8 +317,9 @@ def run_group(
     Each point trains exactly as `run_point` would train it alone (same data order, adapter
     initialisation, dropout masks and optimizer; see tests/test_batched.py) and is measured the
     same way: held-out (and, for small data sets, train) evaluation and the first step's memory.
-    A group larger than `max_configs` (default: what fits in half the free memory) trains in
-    chunks; if a chunk still runs out of memory it is split in half and retried. Each result's
+    A group larger than `max_configs` trains in chunks (default `lab.batched.default_max_configs`:
+    what fits in half the free memory, and on a CPU about 128 sequences per step, where it ran
+    fastest); if a chunk still runs out of memory it is split in half and retried. Each result's
     wall_seconds is its share of its chunk's training time; extra["batched"] says how it ran.
     """
     points = list(dict.fromkeys(points))
@@ -341,7 +342,8 @@ def run_group(
     base = load_base_model("cpu")
     if max_configs is None:
         largest = max(points, key=lambda p: (p.rank * len(p.targets), p.dropout > 0))
-        max_configs = max_configs_for_memory(_bytes_per_config(largest, base.config), device)
+        needed = _bytes_per_config(largest, base.config)
+        max_configs = default_max_configs(largest.batch_size, device, needed)
     results: list[SweepResult] = []
     pending = [points[i : i + max_configs] for i in range(0, len(points), max_configs)]
     while pending:

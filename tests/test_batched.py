@@ -12,6 +12,7 @@ from lab.batched import (
     AdapterSpec,
     BatchedLoRALinear,
     StackedAdamW,
+    default_max_configs,
     max_configs_for_memory,
     train_batched,
 )
@@ -287,3 +288,10 @@ def test_run_group_rejects_what_cannot_train_together():
 def test_max_configs_for_memory_divides_free_memory():
     assert max_configs_for_memory(1, "cpu") > 1000
     assert max_configs_for_memory(1 << 60, "cpu") == 1  # never below one configuration
+
+
+def test_default_chunks_on_a_cpu_hold_about_128_sequences():
+    assert default_max_configs(64, "cpu", 1) == 2
+    assert default_max_configs(8, "cpu", 1) == 16
+    assert default_max_configs(512, "cpu", 1) == 1
+    assert default_max_configs(8, "cpu", 1 << 60) == 1  # memory still caps it

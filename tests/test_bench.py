@@ -121,3 +121,25 @@ def test_cli_sweep_trains_a_grid_batched_and_caches_it(tmp_path, capsys):
     assert "4 points on sort_desc_small, 0 to train" in capsys.readouterr().out
     assert main(["sweep", "--ranks", "0", "--cache", str(tmp_path)]) == 2
     assert "rank=0" in capsys.readouterr().err
+
+
+def test_gpu_script_runs_its_comparisons_on_a_cpu_at_smoke_sizes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu-quick.json").read_text())
+    assert list(report["results"]) == list(module.NAMES)
+    rows = report["results"]["throughput"]["rows"]
+    assert [r["method"] for r in rows] == ["full fine-tuning", "LoRA r4 (q, v)"]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in rows)  # no GPU peak on a CPU
+    assert rows[1]["model_flops_per_step"] < rows[0]["model_flops_per_step"]
+    assert "Throughput: the tiny preset" in (tmp_path / "gpu-quick.md").read_text()
+    # Without a GPU the real run says so and runs nothing.
+    if not __import__("torch").cuda.is_available():
+        assert module.main(["--out", str(tmp_path / "none")]) == 1
+        assert not (tmp_path / "none").exists()
