@@ -15,12 +15,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .lora import LoRALinear, add_lora, count_parameters, remove_lora
+from .lora import LoRALinear, add_lora, count_parameters
 from .memory import analytic_flops
-from .model import PRESETS, ModelConfig, ToyTransformer, get_preset
+from .model import ModelConfig, ToyTransformer, get_preset
 from .tasks import EOS, SEP, Task, decode
 
 __all__ = [
+    "count_full",
+    "count_lora",
     "describe_counts",
     "ATTENTION",
     "PAPER_GPT3",
@@ -197,26 +199,31 @@ def update_norms(
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=len(PRESETS))
-def _meta_model(preset: str) -> ToyTransformer:
+@functools.lru_cache(maxsize=512)  # widgets ask again on every redraw
+def count_lora(config: ModelConfig, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
+    """(LoRA's trainable parameters, the adapted model's total) for `config`, counted exactly.
+
+    The model is built on the meta device (shapes only: no memory, no initialisation), LoRA is
+    added with `add_lora` and counted with `count_parameters`. The one counter that notebooks,
+    widgets, sweeps and benchmarks share.
+    """
     with torch.device("meta"):
-        return ToyTransformer(get_preset(preset))
+        model = ToyTransformer(config)
+        add_lora(model, targets, rank=rank)
+        counts = count_parameters(model)
+    return counts.trainable, counts.total
+
+
+@functools.lru_cache(maxsize=64)
+def count_full(config: ModelConfig) -> int:
+    """All parameters of a ToyTransformer with `config` (tied weights once), on the meta device."""
+    with torch.device("meta"):
+        return count_parameters(ToyTransformer(config)).total
 
 
 def checkpoint_bytes(n_params: int, bytes_per_param: int = 2) -> int:
     """Bytes of the tensors in a checkpoint of n_params values (2 per value in fp16/bf16)."""
     return n_params * bytes_per_param
-
-
-@functools.lru_cache(maxsize=256)
-def _counts(preset: str, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
-    model = _meta_model(preset)  # cached and shared: LoRA is added, counted, then removed
-    try:
-        add_lora(model, targets, rank=rank)
-        counts = count_parameters(model)
-    finally:
-        remove_lora(model, merge=False)
-    return counts.trainable, counts.total
 
 
 def lora_counts(preset: str, rank: int, targets: str | Iterable[str]) -> dict:
@@ -230,7 +237,7 @@ def lora_counts(preset: str, rank: int, targets: str | Iterable[str]) -> dict:
     if not targets:
         raise ValueError("targets is empty; pick at least one of " + ", ".join(ATTENTION))
     get_preset(preset)  # a clear error for an unknown preset
-    trainable, total = _counts(preset, rank, targets)
+    trainable, total = count_lora(get_preset(preset), rank, targets)
     base = total - trainable
     return {
         "preset": preset,

@@ -13,7 +13,7 @@ from safetensors.torch import save as safetensors_save
 from .fileio import atomic_write_bytes
 from .model import ModelConfig, ToyTransformer, default_device
 
-__all__ = ["BASE_MODEL_PATH", "load_base_model", "save_base_model"]
+__all__ = ["BASE_MODEL_PATH", "load_base_config", "load_base_model", "save_base_model"]
 
 BASE_MODEL_PATH = Path(__file__).parent / "data" / "base_model.safetensors"
 _CONFIG_KEY = "lora_lab_model_config"
@@ -31,6 +31,21 @@ def save_base_model(
     metadata = {_CONFIG_KEY: json.dumps(model.config.to_dict()), "info": json.dumps(info or {})}
     data = safetensors_save(tensors, metadata=metadata)
     return atomic_write_bytes(path, data)
+
+
+def load_base_config(path: str | os.PathLike = BASE_MODEL_PATH) -> ModelConfig:
+    """The base model's config, read from the file's metadata alone (no tensors are loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no base model at {path}; rebuild it with `python scripts/pretrain_base.py`"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return ModelConfig(**json.loads(metadata[_CONFIG_KEY]))
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a readable base model file: {exc}") from exc
 
 
 def load_base_model(

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from .analysis import lora_flop_share
+from .analysis import count_full, count_lora, lora_flop_share
 from .base import load_base_model
 from .batched import AdapterSpec, BatchedTrainer, default_max_configs, train_batched
 from .fileio import atomic_write_bytes
@@ -549,15 +549,10 @@ def bench_growth(
     rows = []
     for d in widths:
         config = width_config(d, n_layers)
-        with torch.device("meta"):
-            full = count_parameters(ToyTransformer(config)).total
-            row = {"d_model": d, "parameters": full}
-            for r in ranks:
-                if r > d:
-                    continue
-                model = ToyTransformer(config)
-                add_lora(model, TARGETS, r)
-                row[f"r{r}_trainable"] = count_parameters(model).trainable
+        row = {"d_model": d, "parameters": count_full(config)}
+        for r in ranks:
+            if r <= d:
+                row[f"r{r}_trainable"] = count_lora(config, r, TARGETS)[0]
         rows.append(row)
     measured = []
     for row in (lora_vs_full or {}).get("widths", []):
@@ -635,10 +630,10 @@ def bench_sweep(
     ranks: Sequence[int] = (1, 4, 8, 16),
     alphas: Sequence[float] = (8.0, 16.0),
     dropouts: Sequence[float] = (0.0, 0.1),
-    steps: int = 40,
+    steps: int = 100,
     batch_sizes: Sequence[int] = (64, 8),
     grid_sizes: Sequence[int] = (1, 2, 4, 8, 16),
-    repeats: int = 2,
+    repeats: int = 3,
     device: torch.device | str = "cpu",
     profile_steps: int = 5,
     progress: bool = True,

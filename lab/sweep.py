@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .base import BASE_MODEL_PATH, load_base_model
+from .analysis import count_full, count_lora
+from .base import BASE_MODEL_PATH, load_base_config, load_base_model
 from .batched import AdapterSpec, default_max_configs, train_batched
 from .fileio import atomic_write_bytes
 from .lora import add_lora, count_parameters
@@ -637,29 +638,12 @@ def dropout_series(
     )
 
 
-@functools.cache
-def _base_config() -> ModelConfig:
-    return load_base_model("cpu").config
-
-
 def trainable_counts(
     ranks: Sequence[int],
     targets: Sequence[str] = DEFAULT_TARGETS,
     config: ModelConfig | None = None,
 ) -> tuple[list[int], int]:
     """Exact trainable parameters per rank, and full fine-tuning's, counted on the meta device."""
-    return _trainable_counts(tuple(ranks), tuple(sorted(targets)), config or _base_config())
-
-
-@functools.lru_cache(maxsize=256)  # widgets ask again on every redraw
-def _trainable_counts(
-    ranks: tuple[int, ...], targets: tuple[str, ...], config: ModelConfig
-) -> tuple[list[int], int]:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        full = count_parameters(ToyTransformer(config)).total
-        counts = []
-        for rank in ranks:
-            model = ToyTransformer(config)
-            add_lora(model, targets, rank=rank)
-            counts.append(count_parameters(model).trainable)
-    return counts, full
+    config = config or load_base_config()
+    targets = tuple(sorted(targets))
+    return [count_lora(config, rank, targets)[0] for rank in ranks], count_full(config)

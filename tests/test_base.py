@@ -50,3 +50,15 @@ def test_corrupt_or_missing_file_gives_a_clear_error(tmp_path):
         load_base_model(device="cpu", path=bad)
     with pytest.raises(FileNotFoundError, match="pretrain_base.py"):
         load_base_model(device="cpu", path=tmp_path / "missing.safetensors")
+
+
+def test_config_is_read_from_the_metadata_alone(base, tmp_path):
+    from lab.base import load_base_config
+
+    assert load_base_config() == base.config
+    with pytest.raises(FileNotFoundError, match="pretrain_base.py"):
+        load_base_config(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable base model file"):
+        load_base_config(junk)
