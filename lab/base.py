@@ -33,9 +33,8 @@ def save_base_model(
     return atomic_write_bytes(path, data)
 
 
-def load_base_config(path: str | os.PathLike = BASE_MODEL_PATH) -> ModelConfig:
-    """The base model's config, read from the file's metadata alone (no tensors are loaded)."""
-    path = Path(path)
+def _read(path: Path, with_tensors: bool) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config in a base model file's metadata, and its tensors if asked for."""
     if not path.is_file():
         raise FileNotFoundError(
             f"no base model at {path}; rebuild it with `python scripts/pretrain_base.py`"
@@ -43,27 +42,23 @@ def load_base_config(path: str | os.PathLike = BASE_MODEL_PATH) -> ModelConfig:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        return ModelConfig(**json.loads(metadata[_CONFIG_KEY]))
+            names = list(f.keys()) if with_tensors else []
+            tensors = {k: f.get_tensor(k) for k in names}
+        return ModelConfig(**json.loads(metadata[_CONFIG_KEY])), tensors
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{path} is not a readable base model file: {exc}") from exc
+
+
+def load_base_config(path: str | os.PathLike = BASE_MODEL_PATH) -> ModelConfig:
+    """The base model's config, read from the file's metadata alone (no tensors are loaded)."""
+    return _read(Path(path), with_tensors=False)[0]
 
 
 def load_base_model(
     device: torch.device | str | None = None, path: str | os.PathLike = BASE_MODEL_PATH
 ) -> ToyTransformer:
     """The pretrained base (copy, reverse, sort, add) on `device` (default: `default_device()`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no base model at {path}; rebuild it with `python scripts/pretrain_base.py`"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
-        config = ModelConfig(**json.loads(metadata[_CONFIG_KEY]))
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
-        raise ValueError(f"{path} is not a readable base model file: {exc}") from exc
+    config, tensors = _read(Path(path), with_tensors=True)
     with torch.device("meta"):
         model = ToyTransformer(config)
     model.load_state_dict(tensors | {_TIED: tensors["tok_emb.weight"]}, strict=True, assign=True)
