@@ -140,8 +140,12 @@ class BatchedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(K*B, ..., in) -> (K*B, ..., out)."""
-        out = self.base(x)
         k = self.n_configs
+        if x.shape[0] % k:
+            raise ValueError(
+                f"input batch {x.shape[0]} is not a whole number of batches for {k} configurations"
+            )
+        out = self.base(x)
         xs = x.to(self.lora_A.dtype).reshape(k, x.shape[0] // k, *x.shape[1:])  # (K, B, ..., in)
         h = self._dropped(xs).reshape(k, -1, self.in_features)  # (K, N, in)
         a = self.lora_A * self.rank_mask[:, :, None]  # padded rows masked: their grads are 0
@@ -200,10 +204,6 @@ class StackedAdamW:
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
-
-    def state_bytes(self) -> int:
-        """Bytes held by the Adam moments."""
-        return sum(t.numel() * t.element_size() for t in self.exp_avg + self.exp_avg_sq)
 
 
 @dataclass

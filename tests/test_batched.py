@@ -134,6 +134,8 @@ def test_fresh_batched_layer_changes_nothing_and_matches_loralinear():
         want = base(x[k * 5 : (k + 1) * 5]) + s * x[k * 5 : (k + 1) * 5] @ a.T @ b.T
         torch.testing.assert_close(out[k], want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[2], base(x[10:]), rtol=0, atol=0)  # rank 0: no adapter
+    with pytest.raises(ValueError, match="input batch 14 is not a whole number of batches for 3"):
+        layer(x[:14])
 
 
 def test_stacked_adamw_matches_torch_adamw_per_slice():

@@ -282,8 +282,7 @@ def train_one_point(
     shows other bytes in the same <img> at the same size (updated in place: no flicker, nothing
     moves). Screenshots before, during (if the progress bar is caught) and after. Returns the
     seconds taken to set the controls and to run, and "moved": how far the plot moved down.
-    still=False allows the plot to move (not to resize): notebook 05's explorer shows its
-    progress log above the plots.
+    still=False allows the plot to move (not to resize).
     """
     page = explorer.page
     start = time.perf_counter()
