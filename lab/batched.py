@@ -187,18 +187,21 @@ class StackedAdamW:
         beta1, beta2 = BETAS
         bias1 = 1 - beta1**self.step_count
         bias2_sqrt = (1 - beta2**self.step_count) ** 0.5
+        # One small host-to-device copy per step for all parameters, not one per parameter.
+        first = self.params[0]
+        step_size = torch.tensor([-lr / bias1 for lr in lrs], dtype=first.dtype).to(first.device)
+        decay = torch.tensor([1 - lr * self.weight_decay for lr in lrs], dtype=first.dtype)
+        decay = decay.to(first.device)
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
             if p.grad is None:
                 continue
             shape = (self.n_configs,) + (1,) * (p.dim() - 1)
             grad = p.grad
             if self.weight_decay:
-                decay = [1 - lr * self.weight_decay for lr in lrs]
-                p.mul_(torch.tensor(decay, dtype=p.dtype, device=p.device).view(shape))
+                p.mul_(decay.view(shape))
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (v.sqrt() / bias2_sqrt).add_(EPS)
-            step_size = torch.tensor([-lr / bias1 for lr in lrs], dtype=p.dtype, device=p.device)
             p.add_((m / denom) * step_size.view(shape))
 
     def zero_grad(self) -> None:

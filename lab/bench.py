@@ -924,6 +924,24 @@ def _figure(title: str, xlabel: str, ylabel: str, figsize=(7.0, 4.0)):
     return fig, ax
 
 
+def _width_ticks(ax, widths: Sequence[int]) -> None:
+    """Ticks at the measured widths, written plainly (128, 256, ...) on the log axis."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.xaxis.set_major_locator(FixedLocator(list(widths)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{w // 1024}k" if w >= 4096 and w % 1024 == 0 else str(w) for w in widths])
+
+
+def _plain_log_y(ax) -> None:
+    """Log-scale y tick labels as plain numbers (30, 100, 300) instead of 3x10^1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plots(report: dict) -> dict[str, Figure]:
     """Figures for the results present: file stem -> Figure (titles, labelled axes, units)."""
     results, figs = report["results"], {}
@@ -959,6 +977,9 @@ def plots(report: dict) -> dict[str, Figure]:
         )
         ax2.legend()
         ax2.grid(True, alpha=0.3)
+        for ax in (ax1, ax2):
+            _width_ticks(ax, d)
+        _plain_log_y(ax1)
         figs["lora_vs_full"] = fig
     if "growth" in results:
         r = results["growth"]
@@ -1005,6 +1026,10 @@ def plots(report: dict) -> dict[str, Figure]:
             ylabel="peak memory (MiB, log scale)",
         )
         ax2.grid(True, alpha=0.3)
+        _width_ticks(ax1, d)
+        if m:
+            _width_ticks(ax2, dm)
+            _plain_log_y(ax2)
         figs["growth"] = fig
     if "sweep" in results:
         r = results["sweep"]
@@ -1022,6 +1047,8 @@ def plots(report: dict) -> dict[str, Figure]:
             ax.plot(k, [x["alone_ms_per_config_step"] for x in rows], "s--", color=color,
                     label=f"one after another, batch {batch}")  # fmt: skip
         ax.set_xscale("log", base=2)
+        sizes = sorted({x["configs"] for x in r["scaling"]})
+        _width_ticks(ax, sizes)  # plain 1, 2, 4, ...
         ax.set_ylim(bottom=0)
         ax.legend(fontsize="small")
         figs["sweep"] = fig
