@@ -175,10 +175,16 @@ class _Trainer:
         return measure_step_memory(self.model, self.x, self.y, self.optimizer, self.autocast).peak
 
 
-def _pair(config: ModelConfig, ranks: Sequence[int], alpha: float) -> dict[str, nn.Module]:
-    """Full fine-tuning and LoRA models on the same random base: 'full', 'r1', 'r8', ..."""
+def _pair(
+    config: ModelConfig, ranks: Sequence[int], alpha: float, device: torch.device
+) -> dict[str, nn.Module]:
+    """Full fine-tuning and LoRA models on the same random base: 'full', 'r1', 'r8', ...
+
+    Built on `device` directly: initialising a billion-parameter model on a host CPU would
+    take longer than the GPU benchmark it serves."""
     torch.manual_seed(0)
-    full = ToyTransformer(config)
+    with device:
+        full = ToyTransformer(config)
     models: dict[str, nn.Module] = {"full": full}
     for rank in ranks:
         model = copy.deepcopy(full)
@@ -220,7 +226,7 @@ def bench_lora_vs_full(
     for i, (d, job_ranks) in enumerate(tqdm(jobs, desc="lora vs full", disable=not progress)):
         config = width_config(d, n_layers)
         trainers = {
-            k: _Trainer(m, x, y, device) for k, m in _pair(config, job_ranks, alpha).items()
+            k: _Trainer(m, x, y, device) for k, m in _pair(config, job_ranks, alpha, device).items()
         }
         times = alternate(trainers, repeats, warmup=2, device=device)
         full_s = _median(times["full"])
@@ -313,7 +319,9 @@ def bench_throughput(
     x, y = _batch(batch_size, device)
     tokens = batch_size * x.shape[1]
     with tqdm(total=2, desc=f"throughput {preset}", disable=not progress) as bar:
-        trainers = {k: _Trainer(m, x, y, device) for k, m in _pair(config, (rank,), alpha).items()}
+        trainers = {
+            k: _Trainer(m, x, y, device) for k, m in _pair(config, (rank,), alpha, device).items()
+        }
         times = alternate(trainers, repeats, warmup=3, device=device)
         bar.update(1)
         peaks = {k: t.peak_bytes() for k, t in trainers.items()}
@@ -490,7 +498,8 @@ def bench_inference(
     for d in tqdm(widths, desc="inference", disable=not progress):
         config = width_config(d, n_layers)
         torch.manual_seed(0)
-        base = ToyTransformer(config).to(device).eval()
+        with device:
+            base = ToyTransformer(config).eval()
         unmerged = copy.deepcopy(base)
         add_lora(unmerged, TARGETS, rank, alpha)
         with torch.no_grad():  # a trained-looking adapter: B != 0, so merging changes W
