@@ -934,7 +934,7 @@ def _figure(title: str, xlabel: str, ylabel: str, figsize=(7.0, 4.0)):
 
 
 def _width_ticks(ax, widths: Sequence[int]) -> None:
-    """Ticks at the measured widths, written plainly (128, 256, ...) on the log axis."""
+    """Ticks at the measured values (widths, ranks, sizes), written plainly on a log axis."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
     ax.xaxis.set_major_locator(FixedLocator(list(widths)))
@@ -990,6 +990,42 @@ def plots(report: dict) -> dict[str, Figure]:
             _width_ticks(ax, d)
         _plain_log_y(ax1)
         figs["lora_vs_full"] = fig
+    if "lora_vs_full" in results and results["lora_vs_full"]["ranks"]:
+        rows = results["lora_vs_full"]["ranks"]
+        ranks = [x["rank"] for x in rows]
+        fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2)
+        width = rows[0]["d_model"]
+        ax1.plot(ranks, [x["lora_ms"] for x in rows], "s--", color="#0072B2", label="LoRA (q, v)")
+        ax1.axhline(rows[0]["full_ms"], color="#D55E00", label="full fine-tuning")
+        top_ms = 1.15 * max([rows[0]["full_ms"]] + [x["lora_ms"] for x in rows])
+        peaks = [rows[0]["full_peak_bytes"]] + [x["lora_peak_bytes"] for x in rows]
+        top_mib = 1.15 * max(peaks) / MIB
+        ax1.set(
+            xscale="log",
+            ylim=(0, top_ms),
+            title=f"Training step time vs rank (d_model {width})",
+            xlabel="LoRA rank (log scale)",
+            ylabel="median step time (ms)",
+        )
+        ax2.plot(ranks, [x["lora_peak_bytes"] / MIB for x in rows], "s-", color="#0072B2",
+                 label="LoRA, measured")  # fmt: skip
+        ax2.plot(ranks, [x["lora_analytic_bytes"] / MIB for x in rows], ":", color="#0072B2",
+                 label="LoRA, analytic")  # fmt: skip
+        ax2.axhline(rows[0]["full_peak_bytes"] / MIB, color="#D55E00",
+                    label="full fine-tuning, measured")  # fmt: skip
+        ax2.set(
+            xscale="log",
+            ylim=(0, top_mib),
+            title=f"Step memory vs rank (d_model {width})",
+            xlabel="LoRA rank (log scale)",
+            ylabel="peak memory (MiB)",
+        )
+        for ax in (ax1, ax2):
+            _width_ticks(ax, ranks)
+            ax.legend(fontsize="small")
+            ax.grid(True, alpha=0.3)
+        figs["ranks"] = fig
     if "growth" in results:
         r = results["growth"]
         fig = Figure(figsize=(10.0, 4.0), layout="constrained")

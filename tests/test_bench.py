@@ -73,7 +73,7 @@ def test_results_are_written_as_json_markdown_and_plots(report, tmp_path):
     paths = bench.write_results(report, tmp_path, "smoke")
     names = sorted(p.name for p in paths)
     assert names == ["smoke.json", "smoke.md", "smoke_growth.png", "smoke_lora_vs_full.png",
-                     "smoke_sweep.png"]  # fmt: skip
+                     "smoke_ranks.png", "smoke_sweep.png"]  # fmt: skip
     assert json.loads((tmp_path / "smoke.json").read_text())["results"].keys() == report[
         "results"].keys()  # fmt: skip
     md = (tmp_path / "smoke.md").read_text()
