@@ -751,8 +751,12 @@ def run_all(
     device: torch.device | str = "cpu",
     progress: bool = True,
     overrides: Mapping[str, Mapping] | None = None,
+    earlier: Mapping[str, dict] | None = None,
 ) -> dict:
-    """Run the named benchmarks (in BENCHMARKS order) and return every result with the machine."""
+    """Run the named benchmarks (in BENCHMARKS order) and return every result with the machine.
+
+    `earlier` holds results of a previous call (growth takes lora_vs_full's measured memory).
+    """
     valid = EXTRA + BENCHMARKS
     unknown = sorted(set(names) - set(valid))
     if unknown or not names:
@@ -767,7 +771,8 @@ def run_all(
             continue
         kwargs = settings[name]
         if name == "growth":
-            results[name] = bench_growth(lora_vs_full=results.get("lora_vs_full"), **kwargs)
+            measured = results.get("lora_vs_full") or (earlier or {}).get("lora_vs_full")
+            results[name] = bench_growth(lora_vs_full=measured, **kwargs)
         else:
             fn = globals()[f"bench_{name}"]
             results[name] = fn(device=device, progress=progress, **kwargs)
@@ -799,6 +804,10 @@ def markdown(report: dict, header: bool = True) -> str:
         out += [f"Measured {m['date']} on {where}; torch {m['torch']}, Python {m['python']}, "
                 f"device `{m['device']}`." + (" Quick settings (smoke test)." if report.get(
                     "quick") else ""), ""]  # fmt: skip
+    if header and "seconds" in report:
+        out += [f"Whole run: {report['seconds']:.0f} s."
+                + (f" Skipped, over the time budget: {', '.join(report['skipped'])}."
+                   if report.get("skipped") else ""), ""]  # fmt: skip
     results = report["results"]
     if "throughput" in results:
         r = results["throughput"]

@@ -146,6 +146,17 @@ def test_gpu_script_runs_its_comparisons_on_a_cpu_at_smoke_sizes(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in rows)  # no GPU peak on a CPU
     assert rows[1]["model_flops_per_step"] < rows[0]["model_flops_per_step"]
     assert "Throughput: the tiny preset" in (tmp_path / "gpu-quick.md").read_text()
+    assert report["results"]["growth"]["measured_memory"]  # from the lora_vs_full part
+    # Past its time budget the script skips the rest and says which it skipped.
+    assert module.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "b"),
+                        "--budget", "0"]) == 0  # fmt: skip
+    partial = json.loads((tmp_path / "b" / "gpu-quick.json").read_text())
+    assert list(partial["results"]) == ["throughput"]
+    assert partial["skipped"] == list(module.NAMES[1:])
+    assert (
+        "Skipped, over the time budget: lora_vs_full"
+        in (tmp_path / "b" / "gpu-quick.md").read_text()
+    )
     # Without a GPU the real run says so and runs nothing.
     if not __import__("torch").cuda.is_available():
         assert module.main(["--out", str(tmp_path / "none")]) == 1
