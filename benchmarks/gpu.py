@@ -1,6 +1,7 @@
 """The lab's comparisons on a CUDA GPU, in bf16, in under five minutes; results to files.
 
     python benchmarks/gpu.py                      # on a machine with a CUDA GPU
+    python benchmarks/gpu.py --budget 200         # skip what is left after 200 s (default 270)
     python benchmarks/gpu.py --device cpu --quick # a smoke run of the same code on a CPU
 
 What it measures (each comparison alternates its sides and reports medians):
@@ -14,8 +15,10 @@ What it measures (each comparison alternates its sides and reports medians):
 - sweep: a 16-point grid on the shipped base, one configuration after another vs batched, and
   how the batched cost per configuration changes as the grid grows to 64 configurations.
 
-Writes benchmarks/results/gpu.json, gpu.md and plots (stem `gpu`, or `gpu-quick`). The lab
-needs only torch (a CUDA build), numpy, matplotlib, safetensors and tqdm here.
+Writes benchmarks/results/gpu.json, gpu.md and plots (stem `gpu`, or `gpu-quick`) after each
+benchmark, so a run cut short still leaves what it measured. The lab needs only torch (a CUDA
+build), numpy, matplotlib, safetensors and tqdm here; loralib and PEFT join the layer
+comparison where they are installed.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lab import bench  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
-NAMES = ("throughput", "lora_vs_full", "layers", "inference", "growth", "sweep")
+# The headline numbers first, in case the time budget cuts the run short.
+NAMES = ("throughput", "sweep", "lora_vs_full", "layers", "inference", "growth")
 
 GPU_SETTINGS = {
     "throughput": {"preset": "gpu", "batch_size": 512, "repeats": 10},
