@@ -69,8 +69,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.full:
         points.append(full_point(args.task, args.steps, None, args.batch_size, args.seed))
     cache = SweepCache(args.cache)
-    todo = sum(p not in cache for p in points)
-    print(f"{len(points)} points on {args.task}, {todo} to train; cache {cache.directory}")
+    todo = {p for p in points if p not in cache}
+    print(f"{len(points)} points on {args.task}, {len(todo)} to train; cache {cache.directory}")
     start = time.perf_counter()
     results = sweep(points, cache, device=args.device, batched=not args.no_batch,
                     max_configs=args.max_configs)  # fmt: skip
@@ -79,6 +79,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     for r in results:
         print(f"{describe(r.point):<28} {r.heldout['accuracy']:>12.3f} {r.heldout['loss']:>7.3f} "
               f"{r.trainable_parameters:>10,} {r.wall_seconds:>8.1f}")  # fmt: skip
+    chunks = [r.extra["batched"]["configs"] for r in results
+              if r.point in todo and "batched" in r.extra]  # fmt: skip
+    if chunks:  # a run of c points gave c results, each saying c
+        runs = round(sum(1 / c for c in chunks))
+        print(f"batched: {len(chunks)} points in {runs} run{'s' * (runs != 1)} "
+              f"of up to {max(chunks)} points")  # fmt: skip
     print(f"done in {seconds:.1f} s")
     return 0
 

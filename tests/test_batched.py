@@ -6,6 +6,8 @@ import importlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lab.base import load_base_model
 from lab.batched import (
@@ -136,6 +138,45 @@ def test_fresh_batched_layer_changes_nothing_and_matches_loralinear():
     torch.testing.assert_close(out[2], base(x[10:]), rtol=0, atol=0)  # rank 0: no adapter
     with pytest.raises(ValueError, match="input batch 14 is not a whole number of batches for 3"):
         layer(x[:14])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 6), st.floats(0.5, 64.0), st.booleans()), min_size=1, max_size=5
+    ),
+    st.integers(1, 3),
+    st.integers(0, 2**16),
+)
+def test_each_slice_of_a_batched_layer_is_that_configurations_loralinear(configs, batch, seed):
+    """Property: for any ranks (0 = no adapter), alphas and scaling rules, slice k of the batched
+    layer's output is what a LoRALinear with configuration k's A, B, alpha and rule computes."""
+    from lab.lora import LoRALinear
+
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(9, 7)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    scalings = [
+        (a / (r**0.5 if rs else r)) if r else 0.0 for r, a, rs in configs
+    ]  # fmt: skip
+    k = len(configs)
+    layer = BatchedLoRALinear(base, [r for r, _, _ in configs], scalings, [0.0] * k, [None] * k)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(k * batch, 5, 9)
+    out = layer(x).view(k, batch, 5, 7)
+    for i, (r, alpha, rslora) in enumerate(configs):
+        xi = x[i * batch : (i + 1) * batch]
+        if r == 0:
+            torch.testing.assert_close(out[i], base(xi), rtol=0, atol=0)
+            continue
+        alone = LoRALinear(base, r, alpha, rslora=rslora)
+        with torch.no_grad():
+            alone.lora_A.copy_(layer.lora_A[i, :r])
+            alone.lora_B.copy_(layer.lora_B[i, :, :r])
+        torch.testing.assert_close(out[i], alone(xi), rtol=1e-5, atol=1e-4)
 
 
 def test_stacked_adamw_matches_torch_adamw_per_slice():

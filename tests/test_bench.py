@@ -123,6 +123,7 @@ def test_cli_sweep_trains_a_grid_batched_and_caches_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 points on sort_desc_small, 4 to train" in out
     assert "r2 α8" in out and "done in" in out
+    assert "batched: 4 points in 1 run of up to 4 points" in out  # batch 8: up to 16 per run
     assert len(list(tmp_path.glob("*.json"))) == 4
     assert main(args) == 0  # everything cached now
     assert "4 points on sort_desc_small, 0 to train" in capsys.readouterr().out
