@@ -227,7 +227,10 @@ class SweepExplorer:
             options=[("α/r", False), ("α/√r (rsLoRA)", True)],
             value=sel.rslora,
             description="scaling",
-            style={"button_width": "110px"},
+            # The label as wide as the dropdown's and the slider's above and below it.
+            style={"button_width": "110px", "description_width": "80px"},
+            # JupyterLab stacks a ToggleButtons' label above its buttons; keep them on one row.
+            layout=W.Layout(display="flex", flex_flow="row", align_items="center"),
         )
         self.steps = W.IntSlider(
             value=sel.steps, min=20, max=2000, step=20, description="steps",
