@@ -387,19 +387,24 @@ class BatchedTrainer:
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.train_x = task.train_inputs.to(self.device)
         self.train_y = task.train_targets.to(self.device)
-        self.seeds = sorted({s.seed for s in specs})
-        self.data_gen = {seed: torch.Generator().manual_seed(seed) for seed in self.seeds}
-        self.which = torch.tensor([self.seeds.index(s.seed) for s in specs])
+        # Every step's batch indices up front, per seed, as lab.train draws them: row `step` of
+        # `order` is configuration 0's batch, then configuration 1's, ... (K * batch_size).
+        seeds = sorted({s.seed for s in specs})
+        n = len(self.train_x)
+        drawn = torch.stack([
+            torch.randint(n, (steps, batch_size), generator=torch.Generator().manual_seed(seed))
+            for seed in seeds
+        ])  # fmt: skip
+        which = torch.tensor([seeds.index(s.seed) for s in specs])
+        self.order = drawn[which].transpose(0, 1).reshape(steps, -1).to(self.device)
         self.step_index = 0
 
     def step(self) -> torch.Tensor:
         """One training step of every configuration; returns their losses (K,) on the device."""
         k, step = len(self.specs), self.step_index
-        draws = [
-            torch.randint(len(self.train_x), (self.batch_size,), generator=self.data_gen[s])
-            for s in self.seeds
-        ]
-        idx = torch.stack(draws)[self.which].flatten().to(self.device)  # k's batch is block k
+        if step >= self.steps:
+            raise RuntimeError(f"all {self.steps} steps are done; make a new BatchedTrainer")
+        idx = self.order[step]  # configuration k's batch is block k
         x, y = self.train_x[idx], self.train_y[idx]
         with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
             logits = self.model(x)

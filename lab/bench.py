@@ -625,7 +625,7 @@ def _profile_steps(base, task, specs, batch_size, device, steps) -> dict[str, li
     add_lora(model, spec.targets, spec.rank, spec.alpha, spec.dropout, spec.rslora)
     x, y = task.train_inputs[:batch_size].to(device), task.train_targets[:batch_size].to(device)
     alone = _Trainer(model, x, y, device)
-    batched = BatchedTrainer(base, task, specs, steps, batch_size, device)
+    batched = BatchedTrainer(base, task, specs, steps + 1, batch_size, device)  # + warm-up
     alone(), batched.step()  # warm-up, outside the profile
 
     def run(step: Callable[[], object]) -> Callable[[], None]:

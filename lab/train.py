@@ -84,11 +84,15 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     train_x, train_y = task.train_inputs.to(device), task.train_targets.to(device)
+    # Every step's batch indices, drawn up front from the seeded CPU generator (the same numbers,
+    # in the same order, as drawing them step by step) and copied to the device once, so the
+    # loop never waits on a host-to-device copy. The same seed gives the same data on any device.
+    order = torch.randint(len(train_x), (steps, batch_size), generator=generator).to(device)
     losses = torch.zeros(steps, device=device)
     memory = None
 
-    def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(train_x), (batch_size,), generator=generator).to(device)
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = order[step]
         return train_x[idx], train_y[idx]
 
     bar = tqdm(range(steps), desc=f"train {task.name}", disable=not progress, leave=False)
@@ -99,7 +103,7 @@ def train(
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps, lr)
-        x, y = batch()
+        x, y = batch(step)
         if step == 0 and measure_memory:
             # The first step runs under the memory tracker; it is a real step all the same.
             memory = measure_step_memory(model, x, y, optimizer, autocast_dtype)

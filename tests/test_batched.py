@@ -179,6 +179,16 @@ def test_each_slice_of_a_batched_layer_is_that_configurations_loralinear(configs
         torch.testing.assert_close(out[i], alone(xi), rtol=1e-5, atol=1e-4)
 
 
+def test_a_trainer_stops_after_its_steps():
+    from lab.batched import BatchedTrainer
+
+    trainer = BatchedTrainer(load_base_model("cpu"), get_task("sort_desc_small"),
+                             [AdapterSpec(("q_proj",), 2, 4.0)], 2, 8, "cpu")  # fmt: skip
+    assert trainer.step().shape == (1,) and trainer.step().shape == (1,)
+    with pytest.raises(RuntimeError, match="all 2 steps are done"):
+        trainer.step()
+
+
 def test_stacked_adamw_matches_torch_adamw_per_slice():
     torch.manual_seed(0)
     stacked = torch.randn(3, 4, 5, requires_grad=True)
