@@ -13,7 +13,13 @@ from safetensors.torch import save as safetensors_save
 from .fileio import atomic_write_bytes
 from .model import ModelConfig, ToyTransformer, default_device
 
-__all__ = ["BASE_MODEL_PATH", "load_base_config", "load_base_model", "save_base_model"]
+__all__ = [
+    "BASE_MODEL_PATH",
+    "load_base_config",
+    "load_base_model",
+    "model_from_state",
+    "save_base_model",
+]
 
 BASE_MODEL_PATH = Path(__file__).parent / "data" / "base_model.safetensors"
 _CONFIG_KEY = "lora_lab_model_config"
@@ -59,9 +65,18 @@ def load_base_model(
 ) -> ToyTransformer:
     """The pretrained base (copy, reverse, sort, add) on `device` (default: `default_device()`)."""
     config, tensors = _read(Path(path), with_tensors=True)
-    with torch.device("meta"):
-        model = ToyTransformer(config)
-    model.load_state_dict(tensors | {_TIED: tensors["tok_emb.weight"]}, strict=True, assign=True)
-    model.head.weight = model.tok_emb.weight  # assign=True replaced the tied Parameter: re-tie
     device = torch.device(device) if device is not None else default_device()
-    return model.to(device).eval()
+    return model_from_state(config, tensors).to(device).eval()
+
+
+def model_from_state(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ToyTransformer:
+    """A ToyTransformer that takes `tensors` as its weights (no copy, no random init).
+
+    `tensors` is a state dict, with or without the tied head (it is the token embedding).
+    """
+    with torch.device("meta"):  # shapes only: the tensors below become the weights
+        model = ToyTransformer(config)
+    tensors = {**tensors, _TIED: tensors["tok_emb.weight"]}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.head.weight = model.tok_emb.weight  # assign=True replaced the tied Parameter: re-tie
+    return model

@@ -24,17 +24,18 @@ global CPU stream, so runs with dropout are statistically, not bitwise, the same
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .base import model_from_state
 from .lora import LoRALinear, _check_hparams, _check_rank_fits, add_lora
-from .model import IGNORE_INDEX, ToyTransformer, default_device
+from .model import IGNORE_INDEX, ToyTransformer, default_device, lm_loss
 from .tasks import Task
 from .train import _lr_at
 
@@ -76,6 +77,16 @@ class AdapterSpec:
     def scaling(self) -> float:
         """alpha / rank (or alpha / sqrt(rank) for rsLoRA), exactly as LoRALinear computes it."""
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def add_to(self, model: nn.Module) -> list[str]:
+        """Give `model` this spec's adapter exactly as a run of it alone starts.
+
+        Seeds the global generator with `seed` first: LoRA's A initialisation and the adapter
+        dropout masks come from it (the data order has its own generator, in lab.train).
+        Returns add_lora's list of wrapped layers.
+        """
+        torch.manual_seed(self.seed)
+        return add_lora(model, self.targets, self.rank, self.alpha, self.dropout, self.rslora)
 
     def targets_layer(self, name: str) -> bool:
         """True if a module with qualified name `name` is one of this spec's targets."""
@@ -218,18 +229,16 @@ class BatchedRun:
     models: list[ToyTransformer]  # configuration k alone: the base plus its trained LoRALinears
     layers: dict[str, BatchedLoRALinear]  # the stacked adapters as trained (for inspection)
     wall_seconds: float  # the whole group's training loop
-    tokens_per_second: float  # input tokens of all configurations per second of training
-    peak_bytes: int | None  # CUDA allocator peak of the loop; None on the CPU
 
 
 def _batched_model(
     base: ToyTransformer, specs: Sequence[AdapterSpec], device: torch.device
-) -> tuple[ToyTransformer, dict[str, BatchedLoRALinear], list[torch.Generator | None]]:
+) -> tuple[ToyTransformer, dict[str, BatchedLoRALinear]]:
     """The base (on the CPU) with every targeted linear replaced by a BatchedLoRALinear.
 
-    A is initialised for configuration k exactly as `add_lora` would after torch.manual_seed(
-    seed): LoRALinear wrappers are built in module order from the global generator, and the
-    generator's state afterwards seeds k's dropout masks, as alone the same stream would.
+    A is initialised for configuration k exactly as `AdapterSpec.add_to` does: after
+    torch.manual_seed(seed), LoRALinear wrappers are built in module order from the global
+    generator, and its state afterwards seeds k's dropout masks, as alone the same stream would.
     """
     names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "head"]
     used = [n for n in names if any(s.targets_layer(n) for s in specs)]
@@ -280,7 +289,7 @@ def _batched_model(
     for layer in layers.values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
-    return base.to(device), layers, generators
+    return base.to(device), layers
 
 
 def _extract(
@@ -292,13 +301,9 @@ def _extract(
     device: torch.device,
 ) -> ToyTransformer:
     """Configuration k as an ordinary model: the base plus LoRALinears holding its adapters."""
-    with torch.device("meta"):
-        model = ToyTransformer(config)
-    model.load_state_dict(base_state, strict=True, assign=True)
-    model.head.weight = model.tok_emb.weight
-    model = model.to(device)
+    model = model_from_state(config, base_state).to(device)
     with torch.random.fork_rng(devices=[]):  # A's init is overwritten below: keep the stream
-        add_lora(model, spec.targets, spec.rank, spec.alpha, spec.dropout, spec.rslora)
+        spec.add_to(model)
     with torch.no_grad():
         for name, layer in layers.items():
             if spec.targets_layer(name):
@@ -317,8 +322,6 @@ def max_configs_for_memory(
         free, _ = torch.cuda.mem_get_info(device)
     else:
         try:
-            import os
-
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             free = 4 << 30  # unknown: assume 4 GiB
@@ -373,13 +376,8 @@ class BatchedTrainer:
         self.device = torch.device(device) if device is not None else default_device()
         self.base_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
         self.config = base.config
-        with torch.device("meta"):
-            work = ToyTransformer(base.config)
-        work.load_state_dict(
-            {k: v.clone() for k, v in self.base_state.items()}, strict=True, assign=True
-        )
-        work.head.weight = work.tok_emb.weight
-        self.model, self.layers, _ = _batched_model(work, specs, self.device)
+        work = model_from_state(base.config, {k: v.clone() for k, v in self.base_state.items()})
+        self.model, self.layers = _batched_model(work, specs, self.device)
         self.model.train()
         self.specs, self.steps, self.batch_size, self.task = specs, steps, batch_size, task
         params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
@@ -408,12 +406,7 @@ class BatchedTrainer:
         x, y = self.train_x[idx], self.train_y[idx]
         with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
             logits = self.model(x)
-        token_loss = F.cross_entropy(
-            logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
-            y.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view(k, -1)
+        token_loss = lm_loss(logits, y, reduction="none").view(k, -1)
         counted = (y != IGNORE_INDEX).view(k, -1).sum(1)
         loss = token_loss.sum(1) / counted  # (K,) each configuration's own mean loss
         loss.sum().backward()  # the sum's gradient w.r.t. slice k is loss k's gradient
@@ -449,7 +442,6 @@ def train_batched(
     losses = torch.zeros(steps, k, device=device)
     bar = tqdm(range(steps), desc=f"train {k} configs", disable=not progress, leave=False)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for step in bar:
@@ -460,13 +452,10 @@ def train_batched(
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     bar.close()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return BatchedRun(
         specs=trainer.specs,
         losses=losses.T.cpu(),
         models=trainer.models(),
         layers=trainer.layers,
         wall_seconds=wall,
-        tokens_per_second=steps * k * batch_size * trainer.train_x.shape[1] / wall,
-        peak_bytes=peak,
     )

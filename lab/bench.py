@@ -588,9 +588,8 @@ def bench_growth(
 
 def _alone(base: ToyTransformer, task, spec: AdapterSpec, steps, batch_size, device) -> float:
     """Train one configuration the way run_point does; the training loop's seconds."""
-    torch.manual_seed(spec.seed)
     model = copy.deepcopy(base)
-    add_lora(model, spec.targets, spec.rank, spec.alpha, spec.dropout, spec.rslora)
+    spec.add_to(model)
     result = train(model, task, steps, spec.lr, batch_size, spec.seed, device, progress=False,
                    measure_memory=False)  # fmt: skip
     return result.wall_seconds
@@ -619,10 +618,8 @@ def _profile(fn: Callable[[], object], device: torch.device, top: int = 8) -> li
 
 def _profile_steps(base, task, specs, batch_size, device, steps) -> dict[str, list[dict]]:
     """Profiles of `steps` training steps: the middle configuration alone, and all batched."""
-    spec = specs[len(specs) // 2]
-    torch.manual_seed(spec.seed)
     model = copy.deepcopy(base)
-    add_lora(model, spec.targets, spec.rank, spec.alpha, spec.dropout, spec.rslora)
+    specs[len(specs) // 2].add_to(model)
     x, y = task.train_inputs[:batch_size].to(device), task.train_targets[:batch_size].to(device)
     alone = _Trainer(model, x, y, device)
     batched = BatchedTrainer(base, task, specs, steps + 1, batch_size, device)  # + warm-up

@@ -184,8 +184,10 @@ class ToyTransformer(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose target is not IGNORE_INDEX.
+
+    reduction="none" gives every position's loss instead, (batch * seq,), 0 where ignored.
 
     logits: (batch, seq, vocab); targets: (batch, seq) token ids or IGNORE_INDEX. Half-precision
     logits are upcast to float32; float64 logits stay float64.
@@ -194,4 +196,5 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
         targets.flatten(),
         ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )

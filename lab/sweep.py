@@ -9,6 +9,7 @@ widgets.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import functools
@@ -28,7 +29,7 @@ from .analysis import count_full, count_lora
 from .base import BASE_MODEL_PATH, load_base_config, load_base_model
 from .batched import AdapterSpec, default_max_configs, train_batched
 from .fileio import atomic_write_bytes
-from .lora import add_lora, count_parameters
+from .lora import count_parameters
 from .memory import analytic_memory, measure_step_memory
 from .model import ModelConfig, ToyTransformer, default_device
 from .tasks import FINETUNE_TASKS, SEQ_LEN, get_task
@@ -134,6 +135,14 @@ class SweepPoint:
         put("dropout", float(self.dropout))
         put("targets", tuple(sorted(set(targets))))
         put("rslora", bool(self.rslora))
+
+    def spec(self) -> AdapterSpec:
+        """The point's adapter and optimizer settings, for lab.batched (LoRA points only)."""
+        if self.is_full:
+            raise ValueError("full fine-tuning has no adapter, so no AdapterSpec")
+        return AdapterSpec(
+            self.targets, self.rank, self.alpha, self.dropout, self.rslora, self.lr, self.seed
+        )
 
     @property
     def is_full(self) -> bool:
@@ -285,17 +294,16 @@ def _bytes_per_config(point: SweepPoint, config: ModelConfig) -> int:
     return 2 * (predicted.activations + predicted.gradients + predicted.optimizer)
 
 
-def _first_step_memory(point: SweepPoint, device: torch.device) -> dict:
+def _first_step_memory(point: SweepPoint, base: ToyTransformer, device: torch.device) -> dict:
     """The memory of the point's first training step, measured as run_point measures it.
 
-    A scratch copy of the base with a fresh adapter runs one tracked step on the same first
+    A scratch copy of `base` with a fresh adapter runs one tracked step on the same first
     batch the point trains on; the trained models are not touched.
     """
     task = get_task(point.task)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(point.seed)
-        model = load_base_model(device)
-        add_lora(model, point.targets, point.rank, point.alpha, point.dropout, point.rslora)
+        model = copy.deepcopy(base).to(device)
+        point.spec().add_to(model)
         model.train()
         idx = torch.randint(task.n_train, (point.batch_size,),
                             generator=torch.Generator().manual_seed(point.seed))  # fmt: skip
@@ -380,9 +388,7 @@ def _run_chunk(
 ) -> list[SweepResult]:
     first = chunk[0]
     task = get_task(first.task)
-    specs = [
-        AdapterSpec(p.targets, p.rank, p.alpha, p.dropout, p.rslora, p.lr, p.seed) for p in chunk
-    ]
+    specs = [p.spec() for p in chunk]
     run = train_batched(base, task, specs, first.steps, first.batch_size, device, progress)
     share = run.wall_seconds / len(chunk)
     tokens = first.steps * first.batch_size * task.train_inputs.shape[1]
@@ -397,7 +403,7 @@ def _run_chunk(
             train_eval=task.evaluate(model, split="train") if small else None,
             trainable_parameters=counts.trainable,
             total_parameters=counts.total,
-            memory=_first_step_memory(point, device),
+            memory=_first_step_memory(point, base, device),
             wall_seconds=share,
             tokens_per_second=tokens / share,
             device=str(device),
@@ -415,10 +421,9 @@ def run_point(
 ) -> SweepResult:
     """Train one point from the shipped base and measure it (no caching here)."""
     task = get_task(point.task)
-    torch.manual_seed(point.seed)  # LoRA's A init and adapter dropout use the global generator
     model = load_base_model(device)
     if not point.is_full:
-        add_lora(model, point.targets, point.rank, point.alpha, point.dropout, point.rslora)
+        point.spec().add_to(model)  # seeds LoRA's A init and adapter dropout
     counts = count_parameters(model)
     run = train(model, task, point.steps, point.lr, point.batch_size, point.seed, device, progress)
     # Overfitting only shows on a small train set; evaluating 20,000 examples would cost more

@@ -348,3 +348,16 @@ def test_default_chunks_on_a_cpu_hold_about_128_sequences():
     assert default_max_configs(8, "cpu", 1) == 16
     assert default_max_configs(512, "cpu", 1) == 1
     assert default_max_configs(8, "cpu", 1 << 60) == 1  # memory still caps it
+
+
+def test_a_points_spec_starts_its_adapter_as_the_point_alone_does():
+    point = SweepPoint("sort_desc", 4, alpha=8.0, dropout=0.1, seed=3, targets=("k_proj",))
+    model = load_base_model("cpu")
+    assert point.spec().add_to(model) == ["blocks.0.attn.k_proj", "blocks.1.attn.k_proj"]
+    torch.manual_seed(3)
+    reference = load_base_model("cpu")
+    add_lora(reference, ("k_proj",), 4, 8.0, 0.1)
+    for name, layer in lora_layers(reference).items():
+        assert torch.equal(lora_layers(model)[name].lora_A, layer.lora_A)
+    with pytest.raises(ValueError, match="full fine-tuning has no adapter"):
+        full_point("sort_desc").spec()
