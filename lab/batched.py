@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from .base import model_from_state
 from .lora import LoRALinear, _check_hparams, _check_rank_fits, add_lora
-from .model import IGNORE_INDEX, ToyTransformer, default_device, lm_loss
-from .tasks import Task
+from .memory import analytic_memory
+from .model import IGNORE_INDEX, ModelConfig, ToyTransformer, default_device, lm_loss
+from .tasks import SEQ_LEN, Task
 from .train import _lr_at
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "BatchedRun",
     "BatchedTrainer",
     "StackedAdamW",
+    "bytes_per_config",
     "CPU_ROWS_PER_STEP",
     "default_max_configs",
     "max_configs_for_memory",
@@ -311,6 +313,20 @@ def _extract(
                 target.lora_A.copy_(layer.lora_A[k, : spec.rank])
                 target.lora_B.copy_(layer.lora_B[k, :, : spec.rank])
     return model
+
+
+def bytes_per_config(config: ModelConfig, specs: Sequence[AdapterSpec], batch_size: int) -> int:
+    """A generous estimate of what one more configuration adds to a batched step's memory.
+
+    From `analytic_memory` for the largest adapter among `specs`. Activations dominate; dropout
+    masks, backward temporaries and the allocator's slack can double them, so this plans for
+    twice the prediction.
+    """
+    largest = max(specs, key=lambda s: s.rank * len(s.targets))
+    predicted = analytic_memory(
+        config, batch_size, SEQ_LEN, lora_targets=largest.targets, lora_rank=largest.rank
+    )
+    return 2 * (predicted.activations + predicted.gradients + predicted.optimizer)
 
 
 def max_configs_for_memory(

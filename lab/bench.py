@@ -36,7 +36,13 @@ from tqdm.auto import tqdm
 
 from .analysis import count_full, count_lora, lora_flop_share
 from .base import load_base_model
-from .batched import AdapterSpec, BatchedTrainer, default_max_configs, train_batched
+from .batched import (
+    AdapterSpec,
+    BatchedTrainer,
+    bytes_per_config,
+    default_max_configs,
+    train_batched,
+)
 from .fileio import atomic_write_bytes
 from .lora import LoRALinear, add_lora, count_parameters, merge_lora
 from .memory import analytic_flops, analytic_memory, measure_step_memory
@@ -662,9 +668,8 @@ def bench_sweep(
     bar = tqdm(total=total, desc="sweep bench", disable=not progress)
     for batch_size in batch_sizes:
         alone_s, batched_s = [], []
-        per_config = analytic_memory(base.config, batch_size, SEQ_LEN, lora_targets=TARGETS,
-                                     lora_rank=max(ranks))  # fmt: skip
-        chunk = default_max_configs(batch_size, device, 2 * per_config.activations)
+        needed = bytes_per_config(base.config, specs, batch_size)
+        chunk = default_max_configs(batch_size, device, needed)  # as sweep() chunks it
         chunks = [specs[i : i + chunk] for i in range(0, n, chunk)]
         for _ in range(repeats):
             # Chunk by chunk, its configurations alone and then together: a machine whose speed

@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from .analysis import count_full, count_lora
 from .base import BASE_MODEL_PATH, load_base_config, load_base_model
-from .batched import AdapterSpec, default_max_configs, train_batched
+from .batched import AdapterSpec, bytes_per_config, default_max_configs, train_batched
 from .fileio import atomic_write_bytes
 from .lora import count_parameters
-from .memory import analytic_memory, measure_step_memory
+from .memory import measure_step_memory
 from .model import ModelConfig, ToyTransformer, default_device
-from .tasks import FINETUNE_TASKS, SEQ_LEN, get_task
+from .tasks import FINETUNE_TASKS, get_task
 from .train import train
 
 __all__ = [
@@ -284,16 +284,6 @@ def group_key(point: SweepPoint) -> tuple:
     return (point.task, point.steps, point.batch_size)
 
 
-def _bytes_per_config(point: SweepPoint, config: ModelConfig) -> int:
-    """A generous estimate of what one more configuration adds to a batched step's memory."""
-    predicted = analytic_memory(
-        config, point.batch_size, SEQ_LEN, lora_targets=point.targets, lora_rank=point.rank
-    )
-    # Activations dominate; dropout masks, backward temporaries and the allocator's slack can
-    # double them, so plan for twice the prediction.
-    return 2 * (predicted.activations + predicted.gradients + predicted.optimizer)
-
-
 def _first_step_memory(point: SweepPoint, base: ToyTransformer, device: torch.device) -> dict:
     """The memory of the point's first training step, measured as run_point measures it.
 
@@ -350,9 +340,9 @@ def run_group(
     device = torch.device(device) if device is not None else default_device()
     base = load_base_model("cpu")
     if max_configs is None:
-        largest = max(points, key=lambda p: (p.rank * len(p.targets), p.dropout > 0))
-        needed = _bytes_per_config(largest, base.config)
-        max_configs = default_max_configs(largest.batch_size, device, needed)
+        batch_size = points[0].batch_size
+        needed = bytes_per_config(base.config, [p.spec() for p in points], batch_size)
+        max_configs = default_max_configs(batch_size, device, needed)
     results: list[SweepResult] = []
     pending = [points[i : i + max_configs] for i in range(0, len(points), max_configs)]
     while pending:

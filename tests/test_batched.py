@@ -19,6 +19,7 @@ from lab.batched import (
     train_batched,
 )
 from lab.lora import add_lora, lora_layers
+from lab.sweep import ALL_TARGETS as ALL
 from lab.sweep import SweepCache, SweepPoint, full_point, run_group, run_point, sweep
 from lab.tasks import get_task
 from lab.train import train
@@ -341,6 +342,16 @@ def test_run_group_rejects_what_cannot_train_together():
 def test_max_configs_for_memory_divides_free_memory():
     assert max_configs_for_memory(1, "cpu") > 1000
     assert max_configs_for_memory(1 << 60, "cpu") == 1  # never below one configuration
+
+
+def test_the_memory_estimate_follows_the_largest_adapter_and_the_batch():
+    from lab.batched import bytes_per_config
+
+    config = load_base_model("cpu").config
+    small, big = AdapterSpec(("q_proj",), 1, 4.0), AdapterSpec(ALL, 64, 4.0)
+    assert bytes_per_config(config, [small, big], 64) == bytes_per_config(config, [big], 64)
+    assert bytes_per_config(config, [big], 64) > bytes_per_config(config, [small], 64)
+    assert bytes_per_config(config, [small], 64) > bytes_per_config(config, [small], 8)
 
 
 def test_default_chunks_on_a_cpu_hold_about_128_sequences():
