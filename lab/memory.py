@@ -121,11 +121,38 @@ def measure_step_memory(
     optimizer: torch.optim.Optimizer,
     autocast_dtype: torch.dtype | None = None,
 ) -> MemoryBreakdown:
-    """Run ONE real training step (it updates the model) and measure its memory by category."""
+    """Run ONE real training step (it updates the model) and measure its memory by category.
+
+    Only what the step itself holds is counted: a batch that is a view of a larger tensor
+    (`task.train_inputs[:64]`) is measured as if it were a copy of just those rows.
+    """
+    for name, value in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor of token ids, got {type(value).__name__}"
+            )
+    if inputs.shape != targets.shape:
+        raise ValueError(
+            f"inputs and targets must have the same shape (batch, seq), "
+            f"got {tuple(inputs.shape)} and {tuple(targets.shape)}"
+        )
+    inputs, targets = _own_storage(inputs), _own_storage(targets)
     device = next(model.parameters()).device
     if device.type == "cuda":
         return _measure_cuda(model, inputs, targets, optimizer, autocast_dtype)
     return _measure_mem_tracker(model, inputs, targets, optimizer, autocast_dtype)
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself if its storage holds just its own values, else a compact copy.
+
+    The CPU tracker files whole storages, so a slice of a 20,000-example data set saved by the
+    embedding for backward would count the entire data set as activations. On CUDA the
+    allocator only sees new allocations, but a compact batch keeps both paths measuring the same.
+    """
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _forward_loss(model, inputs, targets, autocast_dtype) -> torch.Tensor:

@@ -224,3 +224,49 @@ def test_memory_breakdown_helpers():
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
+
+
+def _measure_batch(config, inputs, targets, lora: bool) -> MemoryBreakdown:
+    model = _model(config, lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return measure_step_memory(model, inputs, targets, optimizer)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_sliced_batch_measures_like_its_copy(lora):
+    # A batch sliced from a big data set shares its storage; only the batch may be counted.
+    data_x, data_y = _batch(CONFIG, 4000, 16, seed=1)
+    view_x, view_y = data_x[:BATCH], data_y[:BATCH]
+    before = (data_x.clone(), data_y.clone())
+    sliced = _measure_batch(CONFIG, view_x, view_y, lora)
+    copied = _measure_batch(CONFIG, view_x.clone(), view_y.clone(), lora)
+    assert sliced.activations == pytest.approx(copied.activations, rel=0.02)
+    assert sliced.peak == pytest.approx(copied.peak, rel=0.02)
+    # the caller's tensors are left as they were
+    assert torch.equal(data_x, before[0]) and torch.equal(data_y, before[1])
+    assert view_x.untyped_storage().data_ptr() == data_x.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "targets", "error", "words"),
+    [
+        ([[1, 2, 3]], torch.zeros(1, 3, dtype=torch.long), TypeError, ("inputs", "list")),
+        (torch.zeros(1, 3, dtype=torch.long), None, TypeError, ("targets", "NoneType")),
+        (
+            torch.zeros(2, 3, dtype=torch.long),
+            torch.zeros(2, 4, dtype=torch.long),
+            ValueError,
+            ("same shape", "(2, 3)", "(2, 4)"),
+        ),
+    ],
+)
+def test_measure_step_memory_refuses_bad_batches(inputs, targets, error, words):
+    model = _model(get_preset("tiny"), lora=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(error) as info:
+        measure_step_memory(model, inputs, targets, optimizer)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(v, after[n]) for n, v in before.items())
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
