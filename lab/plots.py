@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -141,6 +141,31 @@ def _rank_axis(ax: Axes, ranks: Sequence[int], axis: str = "x") -> None:
     ticks = sorted(set(ranks))
     target.set_major_locator(FixedLocator(ticks))
     target.set_major_formatter(FixedFormatter([_fmt_number(r) for r in ticks]))
+    target.set_minor_locator(NullLocator())
+
+
+def _plain_log_ticks(target: Any, values: Iterable[float]) -> None:
+    """Ticks of a log axis at 1, 2, 5 x 10^k inside the data's range, labelled as plain numbers.
+
+    Matplotlib's default on a range under one decade is minor ticks written 2×10⁻¹, 3×10⁻¹, ...
+    crowded and hard to read; here they read 0.2, 0.5, 1, 2. Over more than 3 decades, only
+    the powers of ten are kept (and 3 x 10^k is added under 1.5 decades).
+    """
+    arr = np.asarray([v for v in values if np.isfinite(v) and v > 0], dtype=float)
+    if arr.size == 0:
+        return
+    lo, hi = float(arr.min()), float(arr.max())
+    first, last = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
+    decades = math.log10(hi / lo)
+    steps = (1, 2, 3, 5) if decades <= 1.5 else (1, 2, 5) if decades <= 3 else (1,)
+    candidates = sorted(m * 10.0**k for k in range(first, last + 1) for m in steps)
+    ticks = [t for t in candidates if lo / 1.001 <= t <= hi * 1.001]
+    if len(ticks) < 2:  # a narrow range: the nearest candidates either side too
+        below = [t for t in candidates if t < lo / 1.001][-1:]
+        above = [t for t in candidates if t > hi * 1.001][:1]
+        ticks = below + ticks + above
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
     target.set_minor_locator(NullLocator())
 
 
@@ -479,11 +504,12 @@ def update_size_vs_rank(
     for i, (label, values) in enumerate(sizes.items()):
         ax.plot(ranks, _positive(values), label=str(label), **_style(i))
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis, [v for values in sizes.values() for v in _positive(values)])
     if all(r > 0 for r in ranks):
         _rank_axis(ax, ranks)
     if len(sizes) > 1:
         ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
     _label(ax, title, xlabel, ylabel)
     return fig
 

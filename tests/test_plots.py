@@ -293,3 +293,19 @@ def test_empty_input_says_no_results_yet(call):
 def test_savefig_bytes_is_png():
     fig = plots.trainable_vs_rank([1, 2], [10, 20])
     assert plots.savefig_bytes(fig, dpi=30).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.parametrize(
+    ("values", "ticks"),
+    [
+        ([2.13, 1.47, 0.75, 0.26], ["0.3", "0.5", "1", "2"]),
+        ([0.004, 0.01, 0.05, 0.3], ["0.005", "0.01", "0.02", "0.05", "0.1", "0.2"]),
+        ([1.0, 1.02, 1.04, 1.05], ["0.5", "1", "2"]),
+        ([1e-6, 1e-4, 1e-2, 1.0], ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1", "1"]),
+    ],
+)
+def test_update_size_vs_rank_has_plain_y_ticks(values, ticks):
+    fig = plots.update_size_vs_rank([1, 2, 4, 8], {"alpha/r": values})
+    ax = main_axes(fig)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ticks
+    assert not any(t.get_text() for t in ax.get_yticklabels(minor=True))  # no 3×10⁻¹ clutter
