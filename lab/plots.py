@@ -145,7 +145,7 @@ def _rank_axis(ax: Axes, ranks: Sequence[int], axis: str = "x") -> None:
 
 
 def _plain_log_ticks(target: Any, values: Iterable[float]) -> None:
-    """Ticks of a log axis at 1, 2, 5 x 10^k inside the data's range, labelled as plain numbers.
+    """Ticks of a log axis at 1, 2, 5 x 10^k inside a range, labelled as plain numbers.
 
     Matplotlib's default on a range under one decade is minor ticks written 2×10⁻¹, 3×10⁻¹, ...
     crowded and hard to read; here they read 0.2, 0.5, 1, 2. Over more than 3 decades, only
@@ -504,7 +504,7 @@ def update_size_vs_rank(
     for i, (label, values) in enumerate(sizes.items()):
         ax.plot(ranks, _positive(values), label=str(label), **_style(i))
     ax.set_yscale("log")
-    _plain_log_ticks(ax.yaxis, [v for values in sizes.values() for v in _positive(values)])
+    _plain_log_ticks(ax.yaxis, ax.get_ylim())  # the drawn range, margins included
     if all(r > 0 for r in ranks):
         _rank_axis(ax, ranks)
     if len(sizes) > 1:
