@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,7 +38,16 @@ from .lora import LoRALinear, _check_hparams, _check_rank_fits, add_lora
 from .memory import analytic_memory
 from .model import IGNORE_INDEX, ModelConfig, ToyTransformer, default_device, lm_loss
 from .tasks import SEQ_LEN, Task
-from .train import _lr_at
+from .train import (
+    MAX_STEPS,
+    _lr_at,
+    check_count,
+    check_fits,
+    check_lr,
+    check_seed,
+    check_weight_decay,
+    diverged_message,
+)
 
 __all__ = [
     "AdapterSpec",
@@ -70,10 +79,18 @@ class AdapterSpec:
 
     def __post_init__(self) -> None:
         _check_hparams(self.rank, self.alpha, self.dropout, self.rslora)
-        if not self.targets:
+        targets = self.targets
+        if isinstance(targets, str):  # one name, never its characters
+            targets = (targets,)
+        if not isinstance(targets, Sequence) or isinstance(targets, bytes):
+            raise TypeError(f"targets={targets!r}: expected a tuple of layer names")
+        if not targets:
             raise ValueError("targets is empty; name at least one layer, e.g. ('q_proj', 'v_proj')")
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r}: expected a positive finite number")
+        if not all(isinstance(t, str) and t for t in targets):
+            raise TypeError(f"targets={targets!r}: every target must be a non-empty str")
+        object.__setattr__(self, "targets", tuple(targets))
+        check_lr(self.lr)
+        check_seed(self.seed)
 
     @property
     def scaling(self) -> float:
@@ -231,6 +248,9 @@ class BatchedRun:
     models: list[ToyTransformer]  # configuration k alone: the base plus its trained LoRALinears
     layers: dict[str, BatchedLoRALinear]  # the stacked adapters as trained (for inspection)
     wall_seconds: float  # the whole group's training loop
+    # Per configuration: None, or lab.train's divergence message for a configuration whose loss
+    # became nan/inf (it was stopped there: its adapter zeroed, its lr 0; the others went on).
+    diverged: list[str | None] = field(default_factory=list)
 
 
 def _batched_model(
@@ -386,14 +406,24 @@ class BatchedTrainer:
         specs = list(specs)
         if not specs:
             raise ValueError("specs is empty: give at least one AdapterSpec")
-        for name, value in (("steps", steps), ("batch_size", batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive int")
+        bad = [s for s in specs if not isinstance(s, AdapterSpec)]
+        if bad:
+            raise TypeError(f"specs must be AdapterSpecs, got {type(bad[0]).__name__}")
+        check_count("steps", steps, MAX_STEPS)
+        check_count("batch_size", batch_size)
+        check_weight_decay(weight_decay)
         self.device = torch.device(device) if device is not None else default_device()
+        self.weight_decay = weight_decay
+        self.stopped: list[str | None] = [None] * len(specs)
         self.base_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
         self.config = base.config
         work = model_from_state(base.config, {k: v.clone() for k, v in self.base_state.items()})
-        self.model, self.layers = _batched_model(work, specs, self.device)
+        model, layers = _batched_model(work, specs, self.device)
+        needed = len(specs) * bytes_per_config(base.config, specs, batch_size)
+        needed += 8 * steps * batch_size * (len(specs) + len({s.seed for s in specs}))
+        check_fits(needed, self.device, f"{len(specs)} configuration{'s' * (len(specs) != 1)} "
+                   f"with batch_size={batch_size:,} for steps={steps:,}")  # fmt: skip
+        self.model, self.layers = model, layers
         self.model.train()
         self.specs, self.steps, self.batch_size, self.task = specs, steps, batch_size, task
         params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
@@ -426,10 +456,42 @@ class BatchedTrainer:
         counted = (y != IGNORE_INDEX).view(k, -1).sum(1)
         loss = token_loss.sum(1) / counted  # (K,) each configuration's own mean loss
         loss.sum().backward()  # the sum's gradient w.r.t. slice k is loss k's gradient
-        self.optimizer.step([_lr_at(step, self.steps, s.lr) for s in self.specs])
+        lrs = [0.0 if self.stopped[i] else _lr_at(step, self.steps, s.lr)
+               for i, s in enumerate(self.specs)]  # fmt: skip
+        self.optimizer.step(lrs)
         self.optimizer.zero_grad()
         self.step_index += 1
         return loss.detach()
+
+    def stop(self, k: int, message: str) -> None:
+        """Stop configuration k (it diverged): zero its adapter and state, lr 0 from now on.
+
+        Its slice never touches the others' (each configuration's adapters act on its own
+        batch only), so zeroing it just keeps its nan/inf out of the stored tensors.
+        """
+        self.stopped[k] = message
+        with torch.no_grad():
+            for p, m, v in zip(self.optimizer.params, self.optimizer.exp_avg,
+                               self.optimizer.exp_avg_sq, strict=True):  # fmt: skip
+                p[k].zero_()
+                m[k].zero_()
+                v[k].zero_()
+
+    def check_finite(self, losses: torch.Tensor) -> None:
+        """Stop every configuration whose losses (steps so far, K) or adapters hold nan/inf."""
+        finite = torch.isfinite(losses).all(0)
+        for layer in self.layers.values():
+            for p in (layer.lora_A, layer.lora_B):
+                finite &= torch.isfinite(p.detach()).flatten(1).all(1)
+        for k in (~finite).nonzero().flatten().tolist():
+            if self.stopped[k]:
+                continue
+            bad = (~torch.isfinite(losses[:, k])).nonzero().flatten()
+            step = int(bad[0]) if len(bad) else self.step_index
+            value = float(losses[step, k]) if len(bad) else math.nan
+            spec = self.specs[k]
+            self.stop(k, diverged_message(step, value, spec.lr, self.weight_decay,
+                                          spec.scaling)[0])  # fmt: skip
 
     def models(self) -> list[ToyTransformer]:
         """Every configuration as an ordinary model with its LoRALinears, as trained so far."""
@@ -452,6 +514,8 @@ def train_batched(
     """Train every spec's adapter on `task` together, each exactly as it would train alone.
 
     See BatchedTrainer for the schedule, data order and precision; `base` is not modified.
+    A configuration whose loss becomes nan or inf is stopped (its adapter zeroed, lr 0) and
+    named in the result's `diverged`; the others train on unaffected.
     """
     trainer = BatchedTrainer(base, task, specs, steps, batch_size, device, weight_decay)
     device, k = trainer.device, len(trainer.specs)
@@ -462,8 +526,10 @@ def train_batched(
     start = time.perf_counter()
     for step in bar:
         losses[step] = trainer.step()
-        if progress and (step % 25 == 0 or step == steps - 1):
-            bar.set_postfix(mean_loss=f"{losses[step].mean().item():.3f}")
+        if step % 25 == 0 or step == steps - 1:  # the loop's one host sync
+            trainer.check_finite(losses[: step + 1])
+            if progress:
+                bar.set_postfix(mean_loss=f"{losses[step].mean().item():.3f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
@@ -474,4 +540,5 @@ def train_batched(
         models=trainer.models(),
         layers=trainer.layers,
         wall_seconds=wall,
+        diverged=list(trainer.stopped),
     )

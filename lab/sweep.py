@@ -12,11 +12,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import errno
 import functools
 import hashlib
 import json
 import math
+import numbers
 import os
+import socket
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,18 +33,29 @@ from .analysis import count_full, count_lora
 from .base import BASE_MODEL_PATH, load_base_config, load_base_model
 from .batched import AdapterSpec, bytes_per_config, default_max_configs, train_batched
 from .fileio import atomic_write_bytes
-from .lora import count_parameters
+from .lora import _check_hparams, count_parameters
 from .memory import measure_step_memory
 from .model import ModelConfig, ToyTransformer, default_device
 from .tasks import FINETUNE_TASKS, get_task
-from .train import train
+from .train import (
+    MAX_STEPS,
+    TrainingDiverged,
+    check_count,
+    check_fits,
+    check_lr,
+    check_seed,
+    run_bytes,
+    train,
+)
 
 __all__ = [
     "ALL_TARGETS",
     "DEFAULT_GRID_PATH",
     "DEFAULT_STEPS",
     "FORMAT",
+    "SHORT_TARGETS",
     "SweepCache",
+    "SweepCacheError",
     "SweepPoint",
     "SweepResult",
     "accuracy_table",
@@ -63,11 +78,14 @@ __all__ = [
 FORMAT = "lora-lab-sweep/1"
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice
+# The short names the explorer shows: q, k, v, o, up, down.
+SHORT_TARGETS = {t.removesuffix("_proj"): t for t in ALL_TARGETS}
 DEFAULT_ALPHA = 16.0
 LORA_LR = 2e-2  # adapters start at zero and are small: they want a larger step than full FT
 FULL_LR = 1e-3  # full fine-tuning at 2e-2 would wreck the pretrained weights
 DEFAULT_GRID_PATH = Path(__file__).parent / "data" / "default_grid.json"
 DEFAULT_STEPS = 600  # enough for rank to matter on sort_desc, ~30 s a point on a laptop CPU
+MAX_RESULT_BYTES = 64 << 20  # a result is tens of KiB; a bigger *.json is not one
 SMALL_DATA_LIMIT = 1000  # tasks with at most this many training examples also get a train eval
 
 
@@ -95,18 +113,16 @@ class SweepPoint:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)  # normalising a frozen dataclass
 
-        if self.task not in FINETUNE_TASKS:
+        if not isinstance(self.task, str) or self.task not in FINETUNE_TASKS:
             raise ValueError(f"task={self.task!r}: expected one of {', '.join(FINETUNE_TASKS)}")
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive int")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed={self.seed!r}: expected an int")
+        check_count("steps", self.steps, MAX_STEPS)
+        check_count("batch_size", self.batch_size)
+        check_seed(self.seed)
+        if not isinstance(self.rslora, bool):  # 'False' is a non-empty string, i.e. true
+            raise TypeError(f"rslora={self.rslora!r}: expected True or False")
         if self.lr is None:
             put("lr", FULL_LR if self.rank is None else LORA_LR)
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r}: expected a positive finite number")
+        check_lr(self.lr)
         put("lr", float(self.lr))
         if self.rank is None:
             # Full fine-tuning has no adapter: its adapter settings are fixed so that every
@@ -119,18 +135,11 @@ class SweepPoint:
             ):
                 put(name, value)
             return
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"rank={self.rank!r}: expected an int >= 1, or None for full FT")
-        if not (
-            isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0
-        ):
-            raise ValueError(f"alpha={self.alpha!r}: expected a positive number")
-        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
-            raise ValueError(f"dropout={self.dropout!r}: expected a number in [0, 1)")
-        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        unknown = sorted(set(targets) - set(ALL_TARGETS))
-        if not targets or unknown:
-            raise ValueError(f"targets={targets!r}: expected some of {', '.join(ALL_TARGETS)}")
+        try:
+            _check_hparams(self.rank, self.alpha, self.dropout, self.rslora)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} (rank None means full fine-tuning)") from None
+        targets = normalize_targets(self.targets)
         put("alpha", float(self.alpha))
         put("dropout", float(self.dropout))
         put("targets", tuple(sorted(set(targets))))
@@ -156,7 +165,12 @@ class SweepPoint:
     @classmethod
     def from_dict(cls, data: dict) -> SweepPoint:
         """Inverse of to_dict (validates like the constructor)."""
-        return cls(**{**data, "targets": tuple(data.get("targets", DEFAULT_TARGETS))})
+        if not isinstance(data, dict):
+            raise TypeError(f"a point is a dict of its fields, got {type(data).__name__}")
+        targets = data.get("targets", DEFAULT_TARGETS)
+        if not isinstance(targets, list | tuple):
+            raise TypeError(f"targets={targets!r}: expected a list of layer names")
+        return cls(**{**data, "targets": tuple(targets)})
 
     @property
     def key(self) -> str:
@@ -165,6 +179,29 @@ class SweepPoint:
             {"format": FORMAT, "base": base_fingerprint(), **self.to_dict()}, sort_keys=True
         )
         return hashlib.sha1(canonical.encode()).hexdigest()[:20]
+
+
+def normalize_targets(targets: object) -> tuple[str, ...]:
+    """Layer names (or the short names q, k, v, o, up, down), sorted, as full names.
+
+    A bare string is one name, never its characters; an unknown name is refused with the list.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    elif not isinstance(targets, Iterable) or isinstance(targets, bytes | dict):
+        raise TypeError(f"targets={targets!r}: expected layer names, e.g. ('q_proj', 'v_proj')")
+    targets = tuple(targets)
+    bad = [t for t in targets if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"targets={targets!r}: every target must be a str, got {bad[0]!r}")
+    full = tuple(SHORT_TARGETS.get(t, t) for t in targets)
+    unknown = sorted(set(full) - set(ALL_TARGETS))
+    if not full or unknown:
+        raise ValueError(
+            f"targets={targets!r}: expected some of {', '.join(ALL_TARGETS)} "
+            f"(or {', '.join(SHORT_TARGETS)})"
+        )
+    return tuple(sorted(set(full)))
 
 
 @functools.cache
@@ -193,9 +230,20 @@ def grid(
     batch_size: int = 64,
     seed: int = 0,
 ) -> list[SweepPoint]:
-    """The cartesian product ranks x alphas x dropouts (in that order), duplicates removed."""
+    """The cartesian product ranks x alphas x dropouts (in that order), duplicates removed.
+
+    Each of ranks, alphas and dropouts must be a non-empty list (a bare number is refused).
+    """
+    for name, values in (("ranks", ranks), ("alphas", alphas), ("dropouts", dropouts)):
+        if isinstance(values, str | bytes | numbers.Number) or not isinstance(values, Iterable):
+            raise TypeError(f"{name}={values!r}: expected a list, e.g. {name}=[{values!r}]")
+    ranks, alphas, dropouts = list(ranks), list(alphas), list(dropouts)
+    empty = [n for n, v in (("ranks", ranks), ("alphas", alphas), ("dropouts", dropouts)) if not v]
+    if empty:
+        raise ValueError(f"{empty[0]} is empty: the grid would have no points")
+    targets = normalize_targets(targets)
     points = [
-        SweepPoint(task, r, a, d, tuple(targets), rslora, steps, lr, batch_size, seed)
+        SweepPoint(task, r, a, d, targets, rslora, steps, lr, batch_size, seed)
         for r in ranks
         for a in alphas
         for d in dropouts
@@ -214,8 +262,13 @@ def full_point(
     return SweepPoint(task, None, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
-def describe(point: SweepPoint) -> str:
-    """A short label: 'r8 α16 p0.1' (plus targets and scaling when not the defaults)."""
+def describe(point: SweepPoint | SweepResult) -> str:
+    """A short label: 'r8 α16 p0.1' (plus targets and scaling when not the defaults).
+
+    Given a result, a diverged run is labelled as such: 'r8 α16 (diverged)'.
+    """
+    if isinstance(point, SweepResult):
+        return describe(point.point) + (" (diverged)" if point.diverged else "")
     if point.is_full:
         return "full fine-tuning"
     text = f"r{point.rank} α{point.alpha:g}"
@@ -249,11 +302,18 @@ class SweepResult:
     device: str
     date: str
     extra: dict = field(default_factory=dict)
+    # The loss became nan/inf: losses stop before that step, heldout's loss is nan, and
+    # extra["diverged"] holds lab.train's message. Summaries leave diverged results out.
+    diverged: bool = False
 
     def to_dict(self) -> dict:
-        """A JSON-friendly dict, tagged with the format and the point's key."""
+        """A JSON-friendly dict (strict JSON: nan is written as null), tagged with the key."""
         out = dataclasses.asdict(self)
         out["point"] = self.point.to_dict()
+        out["heldout"] = {k: _json_number(v) for k, v in self.heldout.items()}
+        if self.train_eval is not None:
+            out["train_eval"] = {k: _json_number(v) for k, v in self.train_eval.items()}
+        out["losses"] = [_json_number(x) for x in self.losses]
         return {"format": FORMAT, "key": self.point.key, **out}
 
     @classmethod
@@ -262,17 +322,71 @@ class SweepResult:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT!r} result")
         names = [f.name for f in dataclasses.fields(cls)]
+        required = {"point", "losses", "heldout", "trainable_parameters", "total_parameters"}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"malformed result: missing {', '.join(missing)}")
         try:
             fields = {n: data[n] for n in names if n in data}
             fields["point"] = SweepPoint.from_dict(data["point"])
+            fields.setdefault("train_eval", None)
+            fields.setdefault("memory", None)
+            for name, default in (("wall_seconds", 0.0), ("tokens_per_second", 0.0),
+                                  ("device", "?"), ("date", "")):  # fmt: skip
+                fields.setdefault(name, default)
             result = cls(**fields)
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"malformed result: {exc!r}") from exc
-        if not isinstance(result.losses, list) or not isinstance(result.heldout, dict):
-            raise ValueError("malformed result: losses must be a list, heldout a dict")
-        if not {"loss", "accuracy"} <= set(result.heldout):
-            raise ValueError("malformed result: heldout lacks loss or accuracy")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed result: {exc}") from exc
+        problem = _result_problem(result)
+        if problem:
+            raise ValueError(f"malformed result: {problem}")
+        if result.diverged:  # strict JSON wrote its nan as null
+            result.heldout = {k: math.nan if v is None else v for k, v in result.heldout.items()}
         return result
+
+
+def _json_number(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _is_number(value: object, finite: bool = True) -> bool:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return ok and (not finite or math.isfinite(value))
+
+
+def _result_problem(r: SweepResult) -> str | None:
+    """What is wrong with a result read from disk (None: nothing)."""
+    if not isinstance(r.diverged, bool):
+        return f"diverged={r.diverged!r} is not true/false"
+    if not isinstance(r.losses, list) or not all(_is_number(x) for x in r.losses):
+        return "losses must be a list of finite numbers"
+    for name in ("heldout", "train_eval"):
+        value = getattr(r, name)
+        if value is None and name == "train_eval":
+            continue
+        if not isinstance(value, dict) or not {"loss", "accuracy"} <= set(value):
+            return f"{name} must be a dict with loss and accuracy"
+        if r.diverged:
+            if not (value["loss"] is None or _is_number(value["loss"], finite=False)):
+                return f"{name} loss {value['loss']!r} is not a number"
+        elif not all(_is_number(value[k]) for k in ("loss", "accuracy")):
+            return f"{name} loss/accuracy {value['loss']!r}/{value['accuracy']!r} not finite"
+        if not (_is_number(value["accuracy"]) and 0 <= value["accuracy"] <= 1):
+            return f"{name} accuracy {value['accuracy']!r} is not in [0, 1]"
+    for name in ("trainable_parameters", "total_parameters"):
+        value = getattr(r, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{name}={value!r} is not a count"
+    for name in ("wall_seconds", "tokens_per_second"):
+        if not _is_number(getattr(r, name)):
+            return f"{name}={getattr(r, name)!r} is not a finite number"
+    if r.memory is not None and not isinstance(r.memory, dict):
+        return "memory must be a dict or null"
+    if not isinstance(r.extra, dict):
+        return "extra must be a dict"
+    if not isinstance(r.device, str) or not isinstance(r.date, str):
+        return "device and date must be strings"
+    return None
 
 
 def _now() -> str:
@@ -386,6 +500,15 @@ def _run_chunk(
     for k, (point, model) in enumerate(zip(chunk, run.models, strict=True)):
         counts = count_parameters(model)
         small = task.n_train <= SMALL_DATA_LIMIT
+        if run.diverged and run.diverged[k]:
+            losses = run.losses[k].tolist()
+            first = next((i for i, x in enumerate(losses) if not math.isfinite(x)), len(losses))
+            result = _diverged_result(point, task, counts, losses[:first], run.diverged[k],
+                                      str(device))  # fmt: skip
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+            continue
         result = SweepResult(
             point=point,
             losses=[float(x) for x in run.losses[k]],
@@ -406,6 +529,27 @@ def _run_chunk(
     return results
 
 
+def _diverged_result(point, task, counts, losses, message: str, device: str) -> SweepResult:
+    """The record of a run stopped because its loss became nan/inf."""
+    warnings.warn(f"{describe(point)} on {point.task}: {message}", stacklevel=3)
+    n = len(task.heldout_inputs)
+    return SweepResult(
+        point=point,
+        losses=[float(x) for x in losses if math.isfinite(x)],
+        heldout={"loss": math.nan, "accuracy": 0.0, "n": n},
+        train_eval=None,
+        trainable_parameters=counts.trainable,
+        total_parameters=counts.total,
+        memory=None,
+        wall_seconds=0.0,
+        tokens_per_second=0.0,
+        device=device,
+        date=_now(),
+        extra={"diverged": message},
+        diverged=True,
+    )
+
+
 def run_point(
     point: SweepPoint, device: torch.device | str | None = None, progress: bool = True
 ) -> SweepResult:
@@ -415,7 +559,12 @@ def run_point(
     if not point.is_full:
         point.spec().add_to(model)  # seeds LoRA's A init and adapter dropout
     counts = count_parameters(model)
-    run = train(model, task, point.steps, point.lr, point.batch_size, point.seed, device, progress)
+    try:
+        run = train(
+            model, task, point.steps, point.lr, point.batch_size, point.seed, device, progress
+        )
+    except TrainingDiverged as exc:
+        return _diverged_result(point, task, counts, exc.losses, str(exc), str(device or ""))
     # Overfitting only shows on a small train set; evaluating 20,000 examples would cost more
     # than it tells.
     train_eval = task.evaluate(model, split="train") if task.n_train <= SMALL_DATA_LIMIT else None
@@ -449,11 +598,35 @@ def default_cache_dir() -> Path:
     return Path(base) / "lora-lab" / "sweeps"
 
 
+class SweepCacheError(OSError):
+    """The cache folder cannot be used (not a folder, not writable, disk full)."""
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
 class SweepCache:
-    """Results on disk, one `<key>.json` per point, written atomically; survives restarts."""
+    """Results on disk, one `<key>.json` per point, written atomically; survives restarts.
+
+    While a sweep trains a point it holds `<key>.lock` (created exclusively, holding its pid and
+    host), so a second sweep into the same folder waits for that point instead of training it
+    again. A lock whose process is gone is stale and taken over.
+    """
 
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.unsaved: list[SweepPoint] = []  # points of the last sweep() whose write failed
         # Parsed files by path, reused while (mtime, size) are unchanged: redraws stay fast.
         self._memo: dict[Path, tuple[tuple[int, int], SweepResult | None]] = {}
 
@@ -474,13 +647,19 @@ class SweepCache:
         if path in self._memo and self._memo[path][0] == stamp:
             return self._memo[path][1]
         try:
+            if stat.st_size > MAX_RESULT_BYTES:
+                raise ValueError(f"{stat.st_size:,} bytes, more than a result ever takes")
             result = SweepResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
             if result.point.key != path.stem:
                 # Written by another format version or for another base model: stale, not
                 # corrupt; it is never looked up, so skip it quietly.
                 result = None
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            warnings.warn(f"ignoring unreadable sweep cache file {path}: {exc}", stacklevel=3)
+        except (OSError, ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            warnings.warn(
+                f"ignoring unreadable sweep cache file {path} (it will be retrained): {why}",
+                stacklevel=3,
+            )
             result = None
         self._memo[path] = (stamp, result)
         return result
@@ -494,8 +673,94 @@ class SweepCache:
 
     def put(self, result: SweepResult) -> Path:
         """Store a result (replacing any earlier one for the same point); returns its path."""
-        data = json.dumps(result.to_dict(), indent=1).encode("utf-8")
+        data = json.dumps(result.to_dict(), indent=1, allow_nan=False).encode("utf-8")
         return atomic_write_bytes(self.path(result.point), data)
+
+    def check_writable(self, probe_bytes: int = 64 << 10) -> None:
+        """SweepCacheError unless results can be written here (creating the folder if needed).
+
+        Writes and removes a probe file about the size of a few results, so a read-only folder,
+        a file in the folder's place or a full disk are found before anything is trained.
+        """
+        d = self.directory
+        hint = "choose another folder with LORA_LAB_CACHE or --cache"
+        if str(d) in ("", "."):
+            raise SweepCacheError(f"sweep cache folder {str(d)!r} is empty; {hint}")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise SweepCacheError(f"sweep cache {d} is a file, not a folder; {hint}") from None
+        except OSError as exc:
+            raise SweepCacheError(
+                f"cannot create sweep cache {d}: {exc.strerror}; {hint}"
+            ) from None
+        if not d.is_dir():
+            raise SweepCacheError(f"sweep cache {d} is not a folder; {hint}")
+        probe = d / f".probe-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(b"\0" * probe_bytes)
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            why = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+            raise SweepCacheError(f"cannot write to sweep cache {d}: {why}; {hint}") from None
+
+    def _lock_path(self, point: SweepPoint) -> Path:
+        return self.directory / f"{point.key}.lock"
+
+    def claim(self, point: SweepPoint) -> bool:
+        """Take the point's lock (True), or False while another live process holds it."""
+        path = self._lock_path(point)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if self._holder_alive(path):
+                    return False
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            return True
+        return False
+
+    def release(self, point: SweepPoint) -> None:
+        """Drop the point's lock if this process holds it."""
+        path = self._lock_path(point)
+        if self._holder(path) == (os.getpid(), socket.gethostname()):
+            path.unlink(missing_ok=True)
+
+    def claimed(self, point: SweepPoint) -> bool:
+        """True while another live process holds the point's lock."""
+        path = self._lock_path(point)
+        return (
+            path.exists()
+            and self._holder(path) != (os.getpid(), socket.gethostname())
+            and (self._holder_alive(path))
+        )
+
+    @staticmethod
+    def _holder(path: Path) -> tuple[int, str] | None:
+        try:
+            pid, host = path.read_text(encoding="utf-8").split()[:2]
+            return int(pid), host
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+
+    def _holder_alive(self, path: Path) -> bool:
+        holder = self._holder(path)
+        if holder is None:  # being written this instant, or junk: junk once it is old
+            try:
+                return time.time() - path.stat().st_mtime < 60
+            except OSError:
+                return False
+        pid, host = holder
+        return host != socket.gethostname() or _pid_alive(pid)
 
     def results(self, **filters: object) -> list[SweepResult]:
         """Every valid cached result whose point matches `filters` (field=value), by file name."""
@@ -518,10 +783,19 @@ class SweepCache:
 
 
 def load_grid_file(path: str | os.PathLike = DEFAULT_GRID_PATH) -> list[SweepResult]:
-    """The results in a grid file written by scripts/make_default_grid.py."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+    """The results in a grid file written by scripts/make_default_grid.py.
+
+    A file that cannot be read or is not a grid file raises ValueError naming it; an entry
+    that is not a valid result is skipped with a warning (the others are kept).
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ValueError(f"{path}: cannot read the grid file ({why})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: format {found!r}, expected {FORMAT!r}")
     if data.get("base") != base_fingerprint():
         warnings.warn(
             f"{path} was computed on another base model ({data.get('base')}, this one is "
@@ -529,7 +803,22 @@ def load_grid_file(path: str | os.PathLike = DEFAULT_GRID_PATH) -> list[SweepRes
             stacklevel=2,
         )
         return []
-    return [SweepResult.from_dict(item) for item in data["results"]]
+    items = data.get("results")
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: 'results' is {type(items).__name__}, expected a list")
+    out, bad = [], []
+    for i, item in enumerate(items):
+        try:
+            out.append(SweepResult.from_dict(item))
+        except (ValueError, TypeError) as exc:
+            bad.append(f"#{i}: {str(exc)[:120]}")
+    if bad:
+        warnings.warn(
+            f"{path}: skipped {len(bad)} malformed {'entry' if len(bad) == 1 else 'entries'} "
+            f"({bad[0]})",
+            stacklevel=2,
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,35 +846,134 @@ def sweep(
     replaces run_point and turns batching off: it is called as run_fn(point, device=...,
     progress=...), so tests and widgets can pass a fake trainer. `on_result` is called after
     each newly trained point.
+
+    Before anything trains, the cache folder is checked (SweepCacheError if it cannot be
+    written) and each point's memory estimated (MemoryError if it cannot fit). A point another
+    sweep is training into the same cache is waited for, not trained twice. A result whose
+    write fails later is still returned, with a warning (its points in `cache.unsaved`). A run
+    whose loss became nan/inf is returned and cached as diverged.
     """
     cache = SweepCache() if cache is None else cache
+    if not isinstance(cache, SweepCache):
+        raise TypeError(f"cache must be a SweepCache or None, got {type(cache).__name__}")
+    if isinstance(points, SweepPoint):
+        points = [points]
     points = list(dict.fromkeys(points))
-    results = {p: cache.get(p) for p in points}
+    wrong = [p for p in points if not isinstance(p, SweepPoint)]
+    if wrong:
+        raise TypeError(f"points must be SweepPoints (lab.grid builds them), got {wrong[0]!r}")
+    if max_configs is not None:
+        check_count("max_configs", max_configs)
+    device = resolve_device(device)
+    results: dict[SweepPoint, SweepResult | None] = {p: cache.get(p) for p in points}
     todo = [p for p in points if results[p] is None]
+    cache.unsaved = []
+    if todo:
+        cache.check_writable()  # before anything is trained
+        config = load_base_config()
+        for p in todo:
+            what = f"{describe(p)} with batch_size={p.batch_size:,} for steps={p.steps:,}"
+            check_fits(run_bytes(config, p.batch_size, p.steps), device, what)
     bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress or not todo)
+    held: set[SweepPoint] = set()
+    errors: list[OSError] = []
 
     def done(result: SweepResult) -> None:
-        cache.put(result)
         results[result.point] = result
+        try:
+            cache.put(result)
+        except OSError as exc:  # kept in memory and returned; reported at the end
+            cache.unsaved.append(result.point)
+            errors.append(exc)
+        finally:
+            cache.release(result.point)
+            held.discard(result.point)
         bar.update(1)
         if on_result is not None:
             on_result(result)
 
-    if run_fn is not None or not batched:
-        run_fn = run_point if run_fn is None else run_fn
-        for point in todo:
-            done(run_fn(point, device=device, progress=progress))
-    else:
+    def train_these(mine: list[SweepPoint]) -> None:
+        if run_fn is not None or not batched:
+            fn = run_point if run_fn is None else run_fn
+            for point in mine:
+                done(fn(point, device=device, progress=progress))
+            return
         groups: dict[tuple, list[SweepPoint]] = {}
-        for point in todo:
+        for point in mine:
             if point.is_full:
                 done(run_point(point, device=device, progress=progress))
             else:
                 groups.setdefault(group_key(point), []).append(point)
         for group in groups.values():
             run_group(group, device, progress, max_configs, on_result=done)
-    bar.close()
+
+    try:
+        pending = todo
+        while pending:
+            mine, waiting = [], []
+            for point in pending:
+                if not cache.claim(point):
+                    waiting.append(point)
+                    continue
+                held.add(point)
+                found = cache.get(point)  # finished by another sweep just before the claim?
+                if found is None:
+                    mine.append(point)
+                else:
+                    results[point] = found
+                    cache.release(point)
+                    held.discard(point)
+                    bar.update(1)
+            train_these(mine)
+            while waiting and all(cache.claimed(p) for p in waiting):
+                time.sleep(0.5)  # another sweep is training these: wait for its results
+            pending = []
+            for point in waiting:
+                found = cache.get(point)
+                if found is not None:
+                    results[point] = found
+                    bar.update(1)
+                else:
+                    pending.append(point)
+    finally:
+        for point in list(held):
+            cache.release(point)
+        bar.close()
+        if errors:
+            n = len(cache.unsaved)
+            warnings.warn(
+                f"could not save {_plural(n, 'result')} to the sweep cache {cache.directory} "
+                f"({errors[0].strerror or errors[0]}); {'it is' if n == 1 else 'they are'} "
+                "returned but not cached",
+                stacklevel=2,
+            )
     return [results[p] for p in points]
+
+
+def resolve_device(device: object) -> torch.device:
+    """A torch.device that exists here, or ValueError naming the value and what would do."""
+    if device is None:
+        return default_device()
+    if isinstance(device, torch.device):
+        parsed = device
+    else:
+        if not isinstance(device, str):
+            raise TypeError(f"device={device!r}: expected a str such as 'cpu' or 'cuda'")
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device={device!r} is not a device; try 'cpu' or 'cuda'") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available here; use 'cpu'")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: there are {torch.cuda.device_count()} GPUs")
+    elif parsed.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device={device!r}: MPS is not available here; use 'cpu'")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device={device!r}: the lab trains on 'cpu', 'cuda' or 'mps'")
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,10 +993,10 @@ def select(results: Iterable[SweepResult], **filters: object) -> list[SweepResul
 
 
 def by_rank(results: Iterable[SweepResult]) -> dict[int, SweepResult]:
-    """LoRA results keyed by rank, ascending; the first result of each rank wins."""
+    """LoRA results keyed by rank, ascending; the first result of each rank wins (not diverged)."""
     out: dict[int, SweepResult] = {}
     for r in results:
-        if not r.point.is_full:
+        if not r.point.is_full and not r.diverged:
             out.setdefault(r.point.rank, r)
     return dict(sorted(out.items()))
 
@@ -616,8 +1004,11 @@ def by_rank(results: Iterable[SweepResult]) -> dict[int, SweepResult]:
 def accuracy_table(
     results: Iterable[SweepResult], ranks: Sequence[int], alphas: Sequence[float]
 ) -> list[list[float]]:
-    """Held-out accuracy, one row per rank and one column per alpha; nan where not run."""
-    found = {(r.point.rank, r.point.alpha): r.heldout["accuracy"] for r in results}
+    """Held-out accuracy, a row per rank and a column per alpha; nan where not run or diverged."""
+    found = {
+        (r.point.rank, r.point.alpha): math.nan if r.diverged else r.heldout["accuracy"]
+        for r in results
+    }
     return [[found.get((rank, float(a)), math.nan) for a in alphas] for rank in ranks]
 
 
@@ -625,7 +1016,8 @@ def dropout_series(
     results: Iterable[SweepResult],
 ) -> tuple[list[float], list[float], list[float]]:
     """(dropouts, train losses, held-out losses) by dropout, from results with a train eval."""
-    rows = sorted({r.point.dropout: r for r in results if r.train_eval is not None}.items())
+    kept = [r for r in results if r.train_eval is not None and not r.diverged]
+    rows = sorted({r.point.dropout: r for r in kept}.items())
     return (
         [p for p, _ in rows],
         [r.train_eval["loss"] for _, r in rows],

@@ -3,17 +3,133 @@
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from .memory import MemoryBreakdown, measure_step_memory
+from .lora import lora_layers
+from .memory import MemoryBreakdown, analytic_memory, measure_step_memory
 from .model import ToyTransformer, default_device, lm_loss
-from .tasks import Task
+from .tasks import SEQ_LEN, Task
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["MAX_STEPS", "SEED_LIMIT", "TrainingDiverged", "TrainResult", "train"]
+
+MAX_STEPS = 1_000_000  # the lab's runs take hundreds; a million already takes days on a laptop
+SEED_LIMIT = 2**63  # seeds are ints in [0, 2**63), what every torch generator accepts
+
+
+class TrainingDiverged(FloatingPointError):
+    """A training loss became nan or inf; `step` and `loss` say where, `setting` what to lower."""
+
+    def __init__(
+        self, message: str, step: int, loss: float, setting: str, losses: list | None = None
+    ) -> None:
+        super().__init__(message)
+        self.step, self.loss, self.setting = step, loss, setting
+        self.losses = list(losses or [])  # the finite losses before `step`
+
+
+def check_count(name: str, value: object, limit: int | None = None) -> None:
+    """A positive int (not a bool), at most `limit`; TypeError/ValueError naming the value."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: expected a positive int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive int")
+    if limit is not None and value > limit:
+        raise ValueError(f"{name}={value:,} is more than the limit of {limit:,}")
+
+
+def check_seed(seed: object) -> None:
+    """An int in [0, 2**63); TypeError/ValueError naming the value."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed={seed!r}: expected an int in [0, 2**63), got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed={seed!r}: expected an int in [0, 2**63)")
+
+
+def check_lr(lr: object, name: str = "lr") -> None:
+    """A finite real number > 0 (not a bool, not a string)."""
+    if not isinstance(lr, numbers.Real) or isinstance(lr, bool):
+        raise TypeError(
+            f"{name}={lr!r}: expected a positive finite number, got {type(lr).__name__}"
+        )
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{name}={lr!r}: expected a positive finite number")
+
+
+def check_weight_decay(weight_decay: object) -> None:
+    """A finite real number >= 0 (not a bool, not a string)."""
+    if not isinstance(weight_decay, numbers.Real) or isinstance(weight_decay, bool):
+        raise TypeError(
+            f"weight_decay={weight_decay!r}: expected a finite number >= 0, "
+            f"got {type(weight_decay).__name__}"
+        )
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay={weight_decay!r}: expected a finite number >= 0")
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a run may still use on `device` (free GPU memory, or MemAvailable); None: unknown."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(needed: int, device: torch.device, what: str) -> None:
+    """MemoryError before allocating when `needed` bytes are more than `device` has available."""
+    free = available_bytes(device)
+    if free is not None and needed > free:
+        raise MemoryError(
+            f"{what} needs about {_size(needed)} but {device.type} has {_size(free)} available; "
+            "use a smaller batch_size or fewer steps (or configurations)"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} PiB"  # pragma: no cover
+
+
+def run_bytes(config, batch_size: int, steps: int, n_train: int = 0) -> int:
+    """A generous estimate of a training run's memory: twice full fine-tuning's step + indices."""
+    step = analytic_memory(config, batch_size, SEQ_LEN)
+    return 2 * step.total + 8 * steps * batch_size + 4 * steps + 16 * n_train * SEQ_LEN
+
+
+def diverged_message(step: int, loss: float, lr: float, weight_decay: float, scaling: float):
+    """(message, setting) for a run whose loss became non-finite at `step`."""
+    settings = f"lr={lr:g}"
+    if weight_decay:
+        settings += f", weight_decay={weight_decay:g}"
+    if scaling:
+        settings += f", LoRA scaling={scaling:g}"
+    if weight_decay and lr * weight_decay >= 0.5:
+        setting, hint = "weight_decay", "try a smaller weight_decay (lr * weight_decay << 1)"
+    elif scaling > 64:
+        setting, hint = "alpha", "try a smaller alpha (scaling = alpha / rank)"
+    else:
+        setting, hint = "lr", "try a smaller lr"
+    return f"training diverged at step {step} (loss {loss}) with {settings}; {hint}", setting
 
 
 @dataclass
@@ -68,16 +184,38 @@ def train(
     The model is moved to `device` (default: `default_device()`). On CUDA the forward runs
     under bf16 autocast. Losses stay on the device during the loop; the progress bar's loss is
     refreshed every 25 steps, the only host sync inside the loop.
+
+    Everything is checked before anything is allocated: steps (at most MAX_STEPS), batch_size,
+    lr, seed, weight_decay, an estimate of the run's memory against what the device has
+    (MemoryError), and that no LoRA layer is merged. A loss that becomes nan or inf stops the
+    run with TrainingDiverged, naming the step and the setting to lower.
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive int")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr={lr!r}: expected a positive finite number")
+    check_count("steps", steps, MAX_STEPS)
+    check_count("batch_size", batch_size)
+    check_lr(lr)
+    check_seed(seed)
+    check_weight_decay(weight_decay)
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a lab Task (lab.get_task(name)), got {type(task).__name__}")
+    layers = lora_layers(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"LoRA layers {merged[:3]} are merged into their base weights; training them would "
+            "update adapters that no longer act: call unmerge_lora(model) first"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (nothing requires grad)")
     device = torch.device(device) if device is not None else default_device()
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_fits(
+            run_bytes(config, batch_size, steps, task.n_train),
+            device,
+            f"training with batch_size={batch_size:,} for steps={steps:,}",
+        )
+    scaling = max((layer.scaling for layer in layers.values()), default=0.0)
     model.to(device)
     model.train()
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -116,12 +254,22 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses[step] = loss.detach()
-        if progress and (step % 25 == 0 or step == steps - 1):
-            bar.set_postfix(loss=f"{losses[step].item():.3f}")
+        if step % 25 == 0 or step == steps - 1:  # the loop's one host sync
+            if not bool(torch.isfinite(losses[: step + 1]).all()):
+                bar.close()
+                first = int((~torch.isfinite(losses[: step + 1])).nonzero()[0, 0])
+                value = float(losses[first])
+                message, setting = diverged_message(first, value, lr, weight_decay, scaling)
+                raise TrainingDiverged(message, first, value, setting, losses[:first].tolist())
+            if progress:
+                bar.set_postfix(loss=f"{losses[step].item():.3f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in params):  # the last update overflowed
+        message, setting = diverged_message(steps, math.nan, lr, weight_decay, scaling)
+        raise TrainingDiverged(message, steps, math.nan, setting, losses.tolist())
     heldout = task.evaluate(model)
     return TrainResult(
         task=task.name,

@@ -78,10 +78,10 @@ def test_full_fine_tuning_ignores_adapter_settings():
     "kwargs, message",
     [
         ({"task": "copy"}, "task='copy'"),
-        ({"rank": 0}, "rank=0"),
-        ({"alpha": -1}, "alpha=-1"),
-        ({"dropout": 1.0}, "dropout=1.0"),
-        ({"targets": ("q", "v")}, "targets="),
+        ({"rank": 0}, "rank must be an int >= 1, got 0"),
+        ({"alpha": -1}, "alpha must be a finite number > 0, got -1"),
+        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1.0"),
+        ({"targets": ("q", "x")}, "targets="),
         ({"steps": 0}, "steps=0"),
     ],
 )

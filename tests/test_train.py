@@ -44,19 +44,19 @@ def test_same_seed_gives_identical_losses_and_other_seed_differs():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        ({"steps": 0}, "steps=0"),
-        ({"batch_size": 2.5}, "batch_size=2.5"),
-        ({"lr": -1.0}, "lr=-1.0"),
-        ({"lr": float("nan")}, "lr=nan"),
+        ({"steps": 0}, ValueError, "steps=0"),
+        ({"batch_size": 2.5}, TypeError, "batch_size=2.5"),
+        ({"lr": -1.0}, ValueError, "lr=-1.0"),
+        ({"lr": float("nan")}, ValueError, "lr=nan"),
     ],
 )
-def test_bad_arguments_are_refused_before_training(kwargs, message):
+def test_bad_arguments_are_refused_before_training(kwargs, error, message):
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = {"steps": 3, "lr": 1e-3, "batch_size": 4, "progress": False} | kwargs
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         train(model, get_task("rotate"), **args)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
