@@ -10,7 +10,7 @@ import math
 import re
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,11 @@ from .model import ModelConfig, ToyTransformer, get_preset
 from .tasks import EOS, SEP, Task, decode
 
 __all__ = [
+    "canonical_targets",
+    "format_decimal_bytes",
+    "spread",
+    "time_calls",
+    "timing_verdict",
     "count_full",
     "count_lora",
     "describe_counts",
@@ -43,6 +48,12 @@ __all__ = [
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _ORDER = {name: i for i, name in enumerate((*ATTENTION, "up_proj", "down_proj"))}
+
+
+def canonical_targets(targets: Iterable[str]) -> tuple[str, ...]:
+    """Targets once each, in the lab's order q, k, v, o, up, down (others after, by name)."""
+    return tuple(sorted(set(targets), key=lambda t: (_ORDER.get(t, len(_ORDER)), t)))
+
 
 # The LoRA paper's GPT-3 175B adapters (Hu et al. 2021): (targets, rank, what it reports).
 PAPER_GPT3: tuple[tuple[tuple[str, ...], int, str], ...] = (
@@ -79,6 +90,68 @@ def _stats(seconds: Sequence[float]) -> dict[str, float]:
         "iqr_s": q3 - q1,
         "repeats": len(seconds),
     }
+
+
+def time_calls(
+    calls: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall seconds of each call, taken in turns (a, b, a, b, ...) so that load hits all alike.
+
+    Each call runs `warmup` untimed times first; returns label -> `repeats` timings in seconds.
+    """
+    bad = [v for v in (repeats, warmup) if isinstance(v, bool) or not isinstance(v, int)]
+    if bad or repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats!r}, warmup={warmup!r}: expected ints >= 1 and >= 0")
+    if not calls:
+        raise ValueError("calls is empty: give at least one label -> function")
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(repeats):
+        for label, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def spread(seconds: Sequence[float]) -> tuple[float, float]:
+    """The range most timings fall in: the quartiles from 4 timings on, else min and max."""
+    values = sorted(float(s) for s in seconds)
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError(f"timings must be finite seconds >= 0, at least one; got {seconds!r}")
+    if len(values) < 4:
+        return values[0], values[-1]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def timing_verdict(label_a: str, a: Sequence[float], label_b: str, b: Sequence[float]) -> str:
+    """How a's time compares with b's, said only as firmly as the timings' spread allows.
+
+    Medians are compared; the difference counts only when the two spreads (`spread`) do not
+    overlap. Otherwise the verdict says the difference is within the noise of this machine.
+    """
+    (lo_a, hi_a), (lo_b, hi_b) = spread(a), spread(b)  # also refuses bad timings
+    ma, mb = statistics.median(a), statistics.median(b)
+    ranges = (
+        f"{label_a} {_seconds(ma)} (spread {_seconds(lo_a)}-{_seconds(hi_a)}), "
+        f"{label_b} {_seconds(mb)} (spread {_seconds(lo_b)}-{_seconds(hi_b)})"
+    )
+    if hi_a < lo_b or hi_b < lo_a:
+        faster, slower, ratio = (
+            (label_a, label_b, mb / ma) if ma < mb else (label_b, label_a, ma / mb)
+        )
+        return f"{ranges}: {faster} is {ratio:.2f}x faster than {slower}"
+    return (
+        f"{ranges}: the difference ({_seconds(abs(ma - mb))}) is within the spread of the "
+        "timings, too small to tell apart on this machine now"
+    )
 
 
 @torch.inference_mode()
@@ -233,7 +306,7 @@ def lora_counts(preset: str, rank: int, targets: str | Iterable[str]) -> dict:
     (trainable / base), and checkpoint sizes in fp16: adapter_bytes and base_bytes.
     """
     targets = (targets,) if isinstance(targets, str) else targets
-    targets = tuple(sorted(set(targets), key=lambda t: (_ORDER.get(t, len(_ORDER)), t)))
+    targets = canonical_targets(targets)
     if not targets:
         raise ValueError("targets is empty; pick at least one of " + ", ".join(ATTENTION))
     get_preset(preset)  # a clear error for an unknown preset
@@ -338,12 +411,25 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | 
     return "\n".join([line(columns), rule, *(line(r) for r in cells)])
 
 
+def format_decimal_bytes(n: float) -> str:
+    """A file size in the unit that suits it (1000s): '512 B', '33.8 KB', '75.5 MB', '350 GB'."""
+    if not isinstance(n, int | float) or isinstance(n, bool) or not math.isfinite(n) or n < 0:
+        raise ValueError(f"n={n!r}: expected a finite number of bytes >= 0")
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB", "PB"):
+        n /= 1000
+        if n < 999.95 or unit == "PB":
+            return f"{n:,.1f} {unit}" if n < 100 else f"{n:,.0f} {unit}"
+    raise AssertionError("unreachable")
+
+
 def describe_counts(counts: dict) -> str:
-    gb = 1e9
+    """The count explorer's readout: trainable parameters and fp16 file sizes, in fitting units."""
     return (
         f"{counts['preset']}, rank {counts['rank']} on {', '.join(counts['targets'])}\n"
         f"trainable parameters: {counts['trainable']:,} "
         f"({100 * counts['fraction']:.4f}% of {counts['base']:,})\n"
-        f"adapter file (fp16): {counts['adapter_bytes'] / 1e6:,.1f} MB; "
-        f"base checkpoint (fp16): {counts['base_bytes'] / gb:,.2f} GB"
+        f"adapter file (fp16): {format_decimal_bytes(counts['adapter_bytes'])}; "
+        f"base checkpoint (fp16): {format_decimal_bytes(counts['base_bytes'])}"
     )

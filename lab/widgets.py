@@ -23,7 +23,7 @@ import ipywidgets as W
 from matplotlib.figure import Figure
 
 from . import plots
-from .analysis import ATTENTION, describe_counts, lora_counts
+from .analysis import ATTENTION, canonical_targets, describe_counts, lora_counts
 from .model import PRESETS
 from .sweep import (
     DEFAULT_ALPHA,
@@ -35,7 +35,6 @@ from .sweep import (
     SweepResult,
     accuracy_table,
     by_rank,
-    describe,
     dropout_series,
     full_point,
     grid,
@@ -50,8 +49,14 @@ __all__ = [
     "Selection",
     "SweepExplorer",
     "count_explorer",
+    "estimate_seconds",
+    "format_duration",
+    "missing_choices",
     "plot_specs",
+    "point_label",
+    "scaling_name",
     "sweep_explorer",
+    "targets_text",
 ]
 
 RANK_OPTIONS = (1, 2, 4, 8, 16, 32, 64)
@@ -65,6 +70,7 @@ TARGET_OPTIONS = (
     ("up", "up_proj"),
     ("down", "down_proj"),
 )
+SECONDS_PER_STEP = 0.06  # a LoRA step at batch 64 on one laptop CPU core, when nothing is cached
 SMALL_TASK = "sort_desc_small"  # where the dropout plot looks when the chosen task is not small
 LOSS_SMOOTHING = 20  # steps in the loss curves' moving average: per-batch losses are noisy
 # Tab key -> tab title, in display order.
@@ -99,6 +105,94 @@ class Selection:
         return points + [full_point(self.task, self.steps)] if self.full else points
 
 
+def scaling_name(rslora: bool) -> str:
+    """The scaling rule as the plots and the status line write it."""
+    return "α/√r (rsLoRA)" if rslora else "α/r"
+
+
+def targets_text(targets: Sequence[str]) -> str:
+    """Targets in the lab's order q, k, v, o, up, down, short names: 'q,k,v,o'."""
+    return ",".join(t.removesuffix("_proj") for t in canonical_targets(targets))
+
+
+def point_label(point: SweepPoint) -> str:
+    """A curve's label: 'r8 α16 p0.1' (plus targets and scaling when not the defaults)."""
+    if point.is_full:
+        return "full fine-tuning"
+    text = f"r{point.rank} α{point.alpha:g}"
+    if point.dropout:
+        text += f" p{point.dropout:g}"
+    if set(point.targets) != set(DEFAULT_TARGETS):
+        text += " " + targets_text(point.targets)
+    return text + (" rsLoRA" if point.rslora else "")
+
+
+def missing_choices(sel: Selection) -> list[str]:
+    """What the selection lacks before it names any point: 'rank', 'alpha', 'dropout', 'target'."""
+    chosen = {"rank": sel.ranks, "alpha": sel.alphas, "dropout": sel.dropouts}
+    return [name for name, values in (*chosen.items(), ("target", sel.targets)) if not values]
+
+
+def _select_hint(missing: Sequence[str]) -> str:
+    """'select at least one alpha and one target (Ctrl or Shift selects several)'."""
+    names = [f"one {m}" for m in missing]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"select at least {listed}"
+
+
+def estimate_seconds(points: Sequence[SweepPoint], results: Sequence[SweepResult]) -> float:
+    """How long training `points` should take, from the cached runs' seconds per step (pure).
+
+    Each point is estimated from cached runs of the same kind (LoRA or full fine-tuning) and
+    batch size: their median seconds per step times the point's steps. Without such runs, a
+    laptop CPU's pace (SECONDS_PER_STEP) is assumed.
+    """
+    rates: dict[tuple[bool, int], list[float]] = {}
+    for r in results:
+        if r.wall_seconds > 0 and r.point.steps > 0:
+            key = (r.point.is_full, r.point.batch_size)
+            rates.setdefault(key, []).append(r.wall_seconds / r.point.steps)
+    total = 0.0
+    for p in points:
+        known = sorted(rates.get((p.is_full, p.batch_size), []))
+        per_step = known[len(known) // 2] if known else SECONDS_PER_STEP * p.batch_size / 64
+        total += per_step * p.steps
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """A rough duration: 'under a second', 'about 40 s', 'about 3 min', 'about 1.5 h'."""
+    if seconds < 1:
+        return "under a second"
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def _message_figure(title: str, message: str) -> Figure:
+    """A titled, empty plot area that says what to do (an empty selection)."""
+    fig = Figure(figsize=plots.FIGSIZE, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", wrap=True,
+            color="0.3", fontsize=13)  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def _legend_outside(fig: Figure) -> Figure:
+    """Move each Axes' legend to the right of the plot, where it cannot cover a curve or bar."""
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            handles, labels = ax.get_legend_handles_labels()
+            ax.get_legend().remove()
+            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    return fig
+
+
 def _points(n: int) -> str:
     """'1 point', '3 points'."""
     return f"{n} point" if n == 1 else f"{n} points"
@@ -112,24 +206,33 @@ def _closest(values: Sequence[float], target: float) -> float:
 def plot_specs(
     results: Sequence[SweepResult], sel: Selection
 ) -> dict[str, tuple[Callable[..., Figure], tuple, dict]]:
-    """For each plot, the lab.plots function and its arguments, from cached results (pure)."""
+    """For each plot, the function that draws it and its arguments, from cached results (pure).
+
+    Full fine-tuning appears (curve, memory line) only when `sel.full` is set; every title names
+    the scaling rule of the runs it shows; an empty selection draws, in every plot, what to select.
+    """
+    rule = scaling_name(sel.rslora)
+    missing = missing_choices(sel)
+    if missing:
+        hint = _select_hint(missing) + "\n(Ctrl or Shift selects several values in a list)"
+        return {name: (_message_figure, (title, hint), {}) for name, title in PLOTS.items()}
     chosen = set(sel.points())
     mine = sorted(
         (r for r in results if r.point in chosen and not r.point.is_full),
         key=lambda r: (r.point.rank, r.point.alpha, r.point.dropout),
     )
     full_pt = full_point(sel.task, sel.steps)
-    full = next((r for r in results if r.point == full_pt), None)
+    full = next((r for r in results if r.point == full_pt), None) if sel.full else None
     ranks = sorted(sel.ranks)
-    targets = ", ".join(sel.targets) or "no targets"
-    where = f"{sel.task}, {sel.steps} steps"
+    targets = targets_text(sel.targets)
+    where = f"{sel.task}, {sel.steps} steps, {rule}"
     specs: dict[str, tuple[Callable[..., Figure], tuple, dict]] = {}
 
     # Exact counts need no training: they are counted on the meta device.
-    counts, full_count = trainable_counts(ranks, sel.targets) if sel.targets else ([], 0)
+    counts, full_count = trainable_counts(ranks, sel.targets)
     specs["trainable"] = (
         plots.trainable_vs_rank,
-        (ranks if sel.targets else [], counts, full_count),
+        (ranks, counts, full_count if sel.full else None),
         {"title": f"Trainable parameters vs rank (LoRA on {targets})"},
     )
 
@@ -140,22 +243,22 @@ def plot_specs(
         (list(per_rank), [r.memory for r in per_rank.values()]),
         {
             "full": full.memory if full and full.memory else None,
-            "title": f"Measured memory of one training step vs rank ({sel.task})",
+            "title": f"Memory of one training step vs rank ({sel.task}, {rule})",
         },
     )
 
     # One curve per rank (and dropout) at one alpha: every alpha at once would be unreadable.
-    alpha = _closest(sel.alphas, DEFAULT_ALPHA) if sel.alphas else DEFAULT_ALPHA
-    curves = {describe(r.point): r.losses for r in mine if r.point.alpha == alpha}
+    alpha = _closest(sel.alphas, DEFAULT_ALPHA)
+    curves = {point_label(r.point): r.losses for r in mine if r.point.alpha == alpha}
     if full is not None:
-        curves[describe(full.point)] = full.losses
+        curves[point_label(full.point)] = full.losses
     specs["loss"] = (
         plots.loss_curves,
         (curves,),
         {"smooth": LOSS_SMOOTHING, "title": f"Training loss ({where}, α={alpha:g})"},
     )
 
-    dropout = min(sel.dropouts) if sel.dropouts else 0.0
+    dropout = min(sel.dropouts)
     table = accuracy_table(select(mine, dropout=dropout), ranks, sorted(sel.alphas))
     has_any = any(v == v for row in table for v in row)  # nan != nan
     specs["accuracy"] = (
@@ -166,7 +269,7 @@ def plot_specs(
 
     # Dropout matters where data are scarce: every cached dropout of the small-data task.
     small = sel.task if sel.task.endswith("_small") else SMALL_TASK
-    rank = int(_closest(ranks, 8)) if ranks else 8
+    rank = int(_closest(ranks, 8))
     series = dropout_series(
         select(
             results,
@@ -184,9 +287,18 @@ def plot_specs(
     specs["dropout"] = (
         plots.dropout_effect,
         series,
-        {"title": f"Adapter dropout, small data ({small}, r{rank} α{alpha:g}, {sel.steps} steps)"},
+        {
+            "title": f"Adapter dropout, small data ({small}, r{rank} α{alpha:g}, {rule}, "
+            f"{sel.steps} steps)"
+        },
     )
     return specs
+
+
+def draw(spec: tuple[Callable[..., Figure], tuple, dict]) -> Figure:
+    """The Figure of one plot_specs entry, its legend outside the plot so that it covers nothing."""
+    fn, args, kwargs = spec
+    return _legend_outside(fn(*args, **kwargs))
 
 
 class SweepExplorer:
@@ -294,7 +406,7 @@ class SweepExplorer:
             ranks=tuple(self.ranks.value),
             alphas=tuple(float(a) for a in self.alphas.value),
             dropouts=tuple(float(d) for d in self.dropouts.value),
-            targets=tuple(self.targets.value),
+            targets=canonical_targets(self.targets.value),
             rslora=bool(self.scaling.value),
             steps=int(self.steps.value),
             full=bool(self.full.value),
@@ -308,11 +420,17 @@ class SweepExplorer:
 
     def status_text(self) -> str:
         """The status line as plain text (the HTML label shows the same)."""
-        f = self.facts()
-        if not f["selected"]:
-            return "select at least one rank, alpha, dropout and target"
-        text = f"{self.task.value}: {_points(f['selected'])} selected, {f['cached']} cached, "
-        text += f"{f['to_train']} to train"
+        sel = self.selection
+        missing = missing_choices(sel)
+        if missing:
+            return _select_hint(missing)
+        points = sel.points()
+        todo = [p for p in points if p not in self.cache]
+        text = f"{sel.task}: {_points(len(points))} selected, {len(points) - len(todo)} cached, "
+        text += f"{len(todo)} to train"
+        if todo:
+            seconds = estimate_seconds(todo, self.cache.results())
+            text += f" (estimate: {format_duration(seconds).removeprefix('about ')})"
         return f"{text}. {self.message}" if self.message else text
 
     # -- drawing ----------------------------------------------------------------------------
@@ -320,7 +438,7 @@ class SweepExplorer:
     def figures(self) -> dict[str, Figure]:
         """The plots for the current selection, from the cache."""
         specs = plot_specs(self.cache.results(), self.selection)
-        return {name: fn(*args, **kwargs) for name, (fn, args, kwargs) in specs.items()}
+        return {name: draw(spec) for name, spec in specs.items()}
 
     def refresh(self, all_tabs: bool = False) -> None:
         """Update the status line and redraw the visible plot (or all) if its data changed.
@@ -339,9 +457,9 @@ class SweepExplorer:
     def _draw(self, name: str) -> None:
         """Render one plot into its Image, unless it already shows these data."""
         fn, args, kwargs = self._specs[name]
-        drawn = repr((args, kwargs))
+        drawn = repr((fn.__name__, args, kwargs))
         if self._drawn.get(name) != drawn:  # unchanged data: keep the image, skip the work
-            self.images[name].value = plots.savefig_bytes(fn(*args, **kwargs))
+            self.images[name].value = plots.savefig_bytes(draw(self._specs[name]))
             self._drawn[name] = drawn
 
     # -- training ---------------------------------------------------------------------------

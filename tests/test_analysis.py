@@ -161,3 +161,64 @@ def test_answers_decode_greedily_and_the_base_model_copies():
     for row in rows:
         assert row["prompt"].startswith("<copy>") and row["correct"]
         assert row["answer"] == row["prompt"].removeprefix("<copy>").strip()
+
+
+# -- timings: the verdict says only what the spread allows ------------------------------------
+
+
+def test_timing_verdict_states_a_difference_only_when_the_spreads_are_apart():
+    from lab.analysis import timing_verdict
+
+    apart = timing_verdict("together", [0.45, 0.47, 0.5], "alone", [1.1, 1.12, 1.3])
+    assert "together is 2.38x faster than alone" in apart
+    assert "spread 450 ms-500 ms" in apart and "spread 1.1 s-1.3 s" in apart
+    reversed_ = timing_verdict("alone", [1.1, 1.12, 1.3], "together", [0.45, 0.47, 0.5])
+    assert "together is 2.38x faster than alone" in reversed_
+    close = [8.4e-3, 8.6e-3, 8.7e-3, 9e-3, 8.2e-3]
+    overlap = timing_verdict("merged", close, "base", [8.5e-3, 8.3e-3, 8.8e-3, 9.1e-3, 8.4e-3])
+    assert "within the spread" in overlap and "faster" not in overlap
+    # a busy machine: one slow outlier widens the range but not the quartiles
+    busy = timing_verdict("a", [1.0, 1.0, 1.01, 1.02, 5.0], "b", [2.0, 2.0, 2.01, 2.02, 2.03])
+    assert "a is 1.99x faster than b" in busy
+
+
+def test_spread_is_quartiles_from_four_timings_and_refuses_bad_ones():
+    from lab.analysis import spread
+
+    assert spread([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    assert spread([1.0, 2.0, 3.0, 4.0, 100.0]) == (2.0, 4.0)
+    for bad in ([], [float("nan")], [-1.0], [1.0, float("inf")]):
+        samples = list(bad)
+        with pytest.raises(ValueError, match="timings must be finite seconds"):
+            spread(samples)
+        assert samples == bad  # nothing changed
+
+
+def test_time_calls_takes_turns_after_warming_up():
+    from lab.analysis import time_calls
+
+    order: list[str] = []
+    times = time_calls({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, 1)
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    for repeats, warmup in ((0, 1), (2, -1), (1.5, 0), (True, 0)):
+        with pytest.raises(ValueError, match="repeats="):
+            time_calls({"a": lambda: order.append("x")}, repeats, warmup)
+    with pytest.raises(ValueError, match="calls is empty"):
+        time_calls({})
+    assert "x" not in order  # refused before calling anything
+
+
+def test_file_sizes_choose_their_unit():
+    from lab.analysis import format_decimal_bytes
+
+    assert [format_decimal_bytes(n) for n in (0, 999, 33_816, 75_497_472, 349.2e9)] == [
+        "0 B",
+        "999 B",
+        "33.8 KB",
+        "75.5 MB",
+        "349 GB",
+    ]
+    for bad in (-1, float("nan"), "3", None, True):
+        with pytest.raises(ValueError, match="expected a finite number of bytes"):
+            format_decimal_bytes(bad)

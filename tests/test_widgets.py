@@ -14,7 +14,20 @@ from lab.sweep import (
     SweepResult,
     grid,
 )
-from lab.widgets import PLOTS, Selection, SweepExplorer, plot_specs, sweep_explorer
+from lab.widgets import (
+    PLOTS,
+    SECONDS_PER_STEP,
+    Selection,
+    SweepExplorer,
+    count_explorer,
+    draw,
+    estimate_seconds,
+    format_duration,
+    plot_specs,
+    point_label,
+    sweep_explorer,
+    targets_text,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -79,6 +92,7 @@ def test_explorer_opens_with_facts_and_a_drawn_plot(seeded):
     explorer = sweep_explorer(seeded, run_fn=trainer)
     assert explorer.facts() == {"selected": 22, "cached": 22, "to_train": 0}
     assert explorer.status_text() == "sort_desc: 22 points selected, 22 cached, 0 to train"
+    assert "estimate" not in explorer.status_text()  # nothing to train: nothing to estimate
     assert "22 cached" in explorer.status.value
     assert is_png(explorer.images["trainable"].value)
     assert isinstance(explorer.widget, W.VBox) and explorer.tabs.children == tuple(
@@ -96,7 +110,8 @@ def test_changing_controls_updates_facts_without_training(seeded):
     explorer.steps.value = 200  # another step count: nothing of it is cached
     assert explorer.facts() == {"selected": 3, "cached": 0, "to_train": 3}
     explorer.targets.value = ()
-    assert explorer.facts()["selected"] == 0 and "select at least one" in explorer.status_text()
+    assert explorer.facts()["selected"] == 0
+    assert explorer.status_text() == "select at least one target"
     assert trainer.calls == []
     assert all(c.continuous_update is False for c in (explorer.steps,))
 
@@ -183,3 +198,96 @@ def test_selection_points_sort_values_and_add_full_fine_tuning():
     assert [p.rank for p in points] == [2, 8, None]
     assert all(p.steps == 100 for p in points)
     assert not math.isnan(points[0].lr)
+
+
+# -- what each control and plot says -----------------------------------------------------------
+
+
+def figure_texts(fig) -> str:
+    """Every text drawn in a Figure (titles, labels, annotations, legend entries)."""
+    return " | ".join(t.get_text() for t in fig.findobj(match=lambda a: hasattr(a, "get_text")))
+
+
+def test_unchecking_full_fine_tuning_leaves_it_out_of_every_plot(seeded):
+    on = plot_specs(seeded.results(), Selection())
+    off = plot_specs(seeded.results(), Selection(full=False))
+    assert "full fine-tuning" in on["loss"][1][0] and on["memory"][2]["full"] is not None
+    assert "full fine-tuning" not in off["loss"][1][0]  # no curve
+    assert off["memory"][2]["full"] is None  # no memory line
+    assert off["trainable"][1][2] is None  # no count line
+    assert all("full fine-tuning" not in figure_texts(draw(spec)) for spec in off.values())
+    assert Selection(full=False).points() == Selection().points()[:-1]
+
+
+def test_every_run_plot_title_names_the_scaling_rule(seeded):
+    for rslora, rule in ((False, "α/r"), (True, "α/√r (rsLoRA)")):
+        specs = plot_specs(seeded.results(), Selection(rslora=rslora))
+        for name in ("memory", "loss", "accuracy", "dropout"):
+            assert rule in specs[name][2]["title"], (name, specs[name][2]["title"])
+    assert "α/√r" not in plot_specs(seeded.results(), Selection())["loss"][2]["title"]
+
+
+def test_status_estimates_the_time_of_the_points_to_train(seeded):
+    explorer = SweepExplorer(seeded, run_fn=FakeTrainer())
+    explorer.ranks.value, explorer.alphas.value = (4, 8), (16.0,)
+    explorer.steps.value = 1200  # nothing cached at 1200 steps: 2 LoRA points + full
+    # fake cached runs took 0.1 s for 600 steps: 2 * 1200 / 600 * 0.1 + 1200 / 600 * 0.1
+    assert "3 to train (estimate: under a second)" in explorer.status_text()
+    assert "estimate" in explorer.status.value
+
+
+def test_estimate_seconds_uses_cached_pace_else_a_default():
+    lora, full = SweepPoint("sort_desc", 8, steps=600), SweepPoint("sort_desc", None, steps=600)
+    done = [fake_result(lora), fake_result(full)]
+    done[0].wall_seconds, done[1].wall_seconds = 30.0, 60.0
+    todo = [SweepPoint("sort_desc", 4, steps=200), SweepPoint("sort_desc", None, steps=300)]
+    assert estimate_seconds(todo, done) == pytest.approx(200 * 0.05 + 300 * 0.1)
+    assert estimate_seconds(todo, []) == pytest.approx(500 * SECONDS_PER_STEP)
+    assert estimate_seconds([], done) == 0
+    assert format_duration(0.3) == "under a second" and format_duration(40) == "about 40 s"
+    assert format_duration(200) == "about 3 min" and format_duration(5400) == "about 1.5 h"
+
+
+def test_legends_sit_outside_the_plot_area(seeded):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    specs = plot_specs(seeded.results(), Selection())
+    for name in ("trainable", "memory", "loss"):
+        fig = draw(specs[name])
+        FigureCanvasAgg(fig).draw()
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        assert legend is not None, name
+        assert legend.get_window_extent().x0 >= ax.get_window_extent().x1, name
+
+
+def test_targets_are_written_q_k_v_o_up_down_everywhere(seeded):
+    assert targets_text(("v_proj", "down_proj", "q_proj", "o_proj", "k_proj")) == "q,k,v,o,down"
+    point = SweepPoint("sort_desc", 8, targets=("v_proj", "o_proj", "k_proj", "q_proj"))
+    assert point_label(point) == "r8 α16 q,k,v,o"
+    sel = Selection(targets=("v_proj", "k_proj", "q_proj", "o_proj"))
+    assert "LoRA on q,k,v,o)" in plot_specs([], sel)["trainable"][2]["title"]
+    explorer = SweepExplorer(seeded, run_fn=FakeTrainer())
+    explorer.targets.value = ("v_proj", "q_proj")
+    assert explorer.selection.targets == ("q_proj", "v_proj")
+    counts = count_explorer(targets=("v_proj", "q_proj"))
+    assert "on q_proj, v_proj" in counts.children[-1].value
+
+
+def test_an_empty_selection_says_what_to_select_in_every_plot(seeded):
+    specs = plot_specs(seeded.results(), Selection(alphas=(), targets=()))
+    for name, spec in specs.items():
+        text = figure_texts(draw(spec))
+        assert "select at least one alpha and one target" in text, name
+        assert PLOTS[name] in text  # the plot keeps its title
+    explorer = SweepExplorer(seeded, run_fn=FakeTrainer())
+    explorer.dropouts.value = ()
+    assert explorer.status_text() == "select at least one dropout"
+    assert is_png(explorer.images["trainable"].value)
+
+
+def test_count_explorer_chooses_units_by_size():
+    tiny = count_explorer("tiny", rank=1, targets=("q_proj",)).children[-1].value
+    assert "128 B" in tiny and "0.0 MB" not in tiny and "0.00 GB" not in tiny
+    big = count_explorer().children[-1].value
+    assert "75.5 MB" in big and "349 GB" in big
