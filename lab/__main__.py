@@ -9,8 +9,11 @@ python -m lab bench sweep layers --quick # a smoke run of two benchmarks
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,29 +24,82 @@ from .sweep import (
     DEFAULT_ALPHA,
     DEFAULT_STEPS,
     DEFAULT_TARGETS,
+    SHORT_TARGETS,
     SweepCache,
+    check_writable_dir,
     describe,
     full_point,
     grid,
+    resolve_device,
     sweep,
 )
 from .tasks import FINETUNE_TASKS
+from .train import MAX_STEPS, SEED_LIMIT
+
+
+def _int_type(name: str, low: int, high: int):
+    """An argparse type: an int in [low, high], else a usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} {text!r} is not a whole number (write 1000000, not 1e6)"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} {value:,} is out of range [{low}, {high:,}]")
+        return value
+
+    return parse
+
+
+def _float_type(name: str, low: float, high: float, high_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} {text!r} is not a number") from None
+        if not (math.isfinite(value) and low <= value and (value < high if high_open
+                                                            else value <= high)):  # fmt: skip
+            bracket = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(
+                f"{name} {text} is out of range [{low}, {high}{bracket}"
+            )
+        return value
+
+    return parse
+
+
+def _target(text: str) -> str:
+    full = SHORT_TARGETS.get(text, text)
+    if full not in ALL_TARGETS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a layer: choose from {', '.join(ALL_TARGETS)} "
+            f"(or {', '.join(SHORT_TARGETS)})"
+        )
+    return full
 
 
 def _sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="train a grid of LoRA settings (batched) and cache results")
     p.add_argument("--task", default="sort_desc", choices=FINETUNE_TASKS)
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 8, 16])
-    p.add_argument("--alphas", type=float, nargs="+", default=[DEFAULT_ALPHA])
-    p.add_argument("--dropouts", type=float, nargs="+", default=[0.0])
-    p.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), choices=ALL_TARGETS)
+    p.add_argument("--ranks", type=_int_type("rank", 1, 4096), nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--alphas", type=_float_type("alpha", 1e-6, 1e6), nargs="+",
+                   default=[DEFAULT_ALPHA])  # fmt: skip
+    p.add_argument("--dropouts", type=_float_type("dropout", 0.0, 1.0, high_open=True),
+                   nargs="+", default=[0.0])  # fmt: skip
+    names = f"{', '.join(ALL_TARGETS)} (or {', '.join(SHORT_TARGETS)})"
+    p.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), type=_target,
+                   help=f"layers: {names}")  # fmt: skip
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r), not alpha/r")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_int_type("steps", 1, MAX_STEPS), default=DEFAULT_STEPS)
+    p.add_argument("--batch-size", type=_int_type("batch size", 1, 2**31), default=64)
+    p.add_argument("--seed", type=_int_type("seed", 0, SEED_LIMIT - 1), default=0)
     p.add_argument("--full", action="store_true", help="add the full fine-tuning reference")
     p.add_argument("--no-batch", action="store_true", help="train one point after another")
-    p.add_argument("--max-configs", type=int, default=None, help="cap on points per batch")
+    p.add_argument("--max-configs", type=_int_type("max configs", 1, 10**6), default=None,
+                   help="cap on points per batch")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best there is)")
     p.add_argument("--cache", default=None, help="cache folder (default: $LORA_LAB_CACHE or "
                    "~/.cache/lora-lab/sweeps)")  # fmt: skip
@@ -63,39 +119,87 @@ def _bench_parser(sub) -> None:
     p.add_argument("--stem", default=None, help="file name stem (default: bench, bench-quick)")
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with what was kept."""
+
+
 def run_sweep(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)  # a bad --device fails before anything else
     points = grid(args.task, args.ranks, args.alphas, args.dropouts, tuple(args.targets),
                   args.rslora, args.steps, None, args.batch_size, args.seed)  # fmt: skip
     if args.full:
         points.append(full_point(args.task, args.steps, None, args.batch_size, args.seed))
     cache = SweepCache(args.cache)
     todo = {p for p in points if p not in cache}
-    print(f"{len(points)} points on {args.task}, {len(todo)} to train; cache {cache.directory}")
+    print(f"{_plural(len(points), 'point')} on {args.task}, {len(todo):,} to train; "
+          f"cache {cache.directory}", flush=True)  # fmt: skip
+    tty = sys.stderr.isatty()
+    finished: list = []
+
+    def report(result) -> None:  # without a terminal: one plain line per point, no bars
+        finished.append(result)
+        if not tty:
+            print(f"trained {describe(result)} ({len(finished)}/{len(todo)})", flush=True)
+
     start = time.perf_counter()
-    results = sweep(points, cache, device=args.device, batched=not args.no_batch,
-                    max_configs=args.max_configs)  # fmt: skip
+    try:
+        results = sweep(points, cache, progress=tty, device=device, batched=not args.no_batch,
+                        max_configs=args.max_configs, on_result=report)  # fmt: skip
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"{_plural(len(finished), 'point')} of {len(todo):,} finished and kept in "
+            f"{cache.directory}; run the same command again to train the rest"
+        ) from None
     seconds = time.perf_counter() - start
     print(f"{'point':<28} {'held-out acc':>12} {'loss':>7} {'trainable':>10} {'train s':>8}")
     for r in results:
+        if r.diverged:
+            print(f"{describe(r.point):<28} {'diverged':>12} {'-':>7} "
+                  f"{r.trainable_parameters:>10,} {'-':>8}")  # fmt: skip
+            continue
         print(f"{describe(r.point):<28} {r.heldout['accuracy']:>12.3f} {r.heldout['loss']:>7.3f} "
               f"{r.trainable_parameters:>10,} {r.wall_seconds:>8.1f}")  # fmt: skip
     chunks = [r.extra["batched"]["configs"] for r in results
               if r.point in todo and "batched" in r.extra]  # fmt: skip
     if chunks:  # a run of c points gave c results, each saying c
         runs = round(sum(1 / c for c in chunks))
-        print(f"batched: {len(chunks)} points in {runs} run{'s' * (runs != 1)} "
-              f"of up to {max(chunks)} points")  # fmt: skip
+        print(f"batched: {_plural(len(chunks), 'point')} in {_plural(runs, 'run')} "
+              f"of up to {_plural(max(chunks), 'point')}")  # fmt: skip
+    diverged = [r for r in results if r.diverged]
+    if diverged:
+        print(f"{_plural(len(diverged), 'point')} diverged (loss nan/inf): "
+              f"{diverged[0].extra.get('diverged', '')}", file=sys.stderr)  # fmt: skip
     print(f"done in {seconds:.1f} s")
+    if cache.unsaved:
+        print(f"error: {_plural(len(cache.unsaved), 'result')} could not be saved to "
+              f"{cache.directory} (shown above, not cached)", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    torch.set_num_threads(torch.get_num_threads())  # as configured; recorded in the results
-    report = bench.run_all(args.names, quick=args.quick, device=args.device)
+    device = resolve_device(args.device)
     stem = args.stem or ("bench-quick" if args.quick else "bench")
-    for path in bench.write_results(report, Path(args.out), stem):
+    if not stem or os.sep in stem or (os.altsep and os.altsep in stem) or stem.startswith("."):
+        raise ValueError(f"--stem {stem!r}: expected a plain file name stem such as 'bench'")
+    unknown = sorted(set(args.names) - set(bench.EXTRA + bench.BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown benchmarks {unknown}; valid: {', '.join(bench.BENCHMARKS)}")
+    out = Path(args.out)
+    check_writable_dir(out, "benchmark output folder", "choose another folder with --out")
+    torch.set_num_threads(torch.get_num_threads())  # as configured; recorded in the results
+    report = bench.run_all(args.names, quick=args.quick, device=str(device))
+    for path in bench.write_results(report, out, stem):
         print(f"wrote {path}")
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +208,32 @@ def main(argv: list[str] | None = None) -> int:
     _sweep_parser(sub)
     _bench_parser(sub)
     args = parser.parse_args(argv)
+    warnings.showwarning = _one_line_warning
     try:
         return run_sweep(args) if args.command == "sweep" else run_bench(args)
-    except ValueError as exc:  # bad settings: say which, without a traceback
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError) as exc:  # bad settings: say which, without a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        print(f"error: out of memory: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except OSError as exc:
+        text = str(exc) if not exc.filename else f"{exc.strerror or exc}: {exc.filename}"
+        print(f"error: {text}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+            print("error: out of memory; try a smaller --batch-size or fewer points per batch "
+                  "(--max-configs)", file=sys.stderr)  # fmt: skip
+            return 1
+        raise
 
 
 if __name__ == "__main__":

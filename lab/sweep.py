@@ -616,6 +616,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_writable_dir(d: Path, what: str, hint: str, probe_bytes: int = 64 << 10) -> None:
+    """SweepCacheError unless files can be written in folder `d` (created if missing)."""
+    d = Path(d)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SweepCacheError(f"{what} {d} is a file, not a folder; {hint}") from None
+    except OSError as exc:
+        raise SweepCacheError(f"cannot create {what} {d}: {exc.strerror}; {hint}") from None
+    if not d.is_dir():
+        raise SweepCacheError(f"{what} {d} is not a folder; {hint}")
+    probe = d / f".probe-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"\0" * probe_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        why = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise SweepCacheError(f"cannot write to {what} {d}: {why}; {hint}") from None
+
+
 class SweepCache:
     """Results on disk, one `<key>.json` per point, written atomically; survives restarts.
 
@@ -682,33 +708,12 @@ class SweepCache:
         Writes and removes a probe file about the size of a few results, so a read-only folder,
         a file in the folder's place or a full disk are found before anything is trained.
         """
-        d = self.directory
-        hint = "choose another folder with LORA_LAB_CACHE or --cache"
-        if str(d) in ("", "."):
-            raise SweepCacheError(f"sweep cache folder {str(d)!r} is empty; {hint}")
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise SweepCacheError(f"sweep cache {d} is a file, not a folder; {hint}") from None
-        except OSError as exc:
-            raise SweepCacheError(
-                f"cannot create sweep cache {d}: {exc.strerror}; {hint}"
-            ) from None
-        if not d.is_dir():
-            raise SweepCacheError(f"sweep cache {d} is not a folder; {hint}")
-        probe = d / f".probe-{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(b"\0" * probe_bytes)
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
-                probe.unlink(missing_ok=True)
-        except OSError as exc:
-            why = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-            raise SweepCacheError(f"cannot write to sweep cache {d}: {why}; {hint}") from None
+        check_writable_dir(
+            self.directory,
+            "sweep cache",
+            "choose another folder with LORA_LAB_CACHE or --cache",
+            probe_bytes,
+        )
 
     def _lock_path(self, point: SweepPoint) -> Path:
         return self.directory / f"{point.key}.lock"
