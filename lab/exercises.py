@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import html
 import math
 import numbers
 import warnings
@@ -26,6 +27,7 @@ from .memory import analytic_memory, format_bytes, measure_step_memory
 from .model import PRESETS, ModelConfig, ToyTransformer, get_preset
 from .sweep import ALL_TARGETS, load_grid_file, select
 from .tasks import get_task
+from .train import train
 
 __all__ = [
     "BUDGET",
@@ -39,6 +41,7 @@ __all__ = [
     "check_memory",
     "check_merge",
     "check_sweep_answer",
+    "train_budget",
     "sweep_evidence",
 ]
 
@@ -60,35 +63,83 @@ class Feedback:
 
     __repr__ = __str__  # what a notebook cell ending with a check displays
 
+    def _repr_html_(self) -> str:
+        """The same text for JupyterLab, wrapped between words.
+
+        JupyterLab's plain-text output breaks long lines at any character (word-break:
+        break-all), splitting words; this keeps line breaks and table columns but wraps at spaces.
+        """
+        style = (
+            "white-space: pre-wrap; word-break: normal; overflow-wrap: break-word; "
+            "font-family: var(--jp-code-font-family, monospace); "
+            "font-size: var(--jp-code-font-size, 13px)"
+        )
+        return f'<div class="lab-feedback" style="{style}">{html.escape(str(self))}</div>'
+
 
 def _no(message: str) -> Feedback:
     return Feedback(False, message)
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: BaseException) -> str:
     """'TypeError: first line of the message', kept short."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
+def _raised(name: str, exc: BaseException, call: str) -> str:
+    """What to say when the student's code raised `exc` (anything but KeyboardInterrupt)."""
+    if isinstance(exc, SystemExit):
+        return (
+            f"{name} raised SystemExit (sys.exit() or exit() was called): a function should "
+            "return its answer, not stop the program"
+        )
+    text = str(exc)
+    if isinstance(exc, TypeError) and any(
+        w in text for w in ("positional argument", "unexpected keyword", "required keyword")
+    ):
+        return f"{name} raised {_describe(exc)}. The check calls it as {call}"
+    return f"{name} raised {_describe(exc)}"
+
+
+class _KeepTorchState:
+    """Restore torch's global settings a student's function may have changed."""
+
+    def __enter__(self) -> None:
+        self.grad, self.dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_grad_enabled(self.grad)
+        torch.set_default_dtype(self.dtype)
+
+
 def _call(
-    fn: object, name: str, todo: str, *args: object, hints: dict[str, str] | None = None
+    fn: object,
+    name: str,
+    todo: str,
+    *args: object,
+    hints: dict[str, str] | None = None,
+    call: str = "",
 ) -> tuple[object, Feedback | None]:
     """(fn(*args), None), or (None, feedback) if fn is not a function, is the stub, or raises.
 
-    `hints` maps a word of the exception's text to advice appended to the feedback.
+    `hints` maps a word of the exception's text to advice appended to the feedback; `call` shows
+    how the check calls fn (for a wrong signature). Anything the student's code raises, SystemExit
+    included, becomes feedback; only KeyboardInterrupt (the user's own stop) goes through.
     """
     if not callable(fn):
         return None, _no(f"{name} should be a function, got {type(fn).__name__}. {todo}")
     try:
-        with warnings.catch_warnings():  # the student's warnings would litter the output
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), _KeepTorchState():
+            warnings.simplefilter("ignore")  # the student's warnings would litter the output
             return fn(*args), None
+    except KeyboardInterrupt:
+        raise
     except NotImplementedError:
         return None, _no(f"{name} is still the stub (it raises NotImplementedError). {todo}")
-    except Exception as exc:  # a wrong answer is feedback, never an error in the notebook
+    except BaseException as exc:  # a wrong answer is feedback, never an error in the notebook
         advice = [f". {tip}" for word, tip in (hints or {}).items() if word in str(exc)]
-        return None, _no(f"{name} raised {_describe(exc)}" + "".join(advice[:1]))
+        return None, _no(_raised(name, exc, call or f"{name}(...)") + "".join(advice[:1]))
 
 
 def _safe(check: Callable[..., Feedback]) -> Callable[..., Feedback]:
@@ -97,8 +148,11 @@ def _safe(check: Callable[..., Feedback]) -> Callable[..., Feedback]:
     @functools.wraps(check)
     def wrapper(*args: object, **kwargs: object) -> Feedback:
         try:
-            return check(*args, **kwargs)
-        except Exception as exc:  # e.g. a layer whose .base the student replaced by None
+            with _KeepTorchState():
+                return check(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # e.g. a layer whose .base the student replaced by None
             return _no(
                 f"your answer could not be checked ({_describe(exc)}): is it what was asked?"
             )
@@ -129,11 +183,13 @@ def _match_factor(k: float | None, messages: dict[float, str]) -> str | None:
 
 
 def _bad_tensor(out: object, name: str, want: torch.Tensor) -> Feedback | None:
-    """Feedback when `out` is not a finite tensor with want's shape and dtype."""
+    """Feedback when `out` is not a finite CPU tensor with want's shape and dtype."""
     if out is None:
         return _no(f"{name} returned None: return the output tensor")
     if not isinstance(out, torch.Tensor):
         return _no(f"{name} returned a {type(out).__name__}; expected a torch.Tensor")
+    if out.device != want.device:
+        return _no(f"{name} returned a tensor on {out.device}; expected {want.device}, like x")
     if out.shape != want.shape:
         return _no(f"{name} returned shape {tuple(out.shape)}; expected {tuple(want.shape)}")
     if out.dtype != want.dtype:
@@ -176,16 +232,43 @@ class _FixedDropout(nn.Dropout):
         return x * self.mask / (1 - self.p)
 
 
-def _forward_case() -> tuple[LoRALinear, torch.Tensor]:
-    """A lab LoRALinear (bias, non-zero B, dropout 0.5) and an input (2, 3, IN); seeded."""
-    g = torch.Generator().manual_seed(0)
-    layer = LoRALinear(nn.Linear(IN, OUT), RANK, ALPHA, dropout=0.5)
+def _forward_case(
+    n_in: int = IN, n_out: int = OUT, rank: int = RANK, alpha: float = ALPHA, seed: int = 0
+) -> tuple[LoRALinear, torch.Tensor]:
+    """A lab LoRALinear (bias, non-zero B, dropout 0.5) and an input (2, 3, n_in); seeded."""
+    g = torch.Generator().manual_seed(seed)
+    layer = LoRALinear(nn.Linear(n_in, n_out), rank, alpha, dropout=0.5)
     with torch.no_grad():
         for t in (layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B):
             t.copy_(0.3 * torch.randn(t.shape, generator=g))
-    x = torch.randn(2, 3, IN, generator=g)
+    x = torch.randn(2, 3, n_in, generator=g)
     layer.dropout = _FixedDropout(0.5, (torch.rand(x.shape, generator=g) > 0.5).float())
     return layer, x
+
+
+FORWARD_CALL = "my_forward(x, base, A, B, scaling, dropout)"
+
+
+def _forward_hint(
+    out: torch.Tensor, ref: torch.Tensor, frozen: torch.Tensor, bias: torch.Tensor
+) -> str:
+    """What a wrong eval-mode output most likely did; the message says where it differs."""
+    if _close(out, ref - bias):
+        return "you left out the bias: base(x) includes it (x @ base.weight.T alone does not)"
+    if _close(out, ref + bias):
+        return "the bias is added twice: base(x) already includes it"
+    for shift, note in ((0, ""), (1, "; and the bias is missing: base(x) includes it")):
+        update = out + shift * bias - frozen  # what was added to the frozen path (with bias)
+        if hint := _match_factor(_factor(update, ref - frozen), _FORWARD_FACTORS):
+            return hint + note
+    if _close(out, ref - frozen):
+        return "you returned only the low-rank update: add the frozen path base(x)"
+    if _close(out, SCALING * frozen + (ref - frozen)):
+        return "you scaled the frozen path too: only the low-rank update gets `scaling`"
+    k = _factor(out - frozen, ref - frozen)
+    if k is not None:
+        return f"the low-rank update is {k:.3g} times the expected one"
+    return "compare with y = base(x) + scaling * (dropout(x) @ A.T @ B.T)"
 
 
 @_safe
@@ -194,56 +277,87 @@ def check_forward(fn: Callable) -> Feedback:
     todo = "Write the body: the frozen layer plus the scaled low-rank update dropout(x) Aᵀ Bᵀ."
     layer, x = _forward_case()
     base, A, B, drop = layer.base, layer.lora_A, layer.lora_B, layer.dropout
-    shapes = f"A is (r, in) = {tuple(A.shape)} and B is (out, r) = {tuple(B.shape)}"
-    hints = {w: f"{shapes}: the update is x @ A.T @ B.T" for w in ("shape", "size")}
-    inputs = {"x": x, "base.weight": base.weight, "A": A, "B": B}
+    shapes = (
+        f"x is (..., in) = (..., {IN}), base.weight (out, in) = {tuple(base.weight.shape)}, "
+        f"A (r, in) = {tuple(A.shape)}, B (out, r) = {tuple(B.shape)}: "
+        "the update is x @ A.T @ B.T"
+    )
+    hints = {w: shapes for w in ("shape", "size")}
 
-    def run(train: bool) -> tuple[torch.Tensor | None, Feedback | None]:
-        """The student's output with dropout in train or eval mode, or feedback."""
-        drop.train(train)
+    def run(lay: LoRALinear, xs: torch.Tensor, train: bool) -> tuple[object, Feedback | None]:
+        """The student's raw output with dropout in train or eval mode, or feedback."""
+        lay.dropout.train(train)
+        inputs = {"x": xs, "base.weight": lay.base.weight, "A": lay.lora_A, "B": lay.lora_B}
+        if lay.base.bias is not None:
+            inputs["base.bias"] = lay.base.bias
         saved = {k: v.detach().clone() for k, v in inputs.items()}
-        args = (x, base, A, B, layer.scaling, drop)
-        out, problem = _call(fn, "your function", todo, *args, hints=hints)
+        args = (xs, lay.base, lay.lora_A, lay.lora_B, lay.scaling, lay.dropout)
+        out, problem = _call(fn, "your function", todo, *args, hints=hints, call=FORWARD_CALL)
         if problem:
             return None, problem
-        if isinstance(out, torch.Tensor) and out.shape[-1:] == (RANK,):
+        rank = lay.lora_A.shape[0]
+        if isinstance(out, torch.Tensor) and out.shape[-1:] == (rank,) != (lay.base.out_features,):
             return None, _no(f"your output has shape {tuple(out.shape)}: x @ A.T; apply B too")
         changed = [k for k, v in inputs.items() if not torch.equal(v.detach(), saved[k])]
         if changed:
             return None, _no(f"your function changed {changed[0]} in place: a forward must not")
-        problem = _bad_tensor(out, "your function", x.new_empty(*x.shape[:-1], OUT))
-        return (None, problem) if problem else (out.detach(), None)
+        want = xs.new_empty(*xs.shape[:-1], lay.base.out_features)
+        problem = _bad_tensor(out, "your function", want)
+        return (None, problem) if problem else (out, None)
 
     with torch.no_grad():
         frozen, ref = base(x), layer.eval()(x)
-    out, problem = run(train=False)
+    raw, problem = run(layer, x, train=False)
     if problem:
         return problem
-    again, _ = run(train=False)
-    if again is not None and not torch.equal(again, out):
+    out = raw.detach()
+    again, _ = run(layer, x, train=False)
+    if isinstance(again, torch.Tensor) and not torch.equal(again.detach(), out):
         return _no(
             "in eval mode two calls gave different outputs: dropout is active at evaluation. "
             "Call the `dropout` module (off in eval mode); F.dropout defaults to training=True"
         )
     if not _close(out, ref):
-        k = _factor(out - frozen, ref - frozen)
-        if hint := _match_factor(k, _FORWARD_FACTORS):
-            return _no(hint)
-        if _close(out, ref - frozen):
-            return _no("you returned only the low-rank update: add the frozen path base(x)")
-        if _close(out, SCALING * frozen + (ref - frozen)):
-            return _no("you scaled the frozen path too: only the low-rank update gets `scaling`")
-        hint = f"the update is {k:.3g} times the expected one" if k else "is the scaling applied?"
+        hint = _forward_hint(out, ref, frozen, base.bias.detach())
         return _no(f"your output differs from the reference {_where(out - ref)}: {hint}")
+
+    # Training needs gradients to reach A and B through the output.
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4))
+    want_grads = torch.autograd.grad((layer(x) * weights).sum(), (A, B))
+    if not raw.requires_grad:
+        return _no(
+            "your output carries no gradient, so training would never change A or B: do not "
+            "compute it under torch.no_grad() or detach it"
+        )
+    got = torch.autograd.grad((raw * weights).sum(), (A, B), allow_unused=True)
+    for name, g, want in zip(("A", "B"), got, want_grads, strict=True):
+        if g is None or not _close(g, want):
+            return _no(
+                f"the gradient reaching {name} through your output is wrong: compute the "
+                f"update from A and B as given (no .detach(), no copies of {name})"
+            )
+
+    # Another layer: a function that hard-codes this layer's numbers shows it here.
+    layer2, x2 = _forward_case(10, 6, 2, 8.0, seed=5)
+    with torch.no_grad():
+        ref2 = layer2.eval()(x2)
+    out2, problem = run(layer2, x2, train=False)
+    if problem:
+        return _no(f"on a second layer (in 10, out 6, rank 2, scaling 4): {problem.message}")
+    if not _close(out2.detach(), ref2):
+        return _no(
+            "your function is right for this layer but not for another (in 10, out 6, rank 2, "
+            "scaling 4): use its arguments (scaling, A, B, base), not fixed numbers"
+        )
 
     # Train mode with B = 0: whatever dropout does, the output must be the frozen layer's.
     with torch.no_grad():
         b_trained = B.clone()
         B.zero_()
-    out, problem = run(train=True)
+    raw, problem = run(layer, x, train=True)
     if problem:
         return problem
-    if not _close(out, frozen):
+    if not _close(raw.detach(), frozen):
         return _no(
             "in train mode with B = 0 your output differs from base(x): dropout reached the "
             "frozen path. Apply it to the adapter's input only: base(x) + dropout(x) @ A.T ..."
@@ -252,9 +366,10 @@ def check_forward(fn: Callable) -> Feedback:
         B.copy_(b_trained)
         ref_train = layer.train()(x)
     drop.shapes.clear()
-    out, problem = run(train=True)
+    raw, problem = run(layer, x, train=True)
     if problem:
         return problem
+    out = raw.detach()
     if not _close(out, ref_train):
         if _close(out, ref):
             return _no("in train mode your output ignores dropout: use dropout(x) on the adapter")
@@ -265,13 +380,16 @@ def check_forward(fn: Callable) -> Feedback:
             )
         if x.shape[:-1] + (RANK,) in drop.shapes:
             return _no("you applied dropout to x @ A.T; LoRA drops the adapter's input x")
+        if x.shape[:-1] + (OUT,) in drop.shapes:
+            return _no("you applied dropout to the update; LoRA drops the adapter's input x")
         return _no(
             f"in train mode your output differs from the reference {_where(out - ref_train)}"
         )
     return Feedback(
         True,
-        "your forward equals lab.LoRALinear's in eval and train mode: the frozen path is "
-        "untouched, dropout acts on the adapter's input only, the update is scaled by alpha / r.",
+        "your forward equals lab.LoRALinear's in eval and train mode, on two layers, gradients "
+        "included: the frozen path is untouched, dropout acts on the adapter's input only, the "
+        "update is scaled by alpha / r.",
     )
 
 
@@ -292,21 +410,44 @@ def _merge_case(dtype: torch.dtype) -> LoRALinear:
 
 @_safe
 def check_merge(fn: Callable) -> Feedback:
-    """Exercise 2: fn(layer) folds scaling * B @ A into layer.base.weight, like LoRALinear.merge."""
+    """Exercise 2: fn(layer) folds scaling * B @ A into layer.base.weight, like LoRALinear.merge.
+
+    A passing merge changes W in place (rounding once), sets merged, leaves A, B and the
+    scaling as they were, does nothing the second time, and leaves W restorable: W - scaling B A
+    (the lab's unmerge) comes back to the original W within rounding.
+    """
     todo = "Add scaling * B @ A to layer.base.weight in place, then set layer.merged = True."
     hints = dict.fromkeys(("grad", "leaf"), "Do the update inside `with torch.no_grad():`")
-    restored = {}
+    hints.update(
+        dict.fromkeys(
+            ("must match", "size of tensor", "shape"),
+            f"W is (out, in) = ({OUT}, {IN}) and ΔW = scaling * B @ A has that shape",
+        )
+    )
+    call = "my_merge(layer)"
+    restore: dict[torch.dtype, float] = {}
     for dtype in (torch.float32, torch.bfloat16):
         layer = _merge_case(dtype)
         ref = copy.deepcopy(layer)
         ref.merge()
-        w0 = layer.base.weight.detach().clone()
+        param, base = layer.base.weight, layer.base
+        w0 = param.detach().clone()
+        a0, b0, s0 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.scaling
         x = torch.randn(5, IN, generator=torch.Generator().manual_seed(3)).to(dtype)
         with torch.no_grad():
             before = layer(x)
-        returned, problem = _call(fn, "my_merge", todo, layer, hints=hints)
+        used_lab = []
+        layer.merge = functools.partial(used_lab.append, 1)  # the lab's merge is no answer
+        returned, problem = _call(fn, "my_merge", todo, layer, hints=hints, call=call)
         if problem:
             return problem
+        if used_lab:
+            return _no("my_merge called the lab's layer.merge(): write the update yourself")
+        if layer.base is not base:
+            return _no(
+                "my_merge replaced layer.base: change its weight in place instead, so that "
+                "anything holding the layer (an optimizer, the model) sees the merge"
+            )
         w, want = layer.base.weight, ref.base.weight
         if not isinstance(w, torch.Tensor) or w.shape != w0.shape:
             return _no("layer.base.weight is no longer a weight of the same shape")
@@ -320,6 +461,13 @@ def check_merge(fn: Callable) -> Feedback:
                 "layer.base.weight now requires grad, so the frozen base would train: update "
                 "it in place under torch.no_grad() rather than making a new nn.Parameter"
             )
+        if w is not param:
+            return _no(
+                "layer.base.weight is a new tensor: change the existing one in place "
+                "(w.copy_(...) or w += ...), so that an optimizer or a tied module sees it"
+            )
+        if problem := _adapters_changed(layer, a0, b0, s0):
+            return problem
         w = w.detach()
         if torch.equal(w, w0):
             if isinstance(returned, torch.Tensor) and _close(returned.detach(), want):
@@ -330,9 +478,14 @@ def check_merge(fn: Callable) -> Feedback:
             known = {
                 2.0: "ΔW was added twice",
                 1 / SCALING: "the scaling is not applied",
+                SCALING: "the scaling is applied twice",
                 -1.0: "you subtracted ΔW: that is unmerge",
+                1 / RANK: "you divided by the rank again: `scaling` already is alpha / r",
             }
-            hint = _match_factor(k, known) or "is it W + scaling * B @ A?"
+            hint = _match_factor(k, known)
+            if hint is None and _close(w, w0 + s0 * (a0.T @ b0.T).T):
+                hint = "that is (A.T @ B.T).T: ΔW is B @ A"
+            hint = hint or "is it W + scaling * B @ A?"
             return _no(f"your merged weight differs from the reference {_where(w - want)}: {hint}")
         # In bf16, rounding once gives exactly the lab's result; a few entries may still differ
         # when a float32 sum rounded to the other side of a bf16 boundary.
@@ -359,27 +512,64 @@ def check_merge(fn: Callable) -> Feedback:
         if dtype == torch.float32 and not _close(after, before):
             return _no(f"after merging, the layer's output changed {_where(after - before)}")
         w1 = w.clone()
-        _, problem = _call(fn, "my_merge", todo, layer, hints=hints)
+        _, problem = _call(fn, "my_merge", todo, layer, hints=hints, call=call)
         if problem:
             return _no(f"on an already merged layer, {problem.message}")
+        if layer.base is not base or layer.base.weight is not param:
+            return _no("calling my_merge on a merged layer replaced the weight: do nothing then")
         if not torch.equal(layer.base.weight.detach(), w1):
             return _no(
                 "calling my_merge on a merged layer changed W again: ΔW is now in it twice. "
                 "Check layer.merged first and return without doing anything"
             )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            layer.unmerge()  # the lab's unmerge: how close does W come back?
-        restored[dtype] = (layer.base.weight.float() - w0.float()).abs().max().item()
-    fp32 = "within 1e-6" if restored[torch.float32] < 1e-6 else "almost exactly"
-    bf16 = "by more than 1e-3" if restored[torch.bfloat16] > 1e-3 else "slightly"
+        if problem := _adapters_changed(layer, a0, b0, s0, " on an already merged layer"):
+            return problem
+        if layer.merged is not True:
+            return _no("calling my_merge on a merged layer set layer.merged back: leave it True")
+        # Unmerge as the lab does (subtract in float32 with the original A, B, scaling, round
+        # once) and measure how far W comes back from where it started.
+        back = (w1.float() - s0 * (b0 @ a0)).to(dtype)
+        err = (back.float() - w0.float()).abs()
+        restore[dtype] = float(err.max())
+        if dtype == torch.float32 and restore[dtype] > 1e-5:
+            return _no(
+                f"after your merge, unmerging (W - scaling * B @ A) leaves W off by "
+                f"{restore[dtype]:.2g}: W cannot be restored"
+            )
+        if dtype == torch.bfloat16 and not bool(
+            (err <= 2.0**-6 * (w0.float().abs() + (s0 * b0 @ a0).abs())).all()
+        ):
+            return _no(
+                f"in bfloat16, unmerging after your merge leaves W off by {restore[dtype]:.2g}, "
+                "more than rounding explains: W cannot be restored"
+            )
     return Feedback(
         True,
         "my_merge folds scaling * B @ A into W in place, rounds once, keeps the dtype, sets "
-        "merged, and a second call changes nothing. After merge and the lab's unmerge, W comes "
-        f"back {fp32} in float32 but is off {bf16} in bfloat16: each step rounds to 8 "
-        "significant bits, and the second rounding does not undo the first.",
+        "merged, leaves A and B as they were, and a second call changes nothing. Unmerged "
+        "(W - scaling * B @ A, as the lab's unmerge does), W comes back to within "
+        f"{restore[torch.float32]:.0e} in float32 but only to within "
+        f"{restore[torch.bfloat16]:.1g} in bfloat16 (largest entry error): each step rounds to "
+        "8 significant bits, and the second rounding does not undo the first.",
     )
+
+
+def _adapters_changed(
+    layer: LoRALinear, a0: torch.Tensor, b0: torch.Tensor, s0: float, when: str = ""
+) -> Feedback | None:
+    """Feedback if the merge changed A, B or the scaling (which unmerging needs as they were)."""
+    for name, before in (("lora_A", a0), ("lora_B", b0)):
+        now = getattr(layer, name, None)
+        if not isinstance(now, torch.Tensor) or now.shape != before.shape:
+            return _no(f"my_merge replaced layer.{name}{when}: leave the adapters as they are")
+        if not torch.equal(now.detach(), before):
+            return _no(
+                f"my_merge changed layer.{name}{when}: a merge leaves A and B untouched, so "
+                "that unmerge (W - scaling * B @ A) can restore W and training can go on"
+            )
+    if layer.scaling != s0:
+        return _no(f"my_merge changed layer.scaling{when}: leave it, unmerge needs it")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,36 +595,50 @@ def _lab_count(config: ModelConfig, targets: tuple[str, ...], rank: int) -> tupl
     return counts.trainable, counts.total
 
 
-def _count_hint(answer: int, config: ModelConfig, targets: Sequence[str], rank: int) -> str:
-    """Why `answer` might differ from the lab's count: the usual mistakes, known by their value."""
+def _count_mistakes(
+    config: ModelConfig, targets: Sequence[str], rank: int
+) -> list[tuple[str, int]]:
+    """(hint, the count that mistake gives on this case), in the order they are tried."""
     d, f, n = config.d_model, config.d_ff, config.n_layers
     dims = [{"up_proj": (d, f), "down_proj": (f, d)}.get(t, (d, d)) for t in targets]
     ins, outs = sum(i for i, _ in dims), sum(o for _, o in dims)
     expected, total = _lab_count(config, tuple(targets), rank)
-    known = [  # first match wins
-        (total, "that counts every parameter: the frozen base does not train, only A and B"),
-        (total - expected, "that is the frozen base's size: count only the adapters A and B"),
-        (expected + n * outs, "you counted one bias per output: A and B have none"),
-        (expected // n, f"that is one layer's worth: the model has n_layers = {n}"),
-        (n * rank * sum(i * o for i, o in dims), "A (r x in) and B (out x r): r * (in + out)"),
-        (n * rank * ins, "that counts only A (r x in): add B (out x r)"),
-        (n * rank * outs, "that counts only B (out x r): add A (r x in)"),
-        (n * rank * 2 * d * len(dims), f"up_proj is d_model -> d_ff ({d} -> {f}), down_proj back"),
-        (2 * expected, "twice the right count: is each adapter counted twice?"),
+    dense = sum(i * o for i, o in dims)
+    return [
+        ("that counts every parameter: the frozen base does not train, only A and B", total),
+        ("that is the frozen base's size: count only the adapters A and B", total - expected),
+        ("that counts only A (r x in): add B (out x r)", n * rank * ins),
+        ("that counts only B (out x r): add A (r x in)", n * rank * outs),
+        ("that is one block's worth: multiply by n_layers, the number of blocks", expected // n),
+        ("you counted one bias per output: A and B have none", expected + n * outs),
+        ("A (r x in) and B (out x r) hold r * (in + out), not r * in * out", n * rank * dense),
+        ("that is the size of the target weights (in x out): LoRA trains A and B", n * dense),
+        ("the rank is missing: A has r rows and B r columns", n * (ins + outs)),
+        ("up_proj is d_model -> d_ff, down_proj d_ff -> d_model", n * rank * 2 * d * len(dims)),
+        ("twice the right count: is each adapter counted twice?", 2 * expected),
     ]
-    return next((hint for value, hint in known if answer == value), "")
+
+
+def _count_hint(answers: list[int]) -> str:
+    """The mistake that explains the answers on every case, or ''."""
+    per_case = [_count_mistakes(get_preset(p, **o), t, r) for p, o, t, r in COUNT_CASES]
+    for i, (hint, _) in enumerate(per_case[0]):
+        if all(answer == case[i][1] for answer, case in zip(answers, per_case, strict=True)):
+            return hint
+    return ""
 
 
 @_safe
 def check_count(fn: Callable) -> Feedback:
     """Exercise 3: fn(config, targets, rank) -> trainable parameters, checked on COUNT_CASES."""
     todo = "Return the number of trainable parameters, an int: count what A and B hold."
-    rows = []
+    call = "my_count(config, targets, rank)"
+    rows, answers, first_wrong = [], [], None
     for preset, overrides, targets, rank in COUNT_CASES:
         config = get_preset(preset, **overrides)
         expected, _ = _lab_count(config, targets, rank)
         name = preset + (" with biases" if overrides.get("bias") else "")
-        answer, problem = _call(fn, "my_count", todo, config, targets, rank)
+        answer, problem = _call(fn, "my_count", todo, config, targets, rank, call=call)
         if problem:
             return problem
         if isinstance(answer, torch.Tensor) and answer.numel() == 1:
@@ -445,14 +649,20 @@ def check_count(fn: Callable) -> Feedback:
             return _no(f"my_count returned a {type(answer).__name__}; expected an int")
         if not (math.isfinite(answer) and answer == int(answer)):
             return _no(f"my_count returned {answer!r}; a parameter count is a whole number")
-        if int(answer) != expected:
-            hint = _count_hint(int(answer), config, targets, rank)
-            return _no(
+        answers.append(int(answer))
+        if int(answer) != expected and first_wrong is None:
+            first_wrong = (
                 f"for {name}, targets {', '.join(targets)}, rank {rank}: you count "
-                f"{int(answer):,}, the lab counts {expected:,}" + (f". {hint}" if hint else "")
+                f"{int(answer):,}, the lab counts {expected:,}"
             )
         row = {"model": name, "targets": ", ".join(targets), "rank": rank, "trainable": expected}
         rows.append(row)
+    if first_wrong:
+        hint = _count_hint(answers) or (
+            "each adapted layer has A (r x in) and B (out x r), r * (in + out) numbers, in "
+            "each of the n_layers blocks"
+        )
+        return _no(f"{first_wrong}. {hint}")
     return Feedback(
         True,
         "your counts match the lab's on every case (the last is the LoRA paper's 4.7M):\n"
@@ -465,19 +675,110 @@ def check_count(fn: Callable) -> Feedback:
 # ---------------------------------------------------------------------------------------------
 
 
+SHORT_TARGETS = {t.removesuffix("_proj"): t for t in ALL_TARGETS}  # q -> q_proj, ..., down
+BUDGET_STEPS, BUDGET_LR, BUDGET_ALPHA = 300, 2e-2, 16.0
+
+
+def _budget_targets(targets: object) -> tuple[tuple[str, ...], Feedback | None]:
+    """Full target names from TARGETS (short names q, k, v, o, up, down welcome), or feedback."""
+    valid = ", ".join(f"{t} ({s})" for s, t in SHORT_TARGETS.items())
+    if isinstance(targets, str):  # one name, or names separated by commas or spaces
+        targets = tuple(t for t in targets.replace(",", " ").split() if t)
+    if not isinstance(targets, tuple | list | set | frozenset):
+        return (), _no(f"TARGETS should be a tuple of names, got {targets!r}; choose among {valid}")
+    names, unknown = [], []
+    for t in targets:
+        name = SHORT_TARGETS.get(t, t) if isinstance(t, str) else t
+        (names if name in ALL_TARGETS else unknown).append(name if name in ALL_TARGETS else t)
+    if unknown:
+        return (), _no(f"TARGETS: {unknown!r} are not LoRA targets here; choose among {valid}")
+    if not names:
+        return (), _no(f"TARGETS is empty; choose among {valid}")
+    return tuple(sorted(set(names), key=ALL_TARGETS.index)), None
+
+
+def train_budget(targets: object, rank: object, steps: object = 150) -> object:
+    """Exercise 4's model: the shipped base with LoRA on `targets` at `rank` (alpha 16, seed 0),
+    trained `steps` steps on rotate at lr 2e-2, as notebook 4 does with lab.add_lora and
+    lab.train. None while nothing is chosen; a Feedback (what to fix) for a choice that cannot
+    be trained, or is over the budget, without training anything.
+    """
+    if not targets and not rank:
+        return None
+    names, problem = _budget_targets(targets)
+    if problem:
+        return problem
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 128:
+        return _no(f"RANK should be a whole number from 1 to 128 (d_model), got {rank!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= BUDGET_STEPS:
+        return _no(f"STEPS should be a whole number from 1 to {BUDGET_STEPS}, got {steps!r}")
+    cost, _ = _lab_count(PRESETS["cpu"], names, rank)
+    if cost > BUDGET:
+        return _no(
+            f"rank {rank} on {', '.join(names)} costs {cost:,} parameters, over the budget of "
+            f"{BUDGET:,} (not trained). Each adapted layer costs r * (in + out) in each of the "
+            "2 blocks: q, k, v, o are 128 -> 128, up and down 128 <-> 512"
+        )
+    torch.manual_seed(0)  # A's random initialisation
+    model = load_base_model("cpu")
+    add_lora(model, targets=names, rank=rank, alpha=BUDGET_ALPHA)
+    train(
+        model,
+        get_task(BUDGET_TASK),
+        steps=steps,
+        lr=BUDGET_LR,
+        progress=False,
+        measure_memory=False,
+    )
+    return model
+
+
 @functools.cache
 def _shipped_weights() -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in load_base_model("cpu").state_dict().items()}
 
 
+@functools.cache
+def _shipped_modules() -> dict[str, type]:
+    return {n: type(m) for n, m in load_base_model("cpu").named_modules()}
+
+
+def _structure_problem(model: ToyTransformer) -> Feedback | None:
+    """Feedback if the model is not the shipped architecture with LoRALinears on its linears."""
+    shipped = _shipped_modules()
+    seen = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(s + ".") for s in seen):
+            continue  # a LoRALinear's own insides (base, dropout)
+        if isinstance(module, LoRALinear):
+            if shipped.get(name) is not nn.Linear:
+                return _no(f"{name} is a LoRA layer where the shipped base has none: remove it")
+            seen.add(name)
+            continue
+        if shipped.get(name) is not type(module):
+            got = type(module).__name__
+            return _no(f"{name or 'the model'} is a {got}, not the shipped base's: use add_lora")
+        if "forward" in vars(module):
+            return _no(f"{name or 'the model'} has its forward replaced: keep the model's own")
+    if missing := [n for n in shipped if n and n not in dict(model.named_modules())]:
+        return _no(f"the model lacks {missing[0]}, which the shipped base has")
+    return None
+
+
 @_safe
 def check_budget(model: object) -> Feedback:
-    """Exercise 4: LoRA on the shipped base, <= BUDGET trainable, accuracy on BUDGET_TASK."""
+    """Exercise 4: LoRA on the shipped base, adapters <= BUDGET values, accuracy on BUDGET_TASK.
+
+    The budget counts the adapter's size: every value of every lora_A and lora_B, whether or not
+    it requires grad, and any other parameter that differs from the shipped base.
+    """
     todo = (
         f"Choose targets and a rank that train at most {BUDGET:,} parameters, add them to "
         f"lab.load_base_model() and train on {BUDGET_TASK!r} to held-out accuracy "
         f">= {BUDGET_ACCURACY:.2f}. Exercise 3's count gives the cost before you train."
     )
+    if isinstance(model, Feedback):  # train_budget's word on a choice it did not train
+        return model
     if model is None:
         return _no(f"no trained model yet. {todo}")
     if not isinstance(model, ToyTransformer) or model.config != PRESETS["cpu"]:
@@ -485,42 +786,64 @@ def check_budget(model: object) -> Feedback:
     layers = lora_layers(model)
     if not layers:
         return _no(f"the model has no LoRA layers: call lab.add_lora before training. {todo}")
-    leaves = sorted({name.rpartition(".")[2] for name in layers})
+    leaves = sorted({name.rpartition(".")[2] for name in layers}, key=_target_order)
     if invalid := [t for t in leaves if t not in ALL_TARGETS]:
         return _no(f"{invalid} are not LoRA targets here; choose among {', '.join(ALL_TARGETS)}")
-    if any(layer.merged for layer in layers.values()):
+    if problem := _structure_problem(model):
+        return problem
+    if any(layer.merged is not False for layer in layers.values()):
         return _no("the adapters are merged: call lab.unmerge_lora(model) so they can be checked")
-    adapters = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    adapters = {id(p): p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
     extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
     if extra:
         more = " and more" if len(extra) > 1 else ""
         return _no(f"parameters outside the adapters train ({extra[0]}{more}): freeze them")
-    trainable = count_parameters(model).trainable
-    ranks = "/".join(str(r) for r in sorted({layer.rank for layer in layers.values()}))
-    plan = f"rank {ranks} on {', '.join(leaves)}"
-    if trainable > BUDGET:
-        return _no(
-            f"{plan} trains {trainable:,} parameters, over the budget of {BUDGET:,}. Each adapted "
-            "layer costs r * (in + out) in each of the 2 blocks: q, k, v, o are 128 -> 128, "
-            "up and down 128 <-> 512. Lower the rank or adapt fewer layers"
-        )
     shipped = _shipped_weights()
-    for name, value in model.state_dict().items():
+    state = model.state_dict()
+    for name, value in state.items():
         key = name.replace(".base.", ".")
-        if key in shipped and not torch.equal(value.detach().cpu(), shipped[key]):
+        if name.endswith((".lora_A", ".lora_B")):
+            continue
+        if key not in shipped:
+            return _no(f"the model has {name}, which the shipped base lacks: add only LoRA")
+        same = value.dtype == shipped[key].dtype and value.shape == shipped[key].shape
+        if not (same and torch.equal(value.detach().cpu(), shipped[key])):
             return _no(f"{key} differs from the shipped base: train only the adapters")
-    accuracy = get_task(BUDGET_TASK).evaluate(model)["accuracy"]
-    if accuracy < BUDGET_ACCURACY:
+    size = sum(p.numel() for p in adapters.values())
+    frozen = [n for n, p in model.named_parameters() if id(p) in adapters and not p.requires_grad]
+    ranks = "/".join(str(r) for r in sorted({layer.lora_A.shape[0] for layer in layers.values()}))
+    plan = f"rank {ranks} on {', '.join(leaves)}"
+    if size > BUDGET:
+        froze = (
+            f" Freezing {frozen[0].rpartition('.')[2]} does not make it cheaper: the budget "
+            "counts the adapter's size, every value of A and B, trained or not (a frozen A "
+            "is still random numbers the adapter must store)."
+            if frozen
+            else ""
+        )
         return _no(
-            f"{plan} ({trainable:,} parameters) reaches held-out accuracy {accuracy:.2f} on "
-            f"{BUDGET_TASK}, below {BUDGET_ACCURACY:.2f}: train longer (up to 300 steps, lr 2e-2), "
-            "or spend the budget on other layers"
+            f"{plan}: its adapters hold {size:,} values, over the budget of {BUDGET:,}.{froze} "
+            "Each adapted layer costs r * (in + out) in each of the 2 blocks: q, k, v, o are "
+            "128 -> 128, up and down 128 <-> 512. Lower the rank or adapt fewer layers"
+        )
+    if not all(bool(torch.isfinite(p).all()) for p in adapters.values()):
+        return _no(f"{plan}: the adapters hold inf or nan: train again with a smaller lr")
+    accuracy = get_task(BUDGET_TASK).evaluate(model)["accuracy"]
+    if not accuracy >= BUDGET_ACCURACY:
+        return _no(
+            f"{plan} ({size:,} parameters) reaches held-out accuracy {accuracy:.2f} on "
+            f"{BUDGET_TASK}, below {BUDGET_ACCURACY:.2f}: train longer (up to "
+            f"{BUDGET_STEPS} steps, lr 2e-2), or spend the budget on other layers"
         )
     return Feedback(
         True,
-        f"{plan}: {trainable:,} trainable parameters (budget {BUDGET:,}), held-out accuracy "
+        f"{plan}: {size:,} adapter parameters (budget {BUDGET:,}), held-out accuracy "
         f"on {BUDGET_TASK} at least {BUDGET_ACCURACY:.2f}, the base untouched.",
     )
+
+
+def _target_order(name: str) -> int:
+    return ALL_TARGETS.index(name) if name in ALL_TARGETS else len(ALL_TARGETS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,11 +857,12 @@ SWEEP_CHOICES: dict[str, tuple[str, str]] = {  # letter -> (choice, why it is ri
         "parameter), and rsLoRA's training loss stays high too: it underfits, it does not overfit",
     ),
     "B": (
-        "alpha / sqrt(r) makes the update 8 times larger at rank 64 (scaling 2 instead of 0.25); "
-        "Adam moves B by about lr per step whatever the scale, so ΔW moves 8 times faster, and "
-        "lr 2e-2, tuned for alpha / r, is too large a step.",
-        "with Adam the scaling acts like a learning-rate multiplier on ΔW; rsLoRA needs a "
-        "smaller lr (or alpha) at high rank, alpha / r shrinks its step as the rank grows",
+        "alpha / r is the better rule: one alpha and lr serve every rank, while alpha / sqrt(r) "
+        "breaks down at high rank.",
+        "that holds only at the alpha and lr the grid tuned for alpha / r. At one rank the rules "
+        "differ only by a factor sqrt(r) in the scaling: rsLoRA at rank 64 with alpha 2 has "
+        "exactly alpha / r's scaling at alpha 16 (2 / 8 = 16 / 64 = 0.25) and trains the same. "
+        "Which rule looks better depends on which one alpha and lr were tuned for",
     ),
     "C": (
         "alpha / r makes ΔW grow with the rank, which is why alpha / r improves up to rank 64.",
@@ -546,17 +870,35 @@ SWEEP_CHOICES: dict[str, tuple[str, str]] = {  # letter -> (choice, why it is ri
         "improves because more rank means more capacity, at a step size that stays tame",
     ),
     "D": (
+        "The comparison favours alpha / r: alpha 16 and lr 2e-2 were tuned for it. Under Adam "
+        "each step moves A and B by about lr per entry whatever the gradient's scale, so ΔW's "
+        "step grows with scaling x lr; at rank 64 alpha / sqrt(r) is 8 times alpha / r (2 "
+        "instead of 0.25), too large a step. rsLoRA at its own tuned alpha (or lr) does "
+        "comparably.",
+        "with Adam the scaling acts like a learning-rate multiplier on ΔW, so each rule needs "
+        "its own alpha (or lr): alpha / r keeps the step about level as the rank grows, rsLoRA "
+        "needs about alpha / sqrt(r_tuned) (16 / sqrt(8) = 5.7 to match rank 8) or a smaller "
+        "lr. A comparison at one rule's tuned settings says little about the other rule",
+    ),
+    "E": (
         "Rank 64 is more than a 128 x 128 layer can use, so rsLoRA's extra rank is thrown away.",
         "rank 64 is below min(in, out) = 128, and alpha / r at the same rank reaches 0.91: "
         "the rank itself is usable",
     ),
-    "E": (
+    "F": (
+        "Adam moves A and B by about lr per step, and at rank 64 alpha / sqrt(r)'s scaling is "
+        "8 times alpha / r's, so lr 2e-2 is too large a step for rsLoRA.",
+        "right about the mechanism, but incomplete: a complete answer also says that the "
+        "comparison depends on the alpha and lr each rule was tuned for (here alpha / r's), "
+        "and how rsLoRA does at its own tuned alpha or lr",
+    ),
+    "G": (
         "It is seed noise: one unlucky run.",
         "the rsLoRA column falls steadily as the rank grows, and the repeated rank-8 runs agree "
         "within a couple of points: a drop of about 60 points is not noise",
     ),
 }
-SWEEP_ANSWER = "B"
+SWEEP_ANSWER = "D"
 
 
 def sweep_evidence() -> str:
@@ -582,8 +924,13 @@ def check_sweep_answer(answer: object) -> Feedback:
     letters = ", ".join(SWEEP_CHOICES)
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         return _no(f"no answer yet: set ANSWER to one letter, {letters}")
-    letter = answer.strip().strip(".)").upper() if isinstance(answer, str) else None
+    if not isinstance(answer, str):
+        return _no(f"ANSWER should be one letter in quotes, like 'A'; got {answer!r}")
+    letter = answer.strip().strip(".)").strip().upper()
     if letter not in SWEEP_CHOICES:
+        several = [c for c in letter if c in SWEEP_CHOICES]
+        if len(several) > 1 and len(letter) <= 3 * len(several):
+            return _no(f"answer one letter, the one explanation that is complete; got {answer!r}")
         return _no(f"answer one letter of {letters}; got {answer!r}")
     _, why = SWEEP_CHOICES[letter]
     if letter == SWEEP_ANSWER:
@@ -621,21 +968,73 @@ def _state_bytes() -> dict[str, dict[str, int]]:
     return out
 
 
-def _bytes_hint(guess: float, n: int, n_frozen: int) -> str:
-    """Why a byte count might be off: its value per trainable parameter says a lot."""
+def _memory_mistakes(kind: str) -> list[tuple[str, float]]:
+    """(hint, the bytes that mistake predicts) for `kind`, in the order they are tried."""
+    config = get_preset("cpu")
+    d, f, n, v, t = (
+        config.d_model,
+        config.d_ff,
+        config.n_layers,
+        config.vocab_size,
+        config.max_seq_len,
+    )
+    if kind == "lora":
+        one = n * MEMORY_RANK * 2 * d  # one 128 -> 128 target, both blocks
+        return [
+            (
+                "that is half the adapters: LoRA here is on q and v, in both blocks, each "
+                "with A (r x in) and B (out x r)",
+                12 * one,
+            ),
+            ("that is LoRA on q, k, v and o: this setting adapts q and v only", 12 * 4 * one),
+            (
+                "that is LoRA on all six projections: this setting adapts q and v only",
+                12 * n * MEMORY_RANK * (4 * 2 * d + 2 * (d + f)),
+            ),
+        ]
+    per_block = 4 * d * d + 2 * d * f + 2 * 2 * d
+    n_full = v * d + t * d + n * per_block + 2 * d
+    return [
+        ("you counted the tied head as its own matrix: it is the embedding", 12 * (n_full + v * d)),
+        ("the position embedding is missing (32 x 128)", 12 * (n_full - t * d)),
+        ("the LayerNorms are missing: a weight and a bias each, 5 of them", 12 * (n_full - 10 * d)),
+        (
+            "the token embedding is missing: it trains too (and serves as the head)",
+            12 * (n_full - v * d),
+        ),
+        ("that is one block's worth of the blocks: the base has 2", 12 * (n_full - per_block)),
+        ("the linears here have no biases", 12 * (n_full + n * (5 * d + f))),
+    ]
+
+
+def _bytes_hint(kind: str, guess: float, n: int, n_frozen: int, swapped: bool) -> str:
+    """Why a byte count might be off: a known mistake's value, or its value per parameter."""
+    if swapped:
+        return "that is the other prediction's value: are FULL_BYTES and LORA_BYTES swapped?"
+    matches = [h for h, v in _memory_mistakes(kind) if math.isclose(guess, v, rel_tol=0.01)]
     per = guess / n
     known = {
         4: "that is the gradients alone: AdamW also keeps two moments per parameter",
         8: "one fp32 value per parameter is missing: a gradient and two Adam moments",
         16: "you included the weights themselves: the question is gradients + optimizer state",
+        24: "that is 8 bytes per value: the lab trains in float32, 4 bytes",
         1: "that is a count of values, not bytes: each fp32 value takes 4 bytes",
         3: "that is a count of values, not bytes: each fp32 value takes 4 bytes",
-        6: "the lab trains in float32: 4 bytes per value, not 2",
+        6: "that is 2 bytes per value: the lab trains in float32, 4 bytes",
     }
-    if hint := next((h for v, h in known.items() if math.isclose(per, v, rel_tol=0.02)), None):
+    per_hint = next((h for v, h in known.items() if math.isclose(per, v, rel_tol=0.02)), None)
+    if matches and per_hint and kind == "full":  # one number, two explanations: say both
+        return f"{matches[0]} (or {per_hint})"
+    # LoRA is checked after full fine-tuning passed, bytes per value and all: a LoRA number
+    # that is off is off in what it counts.
+    if hint := (matches[0] if matches else per_hint):
         return hint
     if math.isclose(guess / (n + n_frozen), 12, rel_tol=0.05):
         return "you counted the frozen base too: only A and B get gradients and Adam moments"
+    want = 12 * n
+    for unit, size in (("KiB", 2**10), ("MiB", 2**20), ("kB", 1e3), ("MB", 1e6)):
+        if math.isclose(guess * size, want, rel_tol=TOLERANCE):
+            return f"that looks like {unit}: give bytes (multiply by {size:,.0f})"
     if guess < 1e4:
         return "that is very small: give bytes, not KiB or MiB"
     return "count the trainable parameters, then bytes for a gradient and two Adam moments"
@@ -651,6 +1050,8 @@ def check_memory(full_bytes: object, lora_bytes: object) -> Feedback:
                 f"no prediction for {kind} yet: give a number of bytes for FULL_BYTES and "
                 "LORA_BYTES (gradients + AdamW state on the 'cpu' preset)"
             )
+        if isinstance(guess, torch.Tensor) and guess.numel() == 1 and not guess.is_complex():
+            guess = guesses[kind] = guess.item()
         number = isinstance(guess, numbers.Real) and not isinstance(guess, bool)
         if not number or not math.isfinite(guess) or guess <= 0:
             return _no(f"the {kind} prediction should be a positive number of bytes: {guess!r}")
@@ -661,9 +1062,13 @@ def check_memory(full_bytes: object, lora_bytes: object) -> Feedback:
         want = state[kind]["analytic"]  # the measurement agrees to a few bytes; check both
         if any(abs(guess - v) > TOLERANCE * v for v in (want, state[kind]["measured"])):
             n, frozen = state[kind]["trainable"], full["trainable"] - state[kind]["trainable"]
+            other = "lora" if kind == "full" else "full"
+            swapped = math.isclose(guess, state[other]["analytic"], rel_tol=TOLERANCE) and (
+                math.isclose(guesses[other], want, rel_tol=TOLERANCE)
+            )
             return _no(
                 f"{names[kind]}: you predict {format_bytes(guess)}, the lab's count is "
-                f"{format_bytes(want)}: {_bytes_hint(float(guess), n, frozen)}"
+                f"{format_bytes(want)}: {_bytes_hint(kind, float(guess), n, frozen, swapped)}"
             )
     return Feedback(
         True,
