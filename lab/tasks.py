@@ -172,6 +172,8 @@ class Task:
         self, batch_size: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A random training batch (sampled with replacement) from `generator`."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
         idx = torch.randint(self.n_train, (batch_size,), generator=generator)
         return self.train_inputs[idx], self.train_targets[idx]
 
@@ -185,6 +187,8 @@ class Task:
         """
         if split not in ("heldout", "train"):
             raise ValueError(f"split={split!r}: expected 'heldout' or 'train'")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
         inputs, targets = getattr(self, f"{split}_inputs"), getattr(self, f"{split}_targets")
         was_training = model.training
         model.eval()
@@ -248,7 +252,7 @@ _CACHE: dict[str, Task] = {}
 
 def get_task(name: str) -> Task:
     """The named task (see `TASKS`); generated once per process, identical on every machine."""
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
     if name not in _CACHE:
         _CACHE[name] = _build(name)
