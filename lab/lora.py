@@ -32,6 +32,7 @@ __all__ = [
     "LoRALinear",
     "ParamCount",
     "add_lora",
+    "check_trainable",
     "count_parameters",
     "load_adapter",
     "load_lora_state_dict",
@@ -52,23 +53,53 @@ _FORMAT, _VERSION = "lora-lab-adapter", 1
 # ---------------------------------------------------------------------------------------------
 
 
+# The largest scaling (alpha / rank, or alpha / sqrt(rank) with rsLoRA) add_lora accepts. The
+# scaling multiplies x A^T before B: with scaling = 1e300 that product overflows float32 to inf,
+# and inf * (B = 0) = nan, so a fresh adapter would already output nan. Ordinary settings use
+# scaling 0.25 to 64; 1e4 leaves ample room while keeping every intermediate far from overflow.
+MAX_SCALING = 1e4
+
+
+def _is_bool(value: object) -> bool:
+    """True for True/False and numpy's bool scalars."""
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
 def _check_hparams(rank: object, alpha: object, dropout: object, rslora: object) -> None:
-    """Raise TypeError/ValueError for a bad rank, alpha, dropout or rslora."""
-    # bool is a subclass of int, but rank=True is certainly a mistake
-    if not isinstance(rank, int) or isinstance(rank, bool):
+    """Raise TypeError/ValueError for a bad rank, alpha, dropout or rslora.
+
+    Python and numpy numbers are accepted (np.int64(8), np.float64(16)); bools are not numbers
+    here (rank=True is a mistake), and rslora must be a real bool, never a string like 'False'.
+    The scaling alpha/rank (alpha/sqrt(rank) with rslora) must be at most MAX_SCALING.
+    """
+    if not isinstance(rank, numbers.Integral) or _is_bool(rank):
         raise TypeError(f"rank must be an int >= 1, got {rank!r} ({type(rank).__name__})")
     if rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank}")
-    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+    if not isinstance(alpha, numbers.Real) or _is_bool(alpha):
         raise TypeError(f"alpha must be a real number > 0, got {alpha!r} ({type(alpha).__name__})")
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
+    if not isinstance(dropout, numbers.Real) or _is_bool(dropout):
         raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if not 0.0 <= dropout < 1.0:  # also rejects nan, for which every comparison is False
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    if not isinstance(rslora, bool):
-        raise TypeError(f"rslora must be True or False, got {rslora!r}")
+    if not _is_bool(rslora):
+        raise TypeError(f"rslora must be True or False, got {rslora!r} ({type(rslora).__name__})")
+    scaling = float(alpha) / (math.sqrt(int(rank)) if rslora else int(rank))
+    if scaling > MAX_SCALING:
+        rule = "alpha/sqrt(rank)" if rslora else "alpha/rank"
+        raise ValueError(
+            f"alpha={alpha!r} with rank={rank} gives scaling {rule} = {scaling:.3g}, above the "
+            f"bound {MAX_SCALING:g}: the adapter's output would overflow to inf/nan; "
+            "typical alpha is 1 to 4 times the rank"
+        )
+
+
+def _check_model(model: object, what: str = "model") -> None:
+    """TypeError unless model is an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} must be a torch nn.Module, got {type(model).__name__}")
 
 
 def _check_rank_fits(rank: int, linear: nn.Linear, where: str) -> None:
@@ -103,12 +134,19 @@ class LoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
+        self.rank, self.alpha, self.rslora = int(rank), float(alpha), bool(rslora)
+        rank = self.rank
         self.dropout_p = float(dropout)
         # rsLoRA (Kalajdzievski 2023) divides by sqrt(rank) so the update's size does not shrink
         # as the rank grows; classic LoRA divides by rank.
         self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
         self.merged = False
+        # While merged: the A, B and scaling that were folded into W, so unmerge subtracts the
+        # very ΔW that merge added even if the adapter is edited meanwhile (non-persistent: not
+        # in state_dict, but they move with .to()).
+        self.register_buffer("_merged_A", None, persistent=False)
+        self.register_buffer("_merged_B", None, persistent=False)
+        self._merged_scaling = self.scaling
         # Adapters train in (at least) fp32 even on a bf16/fp16 base: tiny updates to small
         # matrices would be rounded away in half precision. A float64 base keeps float64.
         weight = base.weight
@@ -148,10 +186,22 @@ class LoRALinear(nn.Module):
         return delta.to(dtype=self.base.weight.dtype, device=self.base.weight.device)
 
     @torch.no_grad()
-    def _folded_weight(self, sign: int) -> torch.Tensor:
-        """W ± ΔW computed in fp32 (rounding once, at the end), cast to the base weight's dtype."""
+    def _folded_weight(
+        self,
+        sign: int,
+        a: torch.Tensor | None = None,
+        b: torch.Tensor | None = None,
+        scaling: float | None = None,
+    ) -> torch.Tensor:
+        """W ± ΔW computed in fp32 (rounding once, at the end), cast to the base weight's dtype.
+
+        ΔW = scaling * b @ a, by default from the current lora_A, lora_B and scaling.
+        """
+        a = self.lora_A if a is None else a
+        b = self.lora_B if b is None else b
+        scaling = self.scaling if scaling is None else scaling
         w = self.base.weight
-        delta = (self.lora_B @ self.lora_A) * self.scaling
+        delta = (b @ a) * scaling
         return (w.to(delta.dtype) + sign * delta.to(w.device)).to(w.dtype)
 
     def _check_mergeable(self, name: str = "this layer") -> torch.Tensor:
@@ -171,16 +221,51 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRALinear is already merged; merge() did nothing", stacklevel=2)
             return
         self.base.weight.copy_(self._check_mergeable())
+        self._merged_A = self.lora_A.detach().clone()
+        self._merged_B = self.lora_B.detach().clone()
+        self._merged_scaling = self.scaling
         self.merged = True
+
+    def adapter_changed_since_merge(self) -> bool:
+        """True if lora_A, lora_B or the scaling differ from what merge() folded into W."""
+        if not self.merged or self._merged_A is None or self.lora_A.is_meta:
+            return False
+        return not (
+            self._merged_scaling == self.scaling
+            and self._merged_A.shape == self.lora_A.shape
+            and self._merged_B.shape == self.lora_B.shape
+            and bool(torch.equal(self._merged_A, self.lora_A.detach()))
+            and bool(torch.equal(self._merged_B, self.lora_B.detach()))
+        )
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ΔW from base.weight again (exact up to rounding of the base dtype)."""
+        """Subtract from base.weight the ΔW that merge() added (exact up to base-dtype rounding).
+
+        The ΔW subtracted is the one merged, from the A, B and scaling recorded at merge time,
+        so W comes back to what it was before merge() even if the adapter was edited while
+        merged. In that case a UserWarning says so; the edited adapter is kept, and the
+        unmerged layer then computes W x + (new ΔW) x.
+        """
         if not self.merged:
             warnings.warn("LoRALinear is not merged; unmerge() did nothing", stacklevel=2)
             return
-        self.base.weight.copy_(self._folded_weight(-1))
+        changed = self.adapter_changed_since_merge()
+        if self._merged_A is None:  # merged flag set by hand: fall back to the current ΔW
+            self.base.weight.copy_(self._folded_weight(-1))
+        else:
+            self.base.weight.copy_(
+                self._folded_weight(-1, self._merged_A, self._merged_B, self._merged_scaling)
+            )
+        self._merged_A = self._merged_B = None
         self.merged = False
+        if changed:
+            warnings.warn(
+                "lora_A/lora_B changed while the layer was merged; unmerge() subtracted the "
+                "ΔW that was merged, so W is restored, and the layer now uses the changed "
+                "adapter",
+                stacklevel=2,
+            )
 
     def extra_repr(self) -> str:
         """Summary shown by print(model)."""
@@ -198,6 +283,7 @@ class LoRALinear(nn.Module):
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear in the model: qualified name -> layer, in module order."""
+    _check_model(model)
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -231,13 +317,46 @@ def _normalize_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def _shared_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of parameters registered in more than one module (tied weights)."""
+    """ids of parameters registered in more than one place (tied weights, reused modules)."""
     seen: set[int] = set()
     shared: set[int] = set()
-    for module in model.modules():
+    for _, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
             (shared if id(p) in seen else seen).add(id(p))
     return shared
+
+
+def _module_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every qualified name it is registered under (more than one if reused)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+# Modules that read a child linear's .weight directly instead of calling it, so a LoRALinear in
+# its place would be bypassed (or break forward): nn.MultiheadAttention passes
+# out_proj.weight to F.multi_head_attention_forward; the Transformer layers' fast path passes
+# linear1.weight, linear2.weight and their attention's weights.
+_WEIGHT_READING_PARENTS: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+def check_trainable(model: nn.Module, action: str = "training") -> None:
+    """ValueError if any LoRA layer of `model` is merged: its W holds ΔW and A, B are unused.
+
+    Training a merged model would update A and B without changing its output (forward runs the
+    base alone), so the trainer refuses it: call unmerge_lora(model) first.
+    """
+    merged = [name for name, layer in lora_layers(model).items() if layer.merged]
+    if merged:
+        shown = _describe(merged)
+        raise ValueError(
+            f"the model is merged (LoRA layers {shown}); call unmerge_lora(model) before {action}"
+        )
 
 
 def add_lora(
@@ -254,6 +373,7 @@ def add_lora(
     "q_proj" matches "blocks.0.attn.q_proj" and "attn.q_proj" works too. Returns the replaced
     names in module order. Everything is validated first: on error the model is unchanged.
     """
+    _check_model(model)
     targets = _normalize_targets(targets)
     _check_hparams(rank, alpha, dropout, rslora)
 
@@ -261,7 +381,11 @@ def add_lora(
     # `.base` is an implementation detail, not a layer of the user's model).
     existing = lora_layers(model).values()
     internal = {id(m) for layer in existing for m in layer.modules() if m is not layer}
-    candidates = [(n, m) for n, m in model.named_modules() if n and id(m) not in internal]
+    candidates = [
+        (n, m)
+        for n, m in model.named_modules(remove_duplicate=False)  # every place a module is used
+        if n and id(m) not in internal
+    ]
 
     def hits(name: str, t: str) -> bool:
         return name == t or name.endswith("." + t)
@@ -276,6 +400,7 @@ def add_lora(
             f"{leaves} (e.g. {linear_names[:4]})"
         )
     shared = _shared_parameter_ids(model)
+    names_of = _module_names(model)
     for name, module in matches:
         if isinstance(module, LoRALinear):  # a state problem rather than a wrong type
             raise ValueError(  # noqa: TRY004
@@ -286,11 +411,29 @@ def add_lora(
                 f"target {name} is a {type(module).__name__}, not an nn.Linear; "
                 "LoRA here only wraps linear layers"
             )
+        # One module reused at several places (nn.Sequential(lin, act, lin)): only one place
+        # could be replaced, and merging would change the others behind the user's back.
+        where = names_of.get(id(module), [name])
+        if len(where) > 1:
+            raise ValueError(
+                f"{name} is one nn.Linear used at {len(where)} places in the model "
+                f"({_describe(where)}); LoRA would wrap only one of them and merging would "
+                "change the others, so give each place its own nn.Linear (copy.deepcopy)"
+            )
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name)
+        if isinstance(parent, _WEIGHT_READING_PARENTS):
+            raise ValueError(
+                f"target {name} is inside a {type(parent).__name__} ({parent_name or 'model'}), "
+                "which reads its .weight directly instead of calling it, so a LoRA layer there "
+                "would be bypassed or break forward; choose another target"
+            )
         # A tied weight (e.g. an output head sharing the embedding) would silently change the
         # other module too when ΔW is merged, so refuse rather than surprise.
-        if id(module.weight) in shared:
+        tied = [pname for pname, p in module.named_parameters(recurse=False) if id(p) in shared]
+        if tied:
             raise ValueError(
-                f"{name}.weight is shared with another module (tied weights); "
+                f"{name}.{tied[0]} is shared with another module (tied weights); "
                 "merging LoRA into it would change both, so it cannot be a target"
             )
         _check_rank_fits(rank, module, name)
@@ -369,24 +512,51 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     if merged:
         # The merged weights contain the old ΔW; new A, B would leave them inconsistent.
         raise ValueError(f"LoRA layers {merged} are merged; call unmerge_lora(model) first")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict must be a mapping of name -> tensor (as from lora_state_dict), "
+            f"got {type(state_dict).__name__}"
+        )
     params = lora_state_dict(model)
-    missing = sorted(params.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - params.keys())
+    missing = sorted(params.keys() - state_dict.keys(), key=str)
+    unexpected = sorted(state_dict.keys() - params.keys(), key=str)
     if missing or unexpected:
-        raise ValueError(f"adapter keys do not match: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"adapter keys do not match: missing {_describe(missing)}, "
+            f"unexpected {_describe(unexpected)}"
+        )
+    # First pass: check every value and make the exact tensor to copy (right dtype and device).
+    # Nothing is written until every one of them is known to be good.
+    ready: dict[str, torch.Tensor] = {}
     for key, param in params.items():
         value = state_dict[key]
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{key}: expected a tensor, got {type(value).__name__}")
+        if value.layout != torch.strided:
+            raise TypeError(f"{key}: expected a dense tensor, got layout {value.layout}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(
+                f"{key}: adapter tensors must be floating point (float32, bfloat16, ...), "
+                f"got dtype {value.dtype}"
+            )
         if value.shape != param.shape:
             raise ValueError(
                 f"{key}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}"
             )
-        if not value.is_meta and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{key} contains non-finite values (inf or nan)")
+        if value.is_meta and not param.is_meta:
+            raise ValueError(f"{key} is on the meta device: it has a shape but no values to load")
+        try:
+            converted = value.detach().to(device=param.device, dtype=param.dtype, copy=True)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"{key}: cannot move it from {value.device} to {param.device}: {exc}"
+            ) from exc
+        if not converted.is_meta and not bool(torch.isfinite(converted).all()):
+            raise ValueError(f"{key} contains non-finite values (inf or nan) as {param.dtype}")
+        ready[key] = converted
     with torch.no_grad():
         for key, param in params.items():
-            param.copy_(state_dict[key])  # copy_ casts dtype and moves device as needed
+            param.copy_(ready[key])
 
 
 def _adapter_config(layers: dict[str, LoRALinear]) -> dict:
@@ -414,7 +584,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     The file holds only A and B for each layer (kilobytes to megabytes, not the whole model);
     the config is JSON in the safetensors metadata under "lora_lab_config".
     """
-    path = Path(path)
+    path = _check_path(path, "adapter path")
     layers = _require_lora(model)
     state = lora_state_dict(model)
     if any(t.is_meta for t in state.values()):
@@ -423,6 +593,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     metadata = {_CONFIG_KEY: json.dumps(_adapter_config(layers))}
     data = safetensors_save(tensors, metadata=metadata)
     return atomic_write_bytes(path, data)
+
+
+def _check_path(path: object, what: str) -> Path:
+    """Path(path), or a TypeError naming what a path may be."""
+    if not isinstance(path, str | os.PathLike) or (isinstance(path, str) and not path):
+        raise TypeError(f"{what} must be a non-empty str or os.PathLike, got {path!r}")
+    return Path(path)
 
 
 def _describe(value: object, limit: int = 120) -> str:
@@ -438,7 +615,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
     rank=..., alpha=..., dropout=..., rslora=...) as when training, then load_adapter. Any
     mismatch raises ValueError and leaves the model unchanged.
     """
-    path = Path(path)
+    _check_model(model)
+    path = _check_path(path, "adapter file")
+    if path.is_dir():
+        raise IsADirectoryError(f"adapter file {path} is a directory, not a .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} does not exist")
     try:
@@ -453,8 +633,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} has no {_CONFIG_KEY!r} metadata: not written by save_adapter?")
     try:
         config = json.loads(metadata[_CONFIG_KEY])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: the {_CONFIG_KEY!r} metadata is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(
+            f"{path}: the {_CONFIG_KEY!r} metadata is not valid JSON: {_describe(str(exc))}"
+        ) from exc
     if not isinstance(config, dict) or config.get("format") != _FORMAT:
         raise ValueError(f"{path}: metadata is not a {_FORMAT!r} config")
     if config.get("version") != _VERSION:
@@ -483,8 +665,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         )
     try:
         load_lora_state_dict(model, tensors)
-    except ValueError as exc:
-        raise ValueError(f"cannot load {path}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"cannot load {path}: {exc}") from exc
     return config
 
 
@@ -507,6 +689,7 @@ class ParamCount(NamedTuple):
 
 def count_parameters(model: nn.Module) -> ParamCount:
     """Count unique parameters; works on the meta device since only shapes are needed."""
+    _check_model(model)
     # model.parameters() yields each Parameter object once, so a tied weight counts once.
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
