@@ -30,14 +30,12 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 
-# JupyterLab user settings: no news or update pop-ups over the notebook, no autosave (the
-# notebooks are copies, but a dirty document must not be written while a test reads it), and
-# every cell kept in the DOM (no windowing), so a test can read outputs that are off screen.
+# The lab's shipped JupyterLab defaults (no news or update pop-ups), as the README starts it.
+LAB_DEFAULTS = NOTEBOOKS / ".jupyter" / "lab" / "settings"
+# JupyterLab user settings for the tests: no autosave (the notebooks are copies, but a dirty
+# document must not be written while a test reads it), and every cell kept in the DOM (no
+# windowing), so a test can read outputs that are off screen.
 LAB_SETTINGS = {
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
-        "fetchNews": "false",
-        "checkForUpdates": False,
-    },
     "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
 }
@@ -280,6 +278,7 @@ def start_lab(base: Path, notebooks: list[Path], timeout: float = 120.0) -> Serv
             "--ServerApp.port_retries=0",
             f"--IdentityProvider.token={token}",
             f"--ServerApp.root_dir={root}",
+            f"--LabApp.app_settings_dir={LAB_DEFAULTS}",
             "--LabServerApp.check_for_updates_class="
             "jupyterlab.handlers.announcements.NeverCheckForUpdate",
             "--ServerApp.terminals_enabled=False",

@@ -66,6 +66,14 @@ def run_clean(page, server, name, shots, timings) -> None:
         print(f"{name}: {message}")
 
 
+def test_shipped_settings_turn_off_the_news_pop_up(lab_server):
+    """The README's command points JupyterLab at notebooks/.jupyter: no news, no update check."""
+    reply = lab_server.api("GET", "/lab/api/settings/@jupyterlab/apputils-extension:notification")
+    defaults = {k: v.get("default") for k, v in reply["schema"]["properties"].items()}
+    assert defaults["fetchNews"] == "false" and defaults["checkForUpdates"] is False
+    assert not reply.get("raw", "").strip("{} \n")  # no user setting needed: the shipped default
+
+
 def test_error_outputs_are_seen_and_progress_bars_are_not(lab_server, page, shots):
     """The error check itself: an exception is found, tqdm and warnings on stderr are not."""
     probe = lab_server.base / "root" / "probe" / "errors.ipynb"
