@@ -44,6 +44,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
             )
+        if not isinstance(self.dropout, int | float) or isinstance(self.dropout, bool):
+            raise ValueError(f"ModelConfig.dropout={self.dropout!r}: expected a number in [0, 1)")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"ModelConfig.bias={self.bias!r}: expected True or False")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout={self.dropout!r}: expected a value in [0, 1)")
 
@@ -147,6 +151,11 @@ class ToyTransformer(nn.Module):
     """GPT-style decoder-only language model; the output head is tied to the token embedding."""
 
     def __init__(self, config: ModelConfig | None = None) -> None:
+        if config is not None and not isinstance(config, ModelConfig):
+            raise TypeError(
+                f"config must be a ModelConfig (e.g. get_preset('tiny')), "
+                f"got {type(config).__name__}"
+            )
         super().__init__()
         self.config = config = config or ModelConfig()
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
@@ -174,6 +183,13 @@ class ToyTransformer(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, seq) -> next-token logits (batch, seq, vocab_size)."""
+        if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.is_floating_point():
+            got = (
+                f"a {tuple(idx.shape)} {idx.dtype} tensor"
+                if isinstance(idx, torch.Tensor)
+                else type(idx).__name__
+            )
+            raise TypeError(f"idx must be a (batch, seq) tensor of integer token ids, got {got}")
         seq = idx.shape[1]
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
