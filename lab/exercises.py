@@ -995,15 +995,7 @@ def _memory_mistakes(kind: str) -> list[tuple[str, float]]:
     per_block = 4 * d * d + 2 * d * f + 2 * 2 * d
     n_full = v * d + t * d + n * per_block + 2 * d
     return [
-        ("you counted the tied head as its own matrix: it is the embedding", 12 * (n_full + v * d)),
-        ("the position embedding is missing (32 x 128)", 12 * (n_full - t * d)),
-        ("the LayerNorms are missing: a weight and a bias each, 5 of them", 12 * (n_full - 10 * d)),
-        (
-            "the token embedding is missing: it trains too (and serves as the head)",
-            12 * (n_full - v * d),
-        ),
         ("that is one block's worth of the blocks: the base has 2", 12 * (n_full - per_block)),
-        ("the linears here have no biases", 12 * (n_full + n * (5 * d + f))),
     ]
 
 
