@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -62,7 +63,7 @@ MAX_SCALING = 1e4
 
 def _is_bool(value: object) -> bool:
     """True for True/False and numpy's bool scalars."""
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    return isinstance(value, bool | np.bool_)
 
 
 def _check_hparams(rank: object, alpha: object, dropout: object, rslora: object) -> None:

@@ -1,0 +1,468 @@
+"""Bad inputs and faults for LoRA surgery, adapter files, the base model file and atomic saves.
+
+Each case asserts the exception type, key words of its message, and that nothing changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lab.base import load_base_config, load_base_model, model_from_state, save_base_model
+from lab.fileio import atomic_write_bytes
+from lab.lora import (
+    _check_hparams,
+    add_lora,
+    check_trainable,
+    load_adapter,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
+)
+from lab.model import ModelConfig, ToyTransformer, get_preset
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+
+
+@pytest.fixture
+def lora_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    add_lora(model, ["0", "2"], rank=2, alpha=4)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_()
+    return model
+
+
+# --- hyperparameters ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "words"),
+    [
+        ({"alpha": 1e300}, ValueError, "scaling"),
+        ({"alpha": 1e5, "rank": 2}, ValueError, "bound"),
+        ({"alpha": 1e9, "rank": 4, "rslora": True}, ValueError, "alpha/sqrt(rank)"),
+        ({"alpha": True}, TypeError, "alpha"),
+        ({"rank": True}, TypeError, "rank"),
+        ({"dropout": True}, TypeError, "dropout"),
+        ({"rslora": "False"}, TypeError, "rslora"),
+        ({"rslora": 0}, TypeError, "rslora"),
+        ({"rank": 2.0}, TypeError, "rank"),
+        ({"rank": 0}, ValueError, "rank"),
+        ({"alpha": float("nan")}, ValueError, "finite"),
+        ({"alpha": float("inf")}, ValueError, "finite"),
+        ({"alpha": -1}, ValueError, "alpha"),
+        ({"alpha": "16"}, TypeError, "alpha"),
+        ({"dropout": float("nan")}, ValueError, "dropout"),
+        ({"dropout": 1.0}, ValueError, "dropout"),
+    ],
+)
+def test_add_lora_refuses_bad_hparams(kwargs, exc, words):
+    model = nn.Sequential(nn.Linear(8, 8))
+    before = snapshot(model)
+    args = {"rank": 2, "alpha": 4, "dropout": 0.0, "rslora": False, **kwargs}
+    with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
+        add_lora(model, "0", **args)
+    assert same(model, before) and isinstance(model[0], nn.Linear)
+
+
+def test_numpy_scalars_still_work():
+    model = nn.Sequential(nn.Linear(8, 8))
+    add_lora(model, "0", rank=np.int64(2), alpha=np.float64(16), dropout=np.float32(0.0))
+    assert model[0].rank == 2 and model[0].scaling == 8.0
+    _check_hparams(2, np.float64(16), 0.0, np.bool_(True))
+
+
+# --- targets and models ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("targets", "exc", "words"),
+    [
+        ([], ValueError, "empty"),
+        ([""], TypeError, "non-empty str"),
+        ([1], TypeError, "non-empty str"),
+        (None, TypeError, "targets"),
+        ("02", ValueError, "match no module"),  # never split into "0" and "2"
+        (("0", 2), TypeError, "non-empty str"),
+    ],
+)
+def test_bad_targets(targets, exc, words):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    before = snapshot(model)
+    with pytest.raises(exc, match=words):
+        add_lora(model, targets)
+    assert same(model, before) and not any(
+        isinstance(m, nn.Module) and hasattr(m, "lora_A") for m in model
+    )
+
+
+@pytest.mark.parametrize(
+    "fn", [add_lora, merge_lora, unmerge_lora, lora_state_dict, check_trainable]
+)
+@pytest.mark.parametrize("model", [None, "model", {"0": 1}])
+def test_not_a_module(fn, model):
+    with pytest.raises(TypeError, match="nn.Module"):
+        fn(model)
+
+
+@pytest.mark.parametrize("target", ["0", "2"])
+def test_reused_linear_refused(target):
+    lin = nn.Linear(8, 8)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="2 places"):
+        add_lora(model, target)
+    assert same(model, before) and model[0] is lin and model[2] is lin
+
+
+def test_shared_bias_refused():
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    b.bias = a.bias
+    model = nn.Sequential(a, b)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"1\.bias is shared"):
+        add_lora(model, "1")
+    assert same(model, before) and isinstance(model[1], nn.Linear)
+
+
+@pytest.mark.parametrize(
+    ("module", "target"),
+    [
+        (nn.MultiheadAttention(8, 2), "out_proj"),
+        (nn.TransformerEncoderLayer(8, 2, 16), "linear1"),
+        (nn.TransformerDecoderLayer(8, 2, 16), "linear2"),
+    ],
+)
+def test_weight_reading_parent_refused(module, target):
+    model = nn.Sequential(module)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"reads its \.weight directly"):
+        add_lora(model, target)
+    assert same(model, before)
+
+
+def test_rank_larger_than_layer_refused():
+    model = nn.Sequential(nn.Linear(8, 3))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="min"):
+        add_lora(model, "0", rank=4)
+    assert same(model, before)
+
+
+# --- merge / unmerge / train ----------------------------------------------------------------
+
+
+def test_unmerge_after_edit_restores_w(lora_model):
+    w0 = lora_model[0].base.weight.detach().clone()
+    merge_lora(lora_model)
+    with torch.no_grad():
+        lora_model[0].lora_B.add_(1.0)
+    with pytest.warns(UserWarning, match="changed while the layer was merged"):
+        unmerge_lora(lora_model)
+    assert torch.allclose(lora_model[0].base.weight, w0, atol=1e-6)
+
+
+def test_unmerge_without_edit_is_silent(lora_model):
+    w0 = lora_model[2].base.weight.detach().clone()
+    merge_lora(lora_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unmerge_lora(lora_model)
+    assert torch.allclose(lora_model[2].base.weight, w0, atol=1e-6)
+
+
+def test_check_trainable_refuses_merged(lora_model):
+    merge_lora(lora_model)
+    before = snapshot(lora_model)
+    with pytest.raises(ValueError, match=r"merged.*unmerge_lora\(model\) before training"):
+        check_trainable(lora_model)
+    assert same(lora_model, before)
+    unmerge_lora(lora_model)
+    check_trainable(lora_model)
+
+
+def test_merge_on_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8))
+    add_lora(model, "0", rank=2, alpha=4)
+    merge_lora(model)
+    unmerge_lora(model)
+    assert not model[0].merged
+
+
+# --- load_lora_state_dict: all-or-nothing ---------------------------------------------------
+
+
+def _state_with(model, key_index, value):
+    state = {k: v.clone() + 1 for k, v in lora_state_dict(model).items()}
+    key = list(state)[key_index]
+    state[key] = value(state[key])
+    return state
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "words"),
+    [
+        (lambda t: torch.empty(t.shape, device="meta"), ValueError, "meta"),
+        (lambda t: t.to(torch.int64), TypeError, "floating point"),
+        (lambda t: t.to(torch.int32), TypeError, "floating point"),
+        (lambda t: t > 0, TypeError, "floating point"),
+        (lambda t: t.to(torch.complex64), TypeError, "floating point"),
+        (lambda t: t.to(torch.float64) * 1e300, ValueError, "non-finite"),
+        (lambda t: t * float("nan"), ValueError, "non-finite"),
+        (lambda t: t.t().contiguous() if t.shape[0] != t.shape[1] else t[:1], ValueError, "shape"),
+        (lambda t: t.tolist(), TypeError, "expected a tensor"),
+        (lambda t: t.to_sparse(), TypeError, "dense"),
+    ],
+)
+@pytest.mark.parametrize("where", [0, -1])
+def test_load_state_dict_all_or_nothing(lora_model, make, exc, words, where):
+    state = _state_with(lora_model, where, make)
+    before = snapshot(lora_model)
+    with pytest.raises(exc, match=words):
+        load_lora_state_dict(lora_model, state)
+    assert same(lora_model, before)
+
+
+@pytest.mark.parametrize("bad", [None, [1, 2], "state"])
+def test_load_state_dict_not_a_mapping(lora_model, bad):
+    before = snapshot(lora_model)
+    with pytest.raises(TypeError, match="mapping"):
+        load_lora_state_dict(lora_model, bad)
+    assert same(lora_model, before)
+
+
+def test_load_state_dict_mixed_key_types(lora_model):
+    state = {**lora_state_dict(lora_model), 3: torch.zeros(1)}
+    before = snapshot(lora_model)
+    with pytest.raises(ValueError, match="unexpected"):
+        load_lora_state_dict(lora_model, state)
+    assert same(lora_model, before)
+
+
+# --- adapter files --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_adapter_file_non_float_refused(lora_model, tmp_path, dtype):
+    path = save_adapter(lora_model, tmp_path / "a.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    key = sorted(tensors)[-1]
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, path, metadata=meta)
+    before = snapshot(lora_model)
+    with pytest.raises(TypeError, match="floating point"):
+        load_adapter(lora_model, path)
+    assert same(lora_model, before)
+
+
+def test_adapter_path_is_directory(lora_model, tmp_path):
+    before = snapshot(lora_model)
+    with pytest.raises(IsADirectoryError, match="directory"):
+        load_adapter(lora_model, tmp_path)
+    assert same(lora_model, before)
+
+
+def test_adapter_deeply_nested_config(lora_model, tmp_path):
+    path = tmp_path / "deep.safetensors"
+    save_file(lora_state_dict(lora_model), path, metadata={"lora_lab_config": "[" * 100_000})
+    before = snapshot(lora_model)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_adapter(lora_model, path)
+    assert same(lora_model, before)
+
+
+def test_save_adapter_onto_directory(lora_model, tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError, match="directory"):
+        save_adapter(lora_model, tmp_path / "d")
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [None, 3, ""])
+def test_adapter_bad_path_type(lora_model, bad):
+    with pytest.raises(TypeError, match="os.PathLike"):
+        load_adapter(lora_model, bad)
+
+
+# --- atomic writes --------------------------------------------------------------------------
+
+
+def test_save_parent_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        atomic_write_bytes(tmp_path / "f" / "out.bin", b"data")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
+def test_save_read_only_parent(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="cannot save"):
+            atomic_write_bytes(ro / "out.bin", b"data")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_killed_save_leaves_no_litter(tmp_path):
+    target = tmp_path / "out.bin"
+    code = (
+        "import os, time\n"
+        "os.fsync = lambda fd: time.sleep(600)\n"
+        "from lab.fileio import atomic_write_bytes\n"
+        f"atomic_write_bytes({str(target)!r}, b'x' * 1000)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.getcwd())
+    try:
+        for _ in range(600):
+            if any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "no temp file seen"
+    atomic_write_bytes(target, b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    assert target.read_bytes() == b"done"
+
+
+# --- the base model file --------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_base(tmp_path):
+    torch.manual_seed(0)
+    model = ToyTransformer(get_preset("tiny"))
+    return save_base_model(model, tmp_path / "base.safetensors"), model
+
+
+def _rewrite(path, change_tensors=None, metadata=None):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if change_tensors:
+        change_tensors(tensors)
+    save_file(tensors, path, metadata=meta if metadata is None else metadata)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda t: t.pop("ln_f.weight"), "missing tensors"),
+        (lambda t: t.__setitem__("extra", torch.zeros(1)), "unexpected tensors"),
+        (lambda t: t.__setitem__("ln_f.weight", torch.zeros(3)), "shape"),
+        (lambda t: t.__setitem__("ln_f.weight", t["ln_f.weight"].to(torch.int64)), "dtype"),
+        (lambda t: t["ln_f.weight"].fill_(float("nan")), "non-finite"),
+    ],
+)
+def test_base_file_tensor_faults(tiny_base, change, words):
+    path, _ = tiny_base
+    _rewrite(path, change)
+    with pytest.raises(ValueError, match=words) as info:
+        load_base_model("cpu", path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "words"),
+    [
+        ({}, "metadata"),
+        ({"lora_lab_model_config": "{"}, "not valid JSON"),
+        ({"lora_lab_model_config": "[" * 100_000}, "not valid JSON"),
+        ({"lora_lab_model_config": "[1]"}, "JSON object"),
+        ({"lora_lab_model_config": json.dumps({"d_model": -1})}, "invalid"),
+        ({"lora_lab_model_config": json.dumps({"colour": 1})}, "unknown fields"),
+    ],
+)
+def test_base_file_config_faults(tiny_base, metadata, words):
+    path, _ = tiny_base
+    _rewrite(path, metadata=metadata)
+    for load in (load_base_config, lambda p: load_base_model("cpu", p)):
+        with pytest.raises(ValueError, match=words) as info:
+            load(path)
+        assert str(path) in str(info.value)
+
+
+def test_base_file_truncated(tiny_base):
+    path, _ = tiny_base
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt") as info:
+        load_base_model("cpu", path)
+    assert str(path) in str(info.value)
+
+
+def test_base_file_directory_and_missing(tmp_path):
+    with pytest.raises(IsADirectoryError, match="directory"):
+        load_base_model("cpu", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no base model"):
+        load_base_config(tmp_path / "nope.safetensors")
+
+
+def test_model_from_state_checks_first(tiny_base):
+    _, model = tiny_base
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["ln_f.bias"] = torch.zeros(5)
+    with pytest.raises(ValueError, match="shape"):
+        model_from_state(model.config, state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"), [({"dropout": "0.1"}, "dropout"), ({"bias": "no"}, "bias")]
+)
+def test_model_config_bad_types(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("idx", [torch.zeros(2, 3), torch.zeros(3, dtype=torch.long), [[1, 2]]])
+def test_forward_bad_idx(idx):
+    model = ToyTransformer(get_preset("tiny"))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(idx)
+
+
+def test_toy_transformer_bad_config():
+    with pytest.raises(TypeError, match="ModelConfig"):
+        ToyTransformer({"d_model": 8})
+
+
+def test_deepcopy_merged_keeps_record(lora_model):
+    merge_lora(lora_model)
+    other = copy.deepcopy(lora_model)
+    unmerge_lora(other)
+    assert not other[0].merged
