@@ -1,0 +1,246 @@
+"""The command line under bad input and faults, as real processes: one clear line, no traceback.
+
+Every run gets its own LORA_LAB_CACHE under tmp_path. Faults that need the kernel (a read-only
+bind mount, a full tmpfs) are skipped with a reason when this user cannot mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lab.sweep import SweepResult
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--task", "sort_desc_small", "--ranks", "1", "--steps", "3", "--batch-size", "8"]
+
+
+def run_lab(args, cache, timeout=300, env=None, **kwargs):
+    environment = {**os.environ, "LORA_LAB_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "lab", *args],
+        capture_output=True, text=True, timeout=timeout, env=environment, cwd=ROOT, **kwargs,
+    )  # fmt: skip
+
+
+def assert_one_clear_line(proc, rc, words):
+    err = proc.stderr.strip()
+    assert proc.returncode == rc, (proc.returncode, proc.stdout, err)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    last = err.splitlines()[-1]
+    assert all(w in last for w in words), last
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--ranks", "0"], ["--ranks", "rank 0", "out of range"]),
+        (["--ranks", "-1"], ["--ranks", "rank -1"]),
+        (["--ranks", "abc"], ["--ranks", "'abc'", "whole number"]),
+        (["--batch-size", "1e9"], ["--batch-size", "'1e9'", "whole number"]),
+        (["--steps", "1000000000000"], ["--steps", "out of range", "1,000,000"]),
+        (["--steps", "1e12"], ["--steps", "'1e12'"]),
+        (["--seed", "-1"], ["--seed", "seed -1"]),
+        (["--seed", "99999999999999999999"], ["--seed", "out of range"]),
+        (["--targets", "x"], ["--targets", "'x'", "q_proj", "down"]),
+        (["--task", "nope"], ["--task", "invalid choice"]),
+        (["--dropouts", "1"], ["--dropouts", "out of range"]),
+        (["--alphas", "nan"], ["--alphas", "out of range"]),
+        (["--max-configs", "0"], ["--max-configs", "out of range"]),
+    ],
+)
+def test_bad_arguments_are_usage_errors(tmp_path, extra, words):
+    proc = run_lab(["sweep", *SMALL, *extra], tmp_path / "c")
+    assert_one_clear_line(proc, 2, words)
+    assert "usage:" in proc.stderr and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "device, words",
+    [
+        ("banana", ["device='banana'", "not a device", "cpu"]),
+        ("tpu", ["device='tpu'", "cpu"]),
+        pytest.param(
+            "cuda",
+            ["CUDA is not available"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
+    ],
+)
+def test_a_bad_device_is_one_line(tmp_path, device, words):
+    proc = run_lab(["sweep", *SMALL, "--device", device], tmp_path / "c")
+    assert_one_clear_line(proc, 2, ["error:", *words])
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_cache_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    proc = run_lab(["sweep", *SMALL], tmp_path / "afile")
+    assert_one_clear_line(proc, 1, ["error:", "is a file", "LORA_LAB_CACHE"])
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_a_cache_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    proc = run_lab(["sweep", *SMALL, "--cache", str(tmp_path / "afile" / "sub")], tmp_path / "x")
+    assert_one_clear_line(proc, 1, ["error:", "cannot create sweep cache", "Not a directory"])
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_training(tmp_path):
+    proc = run_lab(["sweep", *SMALL[:-2], "--batch-size", "1000000000"], tmp_path / "c")
+    assert_one_clear_line(proc, 1, ["out of memory", "batch_size=1,000,000,000", "available"])
+    assert not list((tmp_path / "c").glob("*.json"))
+
+
+def test_an_empty_cache_variable_means_the_default_folder(tmp_path):
+    proc = run_lab(["sweep", *SMALL], "", env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "xdg" / "lora-lab" / "sweeps").glob("*.json"))) == 1
+
+
+def test_a_small_sweep_speaks_singular_and_prints_no_progress_codes(tmp_path):
+    proc = run_lab(["sweep", *SMALL, "--targets", "q", "v"], tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "1 point on sort_desc_small" in out and "1 points" not in out
+    assert "\r" not in out and "\x1b" not in out and "it/s" not in out
+    assert "trained r1 α16 (1/1)" in proc.stdout
+    again = run_lab(["sweep", *SMALL, "--targets", "q_proj", "v_proj"], tmp_path / "c")
+    assert "1 point on sort_desc_small, 0 to train" in again.stdout  # short names, same point
+
+
+def test_a_diverging_point_is_reported_and_cached_as_diverged(tmp_path):
+    cache = tmp_path / "c"
+    proc = run_lab(["sweep", *SMALL[:5], "30", "--ranks", "1"], cache)  # fine: a baseline
+    assert proc.returncode == 0
+    code = (
+        "import lab, warnings; warnings.simplefilter('ignore');"
+        "p = lab.SweepPoint('sort_desc_small', 1, lr=1e10, steps=30, batch_size=16);"
+        "r = lab.sweep([p], lab.SweepCache(), progress=False, device='cpu')[0];"
+        "print('diverged' if r.diverged else 'finite')"
+    )
+    env = {**os.environ, "LORA_LAB_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300, check=True).stdout  # fmt: skip
+    assert out.strip() == "diverged"
+    stored = [json.loads(p.read_text()) for p in cache.glob("*.json")]
+    assert sorted(s["diverged"] for s in stored) == [False, True]
+
+
+def test_bench_out_unwritable_is_refused_before_running(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    proc = run_lab(["bench", "layers", "--quick", "--out", str(tmp_path / "afile")], tmp_path)
+    assert_one_clear_line(proc, 1, ["error:", "benchmark output folder", "is a file", "--out"])
+    assert proc.stdout == "" and (tmp_path / "afile").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["bench", "nonsense", "--quick"], ["unknown benchmarks", "nonsense"]),
+        (["bench", "layers", "--quick", "--device", "banana"], ["device='banana'"]),
+        (["bench", "layers", "--quick", "--stem", "../x"], ["--stem", "'../x'"]),
+    ],
+)
+def test_bad_bench_arguments_are_one_line(tmp_path, args, words):
+    proc = run_lab([*args, "--out", str(tmp_path / "out")], tmp_path)
+    assert_one_clear_line(proc, 2, ["error:", *words])
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_keeps_finished_points_and_exits_130(tmp_path):
+    cache = tmp_path / "c"
+    args = ["sweep", "--task", "sort_desc_small", "--ranks", "1", "2", "4", "8", "--steps",
+            "400", "--batch-size", "16", "--no-batch"]  # fmt: skip
+    env = {**os.environ, "LORA_LAB_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "lab", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list(cache.glob("*.json")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before the signal arrived")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1].startswith("interrupted:")
+    assert "run the same command again" in err
+    files = list(cache.glob("*.json"))
+    assert files and all(SweepResult.from_dict(json.loads(f.read_text())) for f in files)
+    assert not list(cache.glob("*.lock")) and not list(cache.glob(".*.tmp"))
+    again = run_lab(args, cache)
+    assert f", {4 - len(files)} to train" in again.stdout and again.returncode == 0
+
+
+def test_two_sweeps_into_one_cache_train_each_point_once(tmp_path):
+    cache = tmp_path / "c"
+    args = ["sweep", "--task", "sort_desc_small", "--ranks", "1", "2", "4", "--steps", "150",
+            "--batch-size", "16", "--no-batch"]  # fmt: skip
+    env = {**os.environ, "LORA_LAB_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-m", "lab", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trained = [line for out, _ in outs for line in out.splitlines() if line.startswith("trained")]
+    assert len(trained) == 3, outs  # each point by one of them
+    assert len(list(cache.glob("*.json"))) == 3 and not list(cache.glob("*.lock"))
+
+
+@contextlib.contextmanager
+def mounted(*commands):
+    """Run mount commands (skip if they fail); umount the last target afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    target = commands[-1][-1]
+    done = False
+    try:
+        for command in commands:
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                pytest.skip(f"cannot mount here: {result.stderr.strip()[:100]}")
+            done = True
+        yield Path(target)
+    finally:
+        if done:
+            subprocess.run(["umount", target], capture_output=True)
+
+
+def test_a_read_only_cache_is_refused_before_training(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    with mounted(["mount", "--bind", str(src), str(dst)],
+                 ["mount", "-o", "remount,ro,bind", str(dst)]):  # fmt: skip
+        proc = run_lab(["sweep", *SMALL], dst)
+        assert_one_clear_line(proc, 1, ["error:", "cannot write to sweep cache", "Read-only"])
+    assert os.listdir(src) == []
+
+
+def test_a_full_disk_is_refused_before_training(tmp_path):
+    dst = tmp_path / "tiny"
+    dst.mkdir()
+    with mounted(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(dst)]):
+        with contextlib.suppress(OSError), open(dst / "filler", "wb") as f:
+            for _ in range(64):  # fill the disk
+                f.write(b"\0" * 4096)
+                f.flush()
+        proc = run_lab(["sweep", *SMALL], dst)
+        assert_one_clear_line(proc, 1, ["error:", "disk is full", str(dst)])
+        assert os.listdir(dst) == ["filler"]
