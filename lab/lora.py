@@ -394,11 +394,19 @@ def add_lora(
     matches = [(n, m) for n, m in candidates if any(hits(n, t) for t in targets)]
     unmatched = [t for t in targets if not any(hits(n, t) for n, _ in candidates)]
     if unmatched:
-        linear_names = [n for n, m in candidates if isinstance(m, nn.Linear | LoRALinear)]
+        # Offer only names that would be valid targets: a linear whose weight is tied to
+        # another module (the output head sharing the embedding) is refused below.
+        shared = _shared_parameter_ids(model)
+        linear_names = [
+            n
+            for n, m in candidates
+            if isinstance(m, LoRALinear)
+            or (isinstance(m, nn.Linear) and id(m.weight) not in shared)
+        ]
         leaves = sorted({n.rpartition(".")[2] for n in linear_names})
         raise ValueError(
-            f"targets {unmatched} match no module. Linear layers in this model are named "
-            f"{leaves} (e.g. {linear_names[:4]})"
+            f"targets {unmatched} match no module. Linear layers that can take LoRA here are "
+            f"named {leaves} (e.g. {linear_names[:4]})"
         )
     shared = _shared_parameter_ids(model)
     names_of = _module_names(model)

@@ -263,7 +263,10 @@ def with_biases(config, targets, rank):
         (with_biases, "one bias per output"),
         (lambda c, t, r: count_ok(c, t, r) // c.n_layers, "one block's worth"),
         (lambda c, t, r: c.n_layers * len(t) * r * c.d_model**2, "r * (in + out)"),
-        (lambda c, t, r: c.n_layers * len(t) * r * 2 * c.d_model, "up_proj is d_model -> d_ff, down_proj d_ff"),
+        (
+            lambda c, t, r: c.n_layers * len(t) * r * 2 * c.d_model,
+            "up_proj is d_model -> d_ff, down_proj d_ff",
+        ),
         (lambda c, t, r: None, "returned None"),
         (lambda c, t, r: "8192", "expected an int"),
         (lambda c, t, r: 0.5, "whole number"),

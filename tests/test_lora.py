@@ -780,3 +780,13 @@ def test_save_adapter_is_atomic(tmp_path, monkeypatch, fail_in, existing):
         assert leftovers == [path.name] and path.read_bytes() == b"old adapter"
     else:
         assert leftovers == []
+
+
+def test_unmatched_target_error_offers_only_valid_targets():
+    # the tied output head is refused as a target, so the error must not offer it
+    model = tiny_model()
+    with pytest.raises(ValueError, match="match no module") as info:
+        add_lora(model, targets=("qproj",), rank=2, alpha=4)
+    offered = str(info.value).split("named ")[1]
+    assert "'q_proj'" in offered and "'down_proj'" in offered
+    assert "'head'" not in offered
