@@ -27,9 +27,9 @@ from .memory import (
     measure_step_memory,
 )
 from .model import PRESETS, ModelConfig, ToyTransformer, default_device, get_preset
-from .sweep import SweepCache, SweepPoint, SweepResult, full_point, grid, sweep
+from .sweep import SweepCache, SweepCacheError, SweepPoint, SweepResult, full_point, grid, sweep
 from .tasks import TASKS, Task, get_task
-from .train import TrainResult, train
+from .train import TrainingDiverged, TrainResult, train
 
 __all__ = [
     "BASE_MODEL_PATH",
@@ -40,10 +40,12 @@ __all__ = [
     "ModelConfig",
     "ParamCount",
     "SweepCache",
+    "SweepCacheError",
     "SweepPoint",
     "SweepResult",
     "Task",
     "ToyTransformer",
+    "TrainingDiverged",
     "TrainResult",
     "add_lora",
     "check_trainable",

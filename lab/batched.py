@@ -520,7 +520,12 @@ def train_batched(
     trainer = BatchedTrainer(base, task, specs, steps, batch_size, device, weight_decay)
     device, k = trainer.device, len(trainer.specs)
     losses = torch.zeros(steps, k, device=device)
-    bar = tqdm(range(steps), desc=f"train {k} configs", disable=not progress, leave=False)
+    bar = tqdm(
+        range(steps),
+        desc=f"train {k} config{'s' if k != 1 else ''}",
+        disable=not progress,
+        leave=False,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

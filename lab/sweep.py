@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import count_full, count_lora
+from .analysis import canonical_targets, count_full, count_lora
 from .base import BASE_MODEL_PATH, load_base_config, load_base_model
 from .batched import AdapterSpec, bytes_per_config, default_max_configs, train_batched
 from .fileio import atomic_write_bytes
@@ -275,7 +275,7 @@ def describe(point: SweepPoint | SweepResult) -> str:
     if point.dropout:
         text += f" p{point.dropout:g}"
     if point.targets != DEFAULT_TARGETS:
-        text += " " + ",".join(t.removesuffix("_proj") for t in point.targets)
+        text += " " + ",".join(t.removesuffix("_proj") for t in canonical_targets(point.targets))
     if point.rslora:
         text += " rsLoRA"
     return text

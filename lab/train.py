@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .lora import lora_layers
+from .lora import check_trainable, lora_layers
 from .memory import MemoryBreakdown, analytic_memory, measure_step_memory
 from .model import ToyTransformer, default_device, lm_loss
 from .tasks import SEQ_LEN, Task
@@ -197,13 +197,7 @@ def train(
     check_weight_decay(weight_decay)
     if not isinstance(task, Task):
         raise TypeError(f"task must be a lab Task (lab.get_task(name)), got {type(task).__name__}")
-    layers = lora_layers(model)
-    merged = [name for name, layer in layers.items() if layer.merged]
-    if merged:
-        raise ValueError(
-            f"LoRA layers {merged[:3]} are merged into their base weights; training them would "
-            "update adapters that no longer act: call unmerge_lora(model) first"
-        )
+    check_trainable(model, action="training")  # a merged adapter no longer acts
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (nothing requires grad)")
@@ -215,7 +209,7 @@ def train(
             device,
             f"training with batch_size={batch_size:,} for steps={steps:,}",
         )
-    scaling = max((layer.scaling for layer in layers.values()), default=0.0)
+    scaling = max((layer.scaling for layer in lora_layers(model).values()), default=0.0)
     model.to(device)
     model.train()
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
