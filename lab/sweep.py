@@ -234,9 +234,12 @@ def grid(
 
     Each of ranks, alphas and dropouts must be a non-empty list (a bare number is refused).
     """
+    examples = {"ranks": "[4, 8]", "alphas": "[16.0]", "dropouts": "[0.0, 0.1]"}
     for name, values in (("ranks", ranks), ("alphas", alphas), ("dropouts", dropouts)):
         if isinstance(values, str | bytes | numbers.Number) or not isinstance(values, Iterable):
-            raise TypeError(f"{name}={values!r}: expected a list, e.g. {name}=[{values!r}]")
+            raise TypeError(
+                f"{name}={values!r}: expected a list of numbers, e.g. {name}={examples[name]}"
+            )
     ranks, alphas, dropouts = list(ranks), list(alphas), list(dropouts)
     empty = [n for n, v in (("ranks", ranks), ("alphas", alphas), ("dropouts", dropouts)) if not v]
     if empty:

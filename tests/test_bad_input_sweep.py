@@ -445,3 +445,17 @@ def test_task_helpers_refuse_bad_batch_sizes_and_names():
         task.batch(-1, torch.Generator())
     with pytest.raises(ValueError, match="unknown task"):
         lab.get_task(None)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "example"),
+    [
+        ("ranks", "48", "ranks=[4, 8]"),
+        ("alphas", 16, "alphas=[16.0]"),
+        ("dropouts", 0.1, "[0.0, 0.1]"),
+    ],
+)
+def test_grid_refuses_a_bare_value_with_an_example_of_numbers(field, value, example):
+    with pytest.raises(TypeError, match="expected a list of numbers") as info:
+        lab.grid("sort_desc_small", **{"ranks": [4], field: value})
+    assert example in str(info.value)
