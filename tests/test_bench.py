@@ -127,8 +127,10 @@ def test_cli_sweep_trains_a_grid_batched_and_caches_it(tmp_path, capsys):
     assert len(list(tmp_path.glob("*.json"))) == 4
     assert main(args) == 0  # everything cached now
     assert "4 points on sort_desc_small, 0 to train" in capsys.readouterr().out
-    assert main(["sweep", "--ranks", "0", "--cache", str(tmp_path)]) == 2
-    assert "rank=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # argparse's usage error, before anything runs
+        main(["sweep", "--ranks", "0", "--cache", str(tmp_path)])
+    assert usage.value.code == 2
+    assert "rank 0 is out of range [1, 4,096]" in capsys.readouterr().err
 
 
 def test_gpu_script_runs_its_comparisons_on_a_cpu_at_smoke_sizes(tmp_path):
