@@ -74,30 +74,35 @@ PAPER_GPT3: tuple[tuple[tuple[str, ...], int, str], ...] = (
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def _sync(device: torch.device | str | None) -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously); nothing to wait for on a CPU."""
+    if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _stats(seconds: Sequence[float]) -> dict[str, float]:
-    """Median, mean, min, max and interquartile range of some timings, in seconds."""
-    q1, _, q3 = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else (seconds[0],) * 3
+    """Median, mean, min, max and interquartile range (see `spread`) of timings, in seconds."""
+    lo, hi = spread(seconds)
     return {
         "median_s": statistics.median(seconds),
         "mean_s": statistics.fmean(seconds),
         "min_s": min(seconds),
         "max_s": max(seconds),
-        "iqr_s": q3 - q1,
+        "iqr_s": hi - lo,
         "repeats": len(seconds),
     }
 
 
 def time_calls(
-    calls: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
+    calls: Mapping[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
 ) -> dict[str, list[float]]:
     """Wall seconds of each call, taken in turns (a, b, a, b, ...) so that load hits all alike.
 
     Each call runs `warmup` untimed times first; returns label -> `repeats` timings in seconds.
+    With a CUDA `device`, each timing waits for the GPU to finish the call's work.
     """
     bad = [v for v in (repeats, warmup) if isinstance(v, bool) or not isinstance(v, int)]
     if bad or repeats < 1 or warmup < 0:
@@ -107,11 +112,13 @@ def time_calls(
     for call in calls.values():
         for _ in range(warmup):
             call()
+    _sync(device)
     times: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(repeats):
         for label, call in calls.items():
             start = time.perf_counter()
             call()
+            _sync(device)
             times[label].append(time.perf_counter() - start)
     return times
 
@@ -163,22 +170,12 @@ def time_models(
     Each model runs `warmup` untimed forwards, then the models take turns for `repeats` rounds;
     returns label -> timing statistics (see `time_forward`). Models are put in eval mode.
     """
-    if not isinstance(repeats, int) or repeats < 1 or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"repeats={repeats!r}, warmup={warmup!r}: expected ints >= 1 and >= 0")
     if not models:
         raise ValueError("models is empty: give at least one label -> model")
     for model in models.values():
         model.eval()
-        for _ in range(warmup):
-            model(inputs)
-    _sync(inputs.device)
-    times: dict[str, list[float]] = {label: [] for label in models}
-    for _ in range(repeats):
-        for label, model in models.items():
-            start = time.perf_counter()
-            model(inputs)
-            _sync(inputs.device)
-            times[label].append(time.perf_counter() - start)
+    calls = {label: (lambda m=model: m(inputs)) for label, model in models.items()}
+    times = time_calls(calls, repeats, warmup, device=inputs.device)
     return {label: _stats(t) for label, t in times.items()}
 
 
@@ -391,24 +388,51 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
-    """Rows of dicts as an aligned text table; numbers align right, ints get thousands commas."""
+def format_table(
+    rows: Sequence[Mapping[str, object]],
+    columns: Sequence[str] | None = None,
+    *,
+    markdown: bool = False,
+) -> str:
+    """Rows of dicts as an aligned text table; numbers align right, ints get thousands commas.
+
+    markdown=True writes the same table with pipes (`| a | b |`, numbers right-aligned with
+    `---:`), for reports such as benchmarks/results/*.md; strings are written as they are.
+    """
+    if not isinstance(markdown, bool):
+        raise TypeError(f"markdown must be True or False, got {markdown!r}")
     if not rows:
         return "(no rows)"
     columns = list(columns or rows[0].keys())
     cells = [[_cell(row.get(c, "")) for c in columns] for row in rows]
+    if markdown:  # a pipe inside a cell would end the cell early
+        cells = [[v.replace("|", "\\|") for v in r] for r in cells]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     numeric = [all(_NUMBER.fullmatch(r[i]) for r in cells) for i in range(len(columns))]
 
-    def line(values: Sequence[str]) -> str:
-        parts = [
+    def pad(values: Sequence[str]) -> list[str]:
+        return [
             v.rjust(w) if right else v.ljust(w)
             for v, w, right in zip(values, widths, numeric, strict=True)
         ]
-        return "  ".join(parts).rstrip()
 
+    if markdown:
+        rule = (
+            "|"
+            + "|".join(
+                "-" * (w + 1) + ":" if right else "-" * (w + 2)
+                for w, right in zip(widths, numeric, strict=True)
+            )
+            + "|"
+        )
+        rows_md = ["| " + " | ".join(pad(r)) + " |" for r in [columns, *cells]]
+        return "\n".join([rows_md[0], rule, *rows_md[1:]])
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(columns), rule, *(line(r) for r in cells)])
+    return "\n".join(
+        ["  ".join(pad(r)).rstrip() for r in [columns]]
+        + [rule]
+        + ["  ".join(pad(r)).rstrip() for r in cells]
+    )
 
 
 def format_decimal_bytes(n: float) -> str:
