@@ -1,32 +1,34 @@
-"""Command line: `python -m lab sweep ...` trains a grid; `python -m lab bench ...` measures.
+"""Command line: `python -m lab sweep ...` trains a grid of LoRA settings and caches the results.
 
 python -m lab sweep --ranks 1 4 8 16 --alphas 8 16 --dropouts 0 0.1   # a 16-point grid
 python -m lab sweep --task rotate --ranks 8 --full --steps 300
-python -m lab bench                      # every benchmark, results to benchmarks/results
-python -m lab bench sweep layers --quick # a smoke run of two benchmarks
+python -m lab sweep --ranks 4 8 --variant dora                        # DoRA
+python -m lab sweep --ranks 8 --lr-ratio 16                           # LoRA+ (lambda 16)
+python -m lab sweep --ranks 8 --init pissa                            # PiSSA's initialisation
+python -m lab sweep --ranks 8 --quant nf4                             # QLoRA: a 4-bit NF4 base
+
+The benchmarks are not here: they live in benchmarks/ (python -m benchmarks.bench).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-from . import bench
-from .sweep import (
+from .config import INITS, MAX_LR_RATIO, VARIANTS
+from .quant import SCHEMES
+from .sweeps import (
     ALL_TARGETS,
     DEFAULT_ALPHA,
     DEFAULT_STEPS,
     DEFAULT_TARGETS,
     SHORT_TARGETS,
     SweepCache,
-    check_writable_dir,
     describe,
     full_point,
     grid,
@@ -34,7 +36,12 @@ from .sweep import (
     sweep,
 )
 from .tasks import FINETUNE_TASKS
-from .train import MAX_STEPS, SEED_LIMIT
+from .training import MAX_STEPS, SEED_LIMIT
+
+# `python -m lab bench` was the benchmarks' command; they are tools, not lessons, and now live
+# outside the package.
+BENCH_COMMAND = "python -m benchmarks.bench"
+BENCH_MOVED = "the benchmarks live in benchmarks/ now:"
 
 
 def _int_type(name: str, low: int, high: int):
@@ -54,17 +61,22 @@ def _int_type(name: str, low: int, high: int):
     return parse
 
 
-def _float_type(name: str, low: float, high: float, high_open: bool = False):
+def _float_type(
+    name: str, low: float, high: float, high_open: bool = False, low_open: bool = False
+):
+    """An argparse type: a finite float in [low, high] (either end open), else a usage error."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} {text!r} is not a number") from None
-        if not (math.isfinite(value) and low <= value and (value < high if high_open
-                                                            else value <= high)):  # fmt: skip
-            bracket = ")" if high_open else "]"
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            opening, closing = "(" if low_open else "[", ")" if high_open else "]"
             raise argparse.ArgumentTypeError(
-                f"{name} {text} is out of range [{low}, {high}{bracket}"
+                f"{name} {text} is out of range {opening}{low}, {high}{closing}"
             )
         return value
 
@@ -81,7 +93,7 @@ def _target(text: str) -> str:
     return full
 
 
-def _sweep_parser(sub) -> None:
+def _sweep_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train a grid of LoRA settings (batched) and cache results")
     p.add_argument("--task", default="sort_desc", choices=FINETUNE_TASKS)
     p.add_argument("--ranks", type=_int_type("rank", 1, 4096), nargs="+", default=[1, 4, 8, 16])
@@ -93,6 +105,31 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), type=_target,
                    help=f"layers: {names}")  # fmt: skip
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r), not alpha/r")
+    p.add_argument(
+        "--variant",
+        default="lora",
+        choices=list(VARIANTS),
+        help="the adapter layer: lora (Hu et al. 2021) or dora (Liu et al. 2024)",
+    )
+    p.add_argument(
+        "--init",
+        default="default",
+        choices=list(INITS),
+        help="A and B at the start: default (B = 0) or pissa (W's top singular directions)",
+    )
+    p.add_argument(
+        "--lr-ratio",
+        type=_float_type("lr ratio", 0.0, MAX_LR_RATIO, low_open=True),
+        default=1.0,
+        metavar="LAMBDA",
+        help="LoRA+: B's learning rate over A's (1: plain LoRA; LoRA+ uses 16)",
+    )
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=list(SCHEMES),
+        help="train on a 4-bit frozen base (QLoRA uses nf4); default: the fp32 base",
+    )
     p.add_argument("--steps", type=_int_type("steps", 1, MAX_STEPS), default=DEFAULT_STEPS)
     p.add_argument("--batch-size", type=_int_type("batch size", 1, 2**31), default=64)
     p.add_argument("--seed", type=_int_type("seed", 0, SEED_LIMIT - 1), default=0)
@@ -103,20 +140,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best there is)")
     p.add_argument("--cache", default=None, help="cache folder (default: $LORA_LAB_CACHE or "
                    "~/.cache/lora-lab/sweeps)")  # fmt: skip
-
-
-def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="run benchmarks; write JSON, markdown and plots")
-    p.add_argument(
-        "names",
-        nargs="*",
-        default=list(bench.BENCHMARKS),
-        help=f"which benchmarks (default all): {', '.join(bench.BENCHMARKS)}",
-    )
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="benchmarks/results", help="where results are written")
-    p.add_argument("--stem", default=None, help="file name stem (default: bench, bench-quick)")
+    return p
 
 
 def _plural(n: int, word: str) -> str:
@@ -127,12 +151,20 @@ class Interrupted(Exception):
     """Ctrl-C, with what was kept."""
 
 
-def run_sweep(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)  # a bad --device fails before anything else
+def sweep_points(args: argparse.Namespace) -> list:
+    """The grid the sweep options describe (ValueError for settings that do not go together)."""
     points = grid(args.task, args.ranks, args.alphas, args.dropouts, tuple(args.targets),
-                  args.rslora, args.steps, None, args.batch_size, args.seed)  # fmt: skip
+                  args.rslora, args.steps, None, args.batch_size, args.seed,
+                  variant=args.variant, init=args.init, lr_ratio=args.lr_ratio,
+                  quant=args.quant)  # fmt: skip
     if args.full:
         points.append(full_point(args.task, args.steps, None, args.batch_size, args.seed))
+    return points
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)  # a bad --device fails before anything is written
+    points = sweep_points(args)
     cache = SweepCache(args.cache)
     todo = {p for p in points if p not in cache}
     print(f"{_plural(len(points), 'point')} on {args.task}, {len(todo):,} to train; "
@@ -155,14 +187,16 @@ def run_sweep(args: argparse.Namespace) -> int:
             f"{cache.directory}; run the same command again to train the rest"
         ) from None
     seconds = time.perf_counter() - start
-    print(f"{'point':<28} {'held-out acc':>12} {'loss':>7} {'trainable':>10} {'train s':>8}")
+    width = max([28, *(len(describe(r.point)) for r in results)])  # 'r8 α16 DoRA NF4 base'
+    print(f"{'point':<{width}} {'held-out acc':>12} {'loss':>7} {'trainable':>10} {'train s':>8}")
     for r in results:
         if r.diverged:
-            print(f"{describe(r.point):<28} {'diverged':>12} {'-':>7} "
+            print(f"{describe(r.point):<{width}} {'diverged':>12} {'-':>7} "
                   f"{r.trainable_parameters:>10,} {'-':>8}")  # fmt: skip
             continue
-        print(f"{describe(r.point):<28} {r.heldout['accuracy']:>12.3f} {r.heldout['loss']:>7.3f} "
-              f"{r.trainable_parameters:>10,} {r.wall_seconds:>8.1f}")  # fmt: skip
+        print(f"{describe(r.point):<{width}} {r.heldout['accuracy']:>12.3f} "
+              f"{r.heldout['loss']:>7.3f} {r.trainable_parameters:>10,} "
+              f"{r.wall_seconds:>8.1f}")  # fmt: skip
     chunks = [r.extra["batched"]["configs"] for r in results
               if r.point in todo and "batched" in r.extra]  # fmt: skip
     if chunks:  # a run of c points gave c results, each saying c
@@ -181,23 +215,6 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    stem = args.stem or ("bench-quick" if args.quick else "bench")
-    if not stem or os.sep in stem or (os.altsep and os.altsep in stem) or stem.startswith("."):
-        raise ValueError(f"--stem {stem!r}: expected a plain file name stem such as 'bench'")
-    unknown = sorted(set(args.names) - set(bench.EXTRA + bench.BENCHMARKS))
-    if unknown:
-        raise ValueError(f"unknown benchmarks {unknown}; valid: {', '.join(bench.BENCHMARKS)}")
-    out = Path(args.out)
-    check_writable_dir(out, "benchmark output folder", "choose another folder with --out")
-    torch.set_num_threads(torch.get_num_threads())  # as configured; recorded in the results
-    report = bench.run_all(args.names, quick=args.quick, device=str(device))
-    for path in bench.write_results(report, out, stem):
-        print(f"wrote {path}")
-    return 0
-
-
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
 
@@ -205,12 +222,20 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _sweep_parser(sub)
-    _bench_parser(sub)
+    sweep_parser = _sweep_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmarks moved out of the teaching package
+        print(f"{parser.prog}: {BENCH_MOVED} {' '.join([BENCH_COMMAND, *argv[1:]])}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     args = parser.parse_args(argv)
+    try:  # settings each valid alone but not together (PiSSA on a 4-bit base, say)
+        sweep_points(args)
+    except (TypeError, ValueError) as exc:
+        sweep_parser.error(str(exc))
     warnings.showwarning = _one_line_warning
     try:
-        return run_sweep(args) if args.command == "sweep" else run_bench(args)
+        return run_sweep(args)
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab.sweep import SweepResult
+from lab.sweeps import SweepResult
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--task", "sort_desc_small", "--ranks", "1", "--steps", "3", "--batch-size", "8"]
@@ -135,27 +135,6 @@ def test_a_diverging_point_is_reported_and_cached_as_diverged(tmp_path):
     assert out.strip() == "diverged"
     stored = [json.loads(p.read_text()) for p in cache.glob("*.json")]
     assert sorted(s["diverged"] for s in stored) == [False, True]
-
-
-def test_bench_out_unwritable_is_refused_before_running(tmp_path):
-    (tmp_path / "afile").write_text("keep")
-    proc = run_lab(["bench", "layers", "--quick", "--out", str(tmp_path / "afile")], tmp_path)
-    assert_one_clear_line(proc, 1, ["error:", "benchmark output folder", "is a file", "--out"])
-    assert proc.stdout == "" and (tmp_path / "afile").read_text() == "keep"
-
-
-@pytest.mark.parametrize(
-    "args, words",
-    [
-        (["bench", "nonsense", "--quick"], ["unknown benchmarks", "nonsense"]),
-        (["bench", "layers", "--quick", "--device", "banana"], ["device='banana'"]),
-        (["bench", "layers", "--quick", "--stem", "../x"], ["--stem", "'../x'"]),
-    ],
-)
-def test_bad_bench_arguments_are_one_line(tmp_path, args, words):
-    proc = run_lab([*args, "--out", str(tmp_path / "out")], tmp_path)
-    assert_one_clear_line(proc, 2, ["error:", *words])
-    assert not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_keeps_finished_points_and_exits_130(tmp_path):
