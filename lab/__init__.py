@@ -4,6 +4,7 @@ The public API that notebooks, tests and users rely on is listed in `__all__`.
 """
 
 from .base import BASE_MODEL_PATH, load_base_model, save_base_model
+from .config import INITS, VARIANTS, LoRAConfig
 from .lora import (
     LoRALinear,
     ParamCount,
@@ -15,6 +16,7 @@ from .lora import (
     lora_layers,
     lora_state_dict,
     merge_lora,
+    parameter_groups,
     remove_lora,
     save_adapter,
     unmerge_lora,
@@ -27,12 +29,20 @@ from .memory import (
     measure_step_memory,
 )
 from .model import PRESETS, ModelConfig, ToyTransformer, default_device, get_preset
-from .sweep import SweepCache, SweepCacheError, SweepPoint, SweepResult, full_point, grid, sweep
+from .quant import NF4_LEVELS, Linear4bit, quantization_error, quantize_base
+from .sweeps import SweepCache, SweepCacheError, SweepPoint, SweepResult, full_point, grid, sweep
 from .tasks import TASKS, Task, get_task
-from .train import TrainingDiverged, TrainResult, train
+from .training import TrainingDiverged, TrainResult, train
+from .variants.dora import DoRALinear  # importing lab.variants registers every flavour
 
 __all__ = [
     "BASE_MODEL_PATH",
+    "INITS",
+    "NF4_LEVELS",
+    "VARIANTS",
+    "DoRALinear",
+    "Linear4bit",
+    "LoRAConfig",
     "PRESETS",
     "TASKS",
     "LoRALinear",
@@ -65,6 +75,9 @@ __all__ = [
     "lora_state_dict",
     "measure_step_memory",
     "merge_lora",
+    "parameter_groups",
+    "quantization_error",
+    "quantize_base",
     "remove_lora",
     "save_adapter",
     "save_base_model",

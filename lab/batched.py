@@ -34,11 +34,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .base import model_from_state
-from .lora import LoRALinear, _check_hparams, _check_rank_fits, add_lora
+from .config import INITS, VARIANTS, LoRAConfig
+from .lora import LoRALinear, _check_rank_fits, add_lora
 from .memory import analytic_memory
-from .model import IGNORE_INDEX, ModelConfig, ToyTransformer, default_device, lm_loss
+from .model import IGNORE_INDEX, ModelConfig, ToyTransformer, default_device
+from .step import autocast_dtype, forward_loss
 from .tasks import SEQ_LEN, Task
-from .train import (
+from .training import (
     MAX_STEPS,
     _lr_at,
     check_count,
@@ -54,6 +56,7 @@ __all__ = [
     "BatchedLoRALinear",
     "BatchedRun",
     "BatchedTrainer",
+    "batchable",
     "StackedAdamW",
     "bytes_per_config",
     "CPU_ROWS_PER_STEP",
@@ -67,35 +70,38 @@ BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which lab.train
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """One configuration in a batched run: its adapter, its optimizer settings, its seed."""
+    """One configuration in a batched run: its adapter (a LoRAConfig), its lr and its seed."""
 
-    targets: tuple[str, ...]
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    rslora: bool = False
+    config: LoRAConfig
     lr: float = 2e-2
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_hparams(self.rank, self.alpha, self.dropout, self.rslora)
-        targets = self.targets
-        if isinstance(targets, str):  # one name, never its characters
-            targets = (targets,)
-        if not isinstance(targets, Sequence) or isinstance(targets, bytes):
-            raise TypeError(f"targets={targets!r}: expected a tuple of layer names")
-        if not targets:
-            raise ValueError("targets is empty; name at least one layer, e.g. ('q_proj', 'v_proj')")
-        if not all(isinstance(t, str) and t for t in targets):
-            raise TypeError(f"targets={targets!r}: every target must be a non-empty str")
-        object.__setattr__(self, "targets", tuple(targets))
+        if not isinstance(self.config, LoRAConfig):
+            raise TypeError(
+                f"config must be a lab.LoRAConfig, got {type(self.config).__name__} "
+                "(e.g. AdapterSpec(LoRAConfig(rank=4, alpha=8), lr=2e-2))"
+            )
         check_lr(self.lr)
         check_seed(self.seed)
+        if not batchable(self.config):
+            raise ValueError(
+                f"{self.config.describe()} cannot be trained batched exactly; "
+                "train it alone (lab.train), as sweeps do"
+            )
+
+    # The adapter's settings, read through to the config.
+    targets = property(lambda self: self.config.targets)
+    rank = property(lambda self: self.config.rank)
+    alpha = property(lambda self: self.config.alpha)
+    dropout = property(lambda self: self.config.dropout)
+    rslora = property(lambda self: self.config.rslora)
+    lr_ratio = property(lambda self: self.config.lr_ratio)
 
     @property
     def scaling(self) -> float:
         """alpha / rank (or alpha / sqrt(rank) for rsLoRA), exactly as LoRALinear computes it."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return self.config.scaling
 
     def add_to(self, model: nn.Module) -> list[str]:
         """Give `model` this spec's adapter exactly as a run of it alone starts.
@@ -105,11 +111,20 @@ class AdapterSpec:
         Returns add_lora's list of wrapped layers.
         """
         torch.manual_seed(self.seed)
-        return add_lora(model, self.targets, self.rank, self.alpha, self.dropout, self.rslora)
+        return add_lora(model, self.config)
 
     def targets_layer(self, name: str) -> bool:
         """True if a module with qualified name `name` is one of this spec's targets."""
         return any(name == t or name.endswith("." + t) for t in self.targets)
+
+
+def batchable(config: LoRAConfig) -> bool:
+    """True if the batched engine trains `config` exactly as it trains alone.
+
+    Plain LoRA with either scaling rule and any LoRA+ ratio: yes. A flavour or an init the
+    registry marks as not batched (DoRA, PiSSA) trains one by one.
+    """
+    return VARIANTS[config.variant].batched and INITS[config.init].batched
 
 
 class BatchedLoRALinear(nn.Module):
@@ -201,9 +216,21 @@ class StackedAdamW:
     first moment, bias corrections), so a slice trains as AdamW would train it alone.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], n_configs: int, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        n_configs: int,
+        weight_decay: float = 0.0,
+        lr_scales: Sequence[Sequence[float] | None] | None = None,
+    ):
         self.params = list(params)
         self.n_configs, self.weight_decay = n_configs, weight_decay
+        # lr_scales[i][k]: parameter i's learning-rate multiplier for configuration k (LoRA+
+        # trains B at lr_ratio times A's rate); None means 1 for every configuration.
+        scales = list(lr_scales) if lr_scales is not None else [None] * len(self.params)
+        if len(scales) != len(self.params):
+            raise ValueError(f"got {len(scales)} lr_scales for {len(self.params)} parameters")
+        self.lr_scales = scales
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.step_count = 0
@@ -219,12 +246,19 @@ class StackedAdamW:
         bias2_sqrt = (1 - beta2**self.step_count) ** 0.5
         # One small host-to-device copy per step for all parameters, not one per parameter.
         first = self.params[0]
-        step_size = torch.tensor([-lr / bias1 for lr in lrs], dtype=first.dtype).to(first.device)
-        decay = torch.tensor([1 - lr * self.weight_decay for lr in lrs], dtype=first.dtype)
-        decay = decay.to(first.device)
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+        plans = {}  # one (step size, decay) pair per distinct multiplier list
+        for scales in self.lr_scales:
+            key = None if scales is None else tuple(scales)
+            if key not in plans:
+                eff = list(lrs) if key is None else [lr * s for lr, s in zip(lrs, key, strict=True)]
+                size = torch.tensor([-lr / bias1 for lr in eff], dtype=first.dtype)
+                decay = torch.tensor([1 - lr * self.weight_decay for lr in eff], dtype=first.dtype)
+                plans[key] = (size.to(first.device), decay.to(first.device))
+        for p, m, v, scales in zip(self.params, self.exp_avg, self.exp_avg_sq, self.lr_scales,
+                                   strict=True):  # fmt: skip
             if p.grad is None:
                 continue
+            step_size, decay = plans[None if scales is None else tuple(scales)]
             shape = (self.n_configs,) + (1,) * (p.dim() - 1)
             grad = p.grad
             if self.weight_decay:
@@ -280,7 +314,8 @@ def _batched_model(
             torch.manual_seed(s.seed)
             for n in used:
                 if s.targets_layer(n):
-                    init[k, n] = LoRALinear(base.get_submodule(n), s.rank, s.alpha).lora_A.detach()
+                    layer = LoRALinear(base.get_submodule(n), config=s.config.replace(dropout=0.0))
+                    init[k, n] = layer.lora_A.detach()
             if device.type == "cpu":
                 g = torch.Generator()
                 g.set_state(torch.get_rng_state())
@@ -427,8 +462,11 @@ class BatchedTrainer:
         self.model.train()
         self.specs, self.steps, self.batch_size, self.task = specs, steps, batch_size, task
         params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
-        self.optimizer = StackedAdamW(params, len(specs), weight_decay)
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        ratios = [s.lr_ratio for s in specs]
+        plain = all(r == 1 for r in ratios)
+        scales = [None if plain or i % 2 == 0 else ratios for i in range(len(params))]
+        self.optimizer = StackedAdamW(params, len(specs), weight_decay, scales)
+        self.autocast = autocast_dtype(self.device)
         self.train_x = task.train_inputs.to(self.device)
         self.train_y = task.train_targets.to(self.device)
         # Every step's batch indices up front, per seed, as lab.train draws them: row `step` of
@@ -450,9 +488,7 @@ class BatchedTrainer:
             raise RuntimeError(f"all {self.steps} steps are done; make a new BatchedTrainer")
         idx = self.order[step]  # configuration k's batch is block k
         x, y = self.train_x[idx], self.train_y[idx]
-        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
-            logits = self.model(x)
-        token_loss = lm_loss(logits, y, reduction="none").view(k, -1)
+        token_loss = forward_loss(self.model, x, y, self.autocast, reduction="none").view(k, -1)
         counted = (y != IGNORE_INDEX).view(k, -1).sum(1)
         loss = token_loss.sum(1) / counted  # (K,) each configuration's own mean loss
         loss.sum().backward()  # the sum's gradient w.r.t. slice k is loss k's gradient

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .analysis import count_full, count_lora, lora_flop_share
 from .base import load_base_model
+from .config import LoRAConfig
 from .batched import (
     AdapterSpec,
     BatchedTrainer,
@@ -48,7 +49,7 @@ from .lora import LoRALinear, add_lora, count_parameters, merge_lora
 from .memory import analytic_flops, analytic_memory, measure_step_memory
 from .model import ModelConfig, ToyTransformer, get_preset, lm_loss
 from .tasks import SEQ_LEN, get_task
-from .train import train
+from .training import train
 
 __all__ = [
     "BENCHMARKS",
@@ -661,7 +662,12 @@ def bench_sweep(
     device = torch.device(device)
     base = load_base_model("cpu")
     the_task = get_task(task)
-    specs = [AdapterSpec(TARGETS, r, a, p) for r in ranks for a in alphas for p in dropouts]
+    specs = [
+        AdapterSpec(LoRAConfig(rank=r, alpha=a, dropout=p, targets=TARGETS))
+        for r in ranks
+        for a in alphas
+        for p in dropouts
+    ]
     n = len(specs)
     rows, scaling, profiles = [], [], {}
     total = len(batch_sizes) * (repeats + len(grid_sizes) + 1)

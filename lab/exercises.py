@@ -25,9 +25,9 @@ from .base import load_base_model
 from .lora import LoRALinear, add_lora, count_parameters, lora_layers
 from .memory import analytic_memory, format_bytes, measure_step_memory
 from .model import PRESETS, ModelConfig, ToyTransformer, get_preset
-from .sweep import ALL_TARGETS, load_grid_file, select
+from .sweeps import ALL_TARGETS, load_grid_file, select
 from .tasks import get_task
-from .train import train
+from .training import train
 
 __all__ = [
     "BUDGET",

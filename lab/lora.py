@@ -13,20 +13,28 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from .config import (
+    INITS,
+    VARIANTS,
+    Init,
+    LoRAConfig,
+    Variant,
+    check_hparams,
+    register_init,
+    register_variant,
+)
 from .fileio import atomic_write_bytes
 
 __all__ = [
@@ -45,8 +53,11 @@ __all__ = [
     "unmerge_lora",
 ]
 
-_CONFIG_KEY = "lora_lab_config"  # safetensors metadata key that holds the adapter's JSON config
-_FORMAT, _VERSION = "lora-lab-adapter", 1
+# safetensors metadata of an adapter file: the format and version, the LoRAConfig's to_dict()
+# as JSON, and the adapted layers' names (with mixed settings: each layer's own config).
+_FORMAT_KEY, _VERSION_KEY = "lora_lab_format", "lora_lab_version"
+_CONFIG_KEY, _LAYERS_KEY = "lora_lab_config", "lora_lab_layers"
+_FORMAT, _VERSION = "lora-lab-adapter", 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,47 +65,7 @@ _FORMAT, _VERSION = "lora-lab-adapter", 1
 # ---------------------------------------------------------------------------------------------
 
 
-# The largest scaling (alpha / rank, or alpha / sqrt(rank) with rsLoRA) add_lora accepts. The
-# scaling multiplies x A^T before B: with scaling = 1e300 that product overflows float32 to inf,
-# and inf * (B = 0) = nan, so a fresh adapter would already output nan. Ordinary settings use
-# scaling 0.25 to 64; 1e4 leaves ample room while keeping every intermediate far from overflow.
-MAX_SCALING = 1e4
-
-
-def _is_bool(value: object) -> bool:
-    """True for True/False and numpy's bool scalars."""
-    return isinstance(value, bool | np.bool_)
-
-
-def _check_hparams(rank: object, alpha: object, dropout: object, rslora: object) -> None:
-    """Raise TypeError/ValueError for a bad rank, alpha, dropout or rslora.
-
-    Python and numpy numbers are accepted (np.int64(8), np.float64(16)); bools are not numbers
-    here (rank=True is a mistake), and rslora must be a real bool, never a string like 'False'.
-    The scaling alpha/rank (alpha/sqrt(rank) with rslora) must be at most MAX_SCALING.
-    """
-    if not isinstance(rank, numbers.Integral) or _is_bool(rank):
-        raise TypeError(f"rank must be an int >= 1, got {rank!r} ({type(rank).__name__})")
-    if rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank}")
-    if not isinstance(alpha, numbers.Real) or _is_bool(alpha):
-        raise TypeError(f"alpha must be a real number > 0, got {alpha!r} ({type(alpha).__name__})")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if not isinstance(dropout, numbers.Real) or _is_bool(dropout):
-        raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    if not 0.0 <= dropout < 1.0:  # also rejects nan, for which every comparison is False
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    if not _is_bool(rslora):
-        raise TypeError(f"rslora must be True or False, got {rslora!r} ({type(rslora).__name__})")
-    scaling = float(alpha) / (math.sqrt(int(rank)) if rslora else int(rank))
-    if scaling > MAX_SCALING:
-        rule = "alpha/sqrt(rank)" if rslora else "alpha/rank"
-        raise ValueError(
-            f"alpha={alpha!r} with rank={rank} gives scaling {rule} = {scaling:.3g}, above the "
-            f"bound {MAX_SCALING:g}: the adapter's output would overflow to inf/nan; "
-            "typical alpha is 1 to 4 times the rank"
-        )
+_check_hparams = check_hparams  # the one validation of rank, alpha, dropout and rslora
 
 
 def _check_model(model: object, what: str = "model") -> None:
@@ -114,33 +85,113 @@ def _check_rank_fits(rank: int, linear: nn.Linear, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The frozen base: any linear that can give its weight
+# ---------------------------------------------------------------------------------------------
+
+
+def is_frozen_linear(module: object) -> bool:
+    """True for what LoRA can wrap: an nn.Linear, or a quantised linear that can dequantise.
+
+    A quantised linear (lab.quant.Linear4bit) has in_features, out_features, bias and a
+    `dequantize()` that returns its (out, in) weight; it has no `.weight` to write into.
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Module)
+        and callable(getattr(module, "dequantize", None))
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
+    )
+
+
+def is_quantized(module: object) -> bool:
+    """True for a frozen linear that stores its weight quantised (it has no `.weight`)."""
+    return is_frozen_linear(module) and not isinstance(module, nn.Linear)
+
+
+def frozen_weight(base: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a frozen linear (a quantised one gives it dequantised)."""
+    if isinstance(base, nn.Linear):
+        return base.weight
+    return base.dequantize()
+
+
+def _weight_dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype the base computes in and the device it lives on, without dequantising."""
+    if isinstance(base, nn.Linear):
+        return base.weight.dtype, base.weight.device
+    tensors = [*base.buffers(), *base.parameters()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return getattr(base, "compute_dtype", torch.float32), device
+
+
+# ---------------------------------------------------------------------------------------------
 # The layer
 # ---------------------------------------------------------------------------------------------
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update scaling * B @ A."""
+    """A frozen linear plus a trainable low-rank update scaling * B @ A.
+
+    Built from a LoRAConfig (`LoRALinear(base, config=cfg)`) or from its numbers
+    (`LoRALinear(base, rank=4, alpha=8)`). The base is an nn.Linear or a quantised linear
+    (lab.quant.Linear4bit); either way it stays frozen.
+    """
 
     def __init__(
-        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+        self,
+        base: nn.Module,
+        rank: int | None = None,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        *,
+        config: LoRAConfig | None = None,
     ) -> None:
         if isinstance(base, LoRALinear):
             raise TypeError("base already has LoRA (it is a LoRALinear); wrap a plain nn.Linear")
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        _check_hparams(rank, alpha, dropout, rslora)
-        _check_rank_fits(rank, base, "this layer")
+        if not is_frozen_linear(base):
+            raise TypeError(
+                f"base must be an nn.Linear, got {type(base).__name__} "
+                "(or a quantised linear such as lab.Linear4bit)"
+            )
+        if config is None:
+            defaults = LoRAConfig()
+            config = LoRAConfig(
+                rank=defaults.rank if rank is None else rank,
+                alpha=defaults.alpha if alpha is None else alpha,
+                dropout=dropout,
+                rslora=rslora,
+                variant=self.variant_name,
+            )
+        elif not isinstance(config, LoRAConfig):
+            raise TypeError(f"config must be a lab.LoRAConfig, got {type(config).__name__}")
+        elif rank is not None or alpha is not None or dropout or rslora:
+            raise TypeError("give either config=LoRAConfig(...) or rank/alpha/..., not both")
+        _check_rank_fits(config.rank, base, "this layer")
+        variant_cls = VARIANTS[config.variant].layer
+        if type(self) is not variant_cls:
+            raise TypeError(
+                f"config.variant={config.variant!r} is built by {variant_cls.__name__}, "
+                f"not {type(self).__name__}; use lab.lora.build_layer(base, config)"
+            )
+        init = INITS[config.init]
+        if init.check is not None:
+            init.check(base, config)
         super().__init__()
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
+        self.config = config
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha, self.rslora = int(rank), float(alpha), bool(rslora)
+        self.rank, self.alpha, self.rslora = config.rank, config.alpha, config.rslora
         rank = self.rank
-        self.dropout_p = float(dropout)
+        self.dropout_p = config.dropout
+        self.lr_ratio = config.lr_ratio
         # rsLoRA (Kalajdzievski 2023) divides by sqrt(rank) so the update's size does not shrink
         # as the rank grows; classic LoRA divides by rank.
-        self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
+        self.scaling = config.scaling
         self.merged = False
         # While merged: the A, B and scaling that were folded into W, so unmerge subtracts the
         # very ΔW that merge added even if the adapter is edited meanwhile (non-persistent: not
@@ -148,20 +199,36 @@ class LoRALinear(nn.Module):
         self.register_buffer("_merged_A", None, persistent=False)
         self.register_buffer("_merged_B", None, persistent=False)
         self._merged_scaling = self.scaling
+        self._quantized_base: nn.Module | None = None  # the 4-bit base while merged into a copy
         # Adapters train in (at least) fp32 even on a bf16/fp16 base: tiny updates to small
         # matrices would be rounded away in half precision. A float64 base keeps float64.
-        weight = base.weight
-        dtype = torch.promote_types(weight.dtype, torch.float32)
+        w_dtype, w_device = _weight_dtype_device(base)
+        dtype = torch.promote_types(w_dtype, torch.float32)
         self.lora_A = nn.Parameter(
-            torch.empty(rank, self.in_features, dtype=dtype, device=weight.device)
+            torch.empty(rank, self.in_features, dtype=dtype, device=w_device)
         )
         self.lora_B = nn.Parameter(
-            torch.zeros(self.out_features, rank, dtype=dtype, device=weight.device)
+            torch.zeros(self.out_features, rank, dtype=dtype, device=w_device)
         )
         # A is initialised like nn.Linear's weight; B = 0 makes the initial update exactly zero.
         # (On the meta device this is a no-op: there is no data to fill.)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        INITS[config.init].apply(self)  # "default" keeps the above; PiSSA replaces A, B and W
+        self.reset_variant_state()
+
+    variant_name = "lora"
+
+    def reset_variant_state(self) -> None:
+        """Hook for variants with state of their own (DoRA's magnitude); plain LoRA has none."""
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The layer's trainable tensors by name: lora_A and lora_B (and a variant's own)."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen (out, in) weight W, dequantised if the base is quantised."""
+        return frozen_weight(self.base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
@@ -184,7 +251,12 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling * B @ A, shape (out_features, in_features), in the base weight's dtype."""
         delta = (self.lora_B @ self.lora_A) * self.scaling  # computed in the adapter's fp32
-        return delta.to(dtype=self.base.weight.dtype, device=self.base.weight.device)
+        dtype, device = _weight_dtype_device(self.base)
+        return delta.to(dtype=dtype, device=device)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight a merge writes: W + ΔW (in fp32, rounded once to W's dtype)."""
+        return self._folded_weight(+1)
 
     @torch.no_grad()
     def _folded_weight(
@@ -201,30 +273,57 @@ class LoRALinear(nn.Module):
         a = self.lora_A if a is None else a
         b = self.lora_B if b is None else b
         scaling = self.scaling if scaling is None else scaling
-        w = self.base.weight
+        w = self.base_weight()
         delta = (b @ a) * scaling
         return (w.to(delta.dtype) + sign * delta.to(w.device)).to(w.dtype)
 
     def _check_mergeable(self, name: str = "this layer") -> torch.Tensor:
         """The merged weight, or ValueError if it would contain inf/nan (e.g. fp16 overflow)."""
-        new = self._folded_weight(+1)
+        new = self.merged_weight()
         if not new.is_meta and not bool(torch.isfinite(new).all()):
             raise ValueError(
                 f"merging would produce non-finite weights in {name} "
-                f"(dtype {self.base.weight.dtype}); weights left unchanged"
+                f"(dtype {new.dtype}); weights left unchanged"
             )
         return new
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ΔW into base.weight; forward then runs the base alone."""
-        if self.merged:
-            warnings.warn("LoRALinear is already merged; merge() did nothing", stacklevel=2)
-            return
-        self.base.weight.copy_(self._check_mergeable())
+    def _record_merge(self) -> None:
+        """Remember what is being folded in, so unmerge can take out exactly that."""
         self._merged_A = self.lora_A.detach().clone()
         self._merged_B = self.lora_B.detach().clone()
         self._merged_scaling = self.scaling
+
+    @torch.no_grad()
+    def merge(self, requantize: bool = False) -> None:
+        """Fold ΔW into the base weight; forward then runs the base alone.
+
+        On a quantised base W + ΔW cannot be written into 4-bit codes exactly. By default the
+        base is replaced by a full-precision nn.Linear holding dequantised W + ΔW (exact; the
+        4-bit original is kept for unmerge); requantize=True quantises W + ΔW back to 4 bits
+        instead (small, lossy: the merge trap). Either way unmerge restores the 4-bit base.
+        """
+        if self.merged:
+            warnings.warn("LoRALinear is already merged; merge() did nothing", stacklevel=2)
+            return
+        if not isinstance(requantize, bool):
+            raise TypeError(f"requantize must be True or False, got {requantize!r}")
+        new = self._check_mergeable()
+        if is_quantized(self.base):
+            self._quantized_base = self.base
+            dense = _dense_linear(self.base, new)
+            if requantize:
+                from .quant import Linear4bit
+
+                q = self.base
+                dense = Linear4bit.from_linear(
+                    dense, scheme=q.scheme, block_size=q.block_size, double_quant=q.double_quant
+                )
+            self.base = dense
+        elif requantize:
+            raise ValueError("requantize=True is for a quantised base; this base is an nn.Linear")
+        else:
+            self.base.weight.copy_(new)
+        self._record_merge()
         self.merged = True
 
     def adapter_changed_since_merge(self) -> bool:
@@ -239,25 +338,29 @@ class LoRALinear(nn.Module):
             and bool(torch.equal(self._merged_B, self.lora_B.detach()))
         )
 
+    def _unfolded_weight(self) -> torch.Tensor:
+        """W recovered from the merged weight (the inverse of merged_weight, from the record)."""
+        if self._merged_A is None:  # merged flag set by hand: fall back to the current ΔW
+            return self._folded_weight(-1)
+        return self._folded_weight(-1, self._merged_A, self._merged_B, self._merged_scaling)
+
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract from base.weight the ΔW that merge() added (exact up to base-dtype rounding).
+        """Subtract from the base weight the ΔW that merge() added (exact up to rounding).
 
         The ΔW subtracted is the one merged, from the A, B and scaling recorded at merge time,
         so W comes back to what it was before merge() even if the adapter was edited while
         merged. In that case a UserWarning says so; the edited adapter is kept, and the
-        unmerged layer then computes W x + (new ΔW) x.
+        unmerged layer then computes W x + (new ΔW) x. A quantised base is put back as it was.
         """
         if not self.merged:
             warnings.warn("LoRALinear is not merged; unmerge() did nothing", stacklevel=2)
             return
         changed = self.adapter_changed_since_merge()
-        if self._merged_A is None:  # merged flag set by hand: fall back to the current ΔW
-            self.base.weight.copy_(self._folded_weight(-1))
+        if self._quantized_base is not None:
+            self.base, self._quantized_base = self._quantized_base, None
         else:
-            self.base.weight.copy_(
-                self._folded_weight(-1, self._merged_A, self._merged_B, self._merged_scaling)
-            )
+            self.base.weight.copy_(self._unfolded_weight())
         self._merged_A = self._merged_B = None
         self.merged = False
         if changed:
@@ -268,13 +371,67 @@ class LoRALinear(nn.Module):
                 stacklevel=2,
             )
 
+    def removed_base(self, merged: bool) -> nn.Module:
+        """The module that takes this layer's place when LoRA is removed.
+
+        The base itself; an init that changed the base (PiSSA) gives it back as it was when
+        the adapter is dropped unmerged.
+        """
+        restore = INITS[self.config.init].restore
+        if not merged and restore is not None:
+            restore(self)
+        return self.base
+
     def extra_repr(self) -> str:
         """Summary shown by print(model)."""
+        extra = ""
+        if self.config.variant != "lora":
+            extra += f", variant={self.config.variant}"
+        if self.config.init != "default":
+            extra += f", init={self.config.init}"
+        if self.lr_ratio != 1:
+            extra += f", lr_ratio={self.lr_ratio:g}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
-            f"dropout={self.dropout_p:g}, rslora={self.rslora}, merged={self.merged}"
+            f"dropout={self.dropout_p:g}, rslora={self.rslora}{extra}, merged={self.merged}"
         )
+
+
+def _dense_linear(base: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A frozen nn.Linear with `weight` and the base's bias (for merging into a quantised base)."""
+    dense = nn.Linear(
+        base.in_features, base.out_features, bias=base.bias is not None,
+        device=weight.device, dtype=weight.dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if base.bias is not None:
+            dense.bias.copy_(base.bias)
+    dense.requires_grad_(False)
+    return dense
+
+
+def _default_init(layer: LoRALinear) -> None:
+    """Hu et al. 2021: A random (as built), B = 0, so B A = 0 and the model is unchanged."""
+
+
+register_variant(
+    Variant(
+        "lora",
+        LoRALinear,
+        "LoRA (Hu et al. 2021): W + (alpha/r) B A",
+        batched=True,
+    )
+)
+register_init(
+    Init(
+        "default",
+        _default_init,
+        "A random (Kaiming uniform), B = 0: B A = 0 at the start",
+        batched=True,
+    )  # fmt: skip
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,21 +457,6 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the submodule `name` was (setattr on its parent; works for ModuleList)."""
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name), leaf, new)
-
-
-def _normalize_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
-    """A str or an iterable of non-empty str -> a non-empty tuple of str."""
-    if isinstance(targets, str):
-        targets = (targets,)
-    elif not isinstance(targets, Iterable):
-        raise TypeError(f"targets must be a str or an iterable of str, got {targets!r}")
-    targets = tuple(targets)
-    if not targets:
-        raise ValueError("targets is empty; name at least one layer, e.g. ('q_proj', 'v_proj')")
-    for t in targets:
-        if not isinstance(t, str) or not t:
-            raise TypeError(f"every target must be a non-empty str, got {t!r} in {targets!r}")
-    return targets
 
 
 def _shared_parameter_ids(model: nn.Module) -> set[int]:
@@ -360,23 +502,54 @@ def check_trainable(model: nn.Module, action: str = "training") -> None:
         )
 
 
-def add_lora(
-    model: nn.Module,
-    targets: str | Iterable[str] = ("q_proj", "v_proj"),
-    rank: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    rslora: bool = False,
-) -> list[str]:
-    """Wrap every nn.Linear named like a target in a LoRALinear and freeze everything else.
+def build_layer(base: nn.Module, config: LoRAConfig) -> LoRALinear:
+    """The layer of config.variant (LoRALinear, DoRALinear, ...) around a frozen base."""
+    return VARIANTS[config.variant].layer(base, config=config)
+
+
+_LEGACY_ORDER = ("targets", "rank", "alpha", "dropout", "rslora")
+
+
+def as_config(config: object = None, *args: object, **fields: object) -> LoRAConfig:
+    """A LoRAConfig from a config, or from fields given as keywords (or in the old positional
+    order targets, rank, alpha, dropout, rslora); a config and fields together are refused."""
+    if isinstance(config, LoRAConfig):
+        if args or fields:
+            given = sorted(fields) or [f"{len(args)} positional"]
+            raise TypeError(
+                f"give either a LoRAConfig or its fields, not both (got a config and {given}); "
+                "use config.replace(...) to change a field"
+            )
+        return config
+    if config is not None:  # add_lora(model, ("q_proj",), 4, 8): targets first, as before
+        args = (config, *args)
+    if len(args) > len(_LEGACY_ORDER):
+        raise TypeError(f"too many positional arguments: {args!r}")
+    for name, value in zip(_LEGACY_ORDER, args, strict=False):
+        if name in fields:
+            raise TypeError(f"{name} given twice (positionally and as a keyword)")
+        fields[name] = value
+    known = {f for f in LoRAConfig.__dataclass_fields__}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"unknown LoRA settings {unknown}; settings are {sorted(known)}")
+    return LoRAConfig(**fields)
+
+
+def add_lora(model: nn.Module, config: LoRAConfig | None = None, *args, **fields) -> list[str]:
+    """Wrap every frozen linear named like a target in a LoRA layer and freeze everything else.
+
+    `config` is a LoRAConfig; or give its fields as keywords instead:
+    `add_lora(model, targets=("q_proj", "v_proj"), rank=8, alpha=16)`. The layer class comes
+    from config.variant (LoRALinear for "lora", DoRALinear for "dora", ...).
 
     A target matches a module whose qualified name equals it or ends with "." + target, so
     "q_proj" matches "blocks.0.attn.q_proj" and "attn.q_proj" works too. Returns the replaced
     names in module order. Everything is validated first: on error the model is unchanged.
     """
     _check_model(model)
-    targets = _normalize_targets(targets)
-    _check_hparams(rank, alpha, dropout, rslora)
+    config = as_config(config, *args, **fields)
+    targets, rank = config.targets, config.rank
 
     # Match by name among all modules, but not the insides of existing LoRALinears (their
     # `.base` is an implementation detail, not a layer of the user's model).
@@ -402,6 +575,7 @@ def add_lora(
             for n, m in candidates
             if isinstance(m, LoRALinear)
             or (isinstance(m, nn.Linear) and id(m.weight) not in shared)
+            or is_quantized(m)
         ]
         leaves = sorted({n.rpartition(".")[2] for n in linear_names})
         raise ValueError(
@@ -415,7 +589,7 @@ def add_lora(
             raise ValueError(  # noqa: TRY004
                 f"{name} already has LoRA; call remove_lora(model) first to start again"
             )
-        if not isinstance(module, nn.Linear):
+        if not is_frozen_linear(module):
             raise TypeError(
                 f"target {name} is a {type(module).__name__}, not an nn.Linear; "
                 "LoRA here only wraps linear layers"
@@ -448,27 +622,70 @@ def add_lora(
         _check_rank_fits(rank, module, name)
 
     # All checks passed: build every new layer, then swap them in, then freeze.
-    new_layers = {n: LoRALinear(m, rank, alpha, dropout, rslora) for n, m in matches}
+    new_layers = {n: build_layer(m, config) for n, m in matches}
     for name, layer in new_layers.items():
         _replace_module(model, name, layer)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in lora_layers(model).values():  # includes adapters added by earlier calls
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        for p in layer.adapter_parameters().values():
+            p.requires_grad_(True)
     return list(new_layers)
 
 
-def merge_lora(model: nn.Module) -> None:
-    """Merge every LoRA layer; all-or-nothing: raises before any change if one would overflow."""
+def parameter_groups(model: nn.Module) -> list[dict]:
+    """The trainable parameters of `model` in optimizer groups, each with an "lr_scale".
+
+    Plain LoRA and full fine-tuning: one group, lr_scale 1. LoRA+ (a layer's lr_ratio != 1):
+    each layer's lora_B, and its one-dimensional trainable tensors such as DoRA's magnitude,
+    train at lr_ratio times the rate of lora_A and everything else, as PEFT's
+    create_loraplus_optimizer groups them.
+    """
+    scale_of: dict[int, float] = {}
+    for layer in lora_layers(model).values():
+        if layer.lr_ratio == 1:
+            continue
+        for name, p in layer.adapter_parameters().items():
+            if name == "lora_B" or p.dim() == 1:
+                scale_of[id(p)] = layer.lr_ratio
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(scale_of.get(id(p), 1.0), []).append(p)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
+def merge_lora(model: nn.Module, requantize: bool = False) -> None:
+    """Merge every LoRA layer; all-or-nothing: raises before any change if one would overflow.
+
+    On a quantised (4-bit) base, W + ΔW is written into a full-precision copy by default
+    (exact) and a warning says so; requantize=True quantises it back to 4 bits instead, which
+    loses accuracy (notebook 08 measures how much).
+    """
+    if not isinstance(requantize, bool):
+        raise TypeError(f"requantize must be True or False, got {requantize!r}")
     todo = {n: layer for n, layer in _require_lora(model).items() if not layer.merged}
     if not todo:
         warnings.warn("all LoRA layers are already merged; merge_lora did nothing", stacklevel=2)
         return
+    quantized = [n for n, layer in todo.items() if is_quantized(layer.base)]
+    if requantize and not quantized:
+        raise ValueError("requantize=True is for a quantised base; this model's base is not")
     for name, layer in todo.items():  # first pass only checks; the second pass writes
         layer._check_mergeable(name)
     for layer in todo.values():
-        layer.merge()
+        layer.merge(requantize=requantize and is_quantized(layer.base))
+    if quantized:
+        if requantize:
+            what = "quantised W + ΔW back to 4 bits (lossy: the merged model is not exact)"
+        else:
+            what = (
+                "wrote W + ΔW into full-precision copies of the 4-bit weights (exact, but those "
+                "layers now hold 32-bit weights; merge_lora(model, requantize=True) keeps 4 bits "
+                "and loses accuracy)"
+            )
+        warnings.warn(f"{len(quantized)} LoRA layers sit on a 4-bit base: merge {what}",
+                      stacklevel=2)  # fmt: skip
 
 
 def unmerge_lora(model: nn.Module) -> None:
@@ -496,7 +713,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
             layer.merge()
         elif not merge and layer.merged:
             layer.unmerge()
-        _replace_module(model, name, layer.base)
+        _replace_module(model, name, layer.removed_base(merged=merge))
     return list(layers)
 
 
@@ -509,8 +726,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, e.g. {"blocks.0.attn.q_proj.lora_A": (rank, in) tensor, ...}."""
     state = {}
     for name, layer in lora_layers(model).items():
-        state[f"{name}.lora_A"] = layer.lora_A.detach()
-        state[f"{name}.lora_B"] = layer.lora_B.detach()
+        for key, p in layer.adapter_parameters().items():
+            state[f"{name}.{key}"] = p.detach()
     return state
 
 
@@ -568,23 +785,35 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             param.copy_(ready[key])
 
 
+def _leaf_order(names: Iterable[str]) -> list[str]:
+    """Leaf names (q_proj, ...) in order of first appearance."""
+    return list(dict.fromkeys(name.rpartition(".")[2] for name in names))
+
+
 def _adapter_config(layers: dict[str, LoRALinear]) -> dict:
-    """The JSON-able description of a model's adapters, used both to save and to compare."""
-    settings = {
-        name: {"rank": m.rank, "alpha": m.alpha, "dropout": m.dropout_p, "rslora": m.rslora}
-        for name, m in layers.items()
-    }
-    first = next(iter(settings.values()))
-    uniform = all(s == first for s in settings.values())
-    config = {"format": _FORMAT, "version": _VERSION}
-    # With mixed settings (add_lora called twice with different ranks, say) the top-level
-    # fields are null and the exact per-layer values are stored under "per_layer".
-    config.update(first if uniform else dict.fromkeys(first))
-    config["targets"] = sorted({name.rpartition(".")[2] for name in layers})
-    config["layers"] = list(layers)
-    if not uniform:
-        config["per_layer"] = settings
-    return config
+    """The description of a model's adapters, used both to save and to compare.
+
+    {"config": LoRAConfig.to_dict() or None, "layers": [names] or {name: to_dict()}}: one
+    config when every layer shares its settings (its targets: the adapted leaf names), else
+    each layer's own (add_lora called twice with different ranks, say).
+    """
+    configs = {name: layer.config.replace(targets=(name.rpartition(".")[2],))
+               for name, layer in layers.items()}  # fmt: skip
+    first = next(iter(configs.values()))
+    if all(c.replace(targets=first.targets) == first for c in configs.values()):
+        shared = first.replace(targets=tuple(_leaf_order(layers)))
+        return {"config": shared.to_dict(), "layers": list(layers)}
+    return {"config": None, "layers": {n: c.to_dict() for n, c in configs.items()}}
+
+
+def _summary(description: dict) -> dict:
+    """What load_adapter returns: the config's fields, "layers", and "per_layer" if mixed."""
+    if description["config"] is not None:
+        return {**description["config"], "layers": list(description["layers"])}
+    fields = dict.fromkeys(LoRAConfig.__dataclass_fields__)
+    layers = description["layers"]
+    fields["targets"] = _leaf_order(layers)
+    return {**fields, "layers": list(layers), "per_layer": dict(layers)}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -599,7 +828,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     if any(t.is_meta for t in state.values()):
         raise ValueError("the model is on the meta device: its adapters hold no values to save")
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
-    metadata = {_CONFIG_KEY: json.dumps(_adapter_config(layers))}
+    description = _adapter_config(layers)
+    metadata = {
+        _FORMAT_KEY: _FORMAT,
+        _VERSION_KEY: str(_VERSION),
+        _CONFIG_KEY: json.dumps(description["config"]),
+        _LAYERS_KEY: json.dumps(description["layers"]),
+    }
     data = safetensors_save(tensors, metadata=metadata)
     return atomic_write_bytes(path, data)
 
@@ -640,32 +875,52 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         ) from exc
     if _CONFIG_KEY not in metadata:
         raise ValueError(f"{path} has no {_CONFIG_KEY!r} metadata: not written by save_adapter?")
-    try:
-        config = json.loads(metadata[_CONFIG_KEY])
-    except (json.JSONDecodeError, RecursionError) as exc:
+    if metadata.get(_FORMAT_KEY) != _FORMAT:
+        raise ValueError(f"{path}: metadata is not a {_FORMAT!r} file")
+    if metadata.get(_VERSION_KEY) != str(_VERSION):
         raise ValueError(
-            f"{path}: the {_CONFIG_KEY!r} metadata is not valid JSON: {_describe(str(exc))}"
-        ) from exc
-    if not isinstance(config, dict) or config.get("format") != _FORMAT:
-        raise ValueError(f"{path}: metadata is not a {_FORMAT!r} config")
-    if config.get("version") != _VERSION:
-        raise ValueError(
-            f"{path}: adapter format version {config.get('version')!r} "
+            f"{path}: adapter format version {metadata.get(_VERSION_KEY)!r} "
             f"is not supported (expected {_VERSION})"
         )
+    raw = {}
+    for key in (_CONFIG_KEY, _LAYERS_KEY):
+        try:
+            raw[key] = json.loads(metadata.get(key, "null"))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(
+                f"{path}: the {key!r} metadata is not valid JSON: {_describe(str(exc))}"
+            ) from exc
+    # Every config in the file is validated by LoRAConfig's own constructor.
+    try:
+        layer_names = raw[_LAYERS_KEY]
+        if raw[_CONFIG_KEY] is not None:
+            file_config = LoRAConfig.from_dict(raw[_CONFIG_KEY])
+            if not isinstance(layer_names, list) or not all(
+                isinstance(n, str) for n in layer_names
+            ):
+                raise ValueError(f"{_LAYERS_KEY} must be a list of layer names")
+            stored = {"config": file_config.to_dict(), "layers": layer_names}
+        else:
+            if not isinstance(layer_names, dict) or not layer_names:
+                raise ValueError(f"{_LAYERS_KEY} must map layer names to configs")
+            per_layer = {str(n): LoRAConfig.from_dict(c).to_dict() for n, c in layer_names.items()}
+            stored = {"config": None, "layers": per_layer}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the adapter's settings are not valid: {exc}") from exc
     layers = lora_layers(model)
     if not layers:
+        hint = stored["config"] or {}
+        shown = ", ".join(f"{k}={hint[k]!r}" for k in ("targets", "rank", "alpha") if k in hint)
         raise ValueError(
-            f"cannot load {path}: the model has no LoRA layers; first call add_lora(model, "
-            f"targets={config.get('targets')}, rank={config.get('rank')}, "
-            f"alpha={config.get('alpha')}, dropout={config.get('dropout')}, "
-            f"rslora={config.get('rslora')})"
+            f"cannot load {path}: the model has no LoRA layers; first call "
+            f"add_lora(model, LoRAConfig({shown}, ...)) with the settings the file was saved with"
         )
-    expected = _adapter_config(layers)
+    config = _summary(stored)
+    expected = _summary(_adapter_config(layers))
     differences = [
         f"{field}: file has {_describe(config.get(field))}, "
         f"model has {_describe(expected.get(field))}"
-        for field in ("rank", "alpha", "dropout", "rslora", "targets", "layers", "per_layer")
+        for field in (*LoRAConfig.__dataclass_fields__, "layers", "per_layer")
         if config.get(field) != expected.get(field)
     ]
     if differences:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lab.model import ModelConfig, lm_loss
+from lab.step import training_step
 
 __all__ = [
     "MemoryBreakdown",
@@ -155,14 +156,6 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _forward_loss(model, inputs, targets, autocast_dtype) -> torch.Tensor:
-    # Only the forward runs under autocast; the loss is computed in fp32 by lm_loss anyway.
-    device_type = inputs.device.type
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(inputs)
-    return lm_loss(logits, targets)
-
-
 class _NoHook:
     """Stands in for a hook handle: removing it does nothing."""
 
@@ -192,17 +185,17 @@ def _measure_mem_tracker(model, inputs, targets, optimizer, autocast_dtype) -> M
         if not p.requires_grad:
             tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
     tracker.track_external(model, optimizer)  # tensors that exist before the step
+    snaps: dict[str, dict[str, int]] = {}
     with tracker as mt:
-        loss = _forward_loss(model, inputs, targets, autocast_dtype)
-        after_forward = snapshot(mt)
-        loss.backward()
-        after_backward = snapshot(mt)
-        loss_value = loss.item()
-        del loss  # nothing of the forward is kept through the optimizer step
-        optimizer.step()  # first step: AdamW creates exp_avg and exp_avg_sq here
-        after_step = snapshot(mt)
-        optimizer.zero_grad(set_to_none=True)
+        # The lab's own training step, observed between its phases. On a first step AdamW
+        # creates exp_avg and exp_avg_sq inside optimizer.step().
+        loss = training_step(
+            model, inputs, targets, optimizer, autocast_dtype,
+            observe=lambda phase: snaps.__setitem__(phase, snapshot(mt)),
+        )  # fmt: skip
         peak = snapshot(mt, "peak")
+    loss_value = loss.item()
+    after_forward, after_backward, after_step = snaps["forward"], snaps["backward"], snaps["step"]
 
     names = {
         "Parameter": "parameters",
@@ -240,15 +233,20 @@ def _measure_cuda(model, inputs, targets, optimizer, autocast_dtype) -> MemoryBr
     # Memory that is not this model's (another model in the notebook, say) is left out of peak.
     ours = _storage_bytes([*params, *(p.grad for p in params), *_optimizer_tensors(optimizer)])
     unrelated = max(0, before_forward - ours)
-    loss = _forward_loss(model, inputs, targets, autocast_dtype)
-    activations = torch.cuda.memory_allocated(device) - before_forward
-    loss.backward()
-    gradients = _storage_bytes(p.grad for p in params)
+    seen: dict[str, int] = {}
+
+    def observe(phase: str) -> None:
+        if phase == "forward":
+            seen["activations"] = torch.cuda.memory_allocated(device) - before_forward
+        elif phase == "backward":
+            seen["gradients"] = _storage_bytes(p.grad for p in params)
+        else:
+            seen["optimizer"] = _storage_bytes(_optimizer_tensors(optimizer))
+
+    loss = training_step(model, inputs, targets, optimizer, autocast_dtype, observe=observe)
     loss_value = loss.item()
-    del loss
-    optimizer.step()
-    optimizer_bytes = _storage_bytes(_optimizer_tensors(optimizer))
-    optimizer.zero_grad(set_to_none=True)
+    activations, gradients = seen["activations"], seen["gradients"]
+    optimizer_bytes = seen["optimizer"]
     torch.cuda.synchronize(device)
     return MemoryBreakdown(
         parameters=_storage_bytes(params),

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from . import plots
 from .analysis import ATTENTION, canonical_targets, describe_counts, lora_counts
 from .model import PRESETS
-from .sweep import (
+from .sweeps import (
     DEFAULT_ALPHA,
     DEFAULT_STEPS,
     DEFAULT_TARGETS,

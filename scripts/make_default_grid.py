@@ -17,15 +17,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lab.sweep import (  # noqa: E402
+from lab.sweeps import (
     DEFAULT_GRID_PATH,
     DEFAULT_STEPS,
     FORMAT,

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lab  # noqa: E402
-from lab.tasks import PRETRAIN_TASKS  # noqa: E402
+import lab
+from lab.tasks import PRETRAIN_TASKS
 
 STEPS, BATCH, LR, SEED = 3000, 128, 3e-3, 0
 

@@ -15,7 +15,7 @@ from torch import nn
 import lab
 from lab import exercises as ex
 from lab.exercises import Feedback
-from lab.sweep import ALL_TARGETS
+from lab.sweeps import ALL_TARGETS
 
 
 def assert_not_yet(feedback: object, *phrases: str) -> None:

@@ -114,7 +114,7 @@ def test_bad_targets(targets, exc, words):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     before = snapshot(model)
     with pytest.raises(exc, match=words):
-        add_lora(model, targets)
+        add_lora(model, targets=targets)
     assert same(model, before) and not any(
         isinstance(m, nn.Module) and hasattr(m, "lora_A") for m in model
     )
@@ -293,7 +293,10 @@ def test_adapter_path_is_directory(lora_model, tmp_path):
 
 def test_adapter_deeply_nested_config(lora_model, tmp_path):
     path = tmp_path / "deep.safetensors"
-    save_file(lora_state_dict(lora_model), path, metadata={"lora_lab_config": "[" * 100_000})
+    meta = {"lora_lab_format": "lora-lab-adapter", "lora_lab_version": "2"}
+    save_file(
+        lora_state_dict(lora_model), path, metadata={**meta, "lora_lab_config": "[" * 100_000}
+    )
     before = snapshot(lora_model)
     with pytest.raises(ValueError, match="not valid JSON"):
         load_adapter(lora_model, path)

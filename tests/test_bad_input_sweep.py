@@ -16,7 +16,8 @@ import torch
 
 import lab
 from lab.batched import AdapterSpec, BatchedTrainer, train_batched
-from lab.sweep import (
+from lab.config import LoRAConfig
+from lab.sweeps import (
     SweepCache,
     SweepCacheError,
     SweepPoint,
@@ -27,10 +28,16 @@ from lab.sweep import (
     load_grid_file,
     sweep,
 )
-from lab.train import TrainingDiverged
+from lab.training import TrainingDiverged
 from tests.test_sweep import CountingTrainer, fake_result
 
 TINY = {"task": "sort_desc_small", "rank": 4, "steps": 30, "batch_size": 16}
+
+
+def make_spec(targets, rank, alpha, dropout=0.0, rslora=False, lr=2e-2, seed=0) -> AdapterSpec:
+    """An AdapterSpec from the adapter's numbers (its LoRAConfig) and the optimizer's."""
+    config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora)
+    return AdapterSpec(config, lr, seed)
 
 
 def listing(path) -> list[str]:
@@ -94,7 +101,7 @@ def test_a_bare_string_target_is_one_name_and_short_names_map_to_layers():
     assert SweepPoint(**TINY, targets="q").targets == ("q_proj",)
     assert SweepPoint(**TINY, targets=("v", "q")).key == SweepPoint(**TINY).key
     assert grid("rotate", [2], targets="down")[0].targets == ("down_proj",)
-    assert AdapterSpec("q_proj", 4, 8.0).targets == ("q_proj",)
+    assert make_spec("q_proj", 4, 8.0).targets == ("q_proj",)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +149,7 @@ def test_bad_grids_are_refused(kwargs, error, words):
 )
 def test_bad_adapter_specs_are_refused(kwargs, error, words):
     with pytest.raises(error) as info:
-        AdapterSpec(**({"targets": ("q_proj",), "rank": 4, "alpha": 8.0} | kwargs))
+        make_spec(**({"targets": ("q_proj",), "rank": 4, "alpha": 8.0} | kwargs))
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
@@ -416,8 +423,8 @@ def test_a_diverged_point_is_cached_as_diverged_and_not_retrained(tmp_path, batc
 
 def test_a_diverged_configuration_does_not_poison_the_others():
     base, task = lab.load_base_model("cpu"), lab.get_task("sort_desc_small")
-    good = AdapterSpec(("q_proj", "v_proj"), 4, 16.0, lr=2e-2)
-    bad = AdapterSpec(("q_proj", "v_proj"), 4, 16.0, lr=1e10)
+    good = make_spec(("q_proj", "v_proj"), 4, 16.0, lr=2e-2)
+    bad = make_spec(("q_proj", "v_proj"), 4, 16.0, lr=1e10)
     together = train_batched(base, task, [good, bad], 30, 16, "cpu", progress=False)
     alone = train_batched(base, task, [good], 30, 16, "cpu", progress=False)
     assert together.diverged[0] is None and "diverged" in together.diverged[1]
@@ -427,7 +434,7 @@ def test_a_diverged_configuration_does_not_poison_the_others():
 
 def test_the_batched_trainer_validates_weight_decay_and_steps():
     base, task = lab.load_base_model("cpu"), lab.get_task("sort_desc_small")
-    spec = AdapterSpec(("q_proj",), 4, 8.0)
+    spec = make_spec(("q_proj",), 4, 8.0)
     with pytest.raises(ValueError, match="weight_decay=inf"):
         BatchedTrainer(base, task, [spec], 5, 8, "cpu", weight_decay=math.inf)
     with pytest.raises(ValueError, match="limit"):

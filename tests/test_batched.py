@@ -18,11 +18,12 @@ from lab.batched import (
     max_configs_for_memory,
     train_batched,
 )
+from lab.config import LoRAConfig
 from lab.lora import add_lora, lora_layers
-from lab.sweep import ALL_TARGETS as ALL
-from lab.sweep import SweepCache, SweepPoint, full_point, run_group, run_point, sweep
+from lab.sweeps import ALL_TARGETS as ALL
+from lab.sweeps import SweepCache, SweepPoint, full_point, run_group, run_point, sweep
 from lab.tasks import get_task
-from lab.train import train
+from lab.training import train
 
 # Mixed ranks (1 to 8, so rank 1 is padded to 8), alphas != rank, dropouts, targets (q,v; all
 # attention; the MLP only), rsLoRA, learning rates and seeds (so data orders) in one group.
@@ -41,8 +42,14 @@ MIXED = [
 ]
 
 
+def make_spec(targets, rank, alpha, dropout=0.0, rslora=False, lr=2e-2, seed=0) -> AdapterSpec:
+    """An AdapterSpec from the adapter's numbers (its LoRAConfig) and the optimizer's."""
+    config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora)
+    return AdapterSpec(config, lr, seed)
+
+
 def spec(point: SweepPoint) -> AdapterSpec:
-    return AdapterSpec(
+    return make_spec(
         point.targets, point.rank, point.alpha, point.dropout, point.rslora, point.lr, point.seed
     )
 
@@ -105,7 +112,7 @@ def test_float64_batched_equals_each_run_alone_over_many_steps():
 
 
 def test_padded_rank_slots_and_untargeted_layers_stay_exactly_zero():
-    specs = [AdapterSpec(("q_proj",), 1, 4.0), AdapterSpec(("q_proj", "v_proj"), 8, 16.0, 0.2)]
+    specs = [make_spec(("q_proj",), 1, 4.0), make_spec(("q_proj", "v_proj"), 8, 16.0, 0.2)]
     task = get_task("sort_desc")
     run = train_batched(load_base_model("cpu"), task, specs, 15, device="cpu", progress=False)
     assert run.losses.shape == (2, 15)
@@ -184,7 +191,7 @@ def test_a_trainer_stops_after_its_steps():
     from lab.batched import BatchedTrainer
 
     trainer = BatchedTrainer(load_base_model("cpu"), get_task("sort_desc_small"),
-                             [AdapterSpec(("q_proj",), 2, 4.0)], 2, 8, "cpu")  # fmt: skip
+                             [make_spec(("q_proj",), 2, 4.0)], 2, 8, "cpu")  # fmt: skip
     assert trainer.step().shape == (1,) and trainer.step().shape == (1,)
     with pytest.raises(RuntimeError, match="all 2 steps are done"):
         trainer.step()
@@ -225,7 +232,7 @@ def test_stacked_adamw_matches_torch_adamw_per_slice():
 def test_adapter_spec_rejects_bad_values(kwargs, message):
     fields = {"targets": ("q_proj",), "rank": 4, "alpha": 8.0, **kwargs}
     with pytest.raises(ValueError, match=message):
-        AdapterSpec(**fields)
+        make_spec(**fields)
 
 
 def test_train_batched_rejects_bad_input_and_leaves_base_unchanged():
@@ -235,12 +242,12 @@ def test_train_batched_rejects_bad_input_and_leaves_base_unchanged():
     with pytest.raises(ValueError, match="specs is empty"):
         train_batched(base, task, [], 5, device="cpu")
     with pytest.raises(ValueError, match="steps=0"):
-        train_batched(base, task, [AdapterSpec(("q_proj",), 4, 8.0)], 0, device="cpu")
+        train_batched(base, task, [make_spec(("q_proj",), 4, 8.0)], 0, device="cpu")
     with pytest.raises(ValueError, match=r"targets \['qproj'\] match no layer"):
-        train_batched(base, task, [AdapterSpec(("qproj",), 4, 8.0)], 5, device="cpu")
+        train_batched(base, task, [make_spec(("qproj",), 4, 8.0)], 5, device="cpu")
     with pytest.raises(ValueError, match="rank=256 is too large"):
-        train_batched(base, task, [AdapterSpec(("q_proj",), 256, 8.0)], 5, device="cpu")
-    train_batched(base, task, [AdapterSpec(("q_proj",), 4, 8.0)], 2, device="cpu", progress=False)
+        train_batched(base, task, [make_spec(("q_proj",), 256, 8.0)], 5, device="cpu")
+    train_batched(base, task, [make_spec(("q_proj",), 4, 8.0)], 2, device="cpu", progress=False)
     after = base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(isinstance(m, BatchedLoRALinear) for m in base.modules())
@@ -302,7 +309,7 @@ def test_chunks_train_the_same_as_one_group():
 
 
 def test_a_chunk_that_runs_out_of_memory_is_split_and_retried(monkeypatch):
-    module = importlib.import_module("lab.sweep")  # `lab.sweep` is also the function's name
+    module = importlib.import_module("lab.sweeps")
     sizes = []
     real = module.train_batched
 
@@ -348,7 +355,7 @@ def test_the_memory_estimate_follows_the_largest_adapter_and_the_batch():
     from lab.batched import bytes_per_config
 
     config = load_base_model("cpu").config
-    small, big = AdapterSpec(("q_proj",), 1, 4.0), AdapterSpec(ALL, 64, 4.0)
+    small, big = make_spec(("q_proj",), 1, 4.0), make_spec(ALL, 64, 4.0)
     assert bytes_per_config(config, [small, big], 64) == bytes_per_config(config, [big], 64)
     assert bytes_per_config(config, [big], 64) > bytes_per_config(config, [small], 64)
     assert bytes_per_config(config, [small], 64) > bytes_per_config(config, [small], 8)

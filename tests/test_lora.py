@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -13,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lab.config import LoRAConfig
 from lab.lora import (
     LoRALinear,
     ParamCount,
@@ -609,7 +611,12 @@ def test_adapter_file_holds_only_adapters_and_config(saved):
         keys = set(f.keys())
         meta = f.metadata()
     assert keys == set(lora_state_dict(model))
-    assert '"format": "lora-lab-adapter"' in meta["lora_lab_config"]
+    assert meta["lora_lab_format"] == "lora-lab-adapter"
+    # The adapter's JSON config is exactly its LoRAConfig's to_dict().
+    assert (
+        json.loads(meta["lora_lab_config"])
+        == LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")).to_dict()
+    )
 
 
 def test_mixed_settings_are_saved_per_layer(tmp_path):

@@ -519,7 +519,6 @@ def test_quantize_base_replaces_exactly_the_block_projections():
 
 # LoRALinear wraps only nn.Linear until the frozen-base seam accepts Linear4bit: then this
 # XPASSes (strict), and the marker goes.
-@pytest.mark.xfail(raises=TypeError, strict=True, reason="LoRALinear does not wrap Linear4bit yet")
 def test_lora_trains_on_top_of_the_quantised_base():
     model = _tiny()
     quantize_base(model, "int4", 32, False)

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from lab.sweep import (
+from lab.sweeps import (
     FORMAT,
     FULL_LR,
     LORA_LR,

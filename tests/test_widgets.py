@@ -8,7 +8,7 @@ import ipywidgets as W
 import pytest
 
 from lab import plots
-from lab.sweep import (
+from lab.sweeps import (
     SweepCache,
     SweepPoint,
     SweepResult,

@@ -27,17 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .analysis import canonical_targets, count_full, count_lora
 from .base import BASE_MODEL_PATH, load_base_config, load_base_model
-from .batched import AdapterSpec, bytes_per_config, default_max_configs, train_batched
+from .batched import AdapterSpec, batchable, bytes_per_config, default_max_configs, train_batched
+from .config import LoRAConfig
 from .fileio import atomic_write_bytes
-from .lora import _check_hparams, count_parameters
+from .lora import add_lora, count_parameters
 from .memory import measure_step_memory
 from .model import ModelConfig, ToyTransformer, default_device
+from .quant import SCHEMES, quantize_base
+from .step import autocast_dtype, make_optimizer
 from .tasks import FINETUNE_TASKS, get_task
-from .train import (
+from .training import (
     MAX_STEPS,
     TrainingDiverged,
     check_count,
@@ -81,6 +85,8 @@ DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice
 # The short names the explorer shows: q, k, v, o, up, down.
 SHORT_TARGETS = {t.removesuffix("_proj"): t for t in ALL_TARGETS}
 DEFAULT_ALPHA = 16.0
+# SweepPoint fields that describe the LoRA flavour, with the values plain LoRA has.
+_FLAVOUR_DEFAULTS = {"variant": "lora", "init": "default", "lr_ratio": 1.0, "quant": None}
 LORA_LR = 2e-2  # adapters start at zero and are small: they want a larger step than full FT
 FULL_LR = 1e-3  # full fine-tuning at 2e-2 would wreck the pretrained weights
 DEFAULT_GRID_PATH = Path(__file__).parent / "data" / "default_grid.json"
@@ -108,10 +114,22 @@ class SweepPoint:
     lr: float | None = None  # None: LORA_LR for LoRA, FULL_LR for full fine-tuning
     batch_size: int = 64
     seed: int = 0
+    variant: str = "lora"  # the LoRA flavour (lab.VARIANTS): "lora" or "dora"
+    init: str = "default"  # A, B initialisation (lab.INITS): "default" or "pissa"
+    lr_ratio: float = 1.0  # LoRA+: B's learning rate over A's (1: plain LoRA)
+    quant: str | None = None  # a 4-bit frozen base: "nf4", "fp4" or "int4" (None: fp32)
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)  # normalising a frozen dataclass
+
+        if self.quant is not None and (
+            not isinstance(self.quant, str) or self.quant not in SCHEMES
+        ):
+            raise ValueError(
+                f"quant={self.quant!r}: expected None (full-precision base) or one of "
+                f"{', '.join(SCHEMES)}"
+            )
 
         if not isinstance(self.task, str) or self.task not in FINETUNE_TASKS:
             raise ValueError(f"task={self.task!r}: expected one of {', '.join(FINETUNE_TASKS)}")
@@ -127,31 +145,74 @@ class SweepPoint:
         if self.rank is None:
             # Full fine-tuning has no adapter: its adapter settings are fixed so that every
             # spelling of "full fine-tuning" is the same point (and the same cache file).
+            if self.quant is not None:
+                raise ValueError(
+                    f"quant={self.quant!r} needs an adapter: a 4-bit base is frozen, so full "
+                    "fine-tuning (rank None) cannot train it; give a rank"
+                )
             for name, value in (
                 ("alpha", 0.0),
                 ("dropout", 0.0),
                 ("targets", ()),
                 ("rslora", False),
+                ("variant", "lora"),
+                ("init", "default"),
+                ("lr_ratio", 1.0),
             ):
                 put(name, value)
             return
-        try:
-            _check_hparams(self.rank, self.alpha, self.dropout, self.rslora)
+        targets = normalize_targets(self.targets)
+        try:  # validated by the one adapter config
+            config = LoRAConfig(
+                rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=targets,
+                rslora=self.rslora, variant=self.variant, init=self.init, lr_ratio=self.lr_ratio,
+            )  # fmt: skip
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{exc} (rank None means full fine-tuning)") from None
-        targets = normalize_targets(self.targets)
-        put("alpha", float(self.alpha))
-        put("dropout", float(self.dropout))
+        if config.init == "pissa" and self.quant is not None:
+            raise ValueError(
+                f"init='pissa' with quant={self.quant!r}: PiSSA needs the full-precision W; "
+                "use init='default' on a 4-bit base"
+            )
+        for name in ("alpha", "dropout", "rslora", "lr_ratio"):
+            put(name, getattr(config, name))
         put("targets", tuple(sorted(set(targets))))
-        put("rslora", bool(self.rslora))
+
+    @property
+    def adapter(self) -> LoRAConfig:
+        """The point's adapter as a LoRAConfig (LoRA points only)."""
+        if self.is_full:
+            raise ValueError("full fine-tuning has no adapter, so no LoRAConfig")
+        return LoRAConfig(
+            rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+            rslora=self.rslora, variant=self.variant, init=self.init, lr_ratio=self.lr_ratio,
+        )  # fmt: skip
+
+    @property
+    def batchable(self) -> bool:
+        """True if the batched engine trains this point exactly (else it trains alone)."""
+        return not self.is_full and self.quant is None and batchable(self.adapter)
+
+    def prepare(self, model: nn.Module) -> list[str]:
+        """Give `model` this point's adapter (and 4-bit base) exactly as a run of it starts.
+
+        Seeds the global generator with `seed` first: LoRA's A initialisation and the adapter
+        dropout masks come from it. Full fine-tuning: nothing to add.
+        """
+        if self.is_full:
+            return []
+        if self.quant is not None:
+            quantize_base(model, scheme=self.quant)
+        torch.manual_seed(self.seed)
+        return add_lora(model, self.adapter)
 
     def spec(self) -> AdapterSpec:
         """The point's adapter and optimizer settings, for lab.batched (LoRA points only)."""
         if self.is_full:
             raise ValueError("full fine-tuning has no adapter, so no AdapterSpec")
-        return AdapterSpec(
-            self.targets, self.rank, self.alpha, self.dropout, self.rslora, self.lr, self.seed
-        )
+        if self.quant is not None:
+            raise ValueError(f"{describe(self)}: a 4-bit base trains alone, not batched")
+        return AdapterSpec(self.adapter, self.lr, self.seed)
 
     @property
     def is_full(self) -> bool:
@@ -159,8 +220,16 @@ class SweepPoint:
         return self.rank is None
 
     def to_dict(self) -> dict:
-        """The fields as plain JSON values."""
-        return {**dataclasses.asdict(self), "targets": list(self.targets)}
+        """The fields as plain JSON values.
+
+        The flavour fields (variant, init, lr_ratio, quant) are left out at their defaults, so
+        a plain LoRA point keeps the key (and cache file) it had before they existed.
+        """
+        data = {**dataclasses.asdict(self), "targets": list(self.targets)}
+        for name, default in _FLAVOUR_DEFAULTS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> SweepPoint:
@@ -229,8 +298,14 @@ def grid(
     lr: float | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    variant: str = "lora",
+    init: str = "default",
+    lr_ratio: float = 1.0,
+    quant: str | None = None,
 ) -> list[SweepPoint]:
     """The cartesian product ranks x alphas x dropouts (in that order), duplicates removed.
+
+    variant, init, lr_ratio and quant choose the LoRA flavour of every point (see SweepPoint).
 
     Each of ranks, alphas and dropouts must be a non-empty list (a bare number is refused).
     """
@@ -246,7 +321,8 @@ def grid(
         raise ValueError(f"{empty[0]} is empty: the grid would have no points")
     targets = normalize_targets(targets)
     points = [
-        SweepPoint(task, r, a, d, targets, rslora, steps, lr, batch_size, seed)
+        SweepPoint(task, r, a, d, targets, rslora, steps, lr, batch_size, seed,
+                   variant, init, lr_ratio, quant)  # fmt: skip
         for r in ranks
         for a in alphas
         for d in dropouts
@@ -281,7 +357,24 @@ def describe(point: SweepPoint | SweepResult) -> str:
         text += " " + ",".join(t.removesuffix("_proj") for t in canonical_targets(point.targets))
     if point.rslora:
         text += " rsLoRA"
+    flavour = _flavour(point)
+    if flavour != "LoRA":
+        text += " " + flavour
     return text
+
+
+def _flavour(point: SweepPoint) -> str:
+    """'LoRA', or the flavour's name: 'DoRA', 'PiSSA', 'LoRA+ λ16', 'NF4 base', combined."""
+    parts = []
+    if point.variant != "lora":
+        parts.append({"dora": "DoRA"}.get(point.variant, point.variant))
+    if point.init != "default":
+        parts.append({"pissa": "PiSSA"}.get(point.init, point.init))
+    if point.lr_ratio != 1:
+        parts.append(f"LoRA+ λ{point.lr_ratio:g}")
+    if point.quant is not None:
+        parts.append(f"{point.quant.upper()} base")
+    return " ".join(parts) or "LoRA"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,15 +503,13 @@ def _first_step_memory(point: SweepPoint, base: ToyTransformer, device: torch.de
     task = get_task(point.task)
     with torch.random.fork_rng(devices=[]):
         model = copy.deepcopy(base).to(device)
-        point.spec().add_to(model)
+        point.prepare(model)
         model.train()
         idx = torch.randint(task.n_train, (point.batch_size,),
                             generator=torch.Generator().manual_seed(point.seed))  # fmt: skip
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                      lr=point.lr)  # fmt: skip
-        autocast = torch.bfloat16 if device.type == "cuda" else None
+        optimizer = make_optimizer(model, point.lr)
         x, y = task.train_inputs[idx].to(device), task.train_targets[idx].to(device)
-        return measure_step_memory(model, x, y, optimizer, autocast).to_dict()
+        return measure_step_memory(model, x, y, optimizer, autocast_dtype(device)).to_dict()
 
 
 def run_group(
@@ -444,6 +535,12 @@ def run_group(
     full = [p for p in points if p.is_full]
     if full:
         raise ValueError(f"{describe(full[0])} has no adapter to batch; train it with run_point")
+    alone = [p for p in points if not p.batchable]
+    if alone:
+        raise ValueError(
+            f"{describe(alone[0])} has no exact batched form; train it with run_point "
+            "(sweep() does that for you)"
+        )
     keys = {group_key(p) for p in points}
     if len(keys) > 1:
         raise ValueError(
@@ -559,8 +656,7 @@ def run_point(
     """Train one point from the shipped base and measure it (no caching here)."""
     task = get_task(point.task)
     model = load_base_model(device)
-    if not point.is_full:
-        point.spec().add_to(model)  # seeds LoRA's A init and adapter dropout
+    point.prepare(model)  # seeds LoRA's A init and adapter dropout; 4-bit base if asked
     counts = count_parameters(model)
     try:
         run = train(
@@ -907,8 +1003,15 @@ def sweep(
                 done(fn(point, device=device, progress=progress))
             return
         groups: dict[tuple, list[SweepPoint]] = {}
+        alone = [p for p in mine if not p.is_full and not p.batchable]
+        if alone:
+            kinds = sorted({_flavour(p) for p in alone})
+            tqdm.write(
+                f"{_plural(len(alone), 'point')} ({', '.join(kinds)}) train one by one: the "
+                "batched engine has no exact form for them"
+            )
         for point in mine:
-            if point.is_full:
+            if not point.batchable:
                 done(run_point(point, device=device, progress=progress))
             else:
                 groups.setdefault(group_key(point), []).append(point)

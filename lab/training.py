@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from .lora import check_trainable, lora_layers
 from .memory import MemoryBreakdown, analytic_memory, measure_step_memory
-from .model import ToyTransformer, default_device, lm_loss
+from .model import ToyTransformer, default_device
+from .step import autocast_dtype, make_optimizer, set_lr, training_step
 from .tasks import SEQ_LEN, Task
 
 __all__ = ["MAX_STEPS", "SEED_LIMIT", "TrainingDiverged", "TrainResult", "train"]
@@ -212,8 +213,8 @@ def train(
     scaling = max((layer.scaling for layer in lora_layers(model).values()), default=0.0)
     model.to(device)
     model.train()
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    precision = autocast_dtype(device)
+    optimizer = make_optimizer(model, lr, weight_decay)  # LoRA+ layers: B at lr_ratio * lr
     generator = torch.Generator().manual_seed(seed)
     train_x, train_y = task.train_inputs.to(device), task.train_targets.to(device)
     # Every step's batch indices, drawn up front from the seeded CPU generator (the same numbers,
@@ -233,21 +234,14 @@ def train(
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+        set_lr(optimizer, _lr_at(step, steps, lr))
         x, y = batch(step)
         if step == 0 and measure_memory:
             # The first step runs under the memory tracker; it is a real step all the same.
-            memory = measure_step_memory(model, x, y, optimizer, autocast_dtype)
+            memory = measure_step_memory(model, x, y, optimizer, precision)
             losses[step] = memory.loss
         else:
-            with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(x)
-            loss = lm_loss(logits, y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses[step] = loss.detach()
+            losses[step] = training_step(model, x, y, optimizer, precision)
         if step % 25 == 0 or step == steps - 1:  # the loop's one host sync
             if not bool(torch.isfinite(losses[: step + 1]).all()):
                 bar.close()

@@ -1,0 +1,115 @@
+"""DoRA (Liu et al. 2024): weight-decomposed low-rank adaptation.
+
+The adapted weight is split into a direction and a magnitude:
+
+    W' = m * (W + ΔW) / ||W + ΔW||,   ΔW = scaling * B A,   norms per output row
+
+m (one number per output feature) is trained next to A and B; it starts at ||W|| (B = 0), so a
+fresh DoRA layer computes exactly W. As in the paper (section 4.3) and PEFT, the norm is treated
+as a constant in the backward pass (detached): it saves memory and barely changes training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Variant, register_variant
+from ..lora import LoRALinear
+
+__all__ = ["DoRALinear"]
+
+
+class DoRALinear(LoRALinear):
+    """LoRALinear plus a trainable magnitude vector (out_features,)."""
+
+    variant_name = "dora"
+
+    def reset_variant_state(self) -> None:
+        """m = ||W + ΔW|| per output row, so the layer starts out computing W + ΔW."""
+        with torch.no_grad():
+            norm = self.weight_norm()
+        self.magnitude = nn.Parameter(norm.clone())
+        self.register_buffer("_merged_scale", None, persistent=False)
+        self.register_buffer("_merged_m", None, persistent=False)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {**super().adapter_parameters(), "magnitude": self.magnitude}
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W + scaling * B A|| over the input dimension: one norm per output feature (fp32)."""
+        w = self.base_weight().to(self.lora_A.dtype)
+        return (w + (self.lora_B @ self.lora_A) * self.scaling).norm(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out): m / ||W + ΔW|| * (x W^T + x ΔW^T) + bias."""
+        out = self.base(x)
+        if self.merged:
+            return out
+        h = self.dropout(x.to(self.lora_A.dtype))
+        scale = self.magnitude / self.weight_norm().detach()  # (out,)
+        lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # The base part of the rescaling sees the same dropped input as the adapter.
+            base_part = F.linear(h, self.base_weight().to(h.dtype))
+        else:
+            bias = self.base.bias
+            base_part = out if bias is None else out - bias
+        extra = (scale - 1) * base_part.to(scale.dtype) + scale * lora
+        return out + extra.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The change merge() makes to W: m / ||W + ΔW|| * (W + ΔW) - W."""
+        w = self.base_weight()
+        return (self.merged_weight().to(torch.float32) - w.to(torch.float32)).to(w.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        w = self.base_weight()
+        folded = w.to(self.lora_A.dtype) + (self.lora_B @ self.lora_A) * self.scaling
+        scale = self.magnitude / folded.norm(dim=1)
+        return (scale[:, None] * folded).to(w.dtype)
+
+    def _record_merge(self) -> None:
+        super()._record_merge()
+        self._merged_m = self.magnitude.detach().clone()
+        with torch.no_grad():
+            # The scale m / ||W + ΔW|| of the W before the merge (base already holds W').
+            self._merged_scale = self._merged_m / self._pre_merge_norm
+
+    @torch.no_grad()
+    def merge(self, requantize: bool = False) -> None:
+        if not self.merged:
+            self._pre_merge_norm = self.weight_norm()
+        super().merge(requantize)
+
+    def adapter_changed_since_merge(self) -> bool:
+        changed = super().adapter_changed_since_merge()
+        if not self.merged or self._merged_m is None:
+            return changed
+        return changed or not bool(torch.equal(self._merged_m, self.magnitude.detach()))
+
+    @torch.no_grad()
+    def _unfolded_weight(self) -> torch.Tensor:
+        """W = W' / (m / ||W + ΔW||) - ΔW, from what merge() recorded."""
+        w = self.base_weight()
+        if self._merged_scale is None:  # merged flag set by hand: nothing recorded
+            raise RuntimeError("this DoRA layer has no record of its merge; cannot unmerge")
+        delta = (self._merged_B @ self._merged_A) * self._merged_scaling
+        return (w.to(delta.dtype) / self._merged_scale[:, None] - delta).to(w.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        super().unmerge()
+        self._merged_scale = self._merged_m = None
+
+
+register_variant(
+    Variant(
+        "dora",
+        DoRALinear,
+        "DoRA (Liu et al. 2024): m * (W + (alpha/r) B A) / ||W + (alpha/r) B A||",
+        batched=False,
+    )
+)

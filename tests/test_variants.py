@@ -1,0 +1,403 @@
+"""The shared properties, run over every registered LoRA flavour (PEFT's TEST_CASES style).
+
+The table is built from the registries (lab.config.VARIANTS x INITS), plus the settings that
+are not flavours of their own (rsLoRA, LoRA+, a 4-bit base), so a newly registered variant is
+tested here without editing this file. Every case uses alpha != rank, so a scaling bug shows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lab
+from lab.config import INITS, VARIANTS, LoRAConfig
+from lab.lora import is_quantized, lora_layers, parameter_groups
+from lab.step import make_optimizer, training_step
+
+RANK, ALPHA = 4, 10.0
+
+
+def _cases() -> list[tuple[str, dict, str | None]]:
+    cases = []
+    for v in VARIANTS:
+        for i in INITS:
+            cases.append((f"{v}-{i}", {"variant": v, "init": i}, None))
+    cases += [
+        ("rslora", {"rslora": True}, None),
+        ("lora+", {"lr_ratio": 16.0}, None),
+        ("dora-lora+", {"variant": "dora", "lr_ratio": 4.0}, None),
+        ("dropout", {"dropout": 0.2}, None),
+        ("dora-dropout", {"variant": "dora", "dropout": 0.2}, None),
+    ]
+    for v in VARIANTS:  # every flavour on a 4-bit base; PiSSA needs full precision
+        cases.append((f"{v}-nf4", {"variant": v}, "nf4"))
+    cases.append(("lora-int4-single-quant", {}, "int4"))
+    return cases
+
+
+CASES = _cases()
+IDS = [c[0] for c in CASES]
+
+
+def base_model(quant: str | None) -> lab.ToyTransformer:
+    torch.manual_seed(0)
+    model = lab.ToyTransformer(lab.get_preset("tiny"))
+    if quant == "int4":
+        lab.quantize_base(model, scheme="int4", block_size=32, double_quant=False)
+    elif quant:
+        lab.quantize_base(model, scheme=quant)
+    return model.eval()
+
+
+def tokens(n: int = 4) -> torch.Tensor:
+    return torch.randint(0, 60, (n, 12), generator=torch.Generator().manual_seed(1))
+
+
+def make(fields: dict, quant: str | None, targets=("q_proj", "v_proj", "up_proj")):
+    model = base_model(quant)
+    config = LoRAConfig(rank=RANK, alpha=ALPHA, targets=targets, **fields)
+    torch.manual_seed(2)
+    lab.add_lora(model, config)
+    return model.eval(), config
+
+
+def perturb(model: nn.Module) -> None:
+    """Adapters as training might leave them: B nonzero, DoRA's magnitude moved."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for name, p in layer.adapter_parameters().items():
+                if name == "magnitude":
+                    p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything that is not an adapter tensor: base weights, packed codes, scales."""
+    adapters = set(lab.lora_state_dict(model))
+    return {k: v.clone() for k, v in model.state_dict().items() if k not in adapters}
+
+
+@pytest.mark.parametrize(("name", "fields", "quant"), CASES, ids=IDS)
+def test_a_fresh_adapter_leaves_the_outputs_unchanged(name, fields, quant):
+    reference = base_model(quant)
+    x = tokens()
+    with torch.no_grad():
+        before = reference(x)
+    model, config = make(fields, quant)
+    with torch.no_grad():
+        after = model(x)
+    if INITS[config.init].changes_base:
+        # PiSSA: base + adapter together compute W; the base alone no longer does.
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+        changed = [
+            n for n, layer in lora_layers(model).items()
+            if not torch.allclose(layer.base_weight(), reference.get_submodule(n).weight)
+        ]  # fmt: skip
+        assert changed == list(lora_layers(model)), "PiSSA left some base weight as it was"
+    else:
+        assert torch.equal(after, before), (after - before).abs().max()
+
+
+@pytest.mark.parametrize(("name", "fields", "quant"), CASES, ids=IDS)
+def test_merged_equals_unmerged_and_unmerge_restores(name, fields, quant):
+    model, _ = make(fields, quant)
+    perturb(model)
+    x = tokens()
+    weights = {n: layer.base_weight().clone() for n, layer in lora_layers(model).items()}
+    frozen = frozen_state(model)
+    with torch.no_grad():
+        unmerged = model(x)
+    with pytest.warns(UserWarning, match="4-bit") if quant else _no_warning():
+        lab.merge_lora(model)
+    with torch.no_grad():
+        merged = model(x)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    lab.unmerge_lora(model)
+    for n, layer in lora_layers(model).items():
+        torch.testing.assert_close(layer.base_weight(), weights[n], rtol=1e-6, atol=1e-6)
+        assert is_quantized(layer.base) == bool(quant)
+    if quant:  # the 4-bit base comes back bit for bit
+        after = frozen_state(model)
+        assert all(torch.equal(after[k], frozen[k]) for k in frozen)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+@pytest.mark.parametrize(("name", "fields", "quant"), CASES, ids=IDS)
+def test_only_adapter_parameters_change_after_a_step(name, fields, quant):
+    model, _ = make(fields, quant)
+    model.train()
+    frozen = frozen_state(model)
+    adapters = {k: v.clone() for k, v in lab.lora_state_dict(model).items()}
+    x = tokens(8)
+    optimizer = make_optimizer(model, lr=1e-2)
+    loss = training_step(model, x, x, optimizer)
+    assert torch.isfinite(loss)
+    after = frozen_state(model)
+    assert all(torch.equal(after[k], frozen[k]) for k in frozen), "a frozen tensor changed"
+    moved = {k for k, v in lab.lora_state_dict(model).items() if not torch.equal(v, adapters[k])}
+    # B starts at zero, so A gets no gradient on the first step; B (and m) always move.
+    assert {k for k in moved if k.endswith("lora_B")} == {
+        k for k in adapters if k.endswith("lora_B")
+    }
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapters)
+
+
+@pytest.mark.parametrize(("name", "fields", "quant"), CASES, ids=IDS)
+def test_save_then_load_reproduces_the_outputs(name, fields, quant, tmp_path):
+    model, config = make(fields, quant)
+    perturb(model)
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x)
+    path = lab.save_adapter(model, tmp_path / f"{name}.safetensors")
+    fresh = base_model(quant)
+    torch.manual_seed(99)  # another A initialisation: the file must overwrite it
+    lab.add_lora(fresh, config)
+    info = lab.load_adapter(fresh, path)
+    assert info["variant"] == config.variant and info["init"] == config.init
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "fields", "quant"), CASES, ids=IDS)
+def test_bad_input_is_refused_and_the_model_is_unchanged(name, fields, quant, tmp_path):
+    model, config = make(fields, quant)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="rank=64 is too large"):
+        lab.add_lora(model, config.replace(rank=64, targets=("k_proj",)))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lab.add_lora(model, config)
+    with pytest.raises(TypeError, match="either a LoRAConfig or its fields"):
+        lab.add_lora(model, config, rank=2)
+    # An adapter file of another flavour does not load into this one.
+    other_variant = next((v for v in VARIANTS if v != config.variant), None)
+    if other_variant is not None and not (quant and INITS[config.init].changes_base):
+        other = base_model(quant)
+        lab.add_lora(other, config.replace(variant=other_variant))
+        path = lab.save_adapter(other, tmp_path / "other.safetensors")
+        with pytest.raises(ValueError, match="variant: file has"):
+            lab.load_adapter(model, path)
+    assert {n: type(m) for n, m in model.named_modules()} == kinds
+    after = model.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("variant", "qlora", ["variant='qlora'", "'lora'", "'dora'"]),
+        ("init", "svd", ["init='svd'", "'pissa'"]),
+        ("lr_ratio", 0.0, ["lr_ratio=0.0", "LoRA+"]),
+        ("lr_ratio", float("nan"), ["lr_ratio=nan"]),
+        ("lr_ratio", True, ["lr_ratio", "number"]),
+        ("rank", 0, ["rank must be an int >= 1"]),
+        ("alpha", -1, ["alpha must be"]),
+    ],
+)
+def test_lora_config_refuses_bad_fields(field, value, words):
+    with pytest.raises((TypeError, ValueError)) as info:
+        LoRAConfig(**{field: value})
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_lora_config_round_trips_through_its_dict():
+    config = LoRAConfig(rank=4, alpha=10, targets="q_proj", variant="dora", lr_ratio=16)
+    assert config.targets == ("q_proj",) and config.alpha == 10.0
+    assert LoRAConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown LoRAConfig fields"):
+        LoRAConfig.from_dict({**config.to_dict(), "ranks": 4})
+
+
+def test_pissa_on_a_4bit_base_is_refused_with_the_model_unchanged():
+    model = base_model("nf4")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="full-precision W"):
+        lab.add_lora(model, rank=4, alpha=8, init="pissa")
+    assert not lora_layers(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_pissa_removed_unmerged_gives_the_original_weights_back():
+    reference = base_model(None)
+    model, _ = make({"init": "pissa"}, None)
+    lab.remove_lora(model, merge=False)
+    for name, module in reference.named_modules():
+        if isinstance(module, nn.Linear) and name != "head":
+            torch.testing.assert_close(
+                model.get_submodule(name).weight, module.weight, rtol=1e-6, atol=1e-6
+            )
+
+
+def test_lora_plus_trains_b_at_lambda_times_a():
+    model, _ = make({"lr_ratio": 16.0}, None)
+    groups = parameter_groups(model)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for layer in lora_layers(model).values():
+        assert scale[id(layer.lora_A)] == 1.0 and scale[id(layer.lora_B)] == 16.0
+    optimizer = make_optimizer(model, lr=1e-3)
+    lrs = sorted({g["lr"] for g in optimizer.param_groups})
+    assert lrs == [1e-3, 16e-3]
+
+
+def test_merge_on_a_4bit_base_says_which_merge_it_does_and_requantize_is_lossy():
+    model, _ = make({}, "nf4")
+    perturb(model)
+    x = tokens()
+    with torch.no_grad():
+        unmerged = model(x)
+    exact = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="full-precision copies"):
+        lab.merge_lora(exact)
+    with pytest.warns(UserWarning, match="lossy"):
+        lab.merge_lora(model, requantize=True)
+    assert all(is_quantized(layer.base) for layer in lora_layers(model).values())
+    with torch.no_grad():
+        exact_err = (exact(x) - unmerged).abs().max().item()
+        lossy_err = (model(x) - unmerged).abs().max().item()
+    assert exact_err < 1e-4 < lossy_err, (exact_err, lossy_err)
+    with pytest.raises(ValueError, match="requantize=True is for a quantised base"):
+        plain, _ = make({}, None)
+        lab.merge_lora(plain, requantize=True)
+
+
+def test_batched_engine_trains_lora_plus_and_rslora_as_alone():
+    from lab.sweeps import SweepPoint, run_group, run_point
+
+    points = [
+        SweepPoint("sort_desc", 4, steps=6, lr=2e-3, lr_ratio=4.0),
+        SweepPoint("sort_desc", 2, steps=6, lr=2e-3, rslora=True),
+        SweepPoint("sort_desc", 4, steps=6, lr=2e-3),
+    ]
+    together = {r.point: r for r in run_group(points, device="cpu", progress=False)}
+    for point in points:
+        alone = run_point(point, device="cpu", progress=False)
+        torch.testing.assert_close(
+            torch.tensor(together[point].losses), torch.tensor(alone.losses), rtol=1e-5, atol=0
+        )
+
+
+def test_flavours_without_a_batched_form_are_refused_by_the_batched_engine():
+    from lab.batched import AdapterSpec
+    from lab.sweeps import SweepPoint, run_group
+
+    with pytest.raises(ValueError, match="cannot be trained batched"):
+        AdapterSpec(LoRAConfig(variant="dora"))
+    with pytest.raises(ValueError, match="no exact batched form"):
+        run_group([SweepPoint("sort_desc", 4, steps=2, quant="nf4")], device="cpu")
+
+
+# --- the same weights through PEFT ----------------------------------------------------------
+
+
+class Wrap(nn.Module):
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.proj = copy.deepcopy(base)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_pair(fields: dict, peft_fields: dict, bias: bool = True, seed: int = 5):
+    peft = pytest.importorskip("peft", reason="PEFT is benchmark-only: benchmarks/requirements.txt")
+    torch.manual_seed(seed)
+    base = nn.Linear(48, 40, bias=bias)
+    ours = Wrap(base)
+    lab.add_lora(ours, targets=("proj",), rank=4, alpha=10.0, **fields)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=10, target_modules=["proj"], lora_dropout=0.0, **peft_fields
+    )
+    theirs = peft.get_peft_model(Wrap(base), config)
+    return ours, theirs, theirs.base_model.model.proj
+
+
+def _same_adapters(ours, lin, g):
+    a, b = torch.randn(4, 48, generator=g) * 0.1, torch.randn(40, 4, generator=g) * 0.1
+    with torch.no_grad():
+        ours.proj.lora_A.copy_(a)
+        ours.proj.lora_B.copy_(b)
+        lin.lora_A["default"].weight.copy_(a)
+        lin.lora_B["default"].weight.copy_(b)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_matches_peft_outputs_gradients_and_merged_weight(bias):
+    ours, theirs, lin = _peft_pair({"variant": "dora"}, {"use_dora": True}, bias)
+    g = torch.Generator().manual_seed(0)
+    _same_adapters(ours, lin, g)
+    with torch.no_grad():  # a trained magnitude, not the initial ||W||
+        m = ours.proj.magnitude * (1 + 0.1 * torch.randn(40, generator=g))
+        ours.proj.magnitude.copy_(m)
+        lin.lora_magnitude_vector["default"].weight.copy_(m)
+    x = torch.randn(6, 48, generator=g)
+    o, p = ours(x), theirs(x)
+    torch.testing.assert_close(o, p, rtol=1e-5, atol=1e-6)
+    o.square().sum().backward()
+    p.square().sum().backward()
+    pairs = [
+        (ours.proj.lora_A, lin.lora_A["default"].weight),
+        (ours.proj.lora_B, lin.lora_B["default"].weight),
+        (ours.proj.magnitude, lin.lora_magnitude_vector["default"].weight),
+    ]
+    for mine, peft_param in pairs:
+        torch.testing.assert_close(mine.grad, peft_param.grad, rtol=1e-4, atol=1e-6)
+    merged = theirs.merge_and_unload().proj.weight
+    torch.testing.assert_close(ours.proj.merged_weight(), merged, rtol=1e-5, atol=1e-6)
+
+
+def test_pissa_matches_peft_init_residual_and_outputs():
+    ours, theirs, lin = _peft_pair({"init": "pissa"}, {"init_lora_weights": "pissa"})
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    theirs_delta = (lin.lora_B["default"].weight @ lin.lora_A["default"].weight) * lin.scaling[
+        "default"
+    ]
+    torch.testing.assert_close(ours.proj.delta_weight(), theirs_delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.proj.base.weight, lin.base_layer.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_plus_groups_match_peft_create_loraplus_optimizer():
+    pytest.importorskip("peft", reason="PEFT is benchmark-only: benchmarks/requirements.txt")
+    from peft.optimizers import create_loraplus_optimizer
+
+    for variant, use_dora in (("lora", False), ("dora", True)):
+        ours, theirs, _ = _peft_pair({"variant": variant, "lr_ratio": 16.0}, {"use_dora": use_dora})
+        optimizer = create_loraplus_optimizer(
+            theirs, optimizer_cls=torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0
+        )
+        peft_lr = {}
+        names = {id(p): n for n, p in theirs.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                name = names[id(p)]
+                kind = next(k for k in ("lora_A", "lora_B", "lora_magnitude") if k in name)
+                peft_lr[kind] = group["lr"]
+        ours_opt = make_optimizer(ours, lr=1e-3)
+        ours_lr = {}
+        names = {id(p): n for n, p in ours.named_parameters()}
+        for group in ours_opt.param_groups:
+            for p in group["params"]:
+                kind = names[id(p)].rpartition(".")[2].replace("magnitude", "lora_magnitude")
+                ours_lr[kind] = group["lr"]
+        assert ours_lr == pytest.approx(peft_lr), (variant, ours_lr, peft_lr)
