@@ -25,9 +25,11 @@ from .base import load_base_model
 from .lora import LoRALinear, add_lora, count_parameters, lora_layers
 from .memory import analytic_memory, format_bytes, measure_step_memory
 from .model import PRESETS, ModelConfig, ToyTransformer, get_preset
+from .quant import FP4_LEVELS, INT4_LEVELS, NF4_LEVELS, dequantize_blockwise, quantize_blockwise
 from .sweeps import ALL_TARGETS, load_grid_file, select
 from .tasks import get_task
 from .training import train
+from .variants.dora import DoRALinear
 
 __all__ = [
     "BUDGET",
@@ -37,9 +39,11 @@ __all__ = [
     "Feedback",
     "check_budget",
     "check_count",
+    "check_dora_forward",
     "check_forward",
     "check_memory",
     "check_merge",
+    "check_nf4",
     "check_sweep_answer",
     "train_budget",
     "sweep_evidence",
@@ -182,7 +186,9 @@ def _match_factor(k: float | None, messages: dict[float, str]) -> str | None:
     return next((m for f, m in messages.items() if math.isclose(k, f, abs_tol=1e-3)), None)
 
 
-def _bad_tensor(out: object, name: str, want: torch.Tensor) -> Feedback | None:
+def _bad_tensor(
+    out: object, name: str, want: torch.Tensor, why: str = "the base's dtype"
+) -> Feedback | None:
     """Feedback when `out` is not a finite CPU tensor with want's shape and dtype."""
     if out is None:
         return _no(f"{name} returned None: return the output tensor")
@@ -193,7 +199,7 @@ def _bad_tensor(out: object, name: str, want: torch.Tensor) -> Feedback | None:
     if out.shape != want.shape:
         return _no(f"{name} returned shape {tuple(out.shape)}; expected {tuple(want.shape)}")
     if out.dtype != want.dtype:
-        return _no(f"{name} returned {out.dtype}; expected {want.dtype}, the base's dtype")
+        return _no(f"{name} returned {out.dtype}; expected {want.dtype}, {why}")
     if not bool(torch.isfinite(out).all()):
         return _no(f"{name} returned inf or nan values")
     return None
@@ -1070,4 +1076,524 @@ def check_memory(full_bytes: object, lora_bytes: object) -> Feedback:
         f"{format_bytes(lora['analytic'])} (measured {format_bytes(lora['measured'])}): "
         f"{full['analytic'] / lora['analytic']:.0f} times less. The frozen weights and the "
         "activations are still there in both: LoRA saves only on what trains.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 7: NF4 for one block
+# ---------------------------------------------------------------------------------------------
+
+NF4_BLOCK = 64  # QLoRA's block size: one absmax per 64 weights
+_NF4 = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+_MIDPOINTS = (_NF4[1:] + _NF4[:-1]) / 2  # NF4's decision boundaries
+_WRONG_TABLES: dict[str, tuple[float, ...]] = {  # what a student may code instead of NF4
+    "uniform int4 levels (k / 7, evenly spaced)": INT4_LEVELS,
+    "uniform int4 levels ((k - 7) / 7, evenly spaced)": tuple((k - 7) / 7 for k in range(16)),
+    "evenly spaced levels (torch.linspace(-1, 1, 16), uniform int4)": tuple(
+        torch.linspace(-1, 1, 16).tolist()
+    ),
+    "FP4's levels (a tiny float: 1 sign, 2 exponent, 1 mantissa bit)": FP4_LEVELS,
+}
+_TABLE_TIP = (
+    "NF4's 16 levels are lab.NF4_LEVELS (quantiles of a normal distribution, dense near 0 "
+    "where most weights are): code k means NF4_LEVELS[k]"
+)
+NF4_QUANTIZE_TODO = (
+    "Return (codes, absmax): absmax = the block's largest |w|, and for each w the index (0..15) "
+    "of the NF4 level nearest to w / absmax."
+)
+NF4_DEQUANTIZE_TODO = "Return NF4_LEVELS[code] * absmax for every code, a float32 tensor (64,)."
+NF4_CALLS = "my_quantize(block) -> (codes, absmax) and my_dequantize(codes, absmax) -> block"
+
+
+@functools.cache
+def _nf4_blocks() -> tuple[tuple[str, torch.Tensor], ...]:
+    """The fixed test blocks of 64 float32 weights, each with what it is there to catch."""
+    g = torch.Generator().manual_seed(7)
+    normal = 0.02 * torch.randn(NF4_BLOCK, generator=g)  # weights as a trained layer has them
+    on_levels = 0.5 * _NF4.repeat(4)[torch.randperm(NF4_BLOCK, generator=g)]  # exactly on levels
+    delta = 0.004  # in units of absmax: well inside a gap (the narrowest half gap is 0.04)
+    near = torch.cat([_MIDPOINTS + k * delta for k in (-3, -1, 1, 3)])
+    near = 2.0 * torch.cat([near, torch.tensor([1.0, 0.0, -0.75, 0.6])])  # absmax 2
+    negative = (0.8 * torch.randn(NF4_BLOCK, generator=g)).clamp(-2.4, 2.4)
+    negative[17] = -3.0  # the largest magnitude is negative: absmax is 3, not -3 or max(w)
+    return (
+        ("normal weights", normal),
+        ("values exactly on the levels (times 0.5)", on_levels),
+        ("values near the midpoints between levels", near),
+        ("a block whose largest magnitude is negative (-3.0)", negative),
+    )
+
+
+def _nearest(scaled: torch.Tensor, table: Sequence[float]) -> torch.Tensor:
+    """Index of the nearest level of `table` for every value (ties: the first, lower level)."""
+    t = torch.tensor(table, dtype=torch.float32)
+    return (scaled[:, None] - t).abs().argmin(dim=1)
+
+
+def _as_absmax(value: object) -> tuple[float | None, str]:
+    """(absmax as a float, '') or (None, what is wrong with it)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None, (
+                f"absmax should be one number for the block (a float or a 0-d tensor), got a "
+                f"tensor of shape {tuple(value.shape)}"
+            )
+        if value.is_complex() or value.dtype == torch.bool or value.is_meta:
+            return None, f"absmax should be a real number, got a {value.dtype} tensor"
+        value = value.item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None, f"absmax should be a number (a float or a 0-d tensor), got {value!r}"
+    if not math.isfinite(value):
+        return None, f"absmax is {value}: divide by the largest |w|, a finite positive number"
+    return float(value), ""
+
+
+def _as_codes(value: object) -> tuple[torch.Tensor | None, str]:
+    """(codes as a long tensor (64,), '') or (None, what is wrong with them)."""
+    if not isinstance(value, torch.Tensor):
+        return None, f"codes should be a torch tensor of integers 0..15, got {type(value).__name__}"
+    if value.is_meta:
+        return None, "codes are on the meta device (a shape, no values)"
+    if value.shape != (NF4_BLOCK,):
+        return (
+            None,
+            f"codes have shape {tuple(value.shape)}; expected ({NF4_BLOCK},), one per weight",
+        )
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        if value.is_floating_point() and bool(torch.isin(value.float(), _NF4).all()):
+            return None, (
+                "codes are the levels themselves (floats): return their indices 0..15, an "
+                "integer tensor (the index is what takes 4 bits)"
+            )
+        return None, (
+            f"codes should be an integer tensor (torch.uint8 or torch.long) of indices 0..15, "
+            f"got {value.dtype}"
+        )
+    codes = value.detach().cpu().long()
+    if int(codes.min()) < 0 or int(codes.max()) > 15:
+        return None, (
+            f"codes run from {int(codes.min())} to {int(codes.max())}: a 4-bit code is an "
+            "index 0..15 into NF4_LEVELS"
+        )
+    return codes, ""
+
+
+def _absmax_hint(got: float, w: torch.Tensor, want: float) -> str:
+    """Why the student's absmax differs from max |w|."""
+    extreme = float(w[w.abs().argmax()])
+    if extreme < 0 and math.isclose(got, extreme, rel_tol=1e-5):
+        return (
+            f"your absmax is {got:.4g}, negative: this block's largest magnitude is a negative "
+            f"weight, and absmax is a magnitude, max |w| = {want:.4g}: use block.abs().max() "
+            "(a negative absmax would flip every sign)"
+        )
+    if math.isclose(got, float(w.max()), rel_tol=1e-5):
+        return (
+            f"your absmax is block.max() = {got:.4g}, but this block's largest magnitude is "
+            f"negative ({extreme:.4g}): the sign matters, so take |w| first, "
+            f"block.abs().max() = {want:.4g}"
+        )
+    if any(math.isclose(got, v, rel_tol=1e-5) for v in (float(w.min()), -float(w.min()))):
+        return (
+            "your absmax comes from block.min(): use the largest |w|, "
+            f"block.abs().max() = {want:.4g}"
+        )
+    if math.isclose(got, 1.0):
+        return (
+            f"your absmax is 1: without a per-block scale the levels do not fit the weights "
+            f"(here |w| <= {want:.4g}). absmax = block.abs().max(), and w is divided by it"
+        )
+    return f"absmax should be the block's largest |w|, {want:.4g}; yours is {got:.4g}"
+
+
+def _codes_hint(codes: torch.Tensor, w: torch.Tensor, absmax: float) -> str:
+    """The mistake that gives exactly these codes for block `w`, or where they differ."""
+    scaled = w / absmax
+    levels = _NF4
+    candidates: list[tuple[str, torch.Tensor]] = [
+        (
+            "no absmax scaling: your codes are the levels nearest to w itself. Divide by "
+            "absmax first: the codes index the level nearest to w / absmax, in [-1, 1]",
+            _nearest(w, NF4_LEVELS),
+        ),
+        (
+            "you multiplied by absmax: divide instead, the level nearest to w / absmax",
+            _nearest(w * absmax, NF4_LEVELS),
+        ),
+    ]
+    candidates += [
+        (f"wrong code table: those codes use {name}. {_TABLE_TIP}", _nearest(scaled, table))
+        for name, table in _WRONG_TABLES.items()
+    ]
+    candidates += [
+        (
+            "rounding to the wrong neighbour: your codes take the level just below w / absmax "
+            "(floor). Take the nearest level: the smallest |w / absmax - level|",
+            (torch.searchsorted(levels, scaled, right=True) - 1).clamp(0, 15),
+        ),
+        (
+            "rounding to the wrong neighbour: your codes take the level just above w / absmax "
+            "(ceil). Take the nearest level: the smallest |w / absmax - level|",
+            torch.searchsorted(levels, scaled).clamp(0, 15),
+        ),
+        (
+            "the sign is lost: your codes are those of |w| / absmax. NF4 has negative levels "
+            "(codes 0..6): quantise w / absmax with its sign",
+            _nearest(scaled.abs(), NF4_LEVELS),
+        ),
+        (
+            "the sign is flipped: your codes are those of -w / absmax",
+            _nearest(-scaled, NF4_LEVELS),
+        ),
+    ]
+    for hint, wrong in candidates:
+        if torch.equal(codes, wrong):
+            return hint
+    want = _nearest(scaled, NF4_LEVELS)
+    i = int((codes != want).nonzero()[0])
+    return (
+        f"for w = {float(w[i]):.4g} (w / absmax = {float(scaled[i]):.4f}) your code is "
+        f"{int(codes[i])} (level {float(levels[codes[i]]):.4f}); the nearest NF4 level is "
+        f"{float(levels[want[i]]):.4f}, code {int(want[i])}"
+    )
+
+
+def _dequantize_hint(out: torch.Tensor, codes: torch.Tensor, absmax: float) -> str:
+    """The mistake that gives exactly this dequantized block, or what the formula is."""
+    lv = _NF4[codes]
+    candidates = [
+        (
+            "no absmax scaling: you returned the levels NF4_LEVELS[code] alone. Multiply back "
+            "by absmax: w ≈ NF4_LEVELS[code] * absmax",
+            lv,
+        ),
+        ("you divided by absmax: multiply, w ≈ NF4_LEVELS[code] * absmax", lv / absmax),
+    ]
+    candidates += [
+        (f"wrong code table: that decodes with {name}. {_TABLE_TIP}", _tensor(t)[codes] * absmax)
+        for name, t in _WRONG_TABLES.items()
+    ]
+    candidates += [
+        (
+            "the sign is lost: your values are all >= 0; NF4_LEVELS[code] keeps its sign",
+            lv.abs() * absmax,
+        ),
+        ("the sign is flipped: w ≈ NF4_LEVELS[code] * absmax, not minus that", -lv * absmax),
+    ]
+    for hint, wrong in candidates:
+        if _close(out, wrong):
+            return hint
+    return "it should be NF4_LEVELS[code] * absmax, code by code"
+
+
+def _tensor(table: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(table, dtype=torch.float32)
+
+
+@_safe
+def check_nf4(quantize: Callable, dequantize: Callable) -> Feedback:
+    """Exercise 7: NF4 quantise/dequantise of one block of 64, against lab.quant's blockwise code.
+
+    quantize(block (64,) float32) -> (codes (64,) integers 0..15, absmax: a number);
+    dequantize(codes (64,) long, absmax 0-d float32 tensor) -> (64,) float32.
+    """
+    blocks = _nf4_blocks()
+    dtype_why = "like the block (the levels times a float32 absmax)"
+    mask_tip = dict.fromkeys(
+        ("mask",),
+        "Indexing with a uint8 tensor is read as a mask: index with codes.long()",
+    )
+    # 1. my_quantize, block by block: absmax first, then the codes.
+    for name, block in blocks:
+        ref_codes, ref_absmax = quantize_blockwise(block, "nf4", NF4_BLOCK)
+        want_absmax = float(ref_absmax[0])
+        given = block.clone()
+        out, problem = _call(
+            quantize, "my_quantize", NF4_QUANTIZE_TODO, given, call="my_quantize(block)"
+        )
+        if problem:
+            return problem
+        if not torch.equal(given, block):
+            return _no("my_quantize changed the block in place: compute new tensors instead")
+        if not isinstance(out, tuple | list) or len(out) != 2:
+            got = (
+                f"a {type(out).__name__}"
+                if not isinstance(out, tuple | list)
+                else f"{len(out)} values"
+            )
+            return _no(f"my_quantize should return two things, (codes, absmax); it returned {got}")
+        codes, why = _as_codes(out[0])
+        if codes is None:
+            return _no(f"on {name}: {why}")
+        absmax, why = _as_absmax(out[1])
+        if absmax is None:
+            return _no(f"on {name}: {why}")
+        if not math.isclose(absmax, want_absmax, rel_tol=1e-5):
+            return _no(f"on {name}: {_absmax_hint(absmax, block, want_absmax)}")
+        if not torch.equal(codes, ref_codes.long()):
+            wrong = int((codes != ref_codes.long()).sum())
+            hint = _codes_hint(codes, block, want_absmax)
+            return _no(f"on {name}, {wrong} of your 64 codes differ from lab.quant's: {hint}")
+    # 2. my_dequantize on the lab's codes.
+    for name, block in blocks:
+        ref_codes, ref_absmax = quantize_blockwise(block, "nf4", NF4_BLOCK)
+        want = dequantize_blockwise(ref_codes, ref_absmax, "nf4", NF4_BLOCK)
+        codes, absmax = ref_codes.long(), ref_absmax[0].clone()
+        out, problem = _call(
+            dequantize,
+            "my_dequantize",
+            NF4_DEQUANTIZE_TODO,
+            codes,
+            absmax,
+            call="my_dequantize(codes, absmax)",
+        )
+        if problem:
+            return problem
+        if not (torch.equal(codes, ref_codes.long()) and torch.equal(absmax, ref_absmax[0])):
+            return _no("my_dequantize changed codes or absmax in place: compute a new tensor")
+        if problem := _bad_tensor(out, "my_dequantize", want, dtype_why):
+            return problem
+        if not _close(out.detach(), want):
+            hint = _dequantize_hint(out.detach(), codes, float(absmax))
+            return _no(
+                f"on {name}, my_dequantize differs from lab.quant's "
+                f"{_where(out.detach() - want)}: {hint}"
+            )
+    # 3. The round trip, your codes into your dequantize (a uint8 code tensor can trip it).
+    errors = []
+    for name, block in blocks:
+        ref_codes, ref_absmax = quantize_blockwise(block, "nf4", NF4_BLOCK)
+        want = dequantize_blockwise(ref_codes, ref_absmax, "nf4", NF4_BLOCK)
+        pair, problem = _call(quantize, "my_quantize", NF4_QUANTIZE_TODO, block.clone())
+        if problem:
+            return problem
+        out, problem = _call(
+            dequantize,
+            "my_dequantize",
+            NF4_DEQUANTIZE_TODO,
+            *pair,
+            hints=mask_tip,
+            call="my_dequantize(*my_quantize(block))",
+        )
+        if problem:
+            return _no(f"on your own codes, my_dequantize(*my_quantize(block)): {problem.message}")
+        if problem := _bad_tensor(out, "my_dequantize(*my_quantize(block))", want, dtype_why):
+            return problem
+        if not _close(out.detach(), want):
+            return _no(
+                f"on {name}, my_dequantize(*my_quantize(block)) differs from lab.quant's round "
+                f"trip {_where(out.detach() - want)}, though each is right on the lab's values: "
+                "does my_dequantize read the codes and absmax that my_quantize returns?"
+            )
+        errors.append(float((want - block).abs().max() / ref_absmax[0]))
+    return Feedback(
+        True,
+        f"my_quantize and my_dequantize match lab.quant on {len(blocks)} blocks of 64 (normal "
+        "weights, values on the levels, values near the midpoints, a negative extreme): "
+        "absmax = max |w|, code = index of the NF4 level nearest to w / absmax, "
+        "w ≈ NF4_LEVELS[code] * absmax. On the normal block the round trip is off by at most "
+        f"{errors[0]:.3f} x absmax (at most half the gap between two neighbouring levels). "
+        "Storage: 64 codes of 4 bits (32 bytes) and one float32 absmax (4 bytes) make 4.5 bits "
+        "per weight; double quantisation stores absmax in 8 bits, 4.127.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise 8: DoRA's forward
+# ---------------------------------------------------------------------------------------------
+
+DORA_CALL = "my_dora_forward(x, W, A, B, m, scaling)"
+DORA_TODO = (
+    "Write the body: m / ||W + scaling · B A|| (one norm per output row) times "
+    "(x Wᵀ + scaling · x Aᵀ Bᵀ)."
+)
+_DORA_AXIS = (
+    "the norm is over the wrong axis: .norm(dim=0) gives one norm per input column. DoRA "
+    "takes one per output row, over the input dimension, (W + ΔW).norm(dim=1): shape (out,), "
+    "like m"
+)
+_DORA_BROADCAST = (
+    "m and the norms scale the input columns: m * V / V.norm(dim=1) broadcasts them along "
+    "V's last dimension (in). They belong to the output rows: (m / V.norm(dim=1))[:, None] * V, "
+    "or scale the output y's last dimension"
+)
+
+
+def _dora_case(
+    n_in: int = 12, n_out: int = 12, rank: int = 4, alpha: float = 6.0, seed: int = 11
+) -> tuple[DoRALinear, torch.Tensor]:
+    """A lab DoRALinear (no bias, B != 0, m away from ||W|| and ||W + ΔW||) and x (2, 3, in)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the layer's own init leaves torch's seed alone
+        layer = DoRALinear(nn.Linear(n_in, n_out, bias=False), rank, alpha)
+    with torch.no_grad():
+        for t in (layer.base.weight, layer.lora_A, layer.lora_B):
+            t.copy_(0.3 * torch.randn(t.shape, generator=g))
+        folded = layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A
+        # 30 to 70% above ||W + ΔW||: with m = ||W + ΔW|| DoRA would compute LoRA's output
+        layer.magnitude.copy_(folded.norm(dim=1) * (1.3 + 0.4 * torch.rand(n_out, generator=g)))
+    return layer.eval(), torch.randn(2, 3, n_in, generator=g)
+
+
+def _dora_mistakes(
+    x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, s: float
+) -> list[tuple[str, torch.Tensor]]:
+    """(hint, the output that mistake gives) for this case, in the order they are tried."""
+
+    def path(k: float) -> torch.Tensor:  # x (W + k B A)^T, in two thin matmuls
+        return x @ W.T + k * (x @ A.T @ B.T)
+
+    def v(k: float) -> torch.Tensor:
+        return W + k * (B @ A)
+
+    rows = v(s).norm(dim=1)
+    mistakes = [
+        (_DORA_AXIS, x @ (m[:, None] * v(s) / v(s).norm(dim=0)).T),
+        (
+            "that divides by the norm of the whole matrix: DoRA takes one norm per output row, "
+            "(W + ΔW).norm(dim=1)",
+            m / v(s).norm() * path(s),
+        ),
+        (
+            "the magnitude is not applied: you return the direction (W + ΔW) / ||W + ΔW|| "
+            "alone. Multiply each output row by m",
+            path(s) / rows,
+        ),
+        (
+            "that is plain LoRA's output, x (W + ΔW)ᵀ: DoRA rescales each output row by "
+            "m / ||W + ΔW||",
+            path(s),
+        ),
+        (
+            "you multiplied by m but did not divide by ||W + ΔW|| (one norm per output row)",
+            m * path(s),
+        ),
+        (
+            "you divided by the norm of W: DoRA normalises the adapted weight, "
+            "||W + ΔW|| with ΔW = scaling · B A",
+            m / W.norm(dim=1) * path(s),
+        ),
+        (
+            "the low-rank update is missing from the output: add scaling · x Aᵀ Bᵀ",
+            m / rows * path(0),
+        ),
+        (
+            "the scaling is not applied: ΔW = scaling · B A, in the norm and in the update",
+            m / v(1).norm(dim=1) * path(1),
+        ),
+        (
+            "the scaling is applied twice, in the norm and in the update",
+            m / v(s * s).norm(dim=1) * path(s * s),
+        ),
+        ("the scaling is missing from the update: scaling · x Aᵀ Bᵀ", m / rows * path(1)),
+        (
+            "the scaling is missing from the norm: ||W + scaling · B A||",
+            m / v(1).norm(dim=1) * path(s),
+        ),
+        ("the scaling is applied twice in the update", m / rows * path(s * s)),
+        ("the scaling is applied twice in the norm", m / v(s * s).norm(dim=1) * path(s)),
+    ]
+    if W.shape[0] == W.shape[1]:  # these only run without a shape error on a square W
+        mistakes[1:1] = [
+            (_DORA_AXIS, m / v(s).norm(dim=0) * path(s)),
+            (_DORA_BROADCAST, x @ ((m / rows)[None, :] * v(s)).T),
+            (
+                "m scales the input columns (m * V broadcasts along V's last dimension): m has "
+                "one entry per output row, m[:, None] * V / ||V||",
+                x @ (m[None, :] * v(s) / rows[:, None]).T,
+            ),
+        ]
+    return mistakes
+
+
+def _dora_hint(out: torch.Tensor, layer: DoRALinear, x: torch.Tensor) -> str | None:
+    W, A, B = layer.base.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach()
+    with torch.no_grad():
+        mistakes = _dora_mistakes(x, W, A, B, layer.magnitude.detach(), layer.scaling)
+    return next((hint for hint, wrong in mistakes if _close(out, wrong)), None)
+
+
+@_safe
+def check_dora_forward(fn: Callable) -> Feedback:
+    """Exercise 8: fn(x, W, A, B, m, scaling) must equal lab.DoRALinear's forward (no bias)."""
+
+    def run(layer: DoRALinear, x: torch.Tensor) -> tuple[object, Feedback | None]:
+        W, A, B, m = layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude
+        inputs = {"x": x, "W": W, "A": A, "B": B, "m": m}
+        saved = {k: v.detach().clone() for k, v in inputs.items()}
+        (out_f, in_f), r = W.shape, A.shape[0]
+        shapes = (
+            f"x is (..., in) = (..., {in_f}), W (out, in) = ({out_f}, {in_f}), A (r, in) = "
+            f"({r}, {in_f}), B (out, r) = ({out_f}, {r}), m (out,) = ({out_f},): ΔW = "
+            "scaling * B @ A is (out, in), and its norm is one per output row, norm(dim=1)"
+        )
+        hints = dict.fromkeys(("shape", "size", "dimension"), shapes)
+        args = (x, W, A, B, m, layer.scaling)
+        out, problem = _call(fn, "my_dora_forward", DORA_TODO, *args, hints=hints, call=DORA_CALL)
+        if problem:
+            return None, problem
+        changed = [k for k, v in inputs.items() if not torch.equal(v.detach(), saved[k])]
+        if changed:
+            return None, _no(f"my_dora_forward changed {changed[0]} in place: a forward must not")
+        want = x.new_empty(*x.shape[:-1], out_f)
+        problem = _bad_tensor(out, "my_dora_forward", want, "like x and W")
+        return (None, problem) if problem else (out, None)
+
+    layer, x = _dora_case()
+    with torch.no_grad():
+        ref = layer(x)
+    raw, problem = run(layer, x)
+    if problem:
+        return problem
+    out = raw.detach()
+    if not _close(out, ref):
+        hint = _dora_hint(out, layer, x) or (
+            "compare with y = m / ||W + scaling · B A|| * (x Wᵀ + scaling · x Aᵀ Bᵀ), the norm "
+            "taken per output row, (W + scaling * B @ A).norm(dim=1)"
+        )
+        return _no(f"your output differs from lab.DoRALinear's {_where(out - ref)}: {hint}")
+
+    # Training needs the gradient to reach m, A and B through the output.
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4))
+    (want_m,) = torch.autograd.grad((layer(x) * weights).sum(), (layer.magnitude,))
+    if not raw.requires_grad:
+        return _no(
+            "your output carries no gradient, so training would never change m, A or B: do not "
+            "compute it under torch.no_grad() or detach it"
+        )
+    params = (layer.magnitude, layer.lora_A, layer.lora_B)
+    got = torch.autograd.grad((raw * weights).sum(), params, allow_unused=True)
+    if got[0] is None or not _close(got[0], want_m):
+        return _no(
+            "the gradient reaching m through your output is wrong: use m as given "
+            "(no .detach(), no copies of m)"
+        )
+    for name, g in zip(("A", "B"), got[1:], strict=True):
+        if g is None:
+            return _no(
+                f"no gradient reaches {name} through your output: compute ΔW from A and B as "
+                f"given (no .detach(), no copies of {name})"
+            )
+
+    # Another layer, not square: a function that hard-codes this layer's numbers shows it here.
+    layer2, x2 = _dora_case(10, 6, 2, 8.0, seed=12)
+    with torch.no_grad():
+        ref2 = layer2(x2)
+    out2, problem = run(layer2, x2)
+    second = "on a second layer (in 10, out 6, rank 2, scaling 4)"
+    if problem:
+        return _no(f"{second}: {problem.message}")
+    if not _close(out2.detach(), ref2):
+        hint = _dora_hint(out2.detach(), layer2, x2) or (
+            "your function is right for the first layer but not for this one: use its "
+            "arguments (W, A, B, m, scaling), not fixed numbers"
+        )
+        return _no(f"{second}, your output differs {_where(out2.detach() - ref2)}: {hint}")
+    return Feedback(
+        True,
+        "my_dora_forward equals lab.DoRALinear's forward on two layers (12 -> 12 and 10 -> 6), "
+        "the gradient reaching m included: each output row i is rescaled by "
+        "m[i] / ||row i of W + scaling · B A||, so m sets the length of every row of the "
+        "adapted weight and W + ΔW only its direction. With m = ||W + ΔW|| it is LoRA again.",
     )

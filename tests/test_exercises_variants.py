@@ -1,0 +1,432 @@
+"""Exercises 7 (NF4 for one block) and 8 (DoRA's forward): the right answers pass, each typical
+mistake gets the hint that names it, and hostile answers are feedback, never a pass."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import lab
+from lab import exercises as ex
+from lab.exercises import Feedback
+from lab.quant import FP4_LEVELS, dequantize_blockwise, quantize_blockwise
+
+L = torch.tensor(lab.NF4_LEVELS)
+
+
+def assert_not_yet(feedback: object, *phrases: str) -> None:
+    assert isinstance(feedback, Feedback), feedback
+    assert not feedback.passed and str(feedback).startswith("not yet: "), feedback
+    for phrase in phrases:
+        assert phrase in feedback.message, feedback.message
+
+
+def assert_passed(feedback: object) -> None:
+    assert isinstance(feedback, Feedback) and feedback.passed, feedback
+    assert str(feedback).startswith("passed: ")
+
+
+def stub(*args):
+    raise NotImplementedError
+
+
+def exits(*args):
+    sys.exit(0)
+
+
+def no_args():
+    return 1
+
+
+# ----------------------------------------------------------------------------- exercise 7: NF4
+
+
+def nearest(scaled, table=L):
+    return (scaled[:, None] - table).abs().argmin(dim=1)
+
+
+def quantize_ok(block):
+    absmax = block.abs().max()
+    return nearest(block / absmax), absmax
+
+
+def dequantize_ok(codes, absmax):
+    return L[codes] * absmax
+
+
+def with_codes(make_codes, absmax=lambda b: b.abs().max()):
+    """A quantize whose absmax is `absmax(block)` and codes `make_codes(block, absmax)`."""
+
+    def quantize(block):
+        a = absmax(block)
+        return make_codes(block, a), a
+
+    return quantize
+
+
+def searchsorted_floor(b, a):
+    return (torch.searchsorted(L, b / a, right=True) - 1).clamp(0, 15)
+
+
+def count_floor(b, a):
+    return (L[None, :] <= (b / a)[:, None]).sum(dim=1).clamp(1, 16) - 1
+
+
+def ceil(b, a):
+    return torch.searchsorted(L, b / a).clamp(0, 15)
+
+
+def int4_round(b, a):
+    return torch.round(b / a * 7).long() + 7  # uniform: code k means (k - 7) / 7
+
+
+def scaled_nearest(b, a):
+    return nearest(b / a)
+
+
+def signed_absmax(b):
+    return b[b.abs().argmax()]
+
+
+UNIFORM = torch.linspace(-1, 1, 16)
+FP4 = torch.tensor(FP4_LEVELS)
+
+# (quantize, dequantize, phrases the hint must hold)
+NF4_WRONG = [
+    # no absmax scaling
+    (with_codes(lambda b, a: nearest(b)), dequantize_ok, ["no absmax scaling", "w / absmax"]),
+    (lambda b: (nearest(b), 1.0), dequantize_ok, ["absmax is 1", "per-block scale"]),
+    (with_codes(lambda b, a: nearest(b * a)), dequantize_ok, ["multiplied by absmax"]),
+    (quantize_ok, lambda c, a: L[c], ["no absmax scaling", "Multiply back by absmax"]),
+    (quantize_ok, lambda c, a: L[c] / a, ["divided by absmax"]),
+    # wrong code table
+    (
+        with_codes(int4_round),
+        lambda c, a: (c - 7) / 7 * a,
+        ["wrong code table", "uniform int4", "lab.NF4_LEVELS"],
+    ),
+    (
+        with_codes(lambda b, a: nearest(b / a, UNIFORM)),
+        lambda c, a: UNIFORM[c] * a,
+        ["wrong code table", "linspace(-1, 1, 16)"],
+    ),
+    (
+        with_codes(lambda b, a: nearest(b / a, FP4)),
+        lambda c, a: FP4[c] * a,
+        ["wrong code table", "FP4"],
+    ),
+    (quantize_ok, lambda c, a: FP4[c] * a, ["wrong code table", "decodes with FP4"]),
+    (quantize_ok, lambda c, a: UNIFORM[c] * a, ["wrong code table", "evenly spaced"]),
+    # rounding to the wrong neighbour
+    (with_codes(searchsorted_floor), dequantize_ok, ["wrong neighbour", "below", "nearest level"]),
+    (with_codes(count_floor), dequantize_ok, ["wrong neighbour", "(floor)"]),
+    (with_codes(ceil), dequantize_ok, ["wrong neighbour", "above", "(ceil)"]),
+    # forgetting the sign
+    (with_codes(lambda b, a: nearest(b.abs() / a)), dequantize_ok, ["sign is lost", "|w|"]),
+    (with_codes(scaled_nearest, signed_absmax), dequantize_ok, ["negative", "block.abs().max()"]),
+    (with_codes(scaled_nearest, lambda b: b.max()), dequantize_ok, ["block.max()", "|w|"]),
+    (with_codes(lambda b, a: nearest(-b / a)), dequantize_ok, ["sign is flipped"]),
+    (quantize_ok, lambda c, a: L[c].abs() * a, ["sign is lost"]),
+    (quantize_ok, lambda c, a: -L[c] * a, ["sign is flipped"]),
+]
+
+
+def test_nf4_accepts_the_reference_and_states_the_storage():
+    feedback = ex.check_nf4(quantize_ok, dequantize_ok)
+    assert_passed(feedback)
+    assert "4.5 bits per weight" in feedback.message and "4.127" in feedback.message
+
+
+def test_nf4_accepts_other_right_answers():
+    def quantize_bucketize(block):  # midpoints as boundaries, uint8 codes, a float absmax
+        absmax = float(block.abs().max())
+        codes = torch.bucketize(block / absmax, (L[1:] + L[:-1]) / 2)
+        return codes.to(torch.uint8), absmax
+
+    assert_passed(ex.check_nf4(quantize_bucketize, lambda c, a: L[c.long()] * a))
+
+
+def test_nf4_test_blocks_cover_what_the_hints_need():
+    blocks = dict(ex._nf4_blocks())
+    assert all(b.shape == (64,) and b.dtype == torch.float32 for b in blocks.values())
+    assert any((b < 0).any() for b in blocks.values())
+    negative = blocks["a block whose largest magnitude is negative (-3.0)"]
+    assert negative[negative.abs().argmax()] == -3.0 and negative.max() < 3.0
+    on = blocks["values exactly on the levels (times 0.5)"] / 0.5
+    assert torch.isin(on, L).all() and torch.isin(L, on).all()
+    # the near-midpoint values sit close to a boundary, on both sides of every one
+    near = blocks["values near the midpoints between levels"] / 2.0
+    gaps = (near[:, None] - (L[1:] + L[:-1]) / 2).abs().min(dim=0).values
+    assert (gaps <= 0.005).all()
+
+
+def test_nf4_blocks_agree_with_the_lab_whichever_way_nearest_is_computed():
+    # No value sits on a boundary: argmin, bucketize and lab.quant give the same codes.
+    for _, block in ex._nf4_blocks():
+        codes, absmax = quantize_blockwise(block, "nf4", 64)
+        assert torch.equal(nearest(block / absmax), codes.long())
+
+
+@pytest.mark.parametrize(("quantize", "dequantize", "phrases"), NF4_WRONG)
+def test_nf4_wrong_answers_get_their_own_hint(quantize, dequantize, phrases):
+    assert_not_yet(ex.check_nf4(quantize, dequantize), *phrases)
+
+
+def test_nf4_an_unknown_rounding_is_shown_where_it_differs():
+    def off_by_one(b, a):
+        codes = nearest(b / a)
+        codes[3] = (codes[3] + 1) % 16
+        return codes
+
+    assert_not_yet(
+        ex.check_nf4(with_codes(off_by_one), dequantize_ok),
+        "1 of your 64 codes differ",
+        "your code is",
+        "the nearest NF4 level is",
+    )
+
+
+def quantize_uint8(block):
+    codes, absmax = quantize_ok(block)
+    return codes.to(torch.uint8), absmax
+
+
+def quantize_in_place(block):
+    absmax = block.abs().max().clone()
+    block /= absmax
+    return nearest(block), absmax
+
+
+@pytest.mark.parametrize(
+    ("quantize", "dequantize", "phrase"),
+    [
+        (stub, dequantize_ok, "my_quantize is still the stub"),
+        (quantize_ok, stub, "my_dequantize is still the stub"),
+        (None, dequantize_ok, "should be a function, got NoneType"),
+        (quantize_ok, "L[codes]", "should be a function, got str"),
+        (no_args, dequantize_ok, "The check calls it as my_quantize(block)"),
+        (quantize_ok, no_args, "my_dequantize(codes, absmax)"),
+        (exits, dequantize_ok, "raised SystemExit"),
+        (lambda b: undefined_name, dequantize_ok, "raised NameError"),  # noqa: F821
+        (lambda b: None, dequantize_ok, "(codes, absmax)"),
+        (lambda b: quantize_ok(b)[0], dequantize_ok, "returned a Tensor"),
+        (lambda b: (*quantize_ok(b), 0), dequantize_ok, "returned 3 values"),
+        (lambda b: ([0] * 64, b.abs().max()), dequantize_ok, "got list"),
+        (lambda b: (L[quantize_ok(b)[0]], b.abs().max()), dequantize_ok, "levels themselves"),
+        (lambda b: (quantize_ok(b)[0].float(), b.abs().max()), dequantize_ok, "integer tensor"),
+        (lambda b: (quantize_ok(b)[0] > 7, b.abs().max()), dequantize_ok, "torch.bool"),
+        (lambda b: (quantize_ok(b)[0][None], b.abs().max()), dequantize_ok, "shape (1, 64)"),
+        (lambda b: (quantize_ok(b)[0] - 7, b.abs().max()), dequantize_ok, "codes run from -7"),
+        (lambda b: (quantize_ok(b)[0], b.abs()), dequantize_ok, "shape (64,)"),
+        (lambda b: (quantize_ok(b)[0], float("nan")), dequantize_ok, "absmax is nan"),
+        (lambda b: (quantize_ok(b)[0], "max"), dequantize_ok, "should be a number"),
+        (quantize_in_place, dequantize_ok, "changed the block in place"),
+        (quantize_ok, lambda c, a: None, "my_dequantize returned None"),
+        (quantize_ok, lambda c, a: torch.full((64,), float("nan")), "inf or nan"),
+        (quantize_ok, lambda c, a: (L[c] * a).double(), "torch.float64"),
+        (quantize_ok, lambda c, a: (L[c] * a)[None], "shape (1, 64)"),
+        (quantize_ok, lambda c, a: (L[c] * a).tolist(), "returned a list"),
+        (quantize_ok, lambda c, a: c.mul_(0).float(), "changed codes or absmax in place"),
+        (quantize_uint8, dequantize_ok, "codes.long()"),
+    ],
+)
+def test_nf4_bad_answers_are_feedback(quantize, dequantize, phrase):
+    assert_not_yet(ex.check_nf4(quantize, dequantize), phrase)
+
+
+def test_nf4_round_trip_uses_what_my_quantize_returns():
+    def quantize_float_absmax(block):
+        codes, absmax = quantize_ok(block)
+        return codes, float(absmax)
+
+    def dequantize_tensor_only(codes, absmax):  # right on the lab's 0-d tensor absmax only
+        return L[codes] * absmax if isinstance(absmax, torch.Tensor) else torch.zeros(64)
+
+    feedback = ex.check_nf4(quantize_float_absmax, dequantize_tensor_only)
+    assert_not_yet(feedback, "my_dequantize(*my_quantize(block)) differs", "round trip")
+
+
+def test_nf4_keyboard_interrupt_goes_through():
+    def answer(block):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ex.check_nf4(answer, dequantize_ok)
+
+
+def test_nf4_round_trip_error_is_at_most_half_the_widest_gap():
+    _, block = ex._nf4_blocks()[0]
+    codes, absmax = quantize_blockwise(block, "nf4", 64)
+    back = dequantize_blockwise(codes, absmax, "nf4", 64)
+    assert float((back - block).abs().max() / absmax) <= float((L[1:] - L[:-1]).max()) / 2
+
+
+# ----------------------------------------------------------------------------- exercise 8: DoRA
+
+
+def dora_ok(x, W, A, B, m, scaling):
+    V = W + scaling * B @ A
+    return m / V.norm(dim=1) * (x @ W.T + scaling * (x @ A.T @ B.T))
+
+
+def dora_merged_form(x, W, A, B, m, scaling):
+    V = W + scaling * B @ A
+    return x @ (m[:, None] * V / V.norm(dim=1, keepdim=True)).T
+
+
+def dora_detached_norm(x, W, A, B, m, scaling):  # as the paper and the lab do
+    V = W + scaling * B @ A
+    return m / V.norm(dim=1).detach() * (x @ W.T + scaling * (x @ A.T @ B.T))
+
+
+def dora(norm_of, path_scale=None, mag=True):
+    """A DoRA forward with the norm of `norm_of(W, A, B, s)` (rows) and the update scaled by
+    `path_scale(s)`; mag=False leaves m out."""
+
+    def forward(x, W, A, B, m, s):
+        k = s if path_scale is None else path_scale(s)
+        n = norm_of(W, A, B, s)
+        return (m if mag else 1) / n * (x @ W.T + k * (x @ A.T @ B.T))
+
+    return forward
+
+
+def merged(weight):
+    """A DoRA forward through the merged weight `weight(W + ΔW, m)`."""
+
+    def forward(x, W, A, B, m, s):
+        return x @ weight(W + s * B @ A, m).T
+
+    return forward
+
+
+def rows(W, A, B, s):
+    return (W + s * B @ A).norm(dim=1)
+
+
+DORA_WRONG = [
+    # norm over the wrong axis
+    (dora(lambda W, A, B, s: (W + s * B @ A).norm(dim=0)), ["wrong axis", "norm(dim=1)"]),
+    (merged(lambda V, m: m[:, None] * V / V.norm(dim=0)), ["wrong axis", "per output row"]),
+    (merged(lambda V, m: m * V / V.norm(dim=1)), ["input columns", "[:, None]"]),
+    (merged(lambda V, m: m * V / V.norm(dim=1)[:, None]), ["m scales the input columns"]),
+    (dora(lambda W, A, B, s: (W + s * B @ A).norm()), ["whole matrix", "per output row"]),
+    # magnitude not applied
+    (dora(rows, mag=False), ["magnitude is not applied", "by m"]),
+    (lambda x, W, A, B, m, s: x @ W.T + s * (x @ A.T @ B.T), ["plain LoRA"]),
+    (lambda x, W, A, B, m, s: m * (x @ W.T + s * (x @ A.T @ B.T)), ["did not divide"]),
+    # norm of W instead of W + ΔW
+    (dora(lambda W, A, B, s: W.norm(dim=1)), ["norm of W", "||W + ΔW||"]),
+    # scaling missing or applied twice
+    (dora(lambda W, A, B, s: rows(W, A, B, 1), lambda s: 1), ["scaling is not applied"]),
+    (
+        dora(lambda W, A, B, s: rows(W, A, B, s * s), lambda s: s * s),
+        ["applied twice, in the norm and in the update"],
+    ),
+    (dora(rows, lambda s: 1), ["scaling is missing from the update"]),
+    (dora(lambda W, A, B, s: rows(W, A, B, 1)), ["scaling is missing from the norm"]),
+    (dora(rows, lambda s: s * s), ["applied twice in the update"]),
+    (dora(lambda W, A, B, s: rows(W, A, B, s * s)), ["applied twice in the norm"]),
+    (dora(rows, lambda s: 0), ["low-rank update is missing"]),
+    # gradients and fixed numbers
+    (
+        lambda x, W, A, B, m, s: dora_ok(x, W, A, B, m.detach(), s),
+        ["gradient reaching m"],
+    ),
+    (lambda x, W, A, B, m, s: dora_ok(x, W, A.detach(), B, m, s), ["no gradient reaches A"]),
+    (
+        lambda x, W, A, B, m, s: dora_ok(x.detach(), W, A.detach(), B.detach(), m.detach(), s),
+        ["carries no gradient"],
+    ),
+    (lambda x, W, A, B, m, s: dora_ok(x, W, A, B, m, 1.5), ["right for the first layer"]),
+]
+
+
+@pytest.mark.parametrize("answer", [dora_ok, dora_merged_form, dora_detached_norm])
+def test_dora_forward_accepts_right_answers(answer):
+    assert_passed(ex.check_dora_forward(answer))
+
+
+def test_dora_case_makes_every_part_matter():
+    layer, x = ex._dora_case()
+    W, A, B, m = layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude
+    assert layer.base.bias is None and B.abs().min() > 0
+    folded = (W + layer.scaling * B @ A).norm(dim=1)
+    assert ((m / folded - 1).abs() > 0.2).all()  # else DoRA would be LoRA on those rows
+    assert ((m - W.norm(dim=1)).norm() / m.norm()) > 0.2
+    assert layer.scaling not in (0.0, 1.0)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), dora_ok(x, W, A, B, m, layer.scaling), atol=1e-5)
+
+
+def test_dora_mistakes_are_told_apart_on_the_first_case():
+    # each hint's output differs from the reference and from every other hint's
+    layer, x = ex._dora_case()
+    with torch.no_grad():
+        ref = layer(x)
+        mistakes = ex._dora_mistakes(
+            x, layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling
+        )
+    outputs = [y for _, y in mistakes]
+    assert not any(ex._close(y, ref) for y in outputs)
+    for i, a in enumerate(outputs):
+        assert not any(ex._close(a, b) for b in outputs[i + 1 :]), mistakes[i][0]
+
+
+@pytest.mark.parametrize(("answer", "phrases"), DORA_WRONG)
+def test_dora_forward_wrong_answers_get_their_own_hint(answer, phrases):
+    assert_not_yet(ex.check_dora_forward(answer), *phrases)
+
+
+def dora_in_place(x, W, A, B, m, s):
+    with torch.no_grad():
+        W += s * B @ A
+    return m / W.norm(dim=1) * (x @ W.T)
+
+
+@pytest.mark.parametrize(
+    ("answer", "phrase"),
+    [
+        (stub, "still the stub"),
+        (None, "should be a function, got NoneType"),
+        (no_args, "The check calls it as my_dora_forward(x, W, A, B, m, scaling)"),
+        (exits, "raised SystemExit"),
+        (lambda *a: None, "returned None"),
+        (lambda *a: 1.0, "returned a float"),
+        (lambda *a: torch.zeros(3, 12), "shape (3, 12)"),
+        (lambda *a: torch.zeros(2, 3, 12, dtype=torch.float64), "torch.float64"),
+        (lambda *a: torch.full((2, 3, 12), float("nan")), "inf or nan"),
+        (lambda x, W, A, B, m, s: m / (W + s * A @ B).norm(dim=1) * (x @ W.T), "B (out, r)"),
+        (dora_in_place, "changed W in place"),
+    ],
+)
+def test_dora_forward_bad_input_is_feedback(answer, phrase):
+    assert_not_yet(ex.check_dora_forward(answer), phrase)
+
+
+def test_dora_forward_wrong_axis_on_a_non_square_layer_names_the_shapes():
+    # On the second layer (10 -> 6) norm(dim=0) cannot even broadcast: the shapes are named.
+    def answer(x, W, A, B, m, s):
+        if W.shape[0] == W.shape[1]:
+            return dora_ok(x, W, A, B, m, s)
+        return m / (W + s * B @ A).norm(dim=0) * (x @ W.T + s * (x @ A.T @ B.T))
+
+    assert_not_yet(ex.check_dora_forward(answer), "on a second layer", "norm(dim=1)")
+
+
+def test_new_checkers_are_exported_and_counted():
+    import inspect
+
+    checks = [n for n, f in inspect.getmembers(ex, inspect.isfunction) if n.startswith("check_")]
+    assert {"check_nf4", "check_dora_forward"} <= set(checks) and len(checks) >= 8
+    assert {"check_nf4", "check_dora_forward"} <= set(ex.__all__)
+
+
+def test_dora_check_leaves_torch_seed_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    ex.check_dora_forward(dora_ok)
+    assert torch.equal(torch.rand(3), expected)  # a notebook's later random draws are unchanged
