@@ -1,18 +1,25 @@
 """The sweep explorer: ipywidgets controls over a cached grid of LoRA runs, and its plots.
 
-Controls choose a grid (task, ranks, alphas, dropouts, targets, scaling rule, steps); the plots
+Controls choose a grid (task, method, 4-bit base or not, ranks, alphas, dropouts, targets,
+scaling rule, steps); the plots
 show whatever of that grid is already in the `SweepCache`, so moving a control only redraws
 (from disk, in well under a second) and never trains. Training happens only when Run is pressed,
 and only for points not cached yet. Plots are `ipywidgets.Image`s whose PNG bytes are replaced
 in place, so nothing flickers, and a test can read them without a browser.
 
-Everything the callbacks compute comes from pure functions: `lab.sweep` for the data and
+Everything the callbacks compute comes from pure functions: `lab.sweeps` for the data and
 `lab.plots` for the figures; `plot_specs` joins the two and is tested on its own.
+
+The method control picks the LoRA flavour of the plotted runs: plain LoRA, each registered
+variant (DoRA), LoRA+ (B's learning rate 16 times A's) and each registered initialisation
+(PiSSA); the "4-bit base" box picks runs on an NF4-quantised frozen base (QLoRA).
 """
 
 from __future__ import annotations
 
+import functools
 import html
+import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -20,13 +27,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import ipywidgets as W
+import torch
 from matplotlib.figure import Figure
 
 from . import plots
 from .analysis import ATTENTION, canonical_targets, describe_counts, lora_counts
-from .model import PRESETS
+from .config import INITS, VARIANTS, LoRAConfig
+from .lora import add_lora, count_parameters
+from .model import PRESETS, ToyTransformer
 from .sweeps import (
     DEFAULT_ALPHA,
+    DEFAULT_GRID_PATH,
     DEFAULT_STEPS,
     DEFAULT_TARGETS,
     LORA_LR,
@@ -38,6 +49,7 @@ from .sweeps import (
     dropout_series,
     full_point,
     grid,
+    load_base_config,
     select,
     sweep,
     trainable_counts,
@@ -45,16 +57,20 @@ from .sweeps import (
 from .tasks import FINETUNE_TASKS
 
 __all__ = [
+    "METHODS",
     "PLOTS",
+    "SHIPPED_GRIDS",
     "Selection",
     "SweepExplorer",
     "count_explorer",
     "estimate_seconds",
     "format_duration",
+    "method_name",
     "missing_choices",
     "plot_specs",
     "point_label",
     "scaling_name",
+    "seed_shipped",
     "sweep_explorer",
     "targets_text",
 ]
@@ -83,6 +99,53 @@ PLOTS = {
 }
 
 
+# The grids that ship with the lab: LoRA's default grid and the grid of its variants (DoRA,
+# LoRA+, PiSSA, a 4-bit base). A notebook seeds its cache from them with seed_shipped.
+SHIPPED_GRIDS = (DEFAULT_GRID_PATH, DEFAULT_GRID_PATH.with_name("variants_grid.json"))
+LORA_PLUS_RATIO = 16.0  # LoRA+'s λ (B's learning rate over A's), the paper's default
+QUANT_SCHEME = "nf4"  # the explorer's 4-bit base: QLoRA's NormalFloat code
+_NAMES = {"dora": "DoRA", "pissa": "PiSSA"}  # how the lab writes registered flavours
+_PLAIN = {"variant": "lora", "init": "default", "lr_ratio": 1.0}
+
+
+def _methods() -> dict[str, dict[str, Any]]:
+    """Method name -> the SweepPoint fields it sets, built from the variant and init registries.
+
+    Plain LoRA first, then every registered variant (DoRA), LoRA+, then every registered
+    initialisation (PiSSA): a flavour registered in lab/variants/ appears here by itself.
+    """
+    methods: dict[str, dict[str, Any]] = {"LoRA": dict(_PLAIN)}
+    for name in VARIANTS:
+        if name != _PLAIN["variant"]:
+            methods[_NAMES.get(name, name)] = {**_PLAIN, "variant": name}
+    methods["LoRA+"] = {**_PLAIN, "lr_ratio": LORA_PLUS_RATIO}
+    for name in INITS:
+        if name != _PLAIN["init"]:
+            methods[_NAMES.get(name, name)] = {**_PLAIN, "init": name}
+    return methods
+
+
+METHODS = _methods()
+
+
+def _method_tooltip(name: str) -> str:
+    """One line on a method button: the registry's summary of the flavour."""
+    fields = METHODS[name]
+    if fields["lr_ratio"] != 1.0:
+        return f"LoRA+ (Hayou et al. 2024): B learns {fields['lr_ratio']:g}x faster than A"
+    if fields["init"] != _PLAIN["init"]:
+        return INITS[fields["init"]].summary
+    return VARIANTS[fields["variant"]].summary
+
+
+def seed_shipped(cache: SweepCache) -> int:
+    """Copy every shipped grid that exists (SHIPPED_GRIDS) into `cache`; how many were added.
+
+    Like SweepCache.seed_from, never overwrites a result already cached.
+    """
+    return sum(cache.seed_from(path) for path in SHIPPED_GRIDS if os.path.exists(path))
+
+
 @dataclass(frozen=True)
 class Selection:
     """What the controls select; a plain value, so plot_specs can be called without widgets."""
@@ -95,14 +158,49 @@ class Selection:
     rslora: bool = False
     steps: int = DEFAULT_STEPS
     full: bool = True  # also train the full fine-tuning reference
+    method: str = "LoRA"  # a key of METHODS: LoRA, DoRA, LoRA+, PiSSA
+    quant: str | None = None  # a 4-bit frozen base ("nf4"), or None for the fp32 base
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+
+    @property
+    def flavour(self) -> dict[str, Any]:
+        """The SweepPoint fields the method and base set: variant, init, lr_ratio, quant."""
+        return {**METHODS[self.method], "quant": self.quant}
+
+    @property
+    def is_plain(self) -> bool:
+        """True for plain LoRA on the fp32 base: what the explorer showed before it had methods."""
+        return self.method == "LoRA" and self.quant is None
 
     def points(self) -> list[SweepPoint]:
-        """The grid's points (empty when no rank, alpha, dropout or target is selected)."""
-        if not (self.ranks and self.alphas and self.dropouts and self.targets):
+        """The grid's points (empty when a choice is missing or the method and base conflict)."""
+        if missing_choices(self) or conflict(self):
             return []
         sorted_ = (sorted(self.ranks), sorted(self.alphas), sorted(self.dropouts))
-        points = grid(self.task, *sorted_, self.targets, self.rslora, self.steps)
+        points = grid(self.task, *sorted_, self.targets, self.rslora, self.steps, **self.flavour)
         return points + [full_point(self.task, self.steps)] if self.full else points
+
+
+def method_name(sel: Selection) -> str:
+    """The method as titles write it: 'LoRA', 'DoRA', 'LoRA+ λ16', 'PiSSA', '..., NF4 base'."""
+    name = sel.method
+    if sel.method == "LoRA+":
+        name += f" λ{METHODS['LoRA+']['lr_ratio']:g}"
+    return name + (f", {sel.quant.upper()} base" if sel.quant else "")
+
+
+def conflict(sel: Selection) -> str | None:
+    """Why the method cannot run on the chosen base (PiSSA needs the fp32 W), or None."""
+    if sel.quant is None:
+        return None
+    try:
+        SweepPoint(sel.task, 1, **sel.flavour)
+    except ValueError:
+        return f"{sel.method} starts from the full-precision weights: uncheck 4-bit base"
+    return None
 
 
 def scaling_name(rslora: bool) -> str:
@@ -127,6 +225,36 @@ def point_label(point: SweepPoint) -> str:
     return text + (" rsLoRA" if point.rslora else "")
 
 
+def _problem(sel: Selection) -> str | None:
+    """What the selection needs before it names any point, as a hint; None if nothing."""
+    missing = missing_choices(sel)
+    return _select_hint(missing) if missing else conflict(sel)
+
+
+def cached_elsewhere(results: Sequence[SweepResult], sel: Selection) -> str:
+    """Where the cache holds runs of the selected method (another task, steps, rank...): a hint.
+
+    '' when there are none. 'cached DoRA runs: sort_desc, 600 steps: r4 α16, r8 α16'.
+    """
+    fields = sel.flavour
+    runs = [
+        r.point
+        for r in results
+        if not r.point.is_full and all(getattr(r.point, k) == v for k, v in fields.items())
+    ]
+    if not runs:
+        return ""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for p in sorted(runs, key=lambda p: (p.task, p.steps, p.rank, p.alpha, p.dropout, p.lr)):
+        label = point_label(p) + ("" if p.lr == LORA_LR else f" lr {p.lr:g}")
+        groups.setdefault((p.task, p.steps), []).append(label)
+    parts = []
+    for (task, steps), labels in groups.items():
+        shown = ", ".join(dict.fromkeys(labels[:6])) + (", ..." if len(labels) > 6 else "")
+        parts.append(f"{task}, {steps} steps: {shown}")
+    return f"cached {method_name(sel)} runs: " + "; ".join(parts)
+
+
 def missing_choices(sel: Selection) -> list[str]:
     """What the selection lacks before it names any point: 'rank', 'alpha', 'dropout', 'target'."""
     chosen = {"rank": sel.ranks, "alpha": sel.alphas, "dropout": sel.dropouts}
@@ -143,21 +271,30 @@ def _select_hint(missing: Sequence[str]) -> str:
 def estimate_seconds(points: Sequence[SweepPoint], results: Sequence[SweepResult]) -> float:
     """How long training `points` should take, from the cached runs' seconds per step (pure).
 
-    Each point is estimated from cached runs of the same kind (LoRA or full fine-tuning) and
-    batch size: their median seconds per step times the point's steps. Without such runs, a
-    laptop CPU's pace (SECONDS_PER_STEP) is assumed.
+    Each point is estimated from cached runs of the same kind (LoRA or full fine-tuning), batch
+    size and flavour (DoRA, a 4-bit base... train one by one, more slowly), else of the same
+    kind and batch size: their median seconds per step times the point's steps. Without such
+    runs, a laptop CPU's pace (SECONDS_PER_STEP) is assumed.
     """
-    rates: dict[tuple[bool, int], list[float]] = {}
+    rates: dict[tuple, list[float]] = {}
     for r in results:
         if r.wall_seconds > 0 and r.point.steps > 0:
             key = (r.point.is_full, r.point.batch_size)
             rates.setdefault(key, []).append(r.wall_seconds / r.point.steps)
+            rates.setdefault((*key, *_flavour_key(r.point)), []).append(
+                r.wall_seconds / r.point.steps
+            )
     total = 0.0
     for p in points:
-        known = sorted(rates.get((p.is_full, p.batch_size), []))
+        key = (p.is_full, p.batch_size)
+        known = sorted(rates.get((*key, *_flavour_key(p))) or rates.get(key, []))
         per_step = known[len(known) // 2] if known else SECONDS_PER_STEP * p.batch_size / 64
         total += per_step * p.steps
     return total
+
+
+def _flavour_key(point: SweepPoint) -> tuple:
+    return (point.variant, point.init, point.lr_ratio, point.quant)
 
 
 def format_duration(seconds: float) -> str:
@@ -209,12 +346,16 @@ def plot_specs(
     """For each plot, the function that draws it and its arguments, from cached results (pure).
 
     Full fine-tuning appears (curve, memory line) only when `sel.full` is set; every title names
-    the scaling rule of the runs it shows; an empty selection draws, in every plot, what to select.
+    the scaling rule of the runs it shows, and the method unless it is plain LoRA on the fp32
+    base; the plots show only runs of the selected method and base. An empty selection (or a
+    method that cannot run on the chosen base) draws, in every plot, what to select; a method
+    none of whose selected runs is cached says, in the run plots, where its cached runs are.
     """
     rule = scaling_name(sel.rslora)
-    missing = missing_choices(sel)
-    if missing:
-        hint = _select_hint(missing) + "\n(Ctrl or Shift selects several values in a list)"
+    problem = _problem(sel)
+    if problem:
+        hint = problem + ("\n(Ctrl or Shift selects several values in a list)"
+                          if missing_choices(sel) else "")  # fmt: skip
         return {name: (_message_figure, (title, hint), {}) for name, title in PLOTS.items()}
     chosen = set(sel.points())
     mine = sorted(
@@ -225,16 +366,23 @@ def plot_specs(
     full = next((r for r in results if r.point == full_pt), None) if sel.full else None
     ranks = sorted(sel.ranks)
     targets = targets_text(sel.targets)
-    where = f"{sel.task}, {sel.steps} steps, {rule}"
+    name = method_name(sel)
+    label = "" if sel.is_plain else f"{name}, "  # titles name any method but plain LoRA
+    where = f"{label}{sel.task}, {sel.steps} steps, {rule}"
     specs: dict[str, tuple[Callable[..., Figure], tuple, dict]] = {}
 
     # Exact counts need no training: they are counted on the meta device.
     counts, full_count = trainable_counts(ranks, sel.targets)
+    if METHODS[sel.method]["variant"] != _PLAIN["variant"]:  # DoRA also trains its magnitude
+        counts = [variant_count(r, sel.targets, METHODS[sel.method]["variant"]) for r in ranks]
+    on = f"{sel.method} on {targets}" + (f", {sel.quant.upper()} base" if sel.quant else "")
     specs["trainable"] = (
-        plots.trainable_vs_rank,
+        plots.trainable_vs_rank if sel.method == "LoRA" else _trainable_of,
         (ranks, counts, full_count if sel.full else None),
-        {"title": f"Trainable parameters vs rank (LoRA on {targets})"},
+        {"title": f"Trainable parameters vs rank ({on})"},
     )
+    if sel.method != "LoRA":
+        specs["trainable"][2]["method"] = sel.method
 
     # Memory does not depend on alpha; one measured run per rank is enough.
     per_rank = by_rank(r for r in mine if r.memory)
@@ -243,7 +391,7 @@ def plot_specs(
         (list(per_rank), [r.memory for r in per_rank.values()]),
         {
             "full": full.memory if full and full.memory else None,
-            "title": f"Memory of one training step vs rank ({sel.task}, {rule})",
+            "title": f"Memory of one training step vs rank ({label}{sel.task}, {rule})",
         },
     )
 
@@ -279,6 +427,7 @@ def plot_specs(
             alpha=alpha,
             targets=sel.targets,
             rslora=sel.rslora,
+            **sel.flavour,
             lr=LORA_LR,  # the settings the explorer trains with; other runs in the cache
             batch_size=64,  # (lab.sweep with another lr or seed, say) are left out
             seed=0,
@@ -288,11 +437,41 @@ def plot_specs(
         plots.dropout_effect,
         series,
         {
-            "title": f"Adapter dropout, small data ({small}, r{rank} α{alpha:g}, {rule}, "
-            f"{sel.steps} steps)"
+            "title": f"Adapter dropout, small data ({label}{small}, r{rank} α{alpha:g}, "
+            f"{rule}, {sel.steps} steps)"
         },
     )
+    elsewhere = cached_elsewhere(results, sel) if not (mine or sel.is_plain) else ""
+    if elsewhere:  # nothing of this method here, but some elsewhere: say where to look
+        hint = f"no {name} run of this selection is cached\n{elsewhere}\nselect those, or Run"
+        for plot in ("memory", "loss", "accuracy"):
+            specs[plot] = (_message_figure, (PLOTS[plot], hint), {})
     return specs
+
+
+def _trainable_of(ranks, counts, full, *, title: str, method: str) -> Figure:
+    """plots.trainable_vs_rank with the curve named after the method (DoRA, PiSSA...)."""
+    fig = plots.trainable_vs_rank(ranks, counts, full, title=title)
+    ax = fig.axes[0]
+    if ax.lines:
+        ax.lines[0].set_label(method)
+        if ax.get_legend() is not None:
+            ax.legend(loc="lower right")
+    return fig
+
+
+def variant_count(rank: int, targets: Sequence[str], variant: str) -> int:
+    """Trainable parameters of `variant` at `rank` on the shipped base, counted on meta."""
+    return _variant_count(rank, tuple(sorted(targets)), variant)
+
+
+@functools.lru_cache(maxsize=256)
+def _variant_count(rank: int, targets: tuple[str, ...], variant: str) -> int:
+    config = LoRAConfig(rank=rank, targets=targets, variant=variant)
+    with torch.device("meta"):
+        model = ToyTransformer(load_base_config())
+        add_lora(model, config)
+        return count_parameters(model).trainable
 
 
 def draw(spec: tuple[Callable[..., Figure], tuple, dict]) -> Figure:
@@ -349,6 +528,19 @@ class SweepExplorer:
             continuous_update=False,
         )  # fmt: skip
         self.full = W.Checkbox(value=sel.full, description="with full fine-tuning", indent=False)
+        self.method = W.ToggleButtons(
+            options=list(METHODS),
+            value=sel.method,
+            description="method",
+            tooltips=[_method_tooltip(m) for m in METHODS],
+            style={"button_width": "64px", "description_width": "80px"},
+            layout=W.Layout(display="flex", flex_flow="row", align_items="center"),
+        )
+        self.quant = W.Checkbox(
+            value=sel.quant is not None,
+            description=f"4-bit base ({QUANT_SCHEME.upper()}, as QLoRA)",
+            indent=False,
+        )
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.status = W.HTML()
         self.log = W.Output(layout=W.Layout(max_height="120px", overflow="auto"))
@@ -361,7 +553,15 @@ class SweepExplorer:
             return W.VBox([W.HTML(f"<b>{text}</b>"), widget])
 
         settings = W.VBox(
-            [self.task, self.scaling, self.steps, self.full, W.HBox([self.run_button])]
+            [
+                self.task,
+                self.method,
+                self.scaling,
+                self.steps,
+                self.full,
+                self.quant,
+                W.HBox([self.run_button]),
+            ]
         )
         lists = W.HBox(
             [
@@ -396,6 +596,8 @@ class SweepExplorer:
             self.scaling,
             self.steps,
             self.full,
+            self.method,
+            self.quant,
         ]
 
     @property
@@ -410,6 +612,8 @@ class SweepExplorer:
             rslora=bool(self.scaling.value),
             steps=int(self.steps.value),
             full=bool(self.full.value),
+            method=self.method.value,
+            quant=QUANT_SCHEME if self.quant.value else None,
         )
 
     def facts(self) -> dict[str, int]:
@@ -421,16 +625,21 @@ class SweepExplorer:
     def status_text(self) -> str:
         """The status line as plain text (the HTML label shows the same)."""
         sel = self.selection
-        missing = missing_choices(sel)
-        if missing:
-            return _select_hint(missing)
+        problem = _problem(sel)
+        if problem:
+            return problem
         points = sel.points()
         todo = [p for p in points if p not in self.cache]
-        text = f"{sel.task}: {_points(len(points))} selected, {len(points) - len(todo)} cached, "
+        what = sel.task if sel.is_plain else f"{sel.task}, {method_name(sel)}"
+        text = f"{what}: {_points(len(points))} selected, {len(points) - len(todo)} cached, "
         text += f"{len(todo)} to train"
         if todo:
-            seconds = estimate_seconds(todo, self.cache.results())
+            results = self.cache.results()
+            seconds = estimate_seconds(todo, results)
             text += f" (estimate: {format_duration(seconds).removeprefix('about ')})"
+            if not sel.is_plain and all(p in todo for p in points if not p.is_full):
+                elsewhere = cached_elsewhere(results, sel)
+                text += f"; {elsewhere}" if elsewhere else ""
         return f"{text}. {self.message}" if self.message else text
 
     # -- drawing ----------------------------------------------------------------------------

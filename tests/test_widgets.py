@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import ipywidgets as W
@@ -9,12 +11,15 @@ import pytest
 
 from lab import plots
 from lab.sweeps import (
+    FORMAT,
     SweepCache,
     SweepPoint,
     SweepResult,
+    base_fingerprint,
     grid,
 )
 from lab.widgets import (
+    METHODS,
     PLOTS,
     SECONDS_PER_STEP,
     Selection,
@@ -25,6 +30,7 @@ from lab.widgets import (
     format_duration,
     plot_specs,
     point_label,
+    seed_shipped,
     sweep_explorer,
     targets_text,
 )
@@ -291,3 +297,223 @@ def test_count_explorer_chooses_units_by_size():
     assert "128 B" in tiny and "0.0 MB" not in tiny and "0.00 GB" not in tiny
     big = count_explorer().children[-1].value
     assert "75.5 MB" in big and "349 GB" in big
+
+
+# -- the method control: LoRA, DoRA, LoRA+, PiSSA, on a 4-bit base or not -------------------------
+
+# Each flavour gets its own accuracy, so a plot shows whose runs it was given.
+FLAVOURS = {
+    ("LoRA", None): 0.0,
+    ("DoRA", None): 0.01,
+    ("LoRA+", None): 0.02,
+    ("PiSSA", None): 0.03,
+    ("LoRA", "nf4"): 0.04,
+    ("DoRA", "nf4"): 0.05,
+    ("LoRA+", "nf4"): 0.06,
+}
+
+
+def _is_plain(point: SweepPoint) -> bool:
+    return (point.variant, point.init, point.lr_ratio, point.quant) == ("lora", "default", 1, None)
+
+
+def flavoured_result(point: SweepPoint, offset: float) -> SweepResult:
+    result = fake_result(point)
+    result.heldout = {**result.heldout, "accuracy": round(offset + point.rank / 1000, 6)}
+    result.losses = [offset + x for x in result.losses]
+    return result
+
+
+@pytest.fixture
+def mixed(tmp_path) -> SweepCache:
+    """The default grid for every method and base (accuracy = offset + rank / 1000)."""
+    cache = SweepCache(tmp_path / "mixed")
+    for (method, quant), offset in FLAVOURS.items():
+        for point in Selection(method=method, quant=quant, full=False).points():
+            cache.put(flavoured_result(point, offset))
+    cache.put(fake_result(Selection().points()[-1]))  # full fine-tuning, once
+    small = [("LoRA", None), ("DoRA", None)]
+    for method, quant in small:  # the dropout plot's small-data runs
+        for p in grid("sort_desc_small", [8], [16], [0.0, 0.3], **Selection(method=method).flavour):
+            r = fake_result(p)
+            r.train_eval = {**r.train_eval, "loss": FLAVOURS[method, quant] + p.dropout}
+            cache.put(r)
+    return cache
+
+
+def test_the_methods_come_from_the_registries_in_order():
+    assert list(METHODS) == ["LoRA", "DoRA", "LoRA+", "PiSSA"]
+    assert METHODS["LoRA"] == {"variant": "lora", "init": "default", "lr_ratio": 1.0}
+    assert METHODS["DoRA"]["variant"] == "dora" and METHODS["PiSSA"]["init"] == "pissa"
+    assert METHODS["LoRA+"] == {"variant": "lora", "init": "default", "lr_ratio": 16.0}
+    assert Selection(method="DoRA", quant="nf4").flavour == {
+        "variant": "dora", "init": "default", "lr_ratio": 1.0, "quant": "nf4",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("method, quant", list(FLAVOURS))
+def test_each_method_plots_its_own_runs_only(mixed, method, quant):
+    sel = Selection(method=method, quant=quant, ranks=(1, 8, 64), alphas=(8.0, 16.0))
+    offset = FLAVOURS[method, quant]
+    specs = plot_specs(mixed.results(), sel)
+    _, (ranks, alphas, table), _ = specs["accuracy"]
+    expected = [[round(offset + r / 1000, 6)] * 2 for r in (1, 8, 64)]
+    assert ranks == [1, 8, 64] and table == expected
+    _, (curves,), _ = specs["loss"]
+    assert list(curves) == ["r1 α16", "r8 α16", "r64 α16", "full fine-tuning"]
+    assert curves["r8 α16"][0] == pytest.approx(offset + 3.0)  # this method's curve
+    _, (mem_ranks, breakdowns), _ = specs["memory"]
+    assert mem_ranks == [1, 8, 64] and len(breakdowns) == 3
+    explorer = SweepExplorer(mixed, run_fn=FakeTrainer())
+    explorer.method.value, explorer.quant.value = method, quant is not None
+    assert explorer.selection.flavour == {**METHODS[method], "quant": quant}
+    assert explorer.facts() == {"selected": 22, "cached": 22, "to_train": 0}
+
+
+def test_the_dropout_plot_shows_the_method_too(mixed):
+    for method in ("LoRA", "DoRA"):
+        _, (dropouts, train, _), _ = plot_specs(mixed.results(), Selection(method=method))[
+            "dropout"
+        ]
+        assert dropouts == [0.0, 0.3]
+        assert train == [FLAVOURS[method, None] + d for d in (0.0, 0.3)]
+    assert plot_specs(mixed.results(), Selection(method="PiSSA"))["dropout"][1] == ([], [], [])
+
+
+def test_the_default_selection_is_what_the_explorer_showed_before(seeded, mixed):
+    """Plain LoRA on the fp32 base: the same points, numbers and titles as before methods."""
+    assert Selection().points() == [
+        *grid("sort_desc", [1, 2, 4, 8, 16, 32, 64], [8.0, 16.0, 32.0]),
+        SweepPoint("sort_desc", None),
+    ]
+    plain = [r for r in mixed.results() if _is_plain(r.point)]
+    assert len(plain) == 22 + 2  # the default grid and the two small-data runs
+    with_others = plot_specs(mixed.results(), Selection())  # other methods in the cache
+    assert repr(with_others) == repr(plot_specs(plain, Selection()))
+    before = plot_specs(seeded.results(), Selection())
+    titles = {name: spec[2]["title"] for name, spec in before.items()}
+    assert titles == {
+        "trainable": "Trainable parameters vs rank (LoRA on q,v)",
+        "memory": "Memory of one training step vs rank (sort_desc, α/r)",
+        "loss": "Training loss (sort_desc, 600 steps, α/r, α=16)",
+        "accuracy": "Held-out accuracy (sort_desc, 600 steps, α/r, dropout 0)",
+        "dropout": "Adapter dropout, small data (sort_desc_small, r8 α16, α/r, 600 steps)",
+    }
+    assert before["trainable"][0] is plots.trainable_vs_rank
+    explorer = SweepExplorer(mixed, run_fn=FakeTrainer())
+    assert (explorer.method.value, explorer.quant.value) == ("LoRA", False)
+    assert explorer.selection == Selection()
+    assert explorer.status_text() == "sort_desc: 22 points selected, 22 cached, 0 to train"
+
+
+def test_every_title_names_a_method_other_than_plain_lora(mixed):
+    for method, quant in FLAVOURS:
+        sel = Selection(method=method, quant=quant)
+        name = method + (" λ16" if method == "LoRA+" else "") + (", NF4 base" if quant else "")
+        specs = plot_specs(mixed.results(), sel)
+        assert f"({method} on q,v" in specs["trainable"][2]["title"]
+        for plot in ("memory", "loss", "accuracy", "dropout"):
+            title = specs[plot][2]["title"]
+            assert (f"({name}, sort_desc" in title) == (not sel.is_plain), (plot, title)
+        if quant:
+            assert specs["trainable"][2]["title"].endswith("q,v, NF4 base)")
+    dora = plot_specs(mixed.results(), Selection(method="DoRA"))["trainable"]
+    assert "DoRA" in figure_texts(draw(dora))  # the curve's legend entry, not "LoRA"
+
+
+def test_dora_counts_its_magnitude_vector(tmp_path):
+    ranks = [1, 8, 64]
+    _, (_, lora, full), _ = plot_specs([], Selection(ranks=tuple(ranks)))["trainable"]
+    _, (_, dora, full_d), _ = plot_specs([], Selection(ranks=tuple(ranks), method="DoRA"))[
+        "trainable"
+    ]
+    # one magnitude per output feature of each adapted layer: q and v (128 each) in 2 blocks
+    assert [d - n for d, n in zip(dora, lora, strict=True)] == [2 * 2 * 128] * 3
+    assert full_d == full
+    for method in ("LoRA+", "PiSSA"):  # same A and B as LoRA: the same count
+        sel = Selection(ranks=tuple(ranks), method=method, quant=None)
+        assert plot_specs([], sel)["trainable"][1][1] == lora
+
+
+def test_pissa_on_a_4_bit_base_says_what_to_change(mixed):
+    sel = Selection(method="PiSSA", quant="nf4")
+    assert sel.points() == []
+    for name, spec in plot_specs(mixed.results(), sel).items():
+        text = figure_texts(draw(spec))
+        assert "PiSSA starts from the full-precision weights: uncheck 4-bit base" in text, name
+    explorer = SweepExplorer(mixed, run_fn=FakeTrainer())
+    explorer.quant.value = True
+    explorer.method.value = "PiSSA"
+    assert explorer.facts()["selected"] == 0
+    assert "uncheck 4-bit base" in explorer.status_text()
+    explorer.on_run()  # nothing selected: nothing trained
+    assert explorer.run_fn.calls == []
+
+
+def test_a_method_cached_elsewhere_says_where_to_look(tmp_path):
+    cache = SweepCache(tmp_path)
+    for point in grid("sort_desc", [4, 8], [16.0], steps=300, variant="dora"):
+        cache.put(fake_result(point))
+    sel = Selection(method="DoRA")
+    specs = plot_specs(cache.results(), sel)
+    where = "cached DoRA runs: sort_desc, 300 steps: r4 α16, r8 α16"
+    for name in ("memory", "loss", "accuracy"):
+        assert where in figure_texts(draw(specs[name])), name
+    assert specs["trainable"][0] is not plots.trainable_vs_rank  # counts need no runs
+    explorer = SweepExplorer(cache, run_fn=FakeTrainer())
+    explorer.method.value = "DoRA"
+    assert where in explorer.status_text() and "0 cached, 22 to train" in explorer.status_text()
+    explorer.steps.value = 300
+    assert explorer.facts() == {"selected": 22, "cached": 2, "to_train": 20}
+    assert "cached DoRA" not in explorer.status_text()
+    # plain LoRA keeps its old empty plots: nothing of it is cached, no hint
+    assert plot_specs(cache.results(), Selection())["loss"][1] == ({},)
+
+
+def test_run_trains_the_selected_method(tmp_path):
+    trainer = FakeTrainer()
+    explorer = SweepExplorer(SweepCache(tmp_path), run_fn=trainer)
+    explorer.ranks.value, explorer.alphas.value, explorer.full.value = (4,), (16.0,), False
+    explorer.method.value, explorer.quant.value = "DoRA", True
+    explorer.on_run()
+    (point,) = trainer.calls
+    assert (point.rank, point.variant, point.quant) == (4, "dora", "nf4")
+    assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}
+
+
+def test_an_unknown_method_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"method='QLoRA': expected one of LoRA, DoRA, LoRA\+"):
+        Selection(method="QLoRA")
+
+
+def test_seed_shipped_reads_every_grid_that_exists(tmp_path, monkeypatch):
+    points = grid("sort_desc", [8], [16.0], variant="dora") + grid("sort_desc", [8], [16.0],
+                                                                     quant="nf4")  # fmt: skip
+    grid_file = tmp_path / "variants_grid.json"
+    grid_file.write_text(json.dumps({
+        "format": FORMAT, "base": base_fingerprint(),
+        "results": [fake_result(p).to_dict() for p in points],
+    }))  # fmt: skip
+    monkeypatch.setattr("lab.widgets.SHIPPED_GRIDS", (grid_file, tmp_path / "missing.json"))
+    cache = SweepCache(tmp_path / "cache")
+    assert seed_shipped(cache) == 2 and seed_shipped(cache) == 0
+    explorer = SweepExplorer(cache, run_fn=FakeTrainer())
+    explorer.ranks.value, explorer.alphas.value = (8,), (16.0,)
+    explorer.full.value = False
+    explorer.method.value = "DoRA"
+    assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}
+    explorer.method.value, explorer.quant.value = "LoRA", True
+    assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}
+    assert "sort_desc, LoRA, NF4 base: 1 point selected, 1 cached" in explorer.status_text()
+
+
+def test_estimates_use_runs_of_the_same_flavour_when_there_are_some():
+    slow = fake_result(SweepPoint("sort_desc", 8, variant="dora"))
+    fast = fake_result(SweepPoint("sort_desc", 8))
+    slow.wall_seconds, fast.wall_seconds = 60.0, 6.0
+    dora, lora = SweepPoint("sort_desc", 4, variant="dora"), SweepPoint("sort_desc", 4)
+    plus = dataclasses.replace(lora, lr_ratio=16.0)
+    assert estimate_seconds([dora], [slow, fast]) == pytest.approx(60.0)
+    assert estimate_seconds([lora], [slow, fast]) == pytest.approx(6.0)
+    # no LoRA+ run cached: the median of every LoRA-kind run (the upper of two) stands in
+    assert estimate_seconds([plus], [slow, fast]) == pytest.approx(60.0)
