@@ -1,7 +1,7 @@
 """The sweep explorer: ipywidgets controls over a cached grid of LoRA runs, and its plots.
 
 Controls choose a grid (task, method, 4-bit base or not, ranks, alphas, dropouts, targets,
-scaling rule, steps); the plots
+scaling rule, steps, learning rate); the plots
 show whatever of that grid is already in the `SweepCache`, so moving a control only redraws
 (from disk, in well under a second) and never trains. Training happens only when Run is pressed,
 and only for points not cached yet. Plots are `ipywidgets.Image`s whose PNG bytes are replaced
@@ -102,6 +102,9 @@ PLOTS = {
 # The grids that ship with the lab: LoRA's default grid and the grid of its variants (DoRA,
 # LoRA+, PiSSA, a 4-bit base). A notebook seeds its cache from them with seed_shipped.
 SHIPPED_GRIDS = (DEFAULT_GRID_PATH, DEFAULT_GRID_PATH.with_name("variants_grid.json"))
+# Learning rates the lr control offers (plus any other a cached run used): the methods are
+# compared each at its own best lr, and LoRA+'s base lr sits lower (B's is 16 times larger).
+LR_OPTIONS = (1.25e-3, 2.5e-3, 5e-3, 1e-2, LORA_LR, 4e-2)
 LORA_PLUS_RATIO = 16.0  # LoRA+'s λ (B's learning rate over A's), the paper's default
 QUANT_SCHEME = "nf4"  # the explorer's 4-bit base: QLoRA's NormalFloat code
 _NAMES = {"dora": "DoRA", "pissa": "PiSSA"}  # how the lab writes registered flavours
@@ -160,6 +163,7 @@ class Selection:
     full: bool = True  # also train the full fine-tuning reference
     method: str = "LoRA"  # a key of METHODS: LoRA, DoRA, LoRA+, PiSSA
     quant: str | None = None  # a 4-bit frozen base ("nf4"), or None for the fp32 base
+    lr: float = LORA_LR  # the adapters' learning rate (full fine-tuning keeps its own)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -172,24 +176,29 @@ class Selection:
 
     @property
     def is_plain(self) -> bool:
-        """True for plain LoRA on the fp32 base: what the explorer showed before it had methods."""
-        return self.method == "LoRA" and self.quant is None
+        """True for plain LoRA on the fp32 base at the default lr: the explorer's first view."""
+        return self.method == "LoRA" and self.quant is None and self.lr == LORA_LR
 
     def points(self) -> list[SweepPoint]:
         """The grid's points (empty when a choice is missing or the method and base conflict)."""
         if missing_choices(self) or conflict(self):
             return []
         sorted_ = (sorted(self.ranks), sorted(self.alphas), sorted(self.dropouts))
-        points = grid(self.task, *sorted_, self.targets, self.rslora, self.steps, **self.flavour)
+        points = grid(self.task, *sorted_, self.targets, self.rslora, self.steps, self.lr,
+                      **self.flavour)  # fmt: skip
         return points + [full_point(self.task, self.steps)] if self.full else points
 
 
 def method_name(sel: Selection) -> str:
-    """The method as titles write it: 'LoRA', 'DoRA', 'LoRA+ λ16', 'PiSSA', '..., NF4 base'."""
+    """The method as titles write it: 'LoRA', 'DoRA', 'LoRA+ λ16', 'PiSSA', '..., NF4 base'.
+
+    A learning rate other than the default is added: 'DoRA, lr 0.01'.
+    """
     name = sel.method
     if sel.method == "LoRA+":
         name += f" λ{METHODS['LoRA+']['lr_ratio']:g}"
-    return name + (f", {sel.quant.upper()} base" if sel.quant else "")
+    name += f", {sel.quant.upper()} base" if sel.quant else ""
+    return name + (f", lr {sel.lr:g}" if sel.lr != LORA_LR else "")
 
 
 def conflict(sel: Selection) -> str | None:
@@ -246,7 +255,7 @@ def cached_elsewhere(results: Sequence[SweepResult], sel: Selection) -> str:
         return ""
     groups: dict[tuple[str, int], list[str]] = {}
     for p in sorted(runs, key=lambda p: (p.task, p.steps, p.rank, p.alpha, p.dropout, p.lr)):
-        label = point_label(p) + ("" if p.lr == LORA_LR else f" lr {p.lr:g}")
+        label = point_label(p) + f" lr {p.lr:g}"
         groups.setdefault((p.task, p.steps), []).append(label)
     parts = []
     for (task, steps), labels in groups.items():
@@ -428,7 +437,7 @@ def plot_specs(
             targets=sel.targets,
             rslora=sel.rslora,
             **sel.flavour,
-            lr=LORA_LR,  # the settings the explorer trains with; other runs in the cache
+            lr=sel.lr,  # the settings the explorer trains with; other runs in the cache
             batch_size=64,  # (lab.sweep with another lr or seed, say) are left out
             seed=0,
         )
@@ -536,6 +545,12 @@ class SweepExplorer:
             style={"button_width": "64px", "description_width": "80px"},
             layout=W.Layout(display="flex", flex_flow="row", align_items="center"),
         )
+        lrs = {r.point.lr for r in self.cache.results() if not r.point.is_full}
+        self.lr = W.Dropdown(
+            options=[(f"{lr:g}", lr) for lr in sorted({*LR_OPTIONS, *lrs, sel.lr})],
+            value=sel.lr,
+            description="lr",
+        )
         self.quant = W.Checkbox(
             value=sel.quant is not None,
             description=f"4-bit base ({QUANT_SCHEME.upper()}, as QLoRA)",
@@ -558,6 +573,7 @@ class SweepExplorer:
                 self.method,
                 self.scaling,
                 self.steps,
+                self.lr,
                 self.full,
                 self.quant,
                 W.HBox([self.run_button]),
@@ -598,6 +614,7 @@ class SweepExplorer:
             self.full,
             self.method,
             self.quant,
+            self.lr,
         ]
 
     @property
@@ -614,6 +631,7 @@ class SweepExplorer:
             full=bool(self.full.value),
             method=self.method.value,
             quant=QUANT_SCHEME if self.quant.value else None,
+            lr=float(self.lr.value),
         )
 
     def facts(self) -> dict[str, int]:

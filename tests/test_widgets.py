@@ -28,6 +28,7 @@ from lab.widgets import (
     draw,
     estimate_seconds,
     format_duration,
+    method_name,
     plot_specs,
     point_label,
     seed_shipped,
@@ -456,7 +457,7 @@ def test_a_method_cached_elsewhere_says_where_to_look(tmp_path):
         cache.put(fake_result(point))
     sel = Selection(method="DoRA")
     specs = plot_specs(cache.results(), sel)
-    where = "cached DoRA runs: sort_desc, 300 steps: r4 α16, r8 α16"
+    where = "cached DoRA runs: sort_desc, 300 steps: r4 α16 lr 0.02, r8 α16 lr 0.02"
     for name in ("memory", "loss", "accuracy"):
         assert where in figure_texts(draw(specs[name])), name
     assert specs["trainable"][0] is not plots.trainable_vs_rank  # counts need no runs
@@ -486,25 +487,72 @@ def test_an_unknown_method_is_refused_with_the_choices():
         Selection(method="QLoRA")
 
 
-def test_seed_shipped_reads_every_grid_that_exists(tmp_path, monkeypatch):
-    points = grid("sort_desc", [8], [16.0], variant="dora") + grid("sort_desc", [8], [16.0],
-                                                                     quant="nf4")  # fmt: skip
-    grid_file = tmp_path / "variants_grid.json"
-    grid_file.write_text(json.dumps({
-        "format": FORMAT, "base": base_fingerprint(),
-        "results": [fake_result(p).to_dict() for p in points],
+def variants_grid_fixture(path) -> list[SweepPoint]:
+    """A small grid file shaped like the shipped variants grid: rank 4, 400 steps, lrs."""
+    fields = {"LoRA": {}, "DoRA": {"variant": "dora"}, "LoRA+": {"lr_ratio": 16.0},
+              "PiSSA": {"init": "pissa"}, "QLoRA": {"quant": "nf4"}}  # fmt: skip
+    lrs = {"LoRA+": (2.5e-3, 5e-3)}
+    points = [
+        SweepPoint("sort_desc", 4, 16.0, steps=400, lr=lr, **f)
+        for name, f in fields.items()
+        for lr in lrs.get(name, (1e-2, 2e-2))
+    ]
+    results = [flavoured_result(p, 0.1 * i) for i, p in enumerate(points)]
+    path.write_text(json.dumps({
+        "format": FORMAT, "base": base_fingerprint(), "steps": 400,
+        "results": [r.to_dict() for r in results],
     }))  # fmt: skip
+    return points
+
+
+def test_seed_shipped_reads_every_grid_that_exists(tmp_path, monkeypatch):
+    grid_file = tmp_path / "variants_grid.json"
+    points = variants_grid_fixture(grid_file)
     monkeypatch.setattr("lab.widgets.SHIPPED_GRIDS", (grid_file, tmp_path / "missing.json"))
     cache = SweepCache(tmp_path / "cache")
-    assert seed_shipped(cache) == 2 and seed_shipped(cache) == 0
+    assert seed_shipped(cache) == len(points) == 10 and seed_shipped(cache) == 0
+    assert {r.point for r in cache.results()} == set(points)
+
+
+@pytest.mark.parametrize(
+    "method, quant, lr, index",
+    [
+        ("LoRA", False, 1e-2, 0),
+        ("DoRA", False, 2e-2, 3),
+        ("LoRA+", False, 5e-3, 5),
+        ("PiSSA", False, 1e-2, 6),
+        ("LoRA", True, 2e-2, 9),
+    ],  # fmt: skip
+)
+def test_the_shipped_variants_grid_shows_in_the_explorer(tmp_path, method, quant, lr, index):
+    grid_file = tmp_path / "variants_grid.json"
+    points = variants_grid_fixture(grid_file)
+    cache = SweepCache(tmp_path / "cache")
+    cache.seed_from(grid_file)
     explorer = SweepExplorer(cache, run_fn=FakeTrainer())
-    explorer.ranks.value, explorer.alphas.value = (8,), (16.0,)
-    explorer.full.value = False
-    explorer.method.value = "DoRA"
+    assert {2.5e-3, 5e-3, 1e-2, 2e-2} <= {value for _, value in explorer.lr.options}
+    assert explorer.lr.value == 2e-2  # the default lr, as before
+    explorer.ranks.value, explorer.alphas.value = (4,), (16.0,)
+    explorer.steps.value, explorer.full.value = 400, False
+    explorer.method.value, explorer.quant.value, explorer.lr.value = method, quant, lr
+    assert explorer.selection.points() == [points[index]]
     assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}
-    explorer.method.value, explorer.quant.value = "LoRA", True
-    assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}
-    assert "sort_desc, LoRA, NF4 base: 1 point selected, 1 cached" in explorer.status_text()
+    specs = plot_specs(cache.results(), explorer.selection)
+    assert specs["accuracy"][1][2] == [[round(0.1 * index + 4 / 1000, 6)]]
+    assert "r4 α16" in specs["loss"][1][0]
+    assert method_name(explorer.selection) in specs["loss"][2]["title"]
+    assert f"lr {lr:g}" in specs["loss"][2]["title"] or lr == 2e-2
+
+
+def test_a_method_at_an_uncached_lr_lists_the_cached_lrs(tmp_path):
+    grid_file = tmp_path / "variants_grid.json"
+    variants_grid_fixture(grid_file)
+    cache = SweepCache(tmp_path / "cache")
+    cache.seed_from(grid_file)
+    sel = Selection(method="LoRA+", ranks=(4,), alphas=(16.0,), steps=400, full=False)
+    text = figure_texts(draw(plot_specs(cache.results(), sel)["accuracy"]))
+    assert "no LoRA+ λ16 run of this selection is cached" in text
+    assert "cached LoRA+ λ16 runs: sort_desc, 400 steps: r4 α16 lr 0.0025, r4 α16 lr 0.005" in text
 
 
 def test_estimates_use_runs_of_the_same_flavour_when_there_are_some():
