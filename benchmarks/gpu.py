@@ -1,13 +1,17 @@
 """The lab's comparisons on a CUDA GPU, in bf16, in under five minutes; results to files.
 
-    python benchmarks/gpu.py                      # on a machine with a CUDA GPU
-    python benchmarks/gpu.py --budget 200         # skip what is left after 200 s (default 270)
-    python benchmarks/gpu.py --device cpu --quick # a smoke run of the same code on a CPU
+    python -m benchmarks.gpu                      # from the repository root, on a CUDA GPU
+    python -m benchmarks.gpu --budget 200         # skip what is left after 200 s (default 270)
+    python -m benchmarks.gpu --device cpu --quick # a smoke run of the same code on a CPU
 
 What it measures (each comparison alternates its sides and reports medians):
 - throughput: the `gpu` preset (d_model 1024, 8 layers): tokens per second, model FLOPs
   utilisation against the GPU's bf16 peak, and peak allocator memory, for full fine-tuning and
   LoRA r8 on q, v;
+- qlora: LoRA's step time, weight bytes and peak memory on an fp32, a bf16 and an NF4 (4-bit)
+  base across widths 1024-4096 (8 layers, bf16 autocast), with the NF4 bits per weight;
+- dora: DoRA's step time against LoRA's at the same widths (bf16 autocast), next to the
+  slowdown PEFT reports;
 - lora_vs_full: LoRA / full step time and peak memory across widths 1024-4096 (8 layers) and
   ranks 1-64;
 - layers: lab.LoRALinear against loralib and PEFT where they are installed (fp32, d 1024);
@@ -30,16 +34,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lab import bench  # noqa: E402
+from benchmarks import bench
 
 OUT = Path(__file__).parent / "results"
 # The headline numbers first, in case the time budget cuts the run short.
-NAMES = ("throughput", "sweep", "lora_vs_full", "layers", "inference", "growth")
+NAMES = ("throughput", "qlora", "dora", "sweep", "lora_vs_full", "layers", "inference", "growth")
 
 GPU_SETTINGS = {
     "throughput": {"preset": "gpu", "batch_size": 512, "repeats": 10},
+    "qlora": {"widths": (1024, 2048, 4096), "n_layers": 8, "batch_size": 256, "repeats": 10},
+    "dora": {"widths": (1024, 2048, 4096), "n_layers": 8, "batch_size": 256, "repeats": 10},
     "lora_vs_full": {"widths": (1024, 2048, 4096), "ranks": (1, 4, 8, 16, 64),
                      "rank_width": 2048, "n_layers": 8, "batch_size": 256, "repeats": 10},
     "layers": {"repeats": 50},

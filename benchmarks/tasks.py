@@ -1,7 +1,8 @@
 """Measure the lab's tasks from the shipped base: LoRA ranks vs full fine-tuning, dropout, memory.
 
-    python benchmarks/tasks.py               # about 12 minutes on a 2-core CPU
-    python benchmarks/tasks.py --steps 200   # a quicker, rougher pass
+    python -m benchmarks.tasks               # from the repository root: about 12 minutes on a
+                                             # 2-core CPU
+    python -m benchmarks.tasks --steps 200   # a quicker, rougher pass
 
 Writes benchmarks/results/tasks.json and tasks.md with the date and machine. Every number is
 measured in this run: accuracy from exact match on 512 held-out prompts, time from the clock,
@@ -13,17 +14,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lab  # noqa: E402
-from lab.memory import analytic_memory  # noqa: E402
-from lab.tasks import FINETUNE_TASKS, SEQ_LEN  # noqa: E402
+import lab
+from benchmarks.common import describe_machine, machine
+from lab.analysis import format_table
+from lab.fileio import atomic_write_bytes
+from lab.memory import analytic_memory
+from lab.tasks import FINETUNE_TASKS, SEQ_LEN
 
 OUT = Path(__file__).parent / "results"
 LORA_LR, FULL_LR, BATCH, ALPHA = 2e-2, 1e-3, 64, 16
@@ -46,11 +47,14 @@ def run(task: str, steps: int, rank: int | None, dropout: float = 0.0) -> lab.Tr
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.tasks", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--small-steps", type=int, default=600)
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(OUT), help="where tasks.json and tasks.md go")
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     base = lab.load_base_model(device="cpu")
     tasks = [t for t in FINETUNE_TASKS if not t.endswith("_small")]
@@ -58,8 +62,7 @@ def main() -> None:
         [],
         {
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}",
+            "machine": machine("cpu"),
             "steps": args.steps,
             "batch_size": BATCH,
             "lora_lr": LORA_LR,
@@ -119,57 +122,79 @@ def main() -> None:
         memory[mode] = {"measured": measured, "analytic": predicted.to_dict()}
     report["memory"] = memory
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "tasks.json").write_text(json.dumps(report, indent=2) + "\n")
-    (OUT / "tasks.md").write_text(to_markdown(report))
-    print((OUT / "tasks.md").read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "tasks.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "tasks.md", to_markdown(report).encode())
+    print(to_markdown(report))
+
+
+def _where(machine_info: dict | str) -> str:
+    if isinstance(machine_info, str):  # reports written before the machine was a dict
+        return machine_info
+    return f"{describe_machine(machine_info)}, torch {machine_info['torch']}"
+
+
+def _table(rows: list[dict]) -> str:
+    return format_table(rows, markdown=True)
 
 
 def to_markdown(report: dict) -> str:
-    """The report as markdown tables."""
+    """The report as markdown tables (lab.analysis.format_table)."""
     lines = [
-        f"# Tasks from the shipped base ({report['date']}, {report['machine']})",
+        f"# Tasks from the shipped base ({report['date']}, {_where(report['machine'])})",
         "",
         f"{report['steps']} steps, batch {report['batch_size']}; LoRA on q_proj and v_proj, "
         f"alpha {report['alpha']}, lr {report['lora_lr']}; full fine-tuning lr "
         f"{report['full_lr']}. Accuracy: exact match on 512 held-out prompts.",
         "",
-        "| task | base | LoRA r1 | LoRA r4 | LoRA r8 | full | r8 / full | "
-        "r8 time (s) | full time (s) |",
-        "|" + "---|" * 9,
+        _table(
+            [
+                {
+                    "task": r["task"],
+                    "base": f"{r['base_accuracy']:.3f}",
+                    **{f"LoRA r{k}": f"{r[f'r{k}']['accuracy']:.3f}" for k in (1, 4, 8)},
+                    "full": f"{r['full']['accuracy']:.3f}",
+                    "r8 / full": f"{r['r8_over_full']:.2f}",
+                    "r8 time (s)": f"{r['r8']['seconds']:.1f}",
+                    "full time (s)": f"{r['full']['seconds']:.1f}",
+                }
+                for r in report["tasks"]
+            ]
+        ),
     ]
-    for r in report["tasks"]:
-        lines.append(
-            f"| {r['task']} | {r['base_accuracy']:.3f} | {r['r1']['accuracy']:.3f} | "
-            f"{r['r4']['accuracy']:.3f} | {r['r8']['accuracy']:.3f} | {r['full']['accuracy']:.3f}"
-            f" | {r['r8_over_full']:.2f} | {r['r8']['seconds']:.1f} | {r['full']['seconds']:.1f} |"
-        )
     d = report["dropout"]
     lines += [
         "",
         f"## Adapter dropout on {d['task']} (256 examples, rank {d['rank']}, {d['steps']} steps)",
         "",
-        "| dropout | train loss | held-out loss | accuracy |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {p['dropout']} | {p['train_loss']:.3f} | {p['heldout_loss']:.3f} | "
-        f"{p['accuracy']:.3f} |"
-        for p in d["points"]
-    ]
-    lines += [
+        _table(
+            [
+                {
+                    "dropout": str(p["dropout"]),
+                    "train loss": f"{p['train_loss']:.3f}",
+                    "held-out loss": f"{p['heldout_loss']:.3f}",
+                    "accuracy": f"{p['accuracy']:.3f}",
+                }
+                for p in d["points"]
+            ]
+        ),
         "",
         "## Memory of one training step (bytes): measured (MemTracker) / analytic",
         "",
-        "| mode | parameters | gradients | optimizer | activations |",
-        "|---|---|---|---|---|",
+        _table(
+            [
+                {
+                    "mode": mode,
+                    **{
+                        k: f"{m['measured'][k]:,} / {m['analytic'][k]:,}"
+                        for k in ("parameters", "gradients", "optimizer", "activations")
+                    },
+                }
+                for mode, m in report["memory"].items()
+            ]
+        ),
     ]
-    for mode, m in report["memory"].items():
-        cells = [
-            f"{m['measured'][k]:,} / {m['analytic'][k]:,}"
-            for k in ("parameters", "gradients", "optimizer", "activations")
-        ]
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

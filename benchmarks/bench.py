@@ -1,11 +1,20 @@
 """Benchmarks that measure the lab's claims about speed and memory, side by side.
 
 Every comparison runs both sides in one process, in alternating rounds after a warm-up, and
-reports medians and ratios next to the analytic limit. `python -m lab bench` runs them all and
-writes JSON, a markdown report and plots; `benchmarks/gpu.py` runs them at the GPU preset.
+reports medians and ratios next to the analytic limit. From the repository root:
+
+    python -m benchmarks.bench                       # every benchmark -> benchmarks/results
+    python -m benchmarks.bench qlora dora --quick    # a smoke run of two of them
+
+writes JSON, a markdown report and plots; `python -m benchmarks.gpu` runs them at the GPU sizes.
 
 - lora_vs_full: one training step of LoRA (q, v) against full fine-tuning across widths and
   ranks: time and measured peak memory, next to the FLOP ratio and the analytic bytes.
+- qlora: LoRA's training step on an fp32, a bf16 and a packed NF4 (4-bit) frozen base across
+  widths: time, measured weight bytes and peak memory, and the NF4 bits per weight measured
+  next to the QLoRA paper's 4.127.
+- dora: DoRA's training step against LoRA's at the same rank and targets across widths, next
+  to the slowdown PEFT reports.
 - layers: lab.LoRALinear against loralib.Linear and PEFT's LoRA Linear on identical weights:
   forward+backward time, and a check that the three give the same outputs.
 - inference: base vs merged vs unmerged forward time, next to the unmerged FLOP share.
@@ -13,19 +22,22 @@ writes JSON, a markdown report and plots; `benchmarks/gpu.py` runs them at the G
 - sweep: a grid trained one configuration after another against the same grid batched
   (lab.batched), how the batched cost per configuration scales with the grid's size, and a
   profile of where a step's time goes.
+
+Timings come from lab.analysis.time_calls (the calls take turns), every training step is
+lab.step.training_step and every memory figure lab.measure_step_memory.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
-import datetime
+import inspect
 import json
 import math
 import os
-import platform
 import statistics
-import time
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -34,43 +46,64 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from .analysis import count_full, count_lora, lora_flop_share
-from .base import load_base_model
-from .config import LoRAConfig
-from .batched import (
+from benchmarks.common import describe_machine, machine
+from lab.analysis import (
+    _sync,
+    count_full,
+    count_lora,
+    format_table,
+    lora_flop_share,
+    spread,
+    time_calls,
+)
+from lab.base import load_base_model
+from lab.batched import (
     AdapterSpec,
     BatchedTrainer,
     bytes_per_config,
     default_max_configs,
     train_batched,
 )
-from .fileio import atomic_write_bytes
-from .lora import LoRALinear, add_lora, count_parameters, merge_lora
-from .memory import analytic_flops, analytic_memory, measure_step_memory
-from .model import ModelConfig, ToyTransformer, get_preset, lm_loss
-from .tasks import SEQ_LEN, get_task
-from .training import train
+from lab.config import LoRAConfig
+from lab.fileio import atomic_write_bytes
+from lab.lora import LoRALinear, add_lora, count_parameters, merge_lora
+from lab.memory import (
+    MIB,
+    MemoryBreakdown,
+    analytic_flops,
+    analytic_memory,
+    measure_step_memory,
+)
+from lab.model import ModelConfig, ToyTransformer, get_preset
+from lab.quant import DQ_BLOCK_SIZE, Linear4bit, quantize_base
+from lab.step import autocast_dtype, make_optimizer, training_step
+from lab.sweeps import check_writable_dir, resolve_device
+from lab.tasks import SEQ_LEN, get_task
+from lab.training import train
 
 __all__ = [
     "BENCHMARKS",
-    "QUICK",
-    "alternate",
     "EXTRA",
+    "PEFT_DORA_SLOWDOWN",
+    "QUICK",
+    "bench_dora",
     "bench_growth",
     "bench_inference",
     "bench_layers",
     "bench_lora_vs_full",
+    "bench_qlora",
     "bench_sweep",
     "bench_throughput",
-    "machine",
+    "main",
     "markdown",
+    "nf4_bits_per_weight",
     "plots",
     "run_all",
+    "width_config",
     "write_results",
 ]
 
 TARGETS = ("q_proj", "v_proj")
-MIB = 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,71 +111,13 @@ MIB = 2**20
 # ---------------------------------------------------------------------------------------------
 
 
-def machine(device: torch.device | str = "cpu") -> dict:
-    """Where the numbers were measured: CPU, cores, threads, versions and the GPU if used."""
-    device = torch.device(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def alternate(
-    fns: Mapping[str, Callable[[], object]],
-    repeats: int,
-    warmup: int = 1,
-    device: torch.device | str = "cpu",
-) -> dict[str, list[float]]:
-    """Wall seconds of each function over `repeats` rounds, taking turns so noise hits all alike."""
-    if not fns:
-        raise ValueError("fns is empty: give at least one label -> function")
-    if not isinstance(repeats, int) or repeats < 1 or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"repeats={repeats!r}, warmup={warmup!r}: expected ints >= 1 and >= 0")
-    device = torch.device(device)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times: dict[str, list[float]] = {label: [] for label in fns}
-    for _ in range(repeats):
-        for label, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[label].append(time.perf_counter() - start)
-    return times
-
-
 def _median(seconds: Sequence[float]) -> float:
     return statistics.median(seconds)
 
 
 def _iqr(seconds: Sequence[float]) -> float:
-    if len(seconds) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(seconds, n=4)
-    return q3 - q1
+    lo, hi = spread(seconds)  # the quartiles (min and max below 4 timings)
+    return hi - lo
 
 
 def width_config(d_model: int, n_layers: int = 2) -> ModelConfig:
@@ -161,25 +136,23 @@ def _batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 class _Trainer:
-    """One model, one AdamW, one fixed batch: a callable that runs a real training step."""
+    """One model, the lab's AdamW, one fixed batch: a callable that runs lab.step.training_step."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device):
         self.model, self.x, self.y = model.to(device).train(), x, y
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-5)
-        self.autocast = torch.bfloat16 if device.type == "cuda" else None
-        self.device = device
+        self.optimizer = make_optimizer(model, lr=1e-5)
+        self.dtype = autocast_dtype(device)  # bf16 autocast on CUDA, fp32 elsewhere
 
     def __call__(self) -> None:
-        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
-            logits = self.model(self.x)
-        lm_loss(logits, self.y).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        training_step(self.model, self.x, self.y, self.optimizer, self.dtype)
+
+    def memory(self) -> MemoryBreakdown:
+        """One steady-state step (Adam's state already exists) measured by category."""
+        return measure_step_memory(self.model, self.x, self.y, self.optimizer, self.dtype)
 
     def peak_bytes(self) -> int:
-        """Measured peak of one steady-state step (Adam's state already exists)."""
-        return measure_step_memory(self.model, self.x, self.y, self.optimizer, self.autocast).peak
+        """Measured peak of one steady-state step."""
+        return self.memory().peak
 
 
 def _pair(
@@ -195,7 +168,7 @@ def _pair(
     models: dict[str, nn.Module] = {"full": full}
     for rank in ranks:
         model = copy.deepcopy(full)
-        add_lora(model, TARGETS, rank, alpha)
+        add_lora(model, LoRAConfig(rank=rank, alpha=alpha, targets=TARGETS))
         models[f"r{rank}"] = model
     return models
 
@@ -235,7 +208,7 @@ def bench_lora_vs_full(
         trainers = {
             k: _Trainer(m, x, y, device) for k, m in _pair(config, job_ranks, alpha, device).items()
         }
-        times = alternate(trainers, repeats, warmup=2, device=device)
+        times = time_calls(trainers, repeats, warmup=2, device=device)
         full_s = _median(times["full"])
         full_flops = analytic_flops(config, batch_size, x.shape[1])["total"]
         full_mem = analytic_memory(config, batch_size, x.shape[1])
@@ -329,7 +302,7 @@ def bench_throughput(
         trainers = {
             k: _Trainer(m, x, y, device) for k, m in _pair(config, (rank,), alpha, device).items()
         }
-        times = alternate(trainers, repeats, warmup=3, device=device)
+        times = time_calls(trainers, repeats, warmup=3, device=device)
         bar.update(1)
         peaks = {k: t.peak_bytes() for k, t in trainers.items()}
         bar.update(1)
@@ -451,7 +424,7 @@ def bench_layers(
 
     fns = {k: step(layer) for k, layer in layers.items()}
     with tqdm(total=1, desc="layers", disable=not progress) as bar:
-        times = alternate(fns, repeats, warmup=3, device=device)
+        times = time_calls(fns, repeats, warmup=3, device=device)
         bar.update(1)
     rows = []
     for name in layers:
@@ -508,7 +481,7 @@ def bench_inference(
         with device:
             base = ToyTransformer(config).eval()
         unmerged = copy.deepcopy(base)
-        add_lora(unmerged, TARGETS, rank, alpha)
+        add_lora(unmerged, LoRAConfig(rank=rank, alpha=alpha, targets=TARGETS))
         with torch.no_grad():  # a trained-looking adapter: B != 0, so merging changes W
             for p in unmerged.parameters():
                 if p.requires_grad and p.dim() == 2 and p.shape[1] == rank:
@@ -517,8 +490,8 @@ def bench_inference(
         merge_lora(merged)
         models = {"base": base, "merged": merged, "unmerged": unmerged.eval()}
         with torch.inference_mode():
-            times = alternate({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats, 3,
-                              device)  # fmt: skip
+            times = time_calls({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats, 3,
+                               device)  # fmt: skip
             agree = float((merged(x) - unmerged(x)).abs().max())
         base_s = _median(times["base"])
         rows.append({
@@ -734,16 +707,234 @@ def bench_sweep(
 
 
 # ---------------------------------------------------------------------------------------------
+# 6. QLoRA: LoRA on an fp32, a bf16 and a packed 4-bit (NF4) frozen base
+# ---------------------------------------------------------------------------------------------
+
+BASES = ("fp32", "bf16", "nf4")
+
+
+def nf4_bits_per_weight(block_size: int = 64, double_quant: bool = True) -> float:
+    """The analytic storage of one 4-bit weight in bits: 4 + its share of the block scales.
+
+    With double quantisation each block of `block_size` weights keeps an 8-bit scale and every
+    DQ_BLOCK_SIZE (256) of those one fp32 scale: 4 + 8/64 + 32/(64 * 256) = 4.127 (QLoRA);
+    without it an fp32 scale per block: 4 + 32/64 = 4.5.
+    """
+    if double_quant:
+        return 4 + 8 / block_size + 32 / (block_size * DQ_BLOCK_SIZE)
+    return 4 + 32 / block_size
+
+
+def _block_weights(model: nn.Module) -> tuple[int, int]:
+    """(weights, bytes) of the frozen linear weights inside the blocks, as stored."""
+    weights = stored = 0
+    for module in model.blocks.modules():
+        if isinstance(module, Linear4bit):
+            weights += module.in_features * module.out_features
+            stored += module.storage_bytes()
+        elif isinstance(module, nn.Linear):
+            weights += module.weight.numel()
+            stored += module.weight.numel() * module.weight.element_size()
+    return weights, stored
+
+
+def _qlora_models(
+    config: ModelConfig, adapter: LoRAConfig, device: torch.device, block_size: int
+) -> dict[str, nn.Module]:
+    """LoRA on one random base three ways: fp32, bf16 (model.to(bfloat16)) and NF4 packed.
+
+    add_lora comes last each time; its adapters stay fp32 on the bf16 base (LoRALinear keeps
+    its A and B in at least fp32) and train on top of the dequantised 4-bit weights."""
+    torch.manual_seed(0)
+    with device:
+        base = ToyTransformer(config)
+    models: dict[str, nn.Module] = {}
+    for kind in BASES:
+        model = copy.deepcopy(base)
+        if kind == "bf16":
+            model.to(torch.bfloat16)
+        elif kind == "nf4":
+            quantize_base(model, scheme="nf4", block_size=block_size, double_quant=True)
+        add_lora(model, adapter)
+        models[kind] = model
+    return models
+
+
+def _weight_bytes(memory: MemoryBreakdown, model: nn.Module) -> tuple[int, int]:
+    """(parameters, buffers) in bytes: the tracker's figures where it has them (MemTracker),
+    else the tensors' own storage (the CUDA allocator cannot tell buffers apart)."""
+    if "buffers" in memory.at_peak:
+        return memory.parameters, memory.at_peak["buffers"]
+    seen = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in model.buffers()}
+    return memory.parameters, sum(seen.values())
+
+
+def bench_qlora(
+    widths: Sequence[int] = (128, 256, 512, 1024),
+    rank: int = 8,
+    alpha: float = 16.0,
+    n_layers: int = 2,
+    batch_size: int = 64,
+    block_size: int = 64,
+    repeats: int = 11,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Step time and measured memory of LoRA (q, v) on an fp32, a bf16 and an NF4 base.
+
+    The three models share one random base and take turns step by step. Memory is one
+    measured steady-state step (lab.measure_step_memory): the weights held (parameters and
+    buffers: the packed 4-bit codes and scales are buffers) and the peak. Bits per weight are
+    the blocks' frozen linear weights as stored, next to the analytic figure.
+    """
+    device = torch.device(device)
+    x, y = _batch(batch_size, device)
+    tokens = batch_size * x.shape[1]
+    adapter = LoRAConfig(rank=rank, alpha=alpha, targets=TARGETS)
+    analytic_bits = {"fp32": 32.0, "bf16": 16.0, "nf4": nf4_bits_per_weight(block_size)}
+    rows = []
+    for d in tqdm(widths, desc="qlora", disable=not progress):
+        config = width_config(d, n_layers)
+        models = _qlora_models(config, adapter, device, block_size)
+        trainers = {k: _Trainer(m, x, y, device) for k, m in models.items()}
+        times = time_calls(trainers, repeats, warmup=2, device=device)
+        memory = {k: t.memory() for k, t in trainers.items()}
+        fp32_s = _median(times["fp32"])
+        fp32_weights = sum(_weight_bytes(memory["fp32"], models["fp32"]))
+        for kind in BASES:
+            seconds = _median(times[kind])
+            params, buffers = _weight_bytes(memory[kind], models[kind])
+            weights, stored = _block_weights(models[kind])
+            rows.append({
+                "d_model": d,
+                "base": kind,
+                "trainable": count_parameters(models[kind]).trainable,
+                "step_ms": 1e3 * seconds,
+                "iqr_ms": 1e3 * _iqr(times[kind]),
+                "time_ratio": seconds / fp32_s,
+                "tokens_per_s": tokens / seconds,
+                "parameter_bytes": params,
+                "buffer_bytes": buffers,
+                "weight_bytes": params + buffers,
+                "weight_ratio": (params + buffers) / fp32_weights,
+                "peak_bytes": memory[kind].peak,
+                "peak_ratio": memory[kind].peak / memory["fp32"].peak,
+                "block_weights": weights,
+                "block_weight_bytes": stored,
+                "bits_per_weight": 8 * stored / weights,
+                "analytic_bits_per_weight": analytic_bits[kind],
+            })  # fmt: skip
+        del trainers, models
+    return {
+        "name": "qlora",
+        "settings": {
+            "widths": list(widths),
+            "rank": rank,
+            "alpha": alpha,
+            "n_layers": n_layers,
+            "batch_size": batch_size,
+            "seq_len": x.shape[1],
+            "block_size": block_size,
+            "double_quant": True,
+            "repeats": repeats,
+            "targets": list(TARGETS),
+            "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+        },  # fmt: skip
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. DoRA against LoRA: the cost of the magnitude and the column norms
+# ---------------------------------------------------------------------------------------------
+
+# PEFT's own measurement (its method comparison on MetaMathQA: Llama-3.2-3B, rank 32, bf16, one
+# GPU): DoRA trains about 14% slower than LoRA in tokens per second.
+PEFT_DORA_SLOWDOWN = 0.14
+
+
+def bench_dora(
+    widths: Sequence[int] = (128, 256, 512, 1024),
+    rank: int = 8,
+    alpha: float = 16.0,
+    n_layers: int = 2,
+    batch_size: int = 64,
+    repeats: int = 11,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Training step of DoRA against LoRA at the same rank and targets, in turns, per width.
+
+    The slowdown is PEFT's way of stating it: the fraction of LoRA's tokens per second that
+    DoRA loses, 1 - LoRA time / DoRA time. Memory: measured peak of a steady-state step.
+    """
+    device = torch.device(device)
+    x, y = _batch(batch_size, device)
+    tokens = batch_size * x.shape[1]
+    rows = []
+    for d in tqdm(widths, desc="dora", disable=not progress):
+        torch.manual_seed(0)
+        with device:
+            base = ToyTransformer(width_config(d, n_layers))
+        models = {}
+        for variant in ("lora", "dora"):
+            model = copy.deepcopy(base)
+            add_lora(model, LoRAConfig(rank=rank, alpha=alpha, targets=TARGETS, variant=variant))
+            models[variant] = model
+        trainers = {k: _Trainer(m, x, y, device) for k, m in models.items()}
+        times = time_calls(trainers, repeats, warmup=2, device=device)
+        peaks = {k: t.peak_bytes() for k, t in trainers.items()}
+        lora_s, dora_s = _median(times["lora"]), _median(times["dora"])
+        rows.append({
+            "d_model": d,
+            "rank": rank,
+            "lora_trainable": count_parameters(models["lora"]).trainable,
+            "dora_trainable": count_parameters(models["dora"]).trainable,
+            "lora_ms": 1e3 * lora_s,
+            "dora_ms": 1e3 * dora_s,
+            "lora_iqr_ms": 1e3 * _iqr(times["lora"]),
+            "dora_iqr_ms": 1e3 * _iqr(times["dora"]),
+            "time_ratio": dora_s / lora_s,
+            "lora_tokens_per_s": tokens / lora_s,
+            "dora_tokens_per_s": tokens / dora_s,
+            "tokens_per_s_slowdown": 1 - lora_s / dora_s,
+            "lora_peak_bytes": peaks["lora"],
+            "dora_peak_bytes": peaks["dora"],
+            "memory_ratio": peaks["dora"] / peaks["lora"],
+        })  # fmt: skip
+        del trainers, models
+    return {
+        "name": "dora",
+        "settings": {
+            "widths": list(widths),
+            "rank": rank,
+            "alpha": alpha,
+            "n_layers": n_layers,
+            "batch_size": batch_size,
+            "seq_len": x.shape[1],
+            "repeats": repeats,
+            "targets": list(TARGETS),
+            "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+            "peft_reported_slowdown": PEFT_DORA_SLOWDOWN,
+        },  # fmt: skip
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Running, reporting, plotting
 # ---------------------------------------------------------------------------------------------
 
-BENCHMARKS = ("lora_vs_full", "layers", "inference", "growth", "sweep")  # the default run
+# The default run, in this order.
+BENCHMARKS = ("lora_vs_full", "qlora", "dora", "layers", "inference", "growth", "sweep")
 EXTRA = ("throughput",)  # GPU-sized: benchmarks/gpu.py runs it
 
 # Smallest settings that still exercise every code path: for the test suite and a quick look.
 QUICK = {
     "lora_vs_full": {"widths": (32, 64), "ranks": (1, 4), "rank_width": 64, "rank": 4,
                      "batch_size": 4, "repeats": 1},
+    "qlora": {"widths": (32, 64), "rank": 4, "batch_size": 4, "repeats": 1},
+    "dora": {"widths": (32, 64), "rank": 4, "batch_size": 4, "repeats": 1},
     "throughput": {"preset": "tiny", "rank": 4, "batch_size": 4, "repeats": 2},
     "layers": {"d_model": 64, "rank": 4, "tokens": 32, "repeats": 2},
     "inference": {"widths": (64,), "rank": 4, "batch_size": 4, "repeats": 2},
@@ -795,9 +986,9 @@ def _mib(n: float) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
+    """A markdown table (lab.analysis.format_table) of cells written as they are given."""
+    dicts = [dict(zip(header, (str(c) for c in row), strict=True)) for row in rows]
+    return format_table(dicts, header, markdown=True).splitlines() + [""]
 
 
 def markdown(report: dict, header: bool = True) -> str:
@@ -806,12 +997,9 @@ def markdown(report: dict, header: bool = True) -> str:
     m = report["machine"]
     if header:
         out += ["# LoRA Lab benchmarks", ""]
-        where = f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
-        if "gpu" in m:
-            where = f"{m['gpu']} (host: {where})"
-        out += [f"Measured {m['date']} on {where}; torch {m['torch']}, Python {m['python']}, "
-                f"device `{m['device']}`." + (" Quick settings (smoke test)." if report.get(
-                    "quick") else ""), ""]  # fmt: skip
+        quick = " Quick settings (smoke test)." if report.get("quick") else ""
+        out += [f"Measured {m['date']} on {describe_machine(m)}; torch {m['torch']}, Python "
+                f"{m['python']}, device `{m['device']}`.{quick}", ""]  # fmt: skip
     if header and "seconds" in report:
         out += [f"Whole run: {report['seconds']:.0f} s."
                 + (f" Skipped, over the time budget: {', '.join(report['skipped'])}."
@@ -857,6 +1045,47 @@ def markdown(report: dict, header: bool = True) -> str:
                   f"{_mib(x['lora_peak_bytes'])} ({_mib(x['lora_analytic_bytes'])})",
                   f"{x['memory_ratio']:.2f}"] for x in rows],
             )  # fmt: skip
+    if "qlora" in results:
+        r = results["qlora"]
+        s = r["settings"]
+        out += ["## QLoRA: LoRA (q, v) on an fp32, a bf16 and a 4-bit (NF4) base",
+                "", f"{s['n_layers']} layers, rank {s['rank']}, batch {s['batch_size']} x "
+                f"{s['seq_len']} tokens, {s['precision']}, AdamW, median of {s['repeats']} "
+                "alternating rounds; the three share one random base. bf16: the frozen model "
+                "cast with model.to(torch.bfloat16), adapters fp32. NF4: lab.quantize_base "
+                f"(block {s['block_size']}, double-quantised scales), then add_lora. Weights: "
+                "parameters + buffers of a measured step (the 4-bit codes and scales are "
+                "buffers), MiB. Bits per weight: the blocks' frozen linear weights as stored, "
+                "analytic in brackets (NF4: 4 + 8/64 + 32/(64 x 256) = 4.127).", ""]  # fmt: skip
+        out += _table(
+            ["d_model", "base", "step ms", "time / fp32", "tokens/s", "weights MiB",
+             "weights / fp32", "peak MiB", "peak / fp32", "bits per weight"],
+            [[x["d_model"], x["base"], f"{x['step_ms']:.1f}", f"**{x['time_ratio']:.2f}**",
+              f"{x['tokens_per_s']:,.0f}", _mib(x["weight_bytes"]), f"{x['weight_ratio']:.3f}",
+              _mib(x["peak_bytes"]), f"**{x['peak_ratio']:.2f}**",
+              f"{x['bits_per_weight']:.3f} ({x['analytic_bits_per_weight']:.3f})"]
+             for x in r["rows"]],
+        )  # fmt: skip
+    if "dora" in results:
+        r = results["dora"]
+        s = r["settings"]
+        out += ["## DoRA vs LoRA: one training step at the same rank and targets", "",
+                f"{s['n_layers']} layers, rank {s['rank']} on q, v, batch {s['batch_size']} x "
+                f"{s['seq_len']} tokens, {s['precision']}, AdamW, median of {s['repeats']} "
+                "alternating rounds. Slowdown: the share of LoRA's tokens per second that DoRA "
+                "loses (1 - LoRA time / DoRA time). For comparison, PEFT reports DoRA about "
+                f"{100 * s['peft_reported_slowdown']:.0f}% slower than LoRA in tokens per second "
+                "on a 3B model (Llama-3.2-3B, rank 32, bf16 on a GPU; PEFT's method "
+                "comparison).", ""]  # fmt: skip
+        out += _table(
+            ["d_model", "LoRA ms", "DoRA ms", "DoRA / LoRA time", "tokens/s slowdown",
+             "PEFT's figure", "LoRA MiB", "DoRA MiB", "DoRA / LoRA memory", "trainable"],
+            [[x["d_model"], f"{x['lora_ms']:.1f}", f"{x['dora_ms']:.1f}",
+              f"**{x['time_ratio']:.2f}**", f"{100 * x['tokens_per_s_slowdown']:.0f}%",
+              f"{100 * s['peft_reported_slowdown']:.0f}%", _mib(x["lora_peak_bytes"]),
+              _mib(x["dora_peak_bytes"]), f"{x['memory_ratio']:.2f}",
+              f"{x['lora_trainable']:,} / {x['dora_trainable']:,}"] for x in r["rows"]],
+        )  # fmt: skip
     if "layers" in results:
         r = results["layers"]
         s = r["settings"]
@@ -1130,7 +1359,95 @@ def write_results(report: dict, out_dir: str | os.PathLike, stem: str = "bench")
         md += "\n" + "\n".join(f"![{name}]({stem}_{name}.png)" for name in figs) + "\n"
     paths.append(atomic_write_bytes(out / f"{stem}.md", md.encode()))
     for name, fig in figs.items():
-        from .plots import savefig_bytes
+        from lab.plots import savefig_bytes
 
         paths.append(atomic_write_bytes(out / f"{stem}_{name}.png", savefig_bytes(fig)))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m benchmarks.bench [names] [--quick] [--device] [--out] [--stem]
+# ---------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description="Run the lab's benchmarks; write JSON, markdown and plots.",
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        default=list(BENCHMARKS),
+        help=f"which benchmarks (default all): {', '.join(BENCHMARKS)}; GPU-sized: "
+        f"{', '.join(EXTRA)}",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    parser.add_argument("--out", default="benchmarks/results", help="where results are written")
+    parser.add_argument("--stem", default=None, help="file name stem (default: bench, bench-quick)")
+    for flag, what in (("--batch-size", "batch size"), ("--repeats", "timed rounds")):
+        parser.add_argument(
+            flag, type=_positive_int(flag), default=None,
+            help=f"{what} for every chosen benchmark that has one (default: each its own)",
+        )  # fmt: skip
+    return parser
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a whole number") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} {value} must be at least 1")
+        return value
+
+    return parse
+
+
+def _overrides(names: Sequence[str], **values: int | None) -> dict[str, dict]:
+    """{name: {setting: value}} for the given settings each named benchmark takes."""
+    out: dict[str, dict] = {}
+    for name in names:
+        fn = bench_growth if name == "growth" else globals()[f"bench_{name}"]
+        takes = inspect.signature(fn).parameters
+        out[name] = {k: v for k, v in values.items() if v is not None and k in takes}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the named benchmarks and write <stem>.json, .md and plots; 0 on success.
+
+    Bad settings (an unknown name or device, a stem with a folder in it, an output folder that
+    cannot be written) are one line on stderr and exit status 2 (1 for the folder), before
+    anything runs.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        stem = args.stem or ("bench-quick" if args.quick else "bench")
+        if not stem or os.sep in stem or (os.altsep and os.altsep in stem) or stem[0] == ".":
+            raise ValueError(f"--stem {stem!r}: expected a plain file name stem such as 'bench'")
+        unknown = sorted(set(args.names) - set(EXTRA + BENCHMARKS))
+        if unknown:
+            raise ValueError(f"unknown benchmarks {unknown}; valid: {', '.join(BENCHMARKS)}")
+        device = resolve_device(args.device)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        check_writable_dir(out, "benchmark output folder", "choose another folder with --out")
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    overrides = _overrides(args.names, batch_size=args.batch_size, repeats=args.repeats)
+    report = run_all(args.names, quick=args.quick, device=str(device), overrides=overrides)
+    for path in write_results(report, out, stem):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
