@@ -12,7 +12,7 @@ Everything the callbacks compute comes from pure functions: `lab.sweeps` for the
 
 The method control picks the LoRA flavour of the plotted runs: plain LoRA, each registered
 variant (DoRA), LoRA+ (B's learning rate 16 times A's) and each registered initialisation
-(PiSSA); the "4-bit base" box picks runs on an NF4-quantised frozen base (QLoRA).
+(PiSSA); the base control picks runs on the fp32 base or on a 4-bit NF4 one (QLoRA).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def conflict(sel: Selection) -> str | None:
     try:
         SweepPoint(sel.task, 1, **sel.flavour)
     except ValueError:
-        return f"{sel.method} starts from the full-precision weights: uncheck 4-bit base"
+        return f"{sel.method} starts from the full-precision weights: choose the fp32 base"
     return None
 
 
@@ -551,10 +551,13 @@ class SweepExplorer:
             value=sel.lr,
             description="lr",
         )
-        self.quant = W.Checkbox(
-            value=sel.quant is not None,
-            description=f"4-bit base ({QUANT_SCHEME.upper()}, as QLoRA)",
-            indent=False,
+        self.quant = W.ToggleButtons(  # the frozen base: 4-bit on or off
+            options=[("fp32", None), (f"4-bit {QUANT_SCHEME.upper()}", QUANT_SCHEME)],
+            value=sel.quant,
+            description="base",
+            tooltips=["the shipped full-precision base", "QLoRA: the frozen base in 4 bits"],
+            style={"button_width": "110px", "description_width": "80px"},
+            layout=W.Layout(display="flex", flex_flow="row", align_items="center"),
         )
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.status = W.HTML()
@@ -571,11 +574,11 @@ class SweepExplorer:
             [
                 self.task,
                 self.method,
+                self.quant,
                 self.scaling,
                 self.steps,
                 self.lr,
                 self.full,
-                self.quant,
                 W.HBox([self.run_button]),
             ]
         )
@@ -630,7 +633,7 @@ class SweepExplorer:
             steps=int(self.steps.value),
             full=bool(self.full.value),
             method=self.method.value,
-            quant=QUANT_SCHEME if self.quant.value else None,
+            quant=self.quant.value,
             lr=float(self.lr.value),
         )
 

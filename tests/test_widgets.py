@@ -366,7 +366,7 @@ def test_each_method_plots_its_own_runs_only(mixed, method, quant):
     _, (mem_ranks, breakdowns), _ = specs["memory"]
     assert mem_ranks == [1, 8, 64] and len(breakdowns) == 3
     explorer = SweepExplorer(mixed, run_fn=FakeTrainer())
-    explorer.method.value, explorer.quant.value = method, quant is not None
+    explorer.method.value, explorer.quant.value = method, quant
     assert explorer.selection.flavour == {**METHODS[method], "quant": quant}
     assert explorer.facts() == {"selected": 22, "cached": 22, "to_train": 0}
 
@@ -402,7 +402,7 @@ def test_the_default_selection_is_what_the_explorer_showed_before(seeded, mixed)
     }
     assert before["trainable"][0] is plots.trainable_vs_rank
     explorer = SweepExplorer(mixed, run_fn=FakeTrainer())
-    assert (explorer.method.value, explorer.quant.value) == ("LoRA", False)
+    assert (explorer.method.value, explorer.quant.value) == ("LoRA", None)
     assert explorer.selection == Selection()
     assert explorer.status_text() == "sort_desc: 22 points selected, 22 cached, 0 to train"
 
@@ -441,12 +441,12 @@ def test_pissa_on_a_4_bit_base_says_what_to_change(mixed):
     assert sel.points() == []
     for name, spec in plot_specs(mixed.results(), sel).items():
         text = figure_texts(draw(spec))
-        assert "PiSSA starts from the full-precision weights: uncheck 4-bit base" in text, name
+        assert "PiSSA starts from the full-precision weights: choose the fp32 base" in text, name
     explorer = SweepExplorer(mixed, run_fn=FakeTrainer())
-    explorer.quant.value = True
+    explorer.quant.value = "nf4"
     explorer.method.value = "PiSSA"
     assert explorer.facts()["selected"] == 0
-    assert "uncheck 4-bit base" in explorer.status_text()
+    assert "choose the fp32 base" in explorer.status_text()
     explorer.on_run()  # nothing selected: nothing trained
     assert explorer.run_fn.calls == []
 
@@ -475,7 +475,7 @@ def test_run_trains_the_selected_method(tmp_path):
     trainer = FakeTrainer()
     explorer = SweepExplorer(SweepCache(tmp_path), run_fn=trainer)
     explorer.ranks.value, explorer.alphas.value, explorer.full.value = (4,), (16.0,), False
-    explorer.method.value, explorer.quant.value = "DoRA", True
+    explorer.method.value, explorer.quant.value = "DoRA", "nf4"
     explorer.on_run()
     (point,) = trainer.calls
     assert (point.rank, point.variant, point.quant) == (4, "dora", "nf4")
@@ -517,12 +517,12 @@ def test_seed_shipped_reads_every_grid_that_exists(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "method, quant, lr, index",
     [
-        ("LoRA", False, 1e-2, 0),
-        ("DoRA", False, 2e-2, 3),
-        ("LoRA+", False, 5e-3, 5),
-        ("PiSSA", False, 1e-2, 6),
-        ("LoRA", True, 2e-2, 9),
-    ],  # fmt: skip
+        ("LoRA", None, 1e-2, 0),
+        ("DoRA", None, 2e-2, 3),
+        ("LoRA+", None, 5e-3, 5),
+        ("PiSSA", None, 1e-2, 6),
+        ("LoRA", "nf4", 2e-2, 9),
+    ],
 )
 def test_the_shipped_variants_grid_shows_in_the_explorer(tmp_path, method, quant, lr, index):
     grid_file = tmp_path / "variants_grid.json"
