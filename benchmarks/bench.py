@@ -1051,7 +1051,8 @@ def markdown(report: dict, header: bool = True) -> str:
         out += ["## QLoRA: LoRA (q, v) on an fp32, a bf16 and a 4-bit (NF4) base",
                 "", f"{s['n_layers']} layers, rank {s['rank']}, batch {s['batch_size']} x "
                 f"{s['seq_len']} tokens, {s['precision']}, AdamW, median of {s['repeats']} "
-                "alternating rounds; the three share one random base. bf16: the frozen model "
+                "alternating rounds (± half the spread of the middle half); the three share "
+                "one random base. bf16: the frozen model "
                 "cast with model.to(torch.bfloat16), adapters fp32. NF4: lab.quantize_base "
                 f"(block {s['block_size']}, double-quantised scales), then add_lora. Weights: "
                 "parameters + buffers of a measured step (the 4-bit codes and scales are "
@@ -1060,7 +1061,8 @@ def markdown(report: dict, header: bool = True) -> str:
         out += _table(
             ["d_model", "base", "step ms", "time / fp32", "tokens/s", "weights MiB",
              "weights / fp32", "peak MiB", "peak / fp32", "bits per weight"],
-            [[x["d_model"], x["base"], f"{x['step_ms']:.1f}", f"**{x['time_ratio']:.2f}**",
+            [[x["d_model"], x["base"], f"{x['step_ms']:.1f} ± {x['iqr_ms'] / 2:.1f}",
+              f"**{x['time_ratio']:.2f}**",
               f"{x['tokens_per_s']:,.0f}", _mib(x["weight_bytes"]), f"{x['weight_ratio']:.3f}",
               _mib(x["peak_bytes"]), f"**{x['peak_ratio']:.2f}**",
               f"{x['bits_per_weight']:.3f} ({x['analytic_bits_per_weight']:.3f})"]
@@ -1072,7 +1074,8 @@ def markdown(report: dict, header: bool = True) -> str:
         out += ["## DoRA vs LoRA: one training step at the same rank and targets", "",
                 f"{s['n_layers']} layers, rank {s['rank']} on q, v, batch {s['batch_size']} x "
                 f"{s['seq_len']} tokens, {s['precision']}, AdamW, median of {s['repeats']} "
-                "alternating rounds. Slowdown: the share of LoRA's tokens per second that DoRA "
+                "alternating rounds (± half the spread of the middle half). Slowdown: the "
+                "share of LoRA's tokens per second that DoRA "
                 "loses (1 - LoRA time / DoRA time). For comparison, PEFT reports DoRA about "
                 f"{100 * s['peft_reported_slowdown']:.0f}% slower than LoRA in tokens per second "
                 "on a 3B model (Llama-3.2-3B, rank 32, bf16 on a GPU; PEFT's method "
@@ -1080,7 +1083,8 @@ def markdown(report: dict, header: bool = True) -> str:
         out += _table(
             ["d_model", "LoRA ms", "DoRA ms", "DoRA / LoRA time", "tokens/s slowdown",
              "PEFT's figure", "LoRA MiB", "DoRA MiB", "DoRA / LoRA memory", "trainable"],
-            [[x["d_model"], f"{x['lora_ms']:.1f}", f"{x['dora_ms']:.1f}",
+            [[x["d_model"], f"{x['lora_ms']:.1f} ± {x['lora_iqr_ms'] / 2:.1f}",
+              f"{x['dora_ms']:.1f} ± {x['dora_iqr_ms'] / 2:.1f}",
               f"**{x['time_ratio']:.2f}**", f"{100 * x['tokens_per_s_slowdown']:.0f}%",
               f"{100 * s['peft_reported_slowdown']:.0f}%", _mib(x["lora_peak_bytes"]),
               _mib(x["dora_peak_bytes"]), f"{x['memory_ratio']:.2f}",
@@ -1386,6 +1390,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--out", default="benchmarks/results", help="where results are written")
     parser.add_argument("--stem", default=None, help="file name stem (default: bench, bench-quick)")
+    parser.add_argument(
+        "--threads", type=_positive_int("--threads"), default=None,
+        help="torch CPU threads (default: torch's own); 1 keeps timings steadier on a busy "
+        "machine, where threads wait for each other",
+    )  # fmt: skip
     for flag, what in (("--batch-size", "batch size"), ("--repeats", "timed rounds")):
         parser.add_argument(
             flag, type=_positive_int(flag), default=None,
@@ -1442,6 +1451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # recorded in the report's machine
     overrides = _overrides(args.names, batch_size=args.batch_size, repeats=args.repeats)
     report = run_all(args.names, quick=args.quick, device=str(device), overrides=overrides)
     for path in write_results(report, out, stem):

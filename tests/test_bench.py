@@ -181,10 +181,17 @@ def test_machine_says_where_it_was_measured():
 
 
 def test_command_line_writes_results_with_the_chosen_settings(tmp_path, capsys):
-    args = ["dora", "--quick", "--repeats", "2", "--batch-size", "3", "--out", str(tmp_path)]
-    assert bench.main(args) == 0
+    args = ["dora", "--quick", "--repeats", "2", "--batch-size", "3", "--threads", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert "wrote" in capsys.readouterr().out
-    result = json.loads((tmp_path / "bench-quick.json").read_text())["results"]["dora"]
+    written = json.loads((tmp_path / "bench-quick.json").read_text())
+    assert written["machine"]["torch_threads"] == 1
+    result = written["results"]["dora"]
     assert result["settings"]["repeats"] == 2 and result["settings"]["batch_size"] == 3
     assert "DoRA vs LoRA" in (tmp_path / "bench-quick.md").read_text()
     # growth times nothing: --repeats is passed only to the benchmarks that take it.
@@ -214,7 +221,7 @@ def test_command_line_refuses_bad_settings_before_running(tmp_path, capsys, args
     assert (tmp_path / "FILE").read_text() == "x"
 
 
-@pytest.mark.parametrize("args", [["--repeats", "0"], ["--batch-size", "two"]])
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--batch-size", "two"], ["--threads", "0"]])
 def test_command_line_range_checks_its_numbers(args, capsys):
     with pytest.raises(SystemExit) as usage:  # argparse's usage error, before anything runs
         bench.main(["dora", *args])
@@ -224,7 +231,7 @@ def test_command_line_range_checks_its_numbers(args, capsys):
 
 
 def test_python_m_benchmarks_bench_runs_from_the_repository_root(tmp_path):
-    """The README's command, as a real process (no sys.path lines: the root is the cwd)."""
+    """The README's command, as a real process started in the repository root."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", "nonsense", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
