@@ -243,7 +243,8 @@ def _problem(sel: Selection) -> str | None:
 def cached_elsewhere(results: Sequence[SweepResult], sel: Selection) -> str:
     """Where the cache holds runs of the selected method (another task, steps, rank...): a hint.
 
-    '' when there are none. 'cached DoRA runs: sort_desc, 600 steps: r4 α16, r8 α16'.
+    '' when there are none; else, e.g., 'cached DoRA runs: sort_desc, 400 steps: r4 α16 lr 0.01,
+    r4 α16 lr 0.02' (the first six of each task and step count).
     """
     fields = sel.flavour
     runs = [
@@ -552,8 +553,9 @@ class SweepExplorer:
             description="lr",
         )
         self.quant = W.ToggleButtons(  # the frozen base: 4-bit on or off
-            options=[("fp32", None), (f"4-bit {QUANT_SCHEME.upper()}", QUANT_SCHEME)],
-            value=sel.quant,
+            # "fp32" stands for quant None: a ToggleButtons whose value is None shows no choice.
+            options=[("fp32", "fp32"), (f"4-bit {QUANT_SCHEME.upper()}", QUANT_SCHEME)],
+            value=sel.quant or "fp32",
             description="base",
             tooltips=["the shipped full-precision base", "QLoRA: the frozen base in 4 bits"],
             style={"button_width": "110px", "description_width": "80px"},
@@ -633,7 +635,7 @@ class SweepExplorer:
             steps=int(self.steps.value),
             full=bool(self.full.value),
             method=self.method.value,
-            quant=self.quant.value,
+            quant=None if self.quant.value == "fp32" else self.quant.value,
             lr=float(self.lr.value),
         )
 

@@ -366,7 +366,7 @@ def test_each_method_plots_its_own_runs_only(mixed, method, quant):
     _, (mem_ranks, breakdowns), _ = specs["memory"]
     assert mem_ranks == [1, 8, 64] and len(breakdowns) == 3
     explorer = SweepExplorer(mixed, run_fn=FakeTrainer())
-    explorer.method.value, explorer.quant.value = method, quant
+    explorer.method.value, explorer.quant.value = method, quant or "fp32"
     assert explorer.selection.flavour == {**METHODS[method], "quant": quant}
     assert explorer.facts() == {"selected": 22, "cached": 22, "to_train": 0}
 
@@ -402,7 +402,8 @@ def test_the_default_selection_is_what_the_explorer_showed_before(seeded, mixed)
     }
     assert before["trainable"][0] is plots.trainable_vs_rank
     explorer = SweepExplorer(mixed, run_fn=FakeTrainer())
-    assert (explorer.method.value, explorer.quant.value) == ("LoRA", None)
+    assert (explorer.method.value, explorer.quant.value) == ("LoRA", "fp32")
+    assert explorer.quant.index == 0 and explorer.method.index == 0  # a button shows as chosen
     assert explorer.selection == Selection()
     assert explorer.status_text() == "sort_desc: 22 points selected, 22 cached, 0 to train"
 
@@ -534,7 +535,8 @@ def test_the_shipped_variants_grid_shows_in_the_explorer(tmp_path, method, quant
     assert explorer.lr.value == 2e-2  # the default lr, as before
     explorer.ranks.value, explorer.alphas.value = (4,), (16.0,)
     explorer.steps.value, explorer.full.value = 400, False
-    explorer.method.value, explorer.quant.value, explorer.lr.value = method, quant, lr
+    explorer.method.value, explorer.quant.value = method, quant or "fp32"
+    explorer.lr.value = lr
     assert explorer.selection.points() == [points[index]]
     assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}
     specs = plot_specs(cache.results(), explorer.selection)
