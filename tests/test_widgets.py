@@ -16,12 +16,17 @@ from lab.sweeps import (
     SweepPoint,
     SweepResult,
     base_fingerprint,
+    describe,
     grid,
+    load_grid_file,
 )
 from lab.widgets import (
+    ALPHA_OPTIONS,
     METHODS,
     PLOTS,
+    RANK_OPTIONS,
     SECONDS_PER_STEP,
+    SHIPPED_GRIDS,
     Selection,
     SweepExplorer,
     count_explorer,
@@ -567,3 +572,32 @@ def test_estimates_use_runs_of_the_same_flavour_when_there_are_some():
     assert estimate_seconds([lora], [slow, fast]) == pytest.approx(6.0)
     # no LoRA+ run cached: the median of every LoRA-kind run (the upper of two) stands in
     assert estimate_seconds([plus], [slow, fast]) == pytest.approx(60.0)
+
+
+def test_every_shipped_variant_run_can_be_shown_by_the_controls(tmp_path):
+    """Each run of lab/data/variants_grid.json is one setting of the explorer's controls away."""
+    path = SHIPPED_GRIDS[1]
+    assert path.name == "variants_grid.json"
+    if not path.exists():
+        pytest.skip(f"{path} is not built yet (scripts/make_variants_grid.py)")
+    cache = SweepCache(tmp_path)
+    assert seed_shipped(cache) == len(load_grid_file(SHIPPED_GRIDS[0])) + len(load_grid_file(path))
+    explorer = SweepExplorer(cache, run_fn=FakeTrainer())
+    lrs = {value for _, value in explorer.lr.options}
+    shipped = load_grid_file(path)
+    assert shipped
+    for result in shipped:
+        p = result.point
+        method = next(
+            m for m, f in METHODS.items()
+            if (f["variant"], f["init"], f["lr_ratio"]) == (p.variant, p.init, p.lr_ratio)
+        )  # fmt: skip
+        assert p.rank in RANK_OPTIONS and p.alpha in ALPHA_OPTIONS and p.lr in lrs, describe(p)
+        assert (p.batch_size, p.seed, p.dropout) == (64, 0, 0.0), describe(p)
+        explorer.method.value, explorer.quant.value = method, p.quant or "fp32"
+        explorer.lr.value, explorer.steps.value = p.lr, p.steps
+        explorer.scaling.value, explorer.targets.value = p.rslora, p.targets
+        explorer.ranks.value, explorer.alphas.value = (p.rank,), (p.alpha,)
+        explorer.full.value = False
+        assert explorer.selection.points() == [p], describe(p)
+        assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}, describe(p)
