@@ -23,6 +23,7 @@ global CPU stream, so runs with dropout are statistically, not bitwise, the same
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -165,6 +166,23 @@ class BatchedLoRALinear(nn.Module):
         self.register_buffer("rank_mask", mask.to(device), persistent=False)
         scale = torch.tensor([float(s) for s in scalings], dtype=dtype).view(k, 1, 1)
         self.register_buffer("scaling", scale.to(device), persistent=False)
+        # An initialisation that moves part of W into the adapter (PiSSA: W_res = W - s B0 A0)
+        # gives each configuration its own residual base. The shared W stays as it is and each
+        # configuration subtracts its own s B0 A0 (frozen, low rank) in the forward pass.
+        self.register_buffer("init_A", None, persistent=False)
+        self.register_buffer("init_B", None, persistent=False)
+
+    def set_residual(self, k: int, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Configuration k's base is W - scaling[k] * b0 @ a0 (its adapter starts at a0, b0)."""
+        if self.init_A is None:
+            self.init_A = torch.zeros_like(self.lora_A, requires_grad=False)
+            self.init_B = torch.zeros_like(self.lora_B, requires_grad=False)
+        r = a0.shape[0]
+        with torch.no_grad():
+            self.init_A[k].zero_()
+            self.init_B[k].zero_()
+            self.init_A[k, :r] = a0
+            self.init_B[k, :, :r] = b0
 
     def _dropped(self, x: torch.Tensor) -> torch.Tensor:
         """Each configuration's dropout on its own slice (K, B, ..., in), from its own generator.
@@ -192,6 +210,10 @@ class BatchedLoRALinear(nn.Module):
             )
         out = self.base(x)
         xs = x.to(self.lora_A.dtype).reshape(k, x.shape[0] // k, *x.shape[1:])  # (K, B, ..., in)
+        if self.init_A is not None:  # each configuration's own residual base (PiSSA)
+            u0 = torch.bmm(xs.reshape(k, -1, self.in_features), self.init_A.transpose(1, 2))
+            moved = torch.bmm(u0 * self.scaling, self.init_B.transpose(1, 2))  # (K, N, out)
+            out = out - moved.to(out.dtype).view(out.shape)
         h = self._dropped(xs).reshape(k, -1, self.in_features)  # (K, N, in)
         a = self.lora_A * self.rank_mask[:, :, None]  # padded rows masked: their grads are 0
         b = self.lora_B * self.rank_mask[:, None, :]
@@ -314,8 +336,10 @@ def _batched_model(
             torch.manual_seed(s.seed)
             for n in used:
                 if s.targets_layer(n):
-                    layer = LoRALinear(base.get_submodule(n), config=s.config.replace(dropout=0.0))
-                    init[k, n] = layer.lora_A.detach()
+                    # Built on a copy: an init may change the base (PiSSA), the shared W may not.
+                    sub = copy.deepcopy(base.get_submodule(n))
+                    layer = LoRALinear(sub, config=s.config.replace(dropout=0.0, variant="lora"))
+                    init[k, n] = (layer.lora_A.detach(), layer.lora_B.detach())
             if device.type == "cpu":
                 g = torch.Generator()
                 g.set_state(torch.get_rng_state())
@@ -337,7 +361,11 @@ def _batched_model(
         with torch.no_grad():
             for k, r in enumerate(ranks):
                 if r:
-                    layer.lora_A[k, :r] = init[k, n]
+                    a0, b0 = init[k, n]
+                    layer.lora_A[k, :r] = a0
+                    layer.lora_B[k, :, :r] = b0
+                    if INITS[specs[k].config.init].changes_base:
+                        layer.set_residual(k, a0, b0)
         parent, _, leaf = n.rpartition(".")
         setattr(base.get_submodule(parent), leaf, layer)
         layers[n] = layer
@@ -358,7 +386,9 @@ def _extract(
     device: torch.device,
 ) -> ToyTransformer:
     """Configuration k as an ordinary model: the base plus LoRALinears holding its adapters."""
-    model = model_from_state(config, base_state).to(device)
+    # Its own copy of the base: an init that changes the base (PiSSA) must not write into the
+    # shared state that the other configurations (and later chunks) start from.
+    model = model_from_state(config, {k: v.clone() for k, v in base_state.items()}).to(device)
     with torch.random.fork_rng(devices=[]):  # A's init is overwritten below: keep the stream
         spec.add_to(model)
     with torch.no_grad():

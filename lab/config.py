@@ -58,7 +58,10 @@ class Init:
     apply: Callable  # apply(layer) -> None, called once when the layer is built
     summary: str
     batched: bool = False  # the batched sweep engine reproduces it exactly
-    changes_base: bool = False  # True: base + adapter together keep the outputs, not the base
+    # True: the init moves its starting adapter out of W (W_res = W - scaling * B0 A0, as PiSSA
+    # does), so base + adapter together keep the outputs, not the base alone; lab.batched
+    # reproduces it by subtracting each configuration's scaling * B0 A0 from the shared W.
+    changes_base: bool = False
     check: Callable | None = None  # check(base, config): raise for a base it cannot start from
     restore: Callable | None = None  # restore(layer): undo a change to the base (changes_base)
 

@@ -281,19 +281,25 @@ def test_merge_on_a_4bit_base_says_which_merge_it_does_and_requantize_is_lossy()
         lab.merge_lora(plain, requantize=True)
 
 
-def test_batched_engine_trains_lora_plus_and_rslora_as_alone():
+def test_batched_engine_trains_lora_plus_rslora_and_pissa_as_alone():
     from lab.sweeps import SweepPoint, run_group, run_point
 
     points = [
         SweepPoint("sort_desc", 4, steps=6, lr=2e-3, lr_ratio=4.0),
         SweepPoint("sort_desc", 2, steps=6, lr=2e-3, rslora=True),
+        SweepPoint("sort_desc", 4, steps=6, lr=2e-3, init="pissa"),
+        SweepPoint("sort_desc", 2, steps=6, lr=2e-3, init="pissa", dropout=0.1, alpha=4.0),
         SweepPoint("sort_desc", 4, steps=6, lr=2e-3),
     ]
+    assert all(p.batchable for p in points)
     together = {r.point: r for r in run_group(points, device="cpu", progress=False)}
     for point in points:
         alone = run_point(point, device="cpu", progress=False)
         torch.testing.assert_close(
             torch.tensor(together[point].losses), torch.tensor(alone.losses), rtol=1e-5, atol=0
+        )
+        assert together[point].heldout["accuracy"] == pytest.approx(
+            alone.heldout["accuracy"], abs=2 / alone.heldout["n"]
         )
 
 

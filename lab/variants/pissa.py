@@ -61,7 +61,7 @@ register_init(
         "pissa",
         pissa_init,
         "PiSSA (Meng et al. 2024): A, B from W's top-r singular directions, W keeps the rest",
-        batched=False,
+        batched=True,  # lab.batched subtracts each configuration's s B0 A0 from the shared W
         changes_base=True,
         check=_check,
         restore=_restore,
