@@ -23,6 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
+from .memory import MIB
+
 __all__ = [
     "CATEGORIES",
     "NO_RESULTS",
@@ -42,7 +44,6 @@ __all__ = [
 
 FIGSIZE = (7.0, 4.0)  # fits a 1280x800 screen next to JupyterLab's side bar
 NO_RESULTS = "no results yet"
-MIB = 2**20
 GIB = 2**30
 GB = 1e9
 

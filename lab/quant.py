@@ -327,7 +327,7 @@ def quantize_scales(
     scale = groups.abs().amax(dim=1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(groups / safe[:, None] * 127).clamp(-127, 127)
-    codes = (q + 128).to(torch.uint8).reshape(-1)[: flat.numel()]
+    codes = (q + 128).to(torch.uint8).reshape(-1)[: flat.numel()].clone()  # own storage only
     return codes, scale, offset
 
 
