@@ -887,7 +887,7 @@ class SweepCache:
 
 
 def load_grid_file(path: str | os.PathLike = DEFAULT_GRID_PATH) -> list[SweepResult]:
-    """The results in a grid file written by scripts/make_default_grid.py.
+    """The results in a grid file (written by scripts/make_default_grid.py and its kin).
 
     A file that cannot be read or is not a grid file raises ValueError naming it; an entry
     that is not a valid result is skipped with a warning (the others are kept).
@@ -903,7 +903,8 @@ def load_grid_file(path: str | os.PathLike = DEFAULT_GRID_PATH) -> list[SweepRes
     if data.get("base") != base_fingerprint():
         warnings.warn(
             f"{path} was computed on another base model ({data.get('base')}, this one is "
-            f"{base_fingerprint()}); rebuild it with scripts/make_default_grid.py",
+            f"{base_fingerprint()}); rebuild it with its script "
+            f"(scripts/make_{Path(path).stem}.py)",
             stacklevel=2,
         )
         return []

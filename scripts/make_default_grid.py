@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lab.fileio import atomic_write_bytes
 from lab.sweeps import (
     DEFAULT_GRID_PATH,
     DEFAULT_STEPS,
@@ -108,7 +109,8 @@ def main() -> None:
     # One result per line: a regenerated grid diffs line by line in git.
     head = json.dumps({k: v for k, v in bundle.items() if k != "results"}, indent=1)[:-2]
     lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in bundle["results"])
-    args.out.write_text(f'{head},\n "results": [\n{lines}\n ]\n}}\n', encoding="utf-8")
+    text = f'{head},\n "results": [\n{lines}\n ]\n}}\n'
+    atomic_write_bytes(args.out, text.encode("utf-8"))  # never a truncated grid file
     print(f"wrote {len(results)} results to {args.out} ({args.out.stat().st_size:,} bytes)")
 
 
