@@ -19,6 +19,7 @@ import json
 import math
 import numbers
 import os
+import platform
 import socket
 import time
 import warnings
@@ -321,8 +322,22 @@ def grid(
         raise ValueError(f"{empty[0]} is empty: the grid would have no points")
     targets = normalize_targets(targets)
     points = [
-        SweepPoint(task, r, a, d, targets, rslora, steps, lr, batch_size, seed,
-                   variant, init, lr_ratio, quant)  # fmt: skip
+        SweepPoint(
+            task,
+            r,
+            a,
+            d,
+            targets,
+            rslora,
+            steps,
+            lr,
+            batch_size,
+            seed,
+            variant,
+            init,
+            lr_ratio,
+            quant,
+        )  # fmt: skip
         for r in ranks
         for a in alphas
         for d in dropouts
@@ -884,6 +899,18 @@ class SweepCache:
                 self.put(result)
                 added += 1
         return added
+
+
+def grid_machine() -> dict:
+    """What a grid file's results were measured on (its "machine" header, read by notebook 05)."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def load_grid_file(path: str | os.PathLike = DEFAULT_GRID_PATH) -> list[SweepResult]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from lab.sweeps import (
     describe,
     full_point,
     grid,
+    grid_machine,
     sweep,
 )
 
@@ -55,18 +54,6 @@ def points(steps: int) -> list[SweepPoint]:
         # the same run with other seeds: how far apart runs land by chance alone
         *(SweepPoint("sort_desc", 8, steps=steps, seed=seed) for seed in NOISE_SEEDS),
     ]
-
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def _round(x: float) -> float:
@@ -98,7 +85,7 @@ def main() -> None:
         "format": FORMAT,
         "description": "notebook 05's default grid; rebuild with scripts/make_default_grid.py",
         "date": max(r.date for r in results),  # when the newest run was measured
-        "machine": machine(),
+        "machine": grid_machine(),
         "base": base_fingerprint(),
         "steps": args.steps,
         # training loops only, summed over points (a resumed run still reports the whole grid)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from lab.sweeps import (
     SweepResult,
     base_fingerprint,
     describe,
+    grid_machine,
     sweep,
 )
 
@@ -71,18 +70,6 @@ def points(steps: int = STEPS) -> list[SweepPoint]:
     return [p for group in method_points(steps).values() for p in group]
 
 
-def machine() -> dict:
-    """What the numbers were measured on."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 def _round(x: float) -> float:
     return float(f"{x:.3g}")
 
@@ -117,7 +104,7 @@ def main() -> None:
             "notebook 08's method comparison; rebuild with scripts/make_variants_grid.py"
         ),
         "date": max(r.date for r in results),  # when the newest run was measured
-        "machine": machine(),
+        "machine": grid_machine(),
         "base": base_fingerprint(),
         "task": TASK,
         "rank": RANK,
