@@ -35,6 +35,7 @@ from .analysis import ATTENTION, canonical_targets, describe_counts, lora_counts
 from .config import INITS, VARIANTS, LoRAConfig
 from .lora import add_lora, count_parameters
 from .model import PRESETS, ToyTransformer
+from .quant import SCHEMES
 from .sweeps import (
     DEFAULT_ALPHA,
     DEFAULT_GRID_PATH,
@@ -168,6 +169,10 @@ class Selection:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.quant is not None and self.quant not in SCHEMES:
+            raise ValueError(
+                f"quant={self.quant!r}: expected None (fp32 base) or one of {', '.join(SCHEMES)}"
+            )
 
     @property
     def flavour(self) -> dict[str, Any]:

@@ -488,9 +488,13 @@ def test_run_trains_the_selected_method(tmp_path):
     assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}
 
 
-def test_an_unknown_method_is_refused_with_the_choices():
+def test_an_unknown_method_or_base_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"method='QLoRA': expected one of LoRA, DoRA, LoRA\+"):
         Selection(method="QLoRA")
+    with pytest.raises(
+        ValueError, match=r"quant=.nf8.: expected None \(fp32 base\) or one of nf4, fp4, int4"
+    ):
+        Selection(quant="nf8")
 
 
 def variants_grid_fixture(path) -> list[SweepPoint]:
