@@ -708,6 +708,14 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
         for name, layer in layers.items():  # all-or-nothing, as in merge_lora
             if not layer.merged:
                 layer._check_mergeable(name)
+    quantized = [n for n, layer in layers.items() if merge and is_quantized(layer.base)]
+    if quantized:
+        warnings.warn(
+            f"{len(quantized)} LoRA layers sit on a 4-bit base: remove_lora(merge=True) replaces "
+            "them by full-precision linears holding W + ΔW (exact, 32 bits per weight); "
+            "merge_lora(model, requantize=True) keeps 4 bits instead and loses accuracy",
+            stacklevel=2,
+        )
     for name, layer in layers.items():
         if merge and not layer.merged:
             layer.merge()

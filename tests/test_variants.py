@@ -407,3 +407,16 @@ def test_lora_plus_groups_match_peft_create_loraplus_optimizer():
                 kind = names[id(p)].rpartition(".")[2].replace("magnitude", "lora_magnitude")
                 ours_lr[kind] = group["lr"]
         assert ours_lr == pytest.approx(peft_lr), (variant, ours_lr, peft_lr)
+
+
+def test_remove_lora_on_a_4bit_base_says_the_weights_become_full_precision():
+    model, _ = make({}, "nf4")
+    perturb(model)
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match="full-precision linears"):
+        names = lab.remove_lora(model)
+    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
