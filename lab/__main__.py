@@ -27,6 +27,7 @@ from .sweeps import (
     DEFAULT_ALPHA,
     DEFAULT_STEPS,
     DEFAULT_TARGETS,
+    LORA_LR,
     SHORT_TARGETS,
     SweepCache,
     describe,
@@ -130,6 +131,9 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
         choices=list(SCHEMES),
         help="train on a 4-bit frozen base (QLoRA uses nf4); default: the fp32 base",
     )
+    p.add_argument("--lr", type=_float_type("lr", 0.0, 10.0, low_open=True), default=None,
+                   help=f"learning rate of the LoRA points (default {LORA_LR:g}; LoRA+ wants "
+                        "a lower one)")  # fmt: skip
     p.add_argument("--steps", type=_int_type("steps", 1, MAX_STEPS), default=DEFAULT_STEPS)
     p.add_argument("--batch-size", type=_int_type("batch size", 1, 2**31), default=64)
     p.add_argument("--seed", type=_int_type("seed", 0, SEED_LIMIT - 1), default=0)
@@ -154,7 +158,7 @@ class Interrupted(Exception):
 def sweep_points(args: argparse.Namespace) -> list:
     """The grid the sweep options describe (ValueError for settings that do not go together)."""
     points = grid(args.task, args.ranks, args.alphas, args.dropouts, tuple(args.targets),
-                  args.rslora, args.steps, None, args.batch_size, args.seed,
+                  args.rslora, args.steps, args.lr, args.batch_size, args.seed,
                   variant=args.variant, init=args.init, lr_ratio=args.lr_ratio,
                   quant=args.quant)  # fmt: skip
     if args.full:

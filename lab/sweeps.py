@@ -1035,7 +1035,8 @@ def sweep(
         if alone:
             kinds = sorted({_flavour(p) for p in alone})
             tqdm.write(
-                f"{_plural(len(alone), 'point')} ({', '.join(kinds)}) train one by one: the "
+                f"{_plural(len(alone), 'point')} ({', '.join(kinds)}) "
+                f"{'trains' if len(alone) == 1 else 'train'} one by one: the "
                 "batched engine has no exact form for them"
             )
         for point in mine:

@@ -85,6 +85,8 @@ def usage_error(capsys, argv) -> str:
         (["--lr-ratio", "nan"], ["--lr-ratio", "out of range"]),
         (["--lr-ratio", "sixteen"], ["--lr-ratio", "'sixteen'", "not a number"]),
         (["--init", "pissa", "--quant", "nf4"], ["init='pissa'", "quant='nf4'", "full-precision"]),
+        (["--lr", "0"], ["--lr", "lr 0 is out of range", "(0.0, 10.0]"]),
+        (["--lr", "fast"], ["--lr", "'fast'", "not a number"]),
     ],
 )
 def test_bad_flavour_settings_are_usage_errors(capsys, tmp_path, fake_sweep, extra, words):
@@ -157,7 +159,7 @@ def test_a_dora_point_on_a_4_bit_base_trains_alone_and_is_cached(tmp_path, capsy
     argv = ["sweep", *SMALL, "--variant", "dora", "--quant", "nf4", "--device", "cpu"]
     assert cli.main([*argv, "--cache", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "train one by one" in out and "DoRA NF4 base" in out
+    assert "trains one by one" in out and "DoRA NF4 base" in out
     assert "trained r1 α16 DoRA NF4 base (1/1)" in out
     (stored,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     point = SweepResult.from_dict(stored).point
@@ -189,3 +191,11 @@ def test_a_real_process_trains_a_lora_plus_point(tmp_path):
     assert "trained r1 α16 LoRA+ λ16 (1/1)" in proc.stdout
     (stored,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert stored["point"]["lr_ratio"] == 16.0
+
+
+def test_lr_sets_the_lora_points_and_leaves_full_fine_tuning_at_its_own(tmp_path, fake_sweep):
+    argv = ["sweep", *SMALL, "--lr-ratio", "16", "--lr", "2.5e-3", "--full"]
+    assert cli.main([*argv, "--cache", str(tmp_path)]) == 0
+    lora, full = fake_sweep.points
+    assert lora.lr == 2.5e-3 and lora.lr_ratio == 16.0
+    assert full.is_full and full.lr == SweepPoint("sort_desc_small", None).lr
