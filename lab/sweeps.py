@@ -901,6 +901,41 @@ class SweepCache:
         return added
 
 
+def write_grid_file(
+    path: str | os.PathLike, results: Sequence[SweepResult], description: str, **header: object
+) -> Path:
+    """Write results as a grid file (load_grid_file's input), atomically; returns the path.
+
+    The header holds the format, `description`, the newest result's date, the machine, the base
+    model's fingerprint, the summed training seconds and any `header` fields; then one result
+    per line (losses rounded to 3 significant digits), so a regenerated grid diffs line by line.
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("no results to write: a grid file holds at least one")
+    rows = []
+    for r in results:
+        row = r.to_dict()
+        row["losses"] = [float(f"{x:.3g}") for x in r.losses]
+        rows.append(row)
+    head = {
+        "format": FORMAT,
+        "description": description,
+        "date": max(r.date for r in results),  # when the newest run was measured
+        "machine": grid_machine(),
+        "base": base_fingerprint(),
+        **header,
+        # training loops only, summed over points (a resumed run still reports the whole grid)
+        "train_seconds": round(sum(r.wall_seconds for r in results), 1),
+    }
+    text = json.dumps(head, indent=1)[:-2] + ',\n "results": [\n'
+    text += ",\n".join(json.dumps(row, separators=(",", ":"), allow_nan=False) for row in rows)
+    text += "\n ]\n}\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, text.encode("utf-8"))  # never a truncated grid file
+
+
 def grid_machine() -> dict:
     """What a grid file's results were measured on (its "machine" header, read by notebook 05)."""
     return {

@@ -14,26 +14,22 @@ rounded to 3 significant digits to keep the file commit-sized; the rest is store
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from lab.fileio import atomic_write_bytes
 from lab.sweeps import (
     DEFAULT_GRID_PATH,
     DEFAULT_STEPS,
-    FORMAT,
     SweepCache,
     SweepPoint,
     SweepResult,
-    base_fingerprint,
     describe,
     full_point,
     grid,
-    grid_machine,
     sweep,
+    write_grid_file,
 )
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -56,10 +52,6 @@ def points(steps: int) -> list[SweepPoint]:
     ]
 
 
-def _round(x: float) -> float:
-    return float(f"{x:.3g}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -79,25 +71,8 @@ def main() -> None:
         )
 
     results = sweep(todo, cache, progress=False, device=args.device, on_result=report)
-    for r in results:
-        r.losses = [_round(x) for x in r.losses]
-    bundle = {
-        "format": FORMAT,
-        "description": "notebook 05's default grid; rebuild with scripts/make_default_grid.py",
-        "date": max(r.date for r in results),  # when the newest run was measured
-        "machine": grid_machine(),
-        "base": base_fingerprint(),
-        "steps": args.steps,
-        # training loops only, summed over points (a resumed run still reports the whole grid)
-        "train_seconds": round(sum(r.wall_seconds for r in results), 1),
-        "results": [r.to_dict() for r in results],
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # One result per line: a regenerated grid diffs line by line in git.
-    head = json.dumps({k: v for k, v in bundle.items() if k != "results"}, indent=1)[:-2]
-    lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in bundle["results"])
-    text = f'{head},\n "results": [\n{lines}\n ]\n}}\n'
-    atomic_write_bytes(args.out, text.encode("utf-8"))  # never a truncated grid file
+    description = "notebook 05's default grid; rebuild with scripts/make_default_grid.py"
+    write_grid_file(args.out, results, description, steps=args.steps)
     print(f"wrote {len(results)} results to {args.out} ({args.out.stat().st_size:,} bytes)")
 
 

@@ -16,22 +16,18 @@ Each result's extra["method"] names its method. The file is written atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from lab.fileio import atomic_write_bytes
 from lab.sweeps import (
-    FORMAT,
     SweepCache,
     SweepPoint,
     SweepResult,
-    base_fingerprint,
     describe,
-    grid_machine,
     sweep,
+    write_grid_file,
 )
 
 OUT = Path(__file__).resolve().parents[1] / "lab" / "data" / "variants_grid.json"
@@ -70,10 +66,6 @@ def points(steps: int = STEPS) -> list[SweepPoint]:
     return [p for group in method_points(steps).values() for p in group]
 
 
-def _round(x: float) -> float:
-    return float(f"{x:.3g}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -96,35 +88,17 @@ def main() -> None:
 
     results = sweep(list(method_of), cache, progress=False, device=args.device, on_result=report)
     for r in results:
-        r.losses = [_round(x) for x in r.losses]
         r.extra = {**r.extra, "method": method_of[r.point]}
-    bundle = {
-        "format": FORMAT,
-        "description": (
-            "notebook 08's method comparison; rebuild with scripts/make_variants_grid.py"
-        ),
-        "date": max(r.date for r in results),  # when the newest run was measured
-        "machine": grid_machine(),
-        "base": base_fingerprint(),
-        "task": TASK,
-        "rank": RANK,
-        "alpha": ALPHA,
-        "targets": list(TARGETS),
-        "steps": args.steps,
-        "methods": {
-            name: {"fields": fields, "lrs": list(lrs)} for name, (fields, lrs) in METHODS.items()
-        },
-        # training loops only, summed over points (a resumed run still reports the whole grid)
-        "train_seconds": round(sum(r.wall_seconds for r in results), 1),
-        "results": [r.to_dict() for r in results],
+    methods = {
+        name: {"fields": fields, "lrs": list(lrs)} for name, (fields, lrs) in METHODS.items()
     }
-    # One result per line: a regenerated grid diffs line by line in git.
-    head = json.dumps({k: v for k, v in bundle.items() if k != "results"}, indent=1)[:-2]
-    lines = ",\n".join(
-        json.dumps(r, separators=(",", ":"), allow_nan=False) for r in bundle["results"]
-    )
-    text = f'{head},\n "results": [\n{lines}\n ]\n}}\n'
-    atomic_write_bytes(args.out, text.encode("utf-8"))
+    write_grid_file(
+        args.out,
+        results,
+        "notebook 08's method comparison; rebuild with scripts/make_variants_grid.py",
+        task=TASK, rank=RANK, alpha=ALPHA, targets=list(TARGETS), steps=args.steps,
+        methods=methods,
+    )  # fmt: skip
     print(f"wrote {len(results)} results to {args.out} ({args.out.stat().st_size:,} bytes)")
 
 

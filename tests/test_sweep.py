@@ -304,3 +304,32 @@ def test_trainable_counts_are_exact():
     assert counts == [r * layers * 2 * (d + d) for r in (1, 8)]
     # embeddings (the head is tied), per layer q/k/v/o, up/down and two LayerNorms, final norm
     assert full == vocab * d + seq * d + layers * (4 * d * d + 2 * d * f + 4 * d) + 2 * d
+
+
+def test_write_grid_file_round_trips_through_load_grid_file(tmp_path):
+    from lab.sweeps import SweepPoint, SweepResult, load_grid_file, write_grid_file
+
+    results = [
+        SweepResult(
+            point=SweepPoint("sort_desc", rank, steps=3, variant=variant),
+            losses=[2.123456, 1.0987654],
+            heldout={"loss": 0.5, "accuracy": 0.25, "n": 8},
+            train_eval=None, trainable_parameters=1_000, total_parameters=400_000,
+            memory=None, wall_seconds=0.25, tokens_per_second=1.0, device="cpu",
+            date=f"2026-01-0{rank}",
+        )  # fmt: skip
+        for rank, variant in ((1, "lora"), (4, "dora"))
+    ]
+    path = write_grid_file(tmp_path / "sub" / "grid.json", results, "a test grid", steps=3)
+    header = json.loads(path.read_text())
+    assert header["description"] == "a test grid" and header["steps"] == 3
+    assert header["date"] == "2026-01-04" and header["train_seconds"] == 0.5
+    lines = path.read_text().splitlines()
+    assert sum(line.startswith('{"point":') for line in lines) == 2  # one line per result
+    loaded = load_grid_file(path)
+    assert [r.point for r in loaded] == [r.point for r in results]
+    assert loaded[0].losses == [2.12, 1.1]  # rounded to 3 significant digits
+    assert not list(path.parent.glob(".*.tmp"))  # written atomically, nothing left behind
+    with pytest.raises(ValueError, match="no results"):
+        write_grid_file(tmp_path / "empty.json", [], "nothing")
+    assert not (tmp_path / "empty.json").exists()
