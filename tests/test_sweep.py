@@ -314,8 +314,13 @@ def test_write_grid_file_round_trips_through_load_grid_file(tmp_path):
             point=SweepPoint("sort_desc", rank, steps=3, variant=variant),
             losses=[2.123456, 1.0987654],
             heldout={"loss": 0.5, "accuracy": 0.25, "n": 8},
-            train_eval=None, trainable_parameters=1_000, total_parameters=400_000,
-            memory=None, wall_seconds=0.25, tokens_per_second=1.0, device="cpu",
+            train_eval=None,
+            trainable_parameters=1_000,
+            total_parameters=400_000,
+            memory=None,
+            wall_seconds=0.25,
+            tokens_per_second=1.0,
+            device="cpu",
             date=f"2026-01-0{rank}",
         )  # fmt: skip
         for rank, variant in ((1, "lora"), (4, "dora"))
@@ -325,7 +330,7 @@ def test_write_grid_file_round_trips_through_load_grid_file(tmp_path):
     assert header["description"] == "a test grid" and header["steps"] == 3
     assert header["date"] == "2026-01-04" and header["train_seconds"] == 0.5
     lines = path.read_text().splitlines()
-    assert sum(line.startswith('{"point":') for line in lines) == 2  # one line per result
+    assert sum(line.startswith('{"format":') for line in lines) == 2  # one line per result
     loaded = load_grid_file(path)
     assert [r.point for r in loaded] == [r.point for r in results]
     assert loaded[0].losses == [2.12, 1.1]  # rounded to 3 significant digits
