@@ -8,6 +8,7 @@ tested here without editing this file. Every case uses alpha != rank, so a scali
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -420,3 +421,34 @@ def test_remove_lora_on_a_4bit_base_says_the_weights_become_full_precision():
     assert all(isinstance(model.get_submodule(n), nn.Linear) for n in names)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"variant": "qlora"}, ["variant='qlora'", "expected one of"]),
+        ({"lr_ratio": -1}, ["lr_ratio=-1"]),
+        ({"ranks": 4}, ["unknown LoRAConfig fields", "ranks"]),
+        ({"rank": "4"}, ["rank must be an int"]),
+    ],
+)
+def test_an_adapter_file_with_a_bad_config_is_refused_through_the_constructor(
+    change, words, tmp_path
+):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, config = make({}, None)
+    path = lab.save_adapter(model, tmp_path / "a.safetensors")
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+        meta = dict(f.metadata())
+    meta["lora_lab_config"] = json.dumps({**config.to_dict(), **change})
+    save_file(tensors, path, metadata=meta)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        lab.load_adapter(model, path)
+    message = str(info.value)
+    assert str(path) in message and "not valid" in message
+    assert all(w in message for w in words), message
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
