@@ -17,6 +17,11 @@ its own, so it trains exactly as it would alone (`lab.sweep.run_point`); the tes
 that on the CPU to float32 tolerance. Nothing is shared except the frozen weights, which is what
 makes the big matmuls cheaper than K small ones.
 
+The flavours: rsLoRA and LoRA+ are per-configuration scalings and learning rates; PiSSA gives
+configuration k its own residual base W - s B0_k A0_k, computed as the shared x W^T minus a
+frozen low-rank term; DoRA adds a stacked magnitude (K, out) and rescales configuration k's rows
+by m_k / ||W_k + ΔW_k||. A 4-bit base is not batched (its sweeps train one by one).
+
 On a CUDA device the dropout masks come from per-configuration CUDA generators instead of the
 global CPU stream, so runs with dropout are statistically, not bitwise, the same as alone.
 """
@@ -36,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .base import model_from_state
 from .config import INITS, VARIANTS, LoRAConfig
-from .lora import LoRALinear, _check_rank_fits, add_lora
+from .lora import _check_rank_fits, add_lora, build_layer
 from .memory import analytic_memory
 from .model import IGNORE_INDEX, ModelConfig, ToyTransformer, default_device
 from .step import autocast_dtype, forward_loss
@@ -142,6 +147,7 @@ class BatchedLoRALinear(nn.Module):
         scalings: Sequence[float],
         dropouts: Sequence[float],
         generators: Sequence[torch.Generator | None],
+        dora: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -171,6 +177,19 @@ class BatchedLoRALinear(nn.Module):
         # configuration subtracts its own s B0 A0 (frozen, low rank) in the forward pass.
         self.register_buffer("init_A", None, persistent=False)
         self.register_buffer("init_B", None, persistent=False)
+        # DoRA configurations: a magnitude per output feature, m / ||W_k + ΔW_k|| rescaling
+        # their rows (1 for the others, whose magnitude entries stay unused).
+        dora = [bool(d) for d in dora] if dora is not None else [False] * k
+        if len(dora) != k:
+            raise ValueError("dora needs one entry per config")
+        self.dora = dora
+        self.magnitude = None
+        if any(dora):
+            mask = torch.tensor(dora, device=device)[:, None]
+            self.register_buffer("dora_mask", mask, persistent=False)
+            self.magnitude = nn.Parameter(
+                torch.ones(k, self.out_features, dtype=dtype, device=device)
+            )
 
     def set_residual(self, k: int, a0: torch.Tensor, b0: torch.Tensor) -> None:
         """Configuration k's base is W - scaling[k] * b0 @ a0 (its adapter starts at a0, b0)."""
@@ -218,10 +237,44 @@ class BatchedLoRALinear(nn.Module):
         a = self.lora_A * self.rank_mask[:, :, None]  # padded rows masked: their grads are 0
         b = self.lora_B * self.rank_mask[:, None, :]
         u = torch.bmm(h, a.transpose(1, 2)) * self.scaling  # (K, N, R), scaled while narrow
+        if self.magnitude is not None:
+            return self._dora(out, h, u, a, b)
         if u.dtype != out.dtype:
             return out + torch.bmm(u, b.transpose(1, 2)).to(out.dtype).view(out.shape)
         flat = torch.baddbmm(out.reshape(k, -1, self.out_features), u, b.transpose(1, 2))
         return flat.view(out.shape)
+
+    def _frozen_weights(self) -> torch.Tensor:
+        """Each configuration's frozen W_k (K, out, in): W, minus its PiSSA residual if any."""
+        w = self.base.weight.to(self.lora_A.dtype)[None]
+        if self.init_A is None:
+            return w
+        return w - self.scaling * (self.init_B @ self.init_A)
+
+    def _dora(self, out, h, u, a, b) -> torch.Tensor:
+        """DoRA's rows, as lab.variants.dora computes them, for the configurations that use it.
+
+        result = out + (m/n - 1) * base_part + (m/n) * lora, n = ||W_k + ΔW_k|| per row
+        (detached); base_part is x W_k^T (the dropped input's, for DoRA with dropout).
+        """
+        k = self.n_configs
+        w_k = self._frozen_weights()
+        norm = (w_k + self.scaling * (b @ a)).norm(dim=2).detach()  # (K, out)
+        scale = torch.where(self.dora_mask, self.magnitude / norm, torch.ones_like(norm))
+        scale = scale[:, None, :]  # (K, 1, out)
+        out3 = out.reshape(k, -1, self.out_features)
+        bias = self.base.bias
+        base_part = out3.to(scale.dtype) if bias is None else (out3 - bias).to(scale.dtype)
+        if self.training and any(
+            d and p > 0 for d, p in zip(self.dora, self.dropouts, strict=True)
+        ):
+            dropped = torch.matmul(h, w_k.transpose(1, 2))  # (K, N, out): x_dropped W_k^T
+            use = torch.tensor([d and p > 0 for d, p in zip(self.dora, self.dropouts, strict=True)],
+                               device=out.device)[:, None, None]  # fmt: skip
+            base_part = torch.where(use, dropped, base_part)
+        lora = torch.bmm(u, b.transpose(1, 2))  # (K, N, out)
+        extra = (scale - 1) * base_part + scale * lora
+        return (out3 + extra.to(out.dtype)).view(out.shape)
 
     def extra_repr(self) -> str:
         return (
@@ -338,8 +391,9 @@ def _batched_model(
                 if s.targets_layer(n):
                     # Built on a copy: an init may change the base (PiSSA), the shared W may not.
                     sub = copy.deepcopy(base.get_submodule(n))
-                    layer = LoRALinear(sub, config=s.config.replace(dropout=0.0, variant="lora"))
-                    init[k, n] = (layer.lora_A.detach(), layer.lora_B.detach())
+                    layer = build_layer(sub, s.config.replace(dropout=0.0))
+                    m0 = getattr(layer, "magnitude", None)
+                    init[k, n] = (layer.lora_A.detach(), layer.lora_B.detach(), m0)
             if device.type == "cpu":
                 g = torch.Generator()
                 g.set_state(torch.get_rng_state())
@@ -357,13 +411,16 @@ def _batched_model(
             [s.scaling if r else 0.0 for s, r in zip(specs, ranks, strict=True)],
             [s.dropout if r else 0.0 for s, r in zip(specs, ranks, strict=True)],
             generators,
+            [bool(r) and s.config.variant == "dora" for s, r in zip(specs, ranks, strict=True)],
         )
         with torch.no_grad():
             for k, r in enumerate(ranks):
                 if r:
-                    a0, b0 = init[k, n]
+                    a0, b0, m0 = init[k, n]
                     layer.lora_A[k, :r] = a0
                     layer.lora_B[k, :, :r] = b0
+                    if m0 is not None:
+                        layer.magnitude[k] = m0.detach()
                     if INITS[specs[k].config.init].changes_base:
                         layer.set_residual(k, a0, b0)
         parent, _, leaf = n.rpartition(".")
@@ -372,9 +429,14 @@ def _batched_model(
     for p in base.parameters():
         p.requires_grad_(False)
     for layer in layers.values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        for p in _stacked_parameters(layer):
+            p.requires_grad_(True)
     return base.to(device), layers
+
+
+def _stacked_parameters(layer: BatchedLoRALinear) -> list[nn.Parameter]:
+    """A layer's trainable stacks: lora_A, lora_B and, with DoRA configurations, magnitude."""
+    return [layer.lora_A, layer.lora_B] + ([layer.magnitude] if layer.magnitude is not None else [])
 
 
 def _extract(
@@ -397,6 +459,8 @@ def _extract(
                 target = model.get_submodule(name)
                 target.lora_A.copy_(layer.lora_A[k, : spec.rank])
                 target.lora_B.copy_(layer.lora_B[k, :, : spec.rank])
+                if layer.magnitude is not None and hasattr(target, "magnitude"):
+                    target.magnitude.copy_(layer.magnitude[k])
     return model
 
 
@@ -491,10 +555,14 @@ class BatchedTrainer:
         self.model, self.layers = model, layers
         self.model.train()
         self.specs, self.steps, self.batch_size, self.task = specs, steps, batch_size, task
-        params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+        params, scales = [], []
         ratios = [s.lr_ratio for s in specs]
         plain = all(r == 1 for r in ratios)
-        scales = [None if plain or i % 2 == 0 else ratios for i in range(len(params))]
+        for layer in self.layers.values():
+            for p in _stacked_parameters(layer):
+                params.append(p)
+                # LoRA+ trains lora_B (and, as PEFT groups it, DoRA's magnitude) at lr_ratio.
+                scales.append(None if plain or p is layer.lora_A else ratios)
         self.optimizer = StackedAdamW(params, len(specs), weight_decay, scales)
         self.autocast = autocast_dtype(self.device)
         self.train_x = task.train_inputs.to(self.device)
@@ -547,7 +615,7 @@ class BatchedTrainer:
         """Stop every configuration whose losses (steps so far, K) or adapters hold nan/inf."""
         finite = torch.isfinite(losses).all(0)
         for layer in self.layers.values():
-            for p in (layer.lora_A, layer.lora_B):
+            for p in _stacked_parameters(layer):
                 finite &= torch.isfinite(p.detach()).flatten(1).all(1)
         for k in (~finite).nonzero().flatten().tolist():
             if self.stopped[k]:

@@ -287,7 +287,7 @@ def estimate_seconds(points: Sequence[SweepPoint], results: Sequence[SweepResult
     """How long training `points` should take, from the cached runs' seconds per step (pure).
 
     Each point is estimated from cached runs of the same kind (LoRA or full fine-tuning), batch
-    size and flavour (DoRA, a 4-bit base... train one by one, more slowly), else of the same
+    size and flavour (DoRA's step costs more; a 4-bit base trains one by one), else of the same
     kind and batch size: their median seconds per step times the point's steps. Without such
     runs, a laptop CPU's pace (SECONDS_PER_STEP) is assumed.
     """

@@ -282,7 +282,7 @@ def test_merge_on_a_4bit_base_says_which_merge_it_does_and_requantize_is_lossy()
         lab.merge_lora(plain, requantize=True)
 
 
-def test_batched_engine_trains_lora_plus_rslora_and_pissa_as_alone():
+def test_batched_engine_trains_lora_plus_rslora_pissa_and_dora_as_alone():
     from lab.sweeps import SweepPoint, run_group, run_point
 
     points = [
@@ -291,9 +291,13 @@ def test_batched_engine_trains_lora_plus_rslora_and_pissa_as_alone():
         SweepPoint("sort_desc", 4, steps=6, lr=2e-3, init="pissa"),
         SweepPoint("sort_desc", 2, steps=6, lr=2e-3, init="pissa", dropout=0.1, alpha=4.0),
         SweepPoint("sort_desc", 4, steps=6, lr=2e-3),
+        SweepPoint("sort_desc", 4, steps=6, lr=2e-3, variant="dora"),
+        SweepPoint("sort_desc", 2, steps=6, lr=2e-3, variant="dora", dropout=0.2, lr_ratio=4.0),
+        SweepPoint("sort_desc", 4, steps=6, lr=2e-3, variant="dora", init="pissa"),
     ]
     assert all(p.batchable for p in points)
     together = {r.point: r for r in run_group(points, device="cpu", progress=False)}
+    assert all("batched" in r.extra for r in together.values())
     for point in points:
         alone = run_point(point, device="cpu", progress=False)
         torch.testing.assert_close(
@@ -308,8 +312,7 @@ def test_flavours_without_a_batched_form_are_refused_by_the_batched_engine():
     from lab.batched import AdapterSpec
     from lab.sweeps import SweepPoint, run_group
 
-    with pytest.raises(ValueError, match="cannot be trained batched"):
-        AdapterSpec(LoRAConfig(variant="dora"))
+    assert AdapterSpec(LoRAConfig(variant="dora")).config.variant == "dora"  # DoRA batches
     with pytest.raises(ValueError, match="no exact batched form"):
         run_group([SweepPoint("sort_desc", 4, steps=2, quant="nf4")], device="cpu")
 

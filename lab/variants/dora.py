@@ -110,6 +110,6 @@ register_variant(
         "dora",
         DoRALinear,
         "DoRA (Liu et al. 2024): m * (W + (alpha/r) B A) / ||W + (alpha/r) B A||",
-        batched=False,
+        batched=True,  # lab.batched: a stacked magnitude and per-configuration norms
     )
 )
