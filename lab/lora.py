@@ -529,7 +529,7 @@ def as_config(config: object = None, *args: object, **fields: object) -> LoRACon
         if name in fields:
             raise TypeError(f"{name} given twice (positionally and as a keyword)")
         fields[name] = value
-    known = {f for f in LoRAConfig.__dataclass_fields__}
+    known = set(LoRAConfig.__dataclass_fields__)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise TypeError(f"unknown LoRA settings {unknown}; settings are {sorted(known)}")
