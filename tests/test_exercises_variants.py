@@ -3,37 +3,19 @@ mistake gets the hint that names it, and hostile answers are feedback, never a p
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
+from test_bad_input_exercises import assert_not_yet, assert_passed, exits
 
 import lab
 from lab import exercises as ex
-from lab.exercises import Feedback
 from lab.quant import FP4_LEVELS, dequantize_blockwise, quantize_blockwise
 
 L = torch.tensor(lab.NF4_LEVELS)
 
 
-def assert_not_yet(feedback: object, *phrases: str) -> None:
-    assert isinstance(feedback, Feedback), feedback
-    assert not feedback.passed and str(feedback).startswith("not yet: "), feedback
-    for phrase in phrases:
-        assert phrase in feedback.message, feedback.message
-
-
-def assert_passed(feedback: object) -> None:
-    assert isinstance(feedback, Feedback) and feedback.passed, feedback
-    assert str(feedback).startswith("passed: ")
-
-
 def stub(*args):
     raise NotImplementedError
-
-
-def exits(*args):
-    sys.exit(0)
 
 
 def no_args():
