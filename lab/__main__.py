@@ -86,10 +86,10 @@ def _float_type(
 
 def _target(text: str) -> str:
     full = SHORT_TARGETS.get(text, text)
-    if full not in ALL_TARGETS:
+    if full not in ALL_TARGETS and full != "all-linear":
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a layer: choose from {', '.join(ALL_TARGETS)} "
-            f"(or {', '.join(SHORT_TARGETS)})"
+            f"(or {', '.join(SHORT_TARGETS)}), or all-linear for all of them"
         )
     return full
 

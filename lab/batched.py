@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .base import model_from_state
-from .config import INITS, VARIANTS, LoRAConfig
+from .config import ALL_LINEAR, INITS, VARIANTS, LoRAConfig
 from .lora import _check_rank_fits, add_lora, build_layer
 from .memory import analytic_memory
 from .model import IGNORE_INDEX, ModelConfig, ToyTransformer, default_device
@@ -121,6 +121,8 @@ class AdapterSpec:
 
     def targets_layer(self, name: str) -> bool:
         """True if a module with qualified name `name` is one of this spec's targets."""
+        if self.targets == (ALL_LINEAR,):  # every linear the engine batches (never the head)
+            return True
         return any(name == t or name.endswith("." + t) for t in self.targets)
 
 
@@ -471,7 +473,11 @@ def bytes_per_config(config: ModelConfig, specs: Sequence[AdapterSpec], batch_si
     masks, backward temporaries and the allocator's slack can double them, so this plans for
     twice the prediction.
     """
-    largest = max(specs, key=lambda s: s.rank * len(s.targets))
+
+    def size(s: AdapterSpec) -> int:  # all-linear: the toy's six block linears
+        return s.rank * (6 if s.targets == (ALL_LINEAR,) else len(s.targets))
+
+    largest = max(specs, key=size)
     predicted = analytic_memory(
         config, batch_size, SEQ_LEN, lora_targets=largest.targets, lora_rank=largest.rank
     )

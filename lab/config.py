@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "ALL_LINEAR",
     "INITS",
     "MAX_LR_RATIO",
     "MAX_SCALING",
@@ -65,6 +66,10 @@ class Init:
     check: Callable | None = None  # check(base, config): raise for a base it cannot start from
     restore: Callable | None = None  # restore(layer): undo a change to the base (changes_base)
 
+
+# targets=ALL_LINEAR adapts every linear layer of the transformer blocks (attention and MLP),
+# never the output head: PEFT's target_modules="all-linear" convention.
+ALL_LINEAR = "all-linear"
 
 VARIANTS: dict[str, Variant] = {}
 INITS: dict[str, Init] = {}
@@ -130,7 +135,12 @@ def normalize_targets(targets: object) -> tuple[str, ...]:
     for t in targets:
         if not isinstance(t, str) or not t:
             raise TypeError(f"targets={targets!r}: every target must be a non-empty str, got {t!r}")
-    return targets
+    if ALL_LINEAR in targets and len(set(targets)) > 1:
+        raise ValueError(
+            f"targets={targets!r}: {ALL_LINEAR!r} already means every linear layer of the blocks; "
+            f"give it alone (targets={ALL_LINEAR!r}) or name the layers instead"
+        )
+    return tuple(dict.fromkeys(targets)) if ALL_LINEAR in targets else targets
 
 
 def _choice(field: str, value: object, registry: Mapping[str, object]) -> str:
@@ -150,7 +160,8 @@ class LoRAConfig:
     rank: int = 8  # r: A is (r x in), B is (out x r); 4 or 8 is often enough
     alpha: float = 16  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # dropout on the adapter's input only; regularises small data sets
-    targets: tuple[str, ...] = ("q_proj", "v_proj")  # layer names (or name suffixes) to adapt
+    # layer names (or name suffixes) to adapt; "all-linear": every linear of the blocks, no head
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
     variant: str = "lora"  # the layer: "lora" (Hu et al. 2021) or "dora" (Liu et al. 2024)
     init: str = "default"  # A random, B = 0 ("default"), or "pissa" (Meng et al. 2024)

@@ -26,6 +26,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from .config import (
+    ALL_LINEAR,
     INITS,
     VARIANTS,
     Init,
@@ -536,6 +537,38 @@ def as_config(config: object = None, *args: object, **fields: object) -> LoRACon
     return LoRAConfig(**fields)
 
 
+# Output layers that "all-linear" leaves alone even when untied (PEFT does the same).
+_OUTPUT_NAMES = ("head", "lm_head", "output", "classifier")
+
+
+def all_linear_modules(
+    model: nn.Module, candidates: list[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every linear that targets="all-linear" adapts, in module order.
+
+    Every nn.Linear, 4-bit frozen linear or existing LoRA layer, except the output head (a
+    module named head/lm_head/output/classifier, or any linear whose weight is tied to another
+    module, such as the toy's head sharing the token embedding), as PEFT's "all-linear" does.
+    """
+    if candidates is None:
+        candidates = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n]
+    shared = _shared_parameter_ids(model)
+    out = []
+    for name, module in candidates:
+        if not (isinstance(module, LoRALinear) or is_frozen_linear(module)):
+            continue
+        if name.rpartition(".")[2] in _OUTPUT_NAMES:
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and id(weight) in shared:
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(parent, _WEIGHT_READING_PARENTS):  # bypassed: its parent reads .weight
+            continue
+        out.append((name, module))
+    return out
+
+
 def add_lora(model: nn.Module, config: LoRAConfig | None = None, *args, **fields) -> list[str]:
     """Wrap every frozen linear named like a target in a LoRA layer and freeze everything else.
 
@@ -544,8 +577,10 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None, *args, **fields
     from config.variant (LoRALinear for "lora", DoRALinear for "dora", ...).
 
     A target matches a module whose qualified name equals it or ends with "." + target, so
-    "q_proj" matches "blocks.0.attn.q_proj" and "attn.q_proj" works too. Returns the replaced
-    names in module order. Everything is validated first: on error the model is unchanged.
+    "q_proj" matches "blocks.0.attn.q_proj" and "attn.q_proj" works too; targets="all-linear"
+    takes every linear of the blocks, attention and MLP, never the output head (see
+    `all_linear_modules`). Returns the replaced names in module order. Everything is
+    validated first: on error the model is unchanged.
     """
     _check_model(model)
     config = as_config(config, *args, **fields)
@@ -564,7 +599,16 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None, *args, **fields
     def hits(name: str, t: str) -> bool:
         return name == t or name.endswith("." + t)
 
-    matches = [(n, m) for n, m in candidates if any(hits(n, t) for t in targets)]
+    if targets == (ALL_LINEAR,):
+        matches = all_linear_modules(model, candidates)
+        if not matches:
+            raise ValueError(
+                f"targets={ALL_LINEAR!r}: the model has no linear layer that can take LoRA "
+                "(the output head and tied weights are never adapted)"
+            )
+        targets = ()
+    else:
+        matches = [(n, m) for n, m in candidates if any(hits(n, t) for t in targets)]
     unmatched = [t for t in targets if not any(hits(n, t) for n, _ in candidates)]
     if unmatched:
         # Offer only names that would be valid targets: a linear whose weight is tied to

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lab.config import ALL_LINEAR
 from lab.model import ModelConfig, lm_loss
 from lab.step import training_step
 
@@ -262,8 +263,11 @@ def _measure_cuda(model, inputs, targets, optimizer, autocast_dtype) -> MemoryBr
 
 def _as_targets(lora_targets: str | Iterable[str] | None) -> tuple[str, ...]:
     if isinstance(lora_targets, str):
-        return (lora_targets,)
-    return tuple(lora_targets or ())
+        lora_targets = (lora_targets,)
+    targets = tuple(lora_targets or ())
+    if targets == (ALL_LINEAR,):  # every linear of the toy's blocks
+        return ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    return targets
 
 
 def _lora_params(config: ModelConfig, targets: Iterable[str], rank: int) -> int:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .analysis import canonical_targets, count_full, count_lora
 from .base import BASE_MODEL_PATH, load_base_config, load_base_model
 from .batched import AdapterSpec, batchable, bytes_per_config, default_max_configs, train_batched
-from .config import LoRAConfig
+from .config import ALL_LINEAR, LoRAConfig
 from .fileio import atomic_write_bytes
 from .lora import add_lora, count_parameters
 from .memory import measure_step_memory
@@ -85,6 +85,7 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice
 # The short names the explorer shows: q, k, v, o, up, down.
 SHORT_TARGETS = {t.removesuffix("_proj"): t for t in ALL_TARGETS}
+ALL_TARGETS_SORTED = tuple(sorted(ALL_TARGETS))  # what targets="all-linear" means for a point
 DEFAULT_ALPHA = 16.0
 # SweepPoint fields that describe the LoRA flavour, with the values plain LoRA has.
 _FLAVOUR_DEFAULTS = {"variant": "lora", "init": "default", "lr_ratio": 1.0, "quant": None}
@@ -264,12 +265,19 @@ def normalize_targets(targets: object) -> tuple[str, ...]:
     bad = [t for t in targets if not isinstance(t, str)]
     if bad:
         raise TypeError(f"targets={targets!r}: every target must be a str, got {bad[0]!r}")
+    if ALL_LINEAR in targets:
+        if len(set(targets)) > 1:
+            raise ValueError(
+                f"targets={targets!r}: {ALL_LINEAR!r} already names every linear of the blocks; "
+                "give it alone or name the layers instead"
+            )
+        return ALL_TARGETS_SORTED
     full = tuple(SHORT_TARGETS.get(t, t) for t in targets)
     unknown = sorted(set(full) - set(ALL_TARGETS))
     if not full or unknown:
         raise ValueError(
             f"targets={targets!r}: expected some of {', '.join(ALL_TARGETS)} "
-            f"(or {', '.join(SHORT_TARGETS)})"
+            f"(or {', '.join(SHORT_TARGETS)}), or {ALL_LINEAR!r} for all of them"
         )
     return tuple(sorted(set(full)))
 
@@ -368,7 +376,9 @@ def describe(point: SweepPoint | SweepResult) -> str:
     text = f"r{point.rank} α{point.alpha:g}"
     if point.dropout:
         text += f" p{point.dropout:g}"
-    if point.targets != DEFAULT_TARGETS:
+    if point.targets == ALL_TARGETS_SORTED:
+        text += " " + ALL_LINEAR
+    elif point.targets != DEFAULT_TARGETS:
         text += " " + ",".join(t.removesuffix("_proj") for t in canonical_targets(point.targets))
     if point.rslora:
         text += " rsLoRA"
