@@ -76,9 +76,11 @@ def test_float32_batched_equals_each_run_alone():
     Float32 matmuls of different shapes (a rank-1 product alone, a padded rank-8 one batched)
     round differently in the last bit, and Adam's early, sign-like updates amplify that over
     many steps, so this float32 check trains 10 steps; the float64 test below trains 40.
-    Measured here: losses agree to better than 1e-6 relative; all but a handful of adapter
-    entries agree to 1e-6, and those few (an entry whose gradient is near zero, where Adam's
-    step takes the sign of a rounding) by under 1e-4, a thousandth of the weights' scale.
+    Measured: losses agree to better than 1e-6 relative; all but a handful of adapter
+    entries agree to 1e-5, and those few (an entry whose gradient is near zero, where Adam's
+    step takes the sign of a rounding) by at most 2.2e-4 on the CPUs seen so far, a few
+    thousandths of the weights' scale. So: at most 4 entries per tensor beyond 1e-5, none
+    beyond 1e-3; a real fault (a wrong scaling, mask or data order) moves every entry.
     """
     steps = 10
     points = [SweepPoint(**{**p.to_dict(), "targets": p.targets, "steps": steps}) for p in MIXED]
@@ -92,7 +94,14 @@ def test_float32_batched_equals_each_run_alone():
         train(model, get_task("sort_desc"), steps, point.lr, seed=point.seed, device="cpu",
               progress=False)  # fmt: skip
         torch.testing.assert_close(run.losses[k], torch.tensor(alone.losses), rtol=1e-5, atol=0)
-        assert_same_run(alone.losses, model, run.losses[k], run.models[k], rtol=1e-5, atol=2e-4)
+        mine, theirs = adapters(run.models[k]), adapters(model)
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            for got, want in zip(mine[name], theirs[name], strict=True):
+                off = (got - want).abs()
+                stragglers = int((off > 1e-5).sum())
+                assert stragglers <= 4, f"{name}: {stragglers} of {off.numel()} entries differ"
+                assert float(off.max()) <= 1e-3, f"{name}: differs by {float(off.max()):.2e}"
 
 
 def test_float64_batched_equals_each_run_alone_over_many_steps():
@@ -108,7 +117,7 @@ def test_float64_batched_equals_each_run_alone_over_many_steps():
         add_lora(model, point.targets, point.rank, point.alpha, point.dropout, point.rslora)
         alone = train(model, task, steps, point.lr, seed=point.seed, device="cpu",
                       progress=False, measure_memory=False)  # fmt: skip
-        assert_same_run(alone.losses, model, run.losses[k], run.models[k], rtol=1e-10, atol=1e-12)
+        assert_same_run(alone.losses, model, run.losses[k], run.models[k], rtol=1e-10, atol=1e-10)
 
 
 def test_padded_rank_slots_and_untargeted_layers_stay_exactly_zero():
