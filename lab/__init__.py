@@ -30,6 +30,15 @@ from .memory import (
 )
 from .model import PRESETS, ModelConfig, ToyTransformer, default_device, get_preset
 from .quant import NF4_LEVELS, Linear4bit, quantization_error, quantize_base
+from .spectra import (
+    amplification_factor,
+    energy_rank,
+    intruder_counts,
+    intruder_dimensions,
+    layer_spectra,
+    scale_intruders,
+    scale_model_intruders,
+)
 from .sweeps import SweepCache, SweepCacheError, SweepPoint, SweepResult, full_point, grid, sweep
 from .tasks import TASKS, Task, get_task
 from .training import TrainingDiverged, TrainResult, train
@@ -58,16 +67,21 @@ __all__ = [
     "TrainingDiverged",
     "TrainResult",
     "add_lora",
+    "amplification_factor",
     "check_trainable",
     "analytic_flops",
     "analytic_memory",
     "count_parameters",
     "default_device",
+    "energy_rank",
     "flops_per_step",
     "full_point",
     "get_preset",
     "get_task",
     "grid",
+    "intruder_counts",
+    "intruder_dimensions",
+    "layer_spectra",
     "load_adapter",
     "load_base_model",
     "load_lora_state_dict",
@@ -81,6 +95,8 @@ __all__ = [
     "remove_lora",
     "save_adapter",
     "save_base_model",
+    "scale_intruders",
+    "scale_model_intruders",
     "sweep",
     "train",
     "unmerge_lora",
