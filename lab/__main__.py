@@ -6,6 +6,8 @@ python -m lab sweep --ranks 4 8 --variant dora                        # DoRA
 python -m lab sweep --ranks 8 --lr-ratio 16                           # LoRA+ (lambda 16)
 python -m lab sweep --ranks 8 --init pissa                            # PiSSA's initialisation
 python -m lab sweep --ranks 8 --quant nf4                             # QLoRA: a 4-bit NF4 base
+python -m lab sweep --ranks 1 16 --targets all-linear --lr 1e-3 1e-2 --full --full-lr 1e-4 1e-3
+python -m lab sweep --ranks 8 --replay 0.05                           # 5% pretraining replay
 
 The benchmarks are not here: they live in benchmarks/ (python -m benchmarks.bench).
 """
@@ -21,12 +23,14 @@ import warnings
 import torch
 
 from .config import INITS, MAX_LR_RATIO, VARIANTS
+from .forgetting import MAX_REPLAY, source_summary
 from .quant import SCHEMES
 from .sweeps import (
     ALL_TARGETS,
     DEFAULT_ALPHA,
     DEFAULT_STEPS,
     DEFAULT_TARGETS,
+    FULL_LR,
     LORA_LR,
     SHORT_TARGETS,
     SweepCache,
@@ -132,8 +136,15 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
         help="train on a 4-bit frozen base (QLoRA uses nf4); default: the fp32 base",
     )
     p.add_argument("--lr", type=_float_type("lr", 0.0, 10.0, low_open=True), default=None,
-                   help=f"learning rate of the LoRA points (default {LORA_LR:g}; LoRA+ wants "
-                        "a lower one)")  # fmt: skip
+                   nargs="+", metavar="LR",
+                   help=f"learning rate(s) of the LoRA points, several make lr an axis "
+                        f"(default {LORA_LR:g}; LoRA+ wants a lower one)")  # fmt: skip
+    p.add_argument("--full-lr", type=_float_type("full lr", 0.0, 10.0, low_open=True),
+                   default=None, nargs="+", metavar="LR",
+                   help=f"learning rate(s) of --full (default {FULL_LR:g})")  # fmt: skip
+    p.add_argument("--replay", type=_float_type("replay", 0.0, MAX_REPLAY), default=0.0,
+                   help="fraction of each batch from the pretraining mix (default 0); "
+                        "practitioners replay 1-10%% to forget less")  # fmt: skip
     p.add_argument("--steps", type=_int_type("steps", 1, MAX_STEPS), default=DEFAULT_STEPS)
     p.add_argument("--batch-size", type=_int_type("batch size", 1, 2**31), default=64)
     p.add_argument("--seed", type=_int_type("seed", 0, SEED_LIMIT - 1), default=0)
@@ -157,13 +168,17 @@ class Interrupted(Exception):
 
 def sweep_points(args: argparse.Namespace) -> list:
     """The grid the sweep options describe (ValueError for settings that do not go together)."""
+    if args.full_lr and not args.full:
+        raise ValueError("--full-lr sets the full fine-tuning reference's rates: add --full")
     points = grid(args.task, args.ranks, args.alphas, args.dropouts, tuple(args.targets),
-                  args.rslora, args.steps, args.lr, args.batch_size, args.seed,
+                  args.rslora, args.steps, None, args.batch_size, args.seed,
                   variant=args.variant, init=args.init, lr_ratio=args.lr_ratio,
-                  quant=args.quant)  # fmt: skip
+                  quant=args.quant, lrs=args.lr, replay=args.replay)  # fmt: skip
     if args.full:
-        points.append(full_point(args.task, args.steps, None, args.batch_size, args.seed))
-    return points
+        for lr in args.full_lr or [None]:
+            points.append(full_point(args.task, args.steps, lr, args.batch_size, args.seed,
+                                     replay=args.replay))  # fmt: skip
+    return list(dict.fromkeys(points))
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -192,14 +207,20 @@ def run_sweep(args: argparse.Namespace) -> int:
         ) from None
     seconds = time.perf_counter() - start
     width = max([28, *(len(describe(r.point)) for r in results)])  # 'r8 α16 DoRA NF4 base'
-    print(f"{'point':<{width}} {'held-out acc':>12} {'loss':>7} {'trainable':>10} {'train s':>8}")
+    lrs = {r.point.lr for r in results}
+    label = {r.point: describe(r.point) + (f" lr {r.point.lr:g}" if len(lrs) > 1 else "")
+             for r in results}  # fmt: skip
+    width = max([width, *map(len, label.values())])
+    print(f"{'point':<{width}} {'held-out acc':>12} {'loss':>7} {'source acc':>10} "
+          f"{'trainable':>10} {'train s':>8}")  # fmt: skip
     for r in results:
         if r.diverged:
-            print(f"{describe(r.point):<{width}} {'diverged':>12} {'-':>7} "
+            print(f"{label[r.point]:<{width}} {'diverged':>12} {'-':>7} {'-':>10} "
                   f"{r.trainable_parameters:>10,} {'-':>8}")  # fmt: skip
             continue
-        print(f"{describe(r.point):<{width}} {r.heldout['accuracy']:>12.3f} "
-              f"{r.heldout['loss']:>7.3f} {r.trainable_parameters:>10,} "
+        source = "-" if r.forgetting is None else f"{source_summary(r.forgetting)['accuracy']:.3f}"
+        print(f"{label[r.point]:<{width}} {r.heldout['accuracy']:>12.3f} "
+              f"{r.heldout['loss']:>7.3f} {source:>10} {r.trainable_parameters:>10,} "
               f"{r.wall_seconds:>8.1f}")  # fmt: skip
     chunks = [r.extra["batched"]["configs"] for r in results
               if r.point in todo and "batched" in r.extra]  # fmt: skip

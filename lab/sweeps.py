@@ -36,12 +36,13 @@ from .base import BASE_MODEL_PATH, load_base_config, load_base_model
 from .batched import AdapterSpec, batchable, bytes_per_config, default_max_configs, train_batched
 from .config import ALL_LINEAR, LoRAConfig
 from .fileio import atomic_write_bytes
+from .forgetting import check_replay, forgetting, with_replay
 from .lora import add_lora, count_parameters
 from .memory import measure_step_memory
 from .model import ModelConfig, ToyTransformer, default_device
 from .quant import SCHEMES, quantize_base
 from .step import autocast_dtype, make_optimizer
-from .tasks import FINETUNE_TASKS, get_task
+from .tasks import FINETUNE_TASKS, PRETRAIN_TASKS, Task, get_task
 from .training import (
     MAX_STEPS,
     TrainingDiverged,
@@ -88,7 +89,13 @@ SHORT_TARGETS = {t.removesuffix("_proj"): t for t in ALL_TARGETS}
 ALL_TARGETS_SORTED = tuple(sorted(ALL_TARGETS))  # what targets="all-linear" means for a point
 DEFAULT_ALPHA = 16.0
 # SweepPoint fields that describe the LoRA flavour, with the values plain LoRA has.
-_FLAVOUR_DEFAULTS = {"variant": "lora", "init": "default", "lr_ratio": 1.0, "quant": None}
+_FLAVOUR_DEFAULTS = {
+    "variant": "lora",
+    "init": "default",
+    "lr_ratio": 1.0,
+    "quant": None,
+    "replay": 0.0,
+}
 LORA_LR = 2e-2  # adapters start at zero and are small: they want a larger step than full FT
 FULL_LR = 1e-3  # full fine-tuning at 2e-2 would wreck the pretrained weights
 DEFAULT_GRID_PATH = Path(__file__).parent / "data" / "default_grid.json"
@@ -120,10 +127,13 @@ class SweepPoint:
     init: str = "default"  # A, B initialisation (lab.INITS): "default" or "pissa"
     lr_ratio: float = 1.0  # LoRA+: B's learning rate over A's (1: plain LoRA)
     quant: str | None = None  # a 4-bit frozen base: "nf4", "fp4" or "int4" (None: fp32)
+    replay: float = 0.0  # fraction of training examples from the pretraining mix (lab.forgetting)
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)  # normalising a frozen dataclass
+
+        put("replay", check_replay(self.replay))
 
         if self.quant is not None and (
             not isinstance(self.quant, str) or self.quant not in SCHEMES
@@ -221,11 +231,15 @@ class SweepPoint:
         """True for full fine-tuning (no adapter)."""
         return self.rank is None
 
+    def training_task(self) -> Task:
+        """The task the run trains on: the point's task, with its replay mixed in (if any)."""
+        return with_replay(get_task(self.task), self.replay)
+
     def to_dict(self) -> dict:
         """The fields as plain JSON values.
 
-        The flavour fields (variant, init, lr_ratio, quant) are left out at their defaults, so
-        a plain LoRA point keeps the key (and cache file) it had before they existed.
+        The flavour fields (variant, init, lr_ratio, quant, replay) are left out at their
+        defaults, so a plain LoRA point keeps the key (and cache file) it had before they existed.
         """
         data = {**dataclasses.asdict(self), "targets": list(self.targets)}
         for name, default in _FLAVOUR_DEFAULTS.items():
@@ -311,21 +325,33 @@ def grid(
     init: str = "default",
     lr_ratio: float = 1.0,
     quant: str | None = None,
+    lrs: Iterable[float] | None = None,
+    replay: float = 0.0,
 ) -> list[SweepPoint]:
-    """The cartesian product ranks x alphas x dropouts (in that order), duplicates removed.
+    """The cartesian product ranks x alphas x dropouts x lrs (in that order), duplicates removed.
 
-    variant, init, lr_ratio and quant choose the LoRA flavour of every point (see SweepPoint).
+    `lrs` makes the learning rate an axis (give `lr` or `lrs`, not both; neither: LORA_LR).
+    variant, init, lr_ratio and quant choose the LoRA flavour of every point, replay the
+    fraction of pretraining data mixed into fine-tuning (see SweepPoint).
 
-    Each of ranks, alphas and dropouts must be a non-empty list (a bare number is refused).
+    Each of ranks, alphas, dropouts (and lrs) must be a non-empty list (a bare number is refused).
     """
-    examples = {"ranks": "[4, 8]", "alphas": "[16.0]", "dropouts": "[0.0, 0.1]"}
-    for name, values in (("ranks", ranks), ("alphas", alphas), ("dropouts", dropouts)):
+    examples = {"ranks": "[4, 8]", "alphas": "[16.0]", "dropouts": "[0.0, 0.1]",
+                "lrs": "[1e-3, 3e-3, 1e-2]"}  # fmt: skip
+    if lrs is not None and lr is not None:
+        raise TypeError(f"give lr={lr!r} or lrs={lrs!r}, not both")
+    axes = [("ranks", ranks), ("alphas", alphas), ("dropouts", dropouts)]
+    if lrs is not None:
+        axes.append(("lrs", lrs))
+    for name, values in axes:
         if isinstance(values, str | bytes | numbers.Number) or not isinstance(values, Iterable):
             raise TypeError(
                 f"{name}={values!r}: expected a list of numbers, e.g. {name}={examples[name]}"
             )
     ranks, alphas, dropouts = list(ranks), list(alphas), list(dropouts)
-    empty = [n for n, v in (("ranks", ranks), ("alphas", alphas), ("dropouts", dropouts)) if not v]
+    lr_axis = [lr] if lrs is None else list(lrs)
+    named = (("ranks", ranks), ("alphas", alphas), ("dropouts", dropouts), ("lrs", lr_axis))
+    empty = [n for n, v in named if not v]
     if empty:
         raise ValueError(f"{empty[0]} is empty: the grid would have no points")
     targets = normalize_targets(targets)
@@ -345,10 +371,12 @@ def grid(
             init,
             lr_ratio,
             quant,
+            replay,
         )  # fmt: skip
         for r in ranks
         for a in alphas
         for d in dropouts
+        for lr in lr_axis
     ]
     return list(dict.fromkeys(points))
 
@@ -359,9 +387,11 @@ def full_point(
     lr: float | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    replay: float = 0.0,
 ) -> SweepPoint:
-    """The full fine-tuning reference for a task."""
-    return SweepPoint(task, None, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    """The full fine-tuning reference for a task (lr None: FULL_LR)."""
+    return SweepPoint(task, None, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                      replay=replay)  # fmt: skip
 
 
 def describe(point: SweepPoint | SweepResult) -> str:
@@ -372,7 +402,7 @@ def describe(point: SweepPoint | SweepResult) -> str:
     if isinstance(point, SweepResult):
         return describe(point.point) + (" (diverged)" if point.diverged else "")
     if point.is_full:
-        return "full fine-tuning"
+        return "full fine-tuning" + (f" replay {point.replay:.0%}" if point.replay else "")
     text = f"r{point.rank} α{point.alpha:g}"
     if point.dropout:
         text += f" p{point.dropout:g}"
@@ -385,6 +415,8 @@ def describe(point: SweepPoint | SweepResult) -> str:
     flavour = _flavour(point)
     if flavour != "LoRA":
         text += " " + flavour
+    if point.replay:
+        text += f" replay {point.replay:.0%}"
     return text
 
 
@@ -426,6 +458,9 @@ class SweepResult:
     # The loss became nan/inf: losses stop before that step, heldout's loss is nan, and
     # extra["diverged"] holds lab.train's message. Summaries leave diverged results out.
     diverged: bool = False
+    # The pretraining skills after fine-tuning, held out: {"copy": {"accuracy", "loss"}, ...}
+    # (lab.forgetting). None for a diverged run and for results cached before it was measured.
+    forgetting: dict | None = None
 
     def to_dict(self) -> dict:
         """A JSON-friendly dict (strict JSON: nan is written as null), tagged with the key."""
@@ -503,6 +538,16 @@ def _result_problem(r: SweepResult) -> str | None:
             return f"{name}={getattr(r, name)!r} is not a finite number"
     if r.memory is not None and not isinstance(r.memory, dict):
         return "memory must be a dict or null"
+    if r.forgetting is not None:
+        if not isinstance(r.forgetting, dict) or set(r.forgetting) != set(PRETRAIN_TASKS):
+            return f"forgetting must be null or a dict of the skills {', '.join(PRETRAIN_TASKS)}"
+        for name, value in r.forgetting.items():
+            if not isinstance(value, dict) or set(value) != {"accuracy", "loss"}:
+                return f"forgetting[{name!r}] must be a dict with accuracy and loss"
+            if not (_is_number(value["accuracy"]) and 0 <= value["accuracy"] <= 1):
+                return f"forgetting[{name!r}] accuracy {value['accuracy']!r} is not in [0, 1]"
+            if not (_is_number(value["loss"]) and value["loss"] >= 0):
+                return f"forgetting[{name!r}] loss {value['loss']!r} is not a finite loss >= 0"
     if not isinstance(r.extra, dict):
         return "extra must be a dict"
     if not isinstance(r.device, str) or not isinstance(r.date, str):
@@ -516,7 +561,7 @@ def _now() -> str:
 
 def group_key(point: SweepPoint) -> tuple:
     """Points with equal keys can train together in one batched run (LoRA points only)."""
-    return (point.task, point.steps, point.batch_size)
+    return (point.task, point.steps, point.batch_size, point.replay)
 
 
 def _first_step_memory(point: SweepPoint, base: ToyTransformer, device: torch.device) -> dict:
@@ -525,7 +570,7 @@ def _first_step_memory(point: SweepPoint, base: ToyTransformer, device: torch.de
     A scratch copy of `base` with a fresh adapter runs one tracked step on the same first
     batch the point trains on; the trained models are not touched.
     """
-    task = get_task(point.task)
+    task = point.training_task()
     with torch.random.fork_rng(devices=[]):
         model = copy.deepcopy(base).to(device)
         point.prepare(model)
@@ -569,8 +614,8 @@ def run_group(
     keys = {group_key(p) for p in points}
     if len(keys) > 1:
         raise ValueError(
-            f"points differ in (task, steps, batch_size): {sorted(keys)}; "
-            "a batched group shares all three (sweep() groups them for you)"
+            f"points differ in (task, steps, batch_size, replay): {sorted(keys)}; "
+            "a batched group shares all four (sweep() groups them for you)"
         )
     if max_configs is not None and (
         not isinstance(max_configs, int) or isinstance(max_configs, bool) or max_configs < 1
@@ -618,7 +663,9 @@ def _run_chunk(
     first = chunk[0]
     task = get_task(first.task)
     specs = [p.spec() for p in chunk]
-    run = train_batched(base, task, specs, first.steps, first.batch_size, device, progress)
+    run = train_batched(
+        base, first.training_task(), specs, first.steps, first.batch_size, device, progress
+    )
     share = run.wall_seconds / len(chunk)
     tokens = first.steps * first.batch_size * task.train_inputs.shape[1]
     results = []
@@ -639,6 +686,7 @@ def _run_chunk(
             losses=[float(x) for x in run.losses[k]],
             heldout=task.evaluate(model),
             train_eval=task.evaluate(model, split="train") if small else None,
+            forgetting=forgetting(model),
             trainable_parameters=counts.trainable,
             total_parameters=counts.total,
             memory=_first_step_memory(point, base, device),
@@ -684,9 +732,8 @@ def run_point(
     point.prepare(model)  # seeds LoRA's A init and adapter dropout; 4-bit base if asked
     counts = count_parameters(model)
     try:
-        run = train(
-            model, task, point.steps, point.lr, point.batch_size, point.seed, device, progress
-        )
+        run = train(model, point.training_task(), point.steps, point.lr, point.batch_size,
+                    point.seed, device, progress)  # fmt: skip
     except TrainingDiverged as exc:
         return _diverged_result(point, task, counts, exc.losses, str(exc), str(device or ""))
     # Overfitting only shows on a small train set; evaluating 20,000 examples would cost more
@@ -695,8 +742,9 @@ def run_point(
     return SweepResult(
         point=point,
         losses=[float(x) for x in run.losses],
-        heldout=dict(run.heldout),
+        heldout=dict(run.heldout),  # the task's own held-out split (replay leaves it alone)
         train_eval=train_eval,
+        forgetting=forgetting(model),
         trainable_parameters=counts.trainable,
         total_parameters=counts.total,
         memory=None if run.memory is None else run.memory.to_dict(),

@@ -133,7 +133,7 @@ def test_each_flavour_reaches_every_point_and_its_line(
     assert f"trained {label} (1/3)" in out
     assert f"trained {label.replace('r1', 'r4')} (2/3)" in out
     table = [line for line in out.splitlines() if line.startswith(label + " ")]
-    assert len(table) == 1 and table[0].split()[-4:] == ["0.250", "0.500", "1,000", "0.1"]
+    assert len(table) == 1 and table[0].split()[-5:] == ["0.250", "0.500", "-", "1,000", "0.1"]
 
 
 def test_plain_settings_keep_the_cache_keys_they_had(tmp_path, fake_sweep, capsys):
