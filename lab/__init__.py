@@ -5,6 +5,7 @@ The public API that notebooks, tests and users rely on is listed in `__all__`.
 
 from .base import BASE_MODEL_PATH, load_base_model, save_base_model
 from .config import INITS, VARIANTS, LoRAConfig
+from .doctor import Finding, doctor
 from .lora import (
     LoRALinear,
     ParamCount,
@@ -50,6 +51,7 @@ __all__ = [
     "NF4_LEVELS",
     "VARIANTS",
     "DoRALinear",
+    "Finding",
     "Linear4bit",
     "LoRAConfig",
     "PRESETS",
@@ -73,6 +75,7 @@ __all__ = [
     "analytic_memory",
     "count_parameters",
     "default_device",
+    "doctor",
     "energy_rank",
     "flops_per_step",
     "full_point",
