@@ -5,7 +5,8 @@ The public API that notebooks, tests and users rely on is listed in `__all__`.
 
 from .base import BASE_MODEL_PATH, load_base_model, save_base_model
 from .config import INITS, VARIANTS, LoRAConfig
-from .doctor import Finding, doctor
+from .diagnosis import Finding, doctor
+from .diagnosis import report as doctor_report
 from .lora import (
     LoRALinear,
     ParamCount,
@@ -76,6 +77,7 @@ __all__ = [
     "count_parameters",
     "default_device",
     "doctor",
+    "doctor_report",
     "energy_rank",
     "flops_per_step",
     "full_point",

@@ -5,9 +5,10 @@ to use) and returns a list of `Finding`s: a short code, one sentence of advice (
 the measured evidence. A trained, healthy adapter gets an empty list. The doctor only reads:
 it never runs the model, never changes a tensor or a requires_grad flag.
 
-    from lab.doctor import report
     findings = lab.doctor(model, "adapter.safetensors", lr=2e-2)
-    print(report(findings))  # "no findings: ..." or one numbered entry per finding
+    print(lab.doctor_report(findings))  # "no findings: ..." or one numbered entry per finding
+
+(The module is lab.diagnosis, not lab.doctor: `lab.doctor` is the function.)
 
 Each check and its code is listed in `CODES`. What they catch, as PEFT, Unsloth and
 LLMs-from-scratch users report them:
@@ -587,17 +588,12 @@ def _packed_4bit(model: nn.Module) -> list[Finding]:
     packed = sum(m.packed_weight.numel() for _, m in quantized)
     storage = sum(m.storage_bytes() for _, m in quantized)
     true_total = naive + hidden
-    counted = count_parameters(model).total
-    how = (
-        "count with lab.count_parameters, which includes them"
-        if counted == true_total
-        else "count each 4-bit layer as in_features × out_features weights (2 per packed "
-        "byte), not from model.parameters() (nor lab.count_parameters, which sums those)"
-    )
+    counted = count_parameters(model).total  # counts each 4-bit layer as in x out weights
     return [
         Finding(
             "packed-4bit-count",
-            f"{how}; the trainable count is right either way",
+            "count with lab.count_parameters, which includes the 4-bit weights; the trainable "
+            "count is right either way",
             f"model.parameters() sums to {naive:,} (lab.count_parameters: total {counted:,}), "
             f"but the model holds {true_total:,} weights: {hidden:,} frozen 4-bit weights of "
             f"{len(quantized)} Linear4bit layers are {packed:,} packed uint8 bytes (two codes a "
