@@ -1004,9 +1004,17 @@ class ParamCount(NamedTuple):
 
 
 def count_parameters(model: nn.Module) -> ParamCount:
-    """Count unique parameters; works on the meta device since only shapes are needed."""
+    """Count unique parameters; works on the meta device since only shapes are needed.
+
+    A 4-bit frozen linear (lab.Linear4bit) keeps its weight as packed uint8 buffers, two
+    weights per byte, not as a Parameter: it counts as in_features x out_features frozen
+    weights (what `sum(p.numel() for p in model.parameters())` misses, as PEFT users see
+    with bitsandbytes' 4-bit layers).
+    """
     _check_model(model)
     # model.parameters() yields each Parameter object once, so a tied weight counts once.
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    return ParamCount(trainable=trainable, total=sum(p.numel() for p in params))
+    packed = {id(m): m for m in model.modules() if is_quantized(m)}
+    frozen_4bit = sum(m.in_features * m.out_features for m in packed.values())
+    return ParamCount(trainable=trainable, total=sum(p.numel() for p in params) + frozen_4bit)

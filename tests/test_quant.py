@@ -625,3 +625,15 @@ def test_quantization_error_reports_and_changes_nothing():
 def test_module_exports():
     assert set(quant.__all__) >= {"NF4_LEVELS", "SCHEMES", "Linear4bit", "quantize_base"}
     assert SCHEMES == ("nf4", "fp4", "int4")
+
+
+def test_count_parameters_counts_the_packed_4bit_weights():
+    """A 4-bit base holds as many weights as the fp32 one; only their storage shrank."""
+    fp32 = lab.load_base_model("cpu")
+    nf4 = lab.load_base_model("cpu")
+    lab.quantize_base(nf4)
+    lab.add_lora(fp32, targets="all-linear", rank=2, alpha=3)
+    lab.add_lora(nf4, targets="all-linear", rank=2, alpha=3)
+    a, b = lab.count_parameters(fp32), lab.count_parameters(nf4)
+    assert a == b and b.trainable == 2 * 6 * 2 * (128 + 128) + 2 * 2 * 2 * (512 - 128)
+    assert sum(p.numel() for p in nf4.parameters()) < b.total  # the naive count misses them
