@@ -1,0 +1,24 @@
+"""Classroom exercises: each `check_*` says what is wrong with an answer, not only that it is.
+
+A checker never raises on a wrong answer (None, a stub that raises, wrong shapes or types): it
+returns a `Feedback` whose repr is "passed: ..." or "not yet: ...", so a notebook cell that ends
+with the check shows it. A passing message holds no machine-dependent numbers (nbval compares it).
+
+- core: exercises 1 to 8 (forward, merge, counting, a budget, a sweep, memory, NF4, DoRA);
+- feedback: the verdict type and how a student's code is run.
+"""
+
+from .core import *  # noqa: F403
+from .core import (  # noqa: F401 (private: the tests reach these)
+    RANK,
+    SCALING,
+    SWEEP_ANSWER,
+    _close,
+    _dora_case,
+    _dora_mistakes,
+    _nf4_blocks,
+    _state_bytes,
+)
+from .core import __all__ as _core_all
+
+__all__ = list(_core_all)
