@@ -5,6 +5,8 @@ returns a `Feedback` whose repr is "passed: ..." or "not yet: ...", so a noteboo
 with the check shows it. A passing message holds no machine-dependent numbers (nbval compares it).
 
 - core: exercises 1 to 8 (forward, merge, counting, a budget, a sweep, memory, NF4, DoRA);
+- practice: exercises 9 and 10 (the best learning rate; which layers under a budget), read
+  from the shipped practice grid;
 - feedback: the verdict type and how a student's code is run.
 """
 
@@ -20,5 +22,8 @@ from .core import (  # noqa: F401 (private: the tests reach these)
     _state_bytes,
 )
 from .core import __all__ as _core_all
+from .practice import *  # noqa: F403
+from .practice import TRAPS  # noqa: F401
+from .practice import __all__ as _practice_all
 
-__all__ = list(_core_all)
+__all__ = [*_core_all, *_practice_all]
