@@ -1,7 +1,7 @@
 """The sweep explorer: ipywidgets controls over a cached grid of LoRA runs, and its plots.
 
 Controls choose a grid (task, method, 4-bit base or not, ranks, alphas, dropouts, targets,
-scaling rule, steps, learning rate); the plots
+scaling rule, steps, learning rate, and whether learning rate is swept too); the plots
 show whatever of that grid is already in the `SweepCache`, so moving a control only redraws
 (from disk, in well under a second) and never trains. Training happens only when Run is pressed,
 and only for points not cached yet. Plots are `ipywidgets.Image`s whose PNG bytes are replaced
@@ -10,6 +10,10 @@ in place, so nothing flickers, and a test can read them without a browser.
 Everything the callbacks compute comes from pure functions: `lab.sweeps` for the data and
 `lab.plots` for the figures; `plot_specs` joins the two and is tested on its own.
 
+Two plots read across the grid's other axes: accuracy against learning rate (one curve per
+rank, full fine-tuning dashed, each curve's best lr ringed) and the learn-forget scatter (new
+task learned against the pretraining skills kept, for every cached run that measured them).
+
 The method control picks the LoRA flavour of the plotted runs: plain LoRA, each registered
 variant (DoRA), LoRA+ (B's learning rate 16 times A's) and each registered initialisation
 (PiSSA); the base control picks runs on the fp32 base or on a 4-bit NF4 one (QLoRA).
@@ -17,6 +21,7 @@ variant (DoRA), LoRA+ (B's learning rate 16 times A's) and each registered initi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import os
@@ -32,11 +37,13 @@ from matplotlib.figure import Figure
 
 from . import plots
 from .analysis import ATTENTION, canonical_targets, describe_counts, lora_counts
-from .config import INITS, VARIANTS, LoRAConfig
+from .config import ALL_LINEAR, INITS, VARIANTS, LoRAConfig
 from .lora import add_lora, count_parameters
 from .model import PRESETS, ToyTransformer
+from .practice import LR_GRID, PRACTICE_GRID_PATH, learn_forget
 from .quant import SCHEMES
 from .sweeps import (
+    ALL_TARGETS,
     DEFAULT_ALPHA,
     DEFAULT_GRID_PATH,
     DEFAULT_STEPS,
@@ -61,6 +68,8 @@ __all__ = [
     "METHODS",
     "PLOTS",
     "SHIPPED_GRIDS",
+    "SHORT_TITLES",
+    "SWEEP_LRS",
     "Selection",
     "SweepExplorer",
     "count_explorer",
@@ -97,15 +106,35 @@ PLOTS = {
     "loss": "Loss curves",
     "accuracy": "Accuracy (r × α)",
     "dropout": "Dropout (small data)",
+    "lr": "Learning rate",
+    "forgetting": "Forgetting",
+}
+# Shorter tab titles for narrow layouts (the dashboard), same keys and order as PLOTS.
+SHORT_TITLES = {
+    "trainable": "Parameters",
+    "memory": "Memory",
+    "loss": "Loss",
+    "accuracy": "Accuracy",
+    "dropout": "Dropout",
+    "lr": "LR",
+    "forgetting": "Forgetting",
 }
 
 
-# The grids that ship with the lab: LoRA's default grid and the grid of its variants (DoRA,
-# LoRA+, PiSSA, a 4-bit base). A notebook seeds its cache from them with seed_shipped.
-SHIPPED_GRIDS = (DEFAULT_GRID_PATH, DEFAULT_GRID_PATH.with_name("variants_grid.json"))
+# The grids that ship with the lab: LoRA's default grid, the grid of its variants (DoRA,
+# LoRA+, PiSSA, a 4-bit base) and the practitioners' grid (learning rate sweeps, which layers,
+# replay; every run with its forgetting). A notebook seeds its cache from them with seed_shipped.
+SHIPPED_GRIDS = (
+    DEFAULT_GRID_PATH,
+    DEFAULT_GRID_PATH.with_name("variants_grid.json"),
+    PRACTICE_GRID_PATH,
+)
 # Learning rates the lr control offers (plus any other a cached run used): the methods are
 # compared each at its own best lr, and LoRA+'s base lr sits lower (B's is 16 times larger).
 LR_OPTIONS = (1.25e-3, 2.5e-3, 5e-3, 1e-2, LORA_LR, 4e-2)
+# What "sweep lr" adds for the adapters and for full fine-tuning: the practice grid's rates,
+# half a decade apart from where full fine-tuning trains to where LoRA diverges.
+SWEEP_LRS = LR_GRID
 LORA_PLUS_RATIO = 16.0  # LoRA+'s λ (B's learning rate over A's), the paper's default
 QUANT_SCHEME = "nf4"  # the explorer's 4-bit base: QLoRA's NormalFloat code
 _NAMES = {"dora": "DoRA", "pissa": "PiSSA"}  # how the lab writes registered flavours
@@ -145,7 +174,8 @@ def _method_tooltip(name: str) -> str:
 def seed_shipped(cache: SweepCache) -> int:
     """Copy every shipped grid that exists (SHIPPED_GRIDS) into `cache`; how many were added.
 
-    Like SweepCache.seed_from, never overwrites a result already cached.
+    A grid not built yet (the practice grid takes a while) is skipped. Like
+    SweepCache.seed_from, never overwrites a result already cached.
     """
     return sum(cache.seed_from(path) for path in SHIPPED_GRIDS if os.path.exists(path))
 
@@ -165,6 +195,7 @@ class Selection:
     method: str = "LoRA"  # a key of METHODS: LoRA, DoRA, LoRA+, PiSSA
     quant: str | None = None  # a 4-bit frozen base ("nf4"), or None for the fp32 base
     lr: float = LORA_LR  # the adapters' learning rate (full fine-tuning keeps its own)
+    lr_sweep: bool = False  # also every rate of SWEEP_LRS, for LoRA and full fine-tuning
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -184,14 +215,29 @@ class Selection:
         """True for plain LoRA on the fp32 base at the default lr: the explorer's first view."""
         return self.method == "LoRA" and self.quant is None and self.lr == LORA_LR
 
+    @property
+    def one_lr(self) -> Selection:
+        """The same selection at its one learning rate (what the rank and alpha plots show)."""
+        return dataclasses.replace(self, lr_sweep=False) if self.lr_sweep else self
+
     def points(self) -> list[SweepPoint]:
-        """The grid's points (empty when a choice is missing or the method and base conflict)."""
+        """The grid's points (empty when a choice is missing or the method and base conflict).
+
+        With lr_sweep, each LoRA setting also at every rate of SWEEP_LRS, and full fine-tuning
+        at each of them (its usual FULL_LR among them) after the LoRA points.
+        """
         if missing_choices(self) or conflict(self):
             return []
         sorted_ = (sorted(self.ranks), sorted(self.alphas), sorted(self.dropouts))
-        points = grid(self.task, *sorted_, self.targets, self.rslora, self.steps, self.lr,
+        lrs = sorted({self.lr, *SWEEP_LRS}) if self.lr_sweep else [self.lr]
+        points = grid(self.task, *sorted_, self.targets, self.rslora, self.steps, lrs=lrs,
                       **self.flavour)  # fmt: skip
-        return points + [full_point(self.task, self.steps)] if self.full else points
+        if not self.full:
+            return points
+        fulls = [full_point(self.task, self.steps)]
+        if self.lr_sweep:
+            fulls += [full_point(self.task, self.steps, lr) for lr in SWEEP_LRS]
+        return points + list(dict.fromkeys(fulls))
 
 
 def method_name(sel: Selection) -> str:
@@ -223,7 +269,12 @@ def scaling_name(rslora: bool) -> str:
 
 
 def targets_text(targets: Sequence[str]) -> str:
-    """Targets in the lab's order q, k, v, o, up, down, short names: 'q,k,v,o'."""
+    """Targets in the lab's order q, k, v, o, up, down, short names: 'q,k,v,o'.
+
+    Every linear of the blocks is written 'all-linear', as lab.sweeps.describe and PEFT write it.
+    """
+    if set(targets) == set(ALL_TARGETS):
+        return ALL_LINEAR
     return ",".join(t.removesuffix("_proj") for t in canonical_targets(targets))
 
 
@@ -323,13 +374,13 @@ def format_duration(seconds: float) -> str:
     return f"about {seconds / 3600:.1f} h"
 
 
-def _message_figure(title: str, message: str) -> Figure:
+def _message_figure(title: str, message: str, fontsize: float = 13) -> Figure:
     """A titled, empty plot area that says what to do (an empty selection)."""
     fig = Figure(figsize=plots.FIGSIZE, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title)
     ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", wrap=True,
-            color="0.3", fontsize=13)  # fmt: skip
+            color="0.3", fontsize=fontsize)  # fmt: skip
     ax.set_xticks([])
     ax.set_yticks([])
     return fig
@@ -372,7 +423,7 @@ def plot_specs(
         hint = problem + ("\n(Ctrl or Shift selects several values in a list)"
                           if missing_choices(sel) else "")  # fmt: skip
         return {name: (_message_figure, (title, hint), {}) for name, title in PLOTS.items()}
-    chosen = set(sel.points())
+    chosen = set(sel.one_lr.points())  # the rank and alpha plots show one lr; "lr" shows them all
     mine = sorted(
         (r for r in results if r.point in chosen and not r.point.is_full),
         key=lambda r: (r.point.rank, r.point.alpha, r.point.dropout),
@@ -461,7 +512,167 @@ def plot_specs(
         hint = f"no {name} run of this selection is cached\n{elsewhere}\nselect those, or Run"
         for plot in ("memory", "loss", "accuracy"):
             specs[plot] = (_message_figure, (PLOTS[plot], hint), {})
+    specs["lr"] = _lr_spec(results, sel, alpha, dropout)
+    specs["forgetting"] = _forgetting_spec(results, sel)
     return specs
+
+
+def _flavour_label(sel: Selection) -> str:
+    """'' for plain LoRA on the fp32 base, else the method as titles write it, then ', '."""
+    if sel.method == "LoRA" and sel.quant is None:
+        return ""
+    return method_name(dataclasses.replace(sel, lr=LORA_LR)) + ", "
+
+
+def sweep_command(sel: Selection) -> str:
+    """The command line that trains `sel`'s learning-rate sweep outside the notebook.
+
+    'python -m lab sweep --task sort_desc --ranks 4 8 --alphas 16 --targets q v --steps 600
+    --lr 0.0001 ... 0.1 --full --full-lr 0.0001 ... 0.1' (plus the method's and scaling's flags).
+    """
+    rates = " ".join(f"{lr:g}" for lr in sorted({sel.lr, *SWEEP_LRS}))
+    targets = ALL_LINEAR if set(sel.targets) == set(ALL_TARGETS) else targets_text(sel.targets)
+    words = [
+        f"python -m lab sweep --task {sel.task}",
+        "--ranks " + " ".join(str(r) for r in sorted(sel.ranks)),
+        "--alphas " + " ".join(f"{a:g}" for a in sorted(sel.alphas)),
+        "--targets " + targets.replace(",", " "),
+    ]
+    if sel.dropouts and max(sel.dropouts) > 0:
+        words.append("--dropouts " + " ".join(f"{d:g}" for d in sorted(sel.dropouts)))
+    fields = sel.flavour
+    words += ["--rslora"] if sel.rslora else []
+    words += [f"--variant {fields['variant']}"] if fields["variant"] != "lora" else []
+    words += [f"--init {fields['init']}"] if fields["init"] != "default" else []
+    words += [f"--lr-ratio {fields['lr_ratio']:g}"] if fields["lr_ratio"] != 1.0 else []
+    words += [f"--quant {sel.quant}"] if sel.quant else []
+    words += [f"--steps {sel.steps}", f"--lr {rates}"]
+    if sel.full:
+        words.append("--full --full-lr " + " ".join(f"{lr:g}" for lr in SWEEP_LRS))
+    return " ".join(words)
+
+
+def _accuracy_or_none(r: SweepResult) -> float | None:
+    return None if r.diverged else float(r.heldout["accuracy"])
+
+
+def _lr_sweeps_cached(results: Sequence[SweepResult], sel: Selection) -> str:
+    """Where the cache holds lr sweeps (2+ rates) of the task and method: a hint, or ''.
+
+    E.g. 'cached lr sweeps of sort_desc: 300 steps, all-linear, α16, α/r: r1, r4, r16, r64'.
+    """
+    groups: dict[tuple, dict[int, set[float]]] = {}
+    for r in select(results, task=sel.task, replay=0.0, batch_size=64, seed=0, **sel.flavour):
+        p = r.point
+        if not p.is_full:
+            key = (p.steps, targets_text(p.targets), p.alpha, p.dropout, p.rslora)
+            groups.setdefault(key, {}).setdefault(p.rank, set()).add(p.lr)
+    parts = []
+    for (steps, targets, alpha, dropout, rslora), ranks in sorted(groups.items()):
+        swept = sorted(rank for rank, lrs in ranks.items() if len(lrs) > 1)
+        if swept:
+            where = f"{steps} steps, {targets}, α{alpha:g}" + (f" p{dropout:g}" if dropout else "")
+            parts.append(f"{where}, {scaling_name(rslora)}: " + ", ".join(f"r{k}" for k in swept))
+    return f"cached lr sweeps of {sel.task}: " + "; ".join(parts[:3]) if parts else ""
+
+
+def _lr_spec(
+    results: Sequence[SweepResult], sel: Selection, alpha: float, dropout: float
+) -> tuple[Callable[..., Figure], tuple, dict]:
+    """Accuracy against learning rate: a curve per selected rank at `alpha`, full dashed.
+
+    Runs match the rest of the selection (task, steps, targets, scaling rule, method, alpha,
+    dropout; batch 64, seed 0, no replay). With no curve of two or more rates, the plot says
+    which lr sweeps are cached elsewhere and what Run or the command line would train.
+    """
+    common = {"task": sel.task, "steps": sel.steps, "batch_size": 64, "seed": 0, "replay": 0.0}
+    lora = select(results, **common, **sel.flavour, targets=sel.targets, rslora=sel.rslora,
+                  alpha=alpha, dropout=dropout)  # fmt: skip
+    curves = {
+        f"r{rank}": sorted((r.point.lr, _accuracy_or_none(r)) for r in lora if r.point.rank == rank)
+        for rank in sorted(sel.ranks)
+    }
+    curves = {label: curve for label, curve in curves.items() if curve}
+    full = sorted(
+        (r.point.lr, _accuracy_or_none(r)) for r in select(results, **common, rank=None)
+    ) if sel.full else []  # fmt: skip
+    title = (
+        f"Accuracy vs lr ({_flavour_label(sel)}{sel.task}, {sel.steps} steps, "
+        f"{targets_text(sel.targets)}, {scaling_name(sel.rslora)}, α={alpha:g})"
+    )
+    if any(len({lr for lr, _ in c}) > 1 for c in [*curves.values(), full]):
+        return plots.accuracy_vs_lr, (curves, full or None), {"title": title}
+    rates = sorted({lr for c in curves.values() for lr, _ in c})
+    have = (f"only lr {', '.join(f'{lr:g}' for lr in rates)} is cached" if rates
+            else "no run is cached")  # fmt: skip
+    cached = {r.point for r in results}
+    todo = [p for p in dataclasses.replace(sel, lr_sweep=True).points() if p not in cached]
+    lines = [f"{have} for this selection at α={alpha:g}: no curve over learning rate yet"]
+    elsewhere = _lr_sweeps_cached(results, sel)
+    if elsewhere:
+        lines.append(f"{elsewhere} (select those)")
+    lines.append(
+        f"press 'sweep lr' and Run: {_points(len(todo))}, "
+        f"{format_duration(estimate_seconds(todo, results))}; or in a terminal:"
+    )
+    lines.append(sweep_command(sel))
+    return _message_figure, (PLOTS["lr"], "\n".join(lines)), {"fontsize": 10}
+
+
+def _method_of(point: SweepPoint) -> str:
+    """The explorer's method name of a LoRA point, with its base: 'DoRA', 'LoRA, NF4 base'."""
+    fields = (point.variant, point.init, point.lr_ratio)
+    name = next(
+        (m for m, f in METHODS.items() if (f["variant"], f["init"], f["lr_ratio"]) == fields),
+        "LoRA",
+    )
+    return name + (f", {point.quant.upper()} base" if point.quant else "")
+
+
+def _forgetting_spec(
+    results: Sequence[SweepResult], sel: Selection
+) -> tuple[Callable[..., Figure], tuple, dict]:
+    """The learn-forget scatter of the task's cached runs that measured forgetting.
+
+    LoRA runs of the selected method, targets and scaling rule (every rank, alpha, lr, steps
+    and replay), and full fine-tuning runs when `sel.full` is set. Without any, the plot says
+    why (results cached before forgetting was measured have none) and how to get some.
+    """
+    measured = [r for r in select(results, task=sel.task) if r.forgetting is not None]
+    fields = sel.flavour
+    mine = [
+        r
+        for r in measured
+        if (r.point.is_full and sel.full)
+        or (
+            not r.point.is_full
+            and set(r.point.targets) == set(sel.targets)
+            and r.point.rslora == sel.rslora
+            and all(getattr(r.point, k) == v for k, v in fields.items())
+        )
+    ]
+    rows = learn_forget(mine)
+    where = f"{sel.task}, {targets_text(sel.targets)}, {scaling_name(sel.rslora)}"
+    if rows:
+        runs = f"{len(rows)} run" + ("s" if len(rows) > 1 else "")
+        title = f"Learned vs kept ({_flavour_label(sel)}{where}: {runs})"
+        return plots.learn_forget, (rows,), {"title": title}
+    others: dict[str, int] = {}
+    for r in measured:
+        if not r.point.is_full and not r.diverged:
+            key = f"{_method_of(r.point)} {targets_text(r.point.targets)} "
+            key += scaling_name(r.point.rslora)
+            others[key] = others.get(key, 0) + 1
+    lines = [
+        f"no cached {_flavour_label(sel)}{where} run has its forgetting measured:",
+        "results cached before forgetting was measured (the shipped default grid) have none.",
+    ]
+    if others:
+        listed = ", ".join(f"{k} ({n})" for k, n in sorted(others.items())[:4])
+        lines.append(f"{sel.task} runs with it: {listed}: select those, or")
+    lines.append("Run new points (every new run measures it), or in a terminal:")
+    lines.append(sweep_command(sel))
+    return _message_figure, (PLOTS["forgetting"], "\n".join(lines)), {"fontsize": 10}
 
 
 def _trainable_of(ranks, counts, full, *, title: str, method: str) -> Figure:
@@ -529,6 +740,14 @@ class SweepExplorer:
         self.targets = W.SelectMultiple(
             options=TARGET_OPTIONS, value=sel.targets, rows=7, layout=column
         )
+        # all-linear: every linear of the blocks, as PEFT's target_modules="all-linear" (the
+        # six names of the list above: a point normalises "all-linear" to them).
+        self.all_linear = W.ToggleButton(
+            value=set(sel.targets) == set(ALL_TARGETS),
+            description=ALL_LINEAR,
+            tooltip="every linear layer of the blocks: q, k, v, o, up, down (never the head)",
+            layout=W.Layout(width="140px"),
+        )
         self.scaling = W.ToggleButtons(
             options=[("α/r", False), ("α/√r (rsLoRA)", True)],
             value=sel.rslora,
@@ -557,6 +776,13 @@ class SweepExplorer:
             value=sel.lr,
             description="lr",
         )
+        self.lr_sweep = W.ToggleButton(
+            value=sel.lr_sweep,
+            description="sweep lr",
+            tooltip="Run also trains every lr of " + ", ".join(f"{lr:g}" for lr in SWEEP_LRS)
+            + " (full fine-tuning too); the Learning rate tab plots accuracy against lr",
+            layout=W.Layout(width="110px"),
+        )  # fmt: skip
         self.quant = W.ToggleButtons(  # the frozen base: 4-bit on or off
             # "fp32" stands for quant None: a ToggleButtons whose value is None shows no choice.
             options=[("fp32", "fp32"), (f"4-bit {QUANT_SCHEME.upper()}", QUANT_SCHEME)],
@@ -584,7 +810,7 @@ class SweepExplorer:
                 self.quant,
                 self.scaling,
                 self.steps,
-                self.lr,
+                W.HBox([self.lr, self.lr_sweep]),
                 self.full,
                 W.HBox([self.run_button]),
             ]
@@ -594,7 +820,7 @@ class SweepExplorer:
                 labelled("rank r", self.ranks),
                 labelled("alpha α", self.alphas),
                 labelled("adapter dropout", self.dropouts),
-                labelled("targets", self.targets),
+                W.VBox([W.HTML("<b>targets</b>"), self.targets, self.all_linear]),
             ]
         )
         self.tabs = W.Tab(children=list(self.images.values()), titles=list(PLOTS.values()))
@@ -604,6 +830,9 @@ class SweepExplorer:
 
         for control in self.controls:
             control.observe(lambda _change: self.refresh(), names="value")
+        self.all_linear.observe(self._on_all_linear, names="value")
+        self.targets.observe(self._sync_all_linear, names="value")
+        self.lr_sweep.observe(self._on_lr_sweep, names="value")
         self.tabs.observe(lambda change: self._draw(list(PLOTS)[change["new"]]), "selected_index")
         self.run_button.on_click(self.on_run)
         self.refresh()
@@ -625,6 +854,7 @@ class SweepExplorer:
             self.method,
             self.quant,
             self.lr,
+            self.lr_sweep,
         ]
 
     @property
@@ -642,6 +872,7 @@ class SweepExplorer:
             method=self.method.value,
             quant=None if self.quant.value == "fp32" else self.quant.value,
             lr=float(self.lr.value),
+            lr_sweep=bool(self.lr_sweep.value),
         )
 
     def facts(self) -> dict[str, int]:
@@ -669,6 +900,22 @@ class SweepExplorer:
                 elsewhere = cached_elsewhere(results, sel)
                 text += f"; {elsewhere}" if elsewhere else ""
         return f"{text}. {self.message}" if self.message else text
+
+    def _on_all_linear(self, change: dict) -> None:
+        """all-linear pressed: select every target; released: back to the paper's q, v."""
+        if change["new"]:
+            self.targets.value = ALL_TARGETS
+        elif set(self.targets.value) == set(ALL_TARGETS):
+            self.targets.value = DEFAULT_TARGETS
+
+    def _sync_all_linear(self, change: dict) -> None:
+        """The all-linear button shows pressed exactly when every target is selected."""
+        self.all_linear.value = set(change["new"]) == set(ALL_TARGETS)
+
+    def _on_lr_sweep(self, change: dict) -> None:
+        """Sweeping lr opens the Learning rate tab, where the sweep is plotted."""
+        if change["new"]:
+            self.tabs.selected_index = list(PLOTS).index("lr")
 
     # -- drawing ----------------------------------------------------------------------------
 

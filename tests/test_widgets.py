@@ -27,6 +27,8 @@ from lab.widgets import (
     RANK_OPTIONS,
     SECONDS_PER_STEP,
     SHIPPED_GRIDS,
+    SHORT_TITLES,
+    SWEEP_LRS,
     Selection,
     SweepExplorer,
     count_explorer,
@@ -37,6 +39,7 @@ from lab.widgets import (
     plot_specs,
     point_label,
     seed_shipped,
+    sweep_command,
     sweep_explorer,
     targets_text,
 )
@@ -397,7 +400,9 @@ def test_the_default_selection_is_what_the_explorer_showed_before(seeded, mixed)
     with_others = plot_specs(mixed.results(), Selection())  # other methods in the cache
     assert repr(with_others) == repr(plot_specs(plain, Selection()))
     before = plot_specs(seeded.results(), Selection())
-    titles = {name: spec[2]["title"] for name, spec in before.items()}
+    first_view = ("trainable", "memory", "loss", "accuracy", "dropout")
+    assert list(PLOTS)[:5] == list(first_view)  # the new tabs come after the old ones
+    titles = {name: before[name][2]["title"] for name in first_view}
     assert titles == {
         "trainable": "Trainable parameters vs rank (LoRA on q,v)",
         "memory": "Memory of one training step vs rank (sort_desc, α/r)",
@@ -585,7 +590,8 @@ def test_every_shipped_variant_run_can_be_shown_by_the_controls(tmp_path):
     if not path.exists():
         pytest.skip(f"{path} is not built yet (scripts/make_variants_grid.py)")
     cache = SweepCache(tmp_path)
-    assert seed_shipped(cache) == len(load_grid_file(SHIPPED_GRIDS[0])) + len(load_grid_file(path))
+    shipped_now = [p for p in SHIPPED_GRIDS if p.exists()]  # the practice grid may be missing
+    assert seed_shipped(cache) == sum(len(load_grid_file(p)) for p in shipped_now)
     explorer = SweepExplorer(cache, run_fn=FakeTrainer())
     lrs = {value for _, value in explorer.lr.options}
     shipped = load_grid_file(path)
@@ -605,3 +611,182 @@ def test_every_shipped_variant_run_can_be_shown_by_the_controls(tmp_path):
         explorer.full.value = False
         assert explorer.selection.points() == [p], describe(p)
         assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}, describe(p)
+
+
+# -- learning rate, forgetting and all-linear -------------------------------------------------
+
+ALL6 = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+SKILLS = ("copy", "reverse", "sort", "add")
+
+
+def practice_result(point: SweepPoint, kept: float = 0.5) -> SweepResult:
+    """A run with forgetting: accuracy peaks at lr 1e-2 (LoRA) or 1e-3 (full); 0.1 diverges."""
+    result = fake_result(point)
+    best = 1e-3 if point.is_full else 1e-2
+    result.heldout = {
+        **result.heldout,
+        "accuracy": round(0.9 - 0.2 * abs(math.log10(point.lr / best)), 6),
+    }
+    if point.lr >= 0.1:
+        result.diverged, result.heldout = True, {"loss": math.nan, "accuracy": 0.0, "n": 512}
+        return result
+    result.forgetting = {t: {"accuracy": kept, "loss": 1.0 - kept} for t in SKILLS}
+    return result
+
+
+@pytest.fixture
+def practice(tmp_path) -> SweepCache:
+    """An lr sweep on sort_desc, all-linear, 200 steps, ranks 1 and 4 and full; replay runs."""
+    cache = SweepCache(tmp_path / "practice")
+    lrs = (1e-3, 1e-2, 1e-1)
+    for point in grid("sort_desc", [1, 4], [16.0], targets="all-linear", steps=200, lrs=lrs):
+        cache.put(practice_result(point))
+    for lr in (1e-4, 1e-3, 1e-2):
+        cache.put(practice_result(SweepPoint("sort_desc", None, steps=200, lr=lr), kept=0.1))
+    replayed = SweepPoint("sort_desc", 4, targets="all-linear", steps=200, lr=1e-2, replay=0.05)
+    cache.put(practice_result(replayed, kept=0.9))
+    return cache
+
+
+PRACTICE = Selection(ranks=(1, 4), alphas=(16.0,), targets=ALL6, steps=200)
+
+
+def test_the_lr_plot_draws_a_curve_per_rank_and_full_fine_tuning(practice):
+    fn, (curves, full), kwargs = plot_specs(practice.results(), PRACTICE)["lr"]
+    assert fn is plots.accuracy_vs_lr
+    assert curves == {
+        "r1": [(1e-3, 0.7), (1e-2, 0.9), (1e-1, None)],
+        "r4": [(1e-3, 0.7), (1e-2, 0.9), (1e-1, None)],
+    }  # the replay run is left out: it is another experiment
+    assert full == [(1e-4, 0.7), (1e-3, 0.9), (1e-2, 0.7)]
+    assert kwargs["title"] == "Accuracy vs lr (sort_desc, 200 steps, all-linear, α/r, α=16)"
+    fig = draw(plot_specs(practice.results(), PRACTICE)["lr"])
+    text = figure_texts(fig)
+    assert "r4 (best lr 0.01)" in text and "full fine-tuning (best lr 0.001)" in text
+    assert "diverged (loss nan/inf)" in text and "learning rate (log scale)" in text
+    off = plot_specs(practice.results(), dataclasses.replace(PRACTICE, full=False))["lr"]
+    assert off[1][1] is None  # no full fine-tuning curve when it is unchecked
+    rs = plot_specs(practice.results(), dataclasses.replace(PRACTICE, rslora=True))["lr"]
+    assert rs[1] == ({}, full) and "α/√r (rsLoRA)" in rs[2]["title"]  # no rsLoRA run cached
+
+
+def test_the_lr_plot_without_a_sweep_says_what_is_cached_and_what_to_run(seeded, practice):
+    results = seeded.results() + practice.results()
+    fn, (title, message), _ = plot_specs(results, Selection())["lr"]
+    assert fn is not plots.accuracy_vs_lr and title == PLOTS["lr"]
+    assert "only lr 0.02 is cached for this selection at α=16" in message
+    assert "cached lr sweeps of sort_desc: 200 steps, all-linear, α16, α/r: r1, r4" in message
+    todo = len(Selection(lr_sweep=True).points()) - 22
+    assert f"press 'sweep lr' and Run: {todo} points" in message
+    assert sweep_command(Selection()) in message
+    assert sweep_command(Selection()) == (
+        "python -m lab sweep --task sort_desc --ranks 1 2 4 8 16 32 64 --alphas 8 16 32 "
+        "--targets q v --steps 600 --lr 0.0001 0.0003 0.001 0.003 0.01 0.02 0.03 0.1 "
+        "--full --full-lr 0.0001 0.0003 0.001 0.003 0.01 0.03 0.1"
+    )
+    dora = sweep_command(Selection(method="DoRA", quant="nf4", targets=ALL6, rslora=True))
+    assert "--targets all-linear --rslora --variant dora --quant nf4" in dora
+    assert "only lr" not in plot_specs([], Selection())["lr"][1][1]  # nothing cached at all
+    assert "no run is cached" in plot_specs([], Selection())["lr"][1][1]
+
+
+def test_sweep_lr_makes_run_train_the_lr_axis_and_the_status_count_it(tmp_path):
+    sel = Selection(ranks=(4,), alphas=(16.0,), lr_sweep=True)
+    points = sel.points()
+    lora = [p for p in points if not p.is_full]
+    assert [p.lr for p in lora] == sorted({0.02, *SWEEP_LRS})  # the chosen lr and the sweep
+    assert sorted(p.lr for p in points if p.is_full) == sorted(SWEEP_LRS)  # 1e-3 among them
+    assert sel.one_lr.points() == Selection(ranks=(4,), alphas=(16.0,)).points()
+    trainer = FakeTrainer()
+    explorer = SweepExplorer(SweepCache(tmp_path), run_fn=trainer)
+    explorer.ranks.value, explorer.alphas.value = (4,), (16.0,)
+    explorer.lr_sweep.value = True
+    assert list(PLOTS)[explorer.tabs.selected_index] == "lr"  # the sweep's plot opens
+    n = len(points)
+    assert explorer.status_text().startswith(f"sort_desc: {n} points selected, 0 cached, {n} to")
+    assert "estimate" in explorer.status_text()
+    explorer.on_run()
+    assert set(trainer.calls) == set(points)
+    assert explorer.facts() == {"selected": n, "cached": n, "to_train": 0}
+    assert is_png(explorer.images["lr"].value)
+
+
+def test_the_forgetting_plot_shows_runs_that_measured_it(practice):
+    fn, (rows,), kwargs = plot_specs(practice.results(), PRACTICE)["forgetting"]
+    assert fn is plots.learn_forget
+    kinds = sorted((r["rank"] or 0, r["replay"], r["source_accuracy"]) for r in rows)
+    # every trained lr of r1 and r4 (0.1 diverged: no forgetting), full at 3 lrs, the replay run
+    assert kinds == [(0, 0.0, 0.1)] * 3 + [(1, 0.0, 0.5)] * 2 + [(4, 0.0, 0.5)] * 2 + [
+        (4, 0.05, 0.9)
+    ]
+    assert kwargs["title"] == "Learned vs kept (sort_desc, all-linear, α/r: 8 runs)"
+    text = figure_texts(draw(plot_specs(practice.results(), PRACTICE)["forgetting"]))
+    assert "LoRA r4 + replay 5%" in text and "full fine-tuning" in text
+    assert "new task: held-out accuracy (%)" in text
+    no_full = plot_specs(practice.results(), dataclasses.replace(PRACTICE, full=False))
+    assert all(r["rank"] is not None for r in no_full["forgetting"][1][0])
+
+
+def test_the_forgetting_plot_says_when_runs_were_cached_without_it(seeded, practice):
+    fn, (title, message), _ = plot_specs(seeded.results(), Selection())["forgetting"]
+    assert fn is not plots.learn_forget and title == "Forgetting"
+    assert "no cached sort_desc, q,v, α/r run has its forgetting measured" in message
+    assert "cached before forgetting was measured (the shipped default grid) have none" in message
+    assert "Run new points" in message and "python -m lab sweep --task sort_desc" in message
+    both = seeded.results() + practice.results()
+    lora_only = Selection(full=False)  # with full fine-tuning on, its measured runs would show
+    assert plot_specs(both, Selection())["forgetting"][0] is plots.learn_forget
+    message = plot_specs(both, lora_only)["forgetting"][1][1]
+    assert "sort_desc runs with it: LoRA all-linear α/r (5): select those" in message
+    text = figure_texts(draw(plot_specs(both, lora_only)["forgetting"]))
+    assert "shipped default grid" in text
+
+
+def test_all_linear_is_a_targets_choice_written_all_linear(seeded):
+    assert targets_text(ALL6[::-1]) == "all-linear" and targets_text(ALL6[:5]) == "q,k,v,o,up"
+    assert point_label(SweepPoint("sort_desc", 4, targets="all-linear")) == "r4 α16 all-linear"
+    assert "LoRA on all-linear)" in plot_specs([], PRACTICE)["trainable"][2]["title"]
+    explorer = SweepExplorer(seeded, run_fn=FakeTrainer())
+    assert explorer.all_linear.value is False and explorer.all_linear.description == "all-linear"
+    explorer.all_linear.value = True
+    assert set(explorer.selection.targets) == set(ALL6)
+    assert explorer.selection.points()[0] == SweepPoint("sort_desc", 1, 8.0, targets="all-linear")
+    explorer.targets.value = ("q_proj", "k_proj")
+    assert explorer.all_linear.value is False  # no longer every layer
+    explorer.targets.value = ALL6
+    assert explorer.all_linear.value is True
+    explorer.all_linear.value = False
+    assert explorer.selection.targets == ("q_proj", "v_proj")  # back to the paper's choice
+
+
+def test_new_tabs_follow_the_old_ones_and_every_plot_has_a_short_title(seeded):
+    assert list(PLOTS) == ["trainable", "memory", "loss", "accuracy", "dropout", "lr", "forgetting"]
+    assert list(SHORT_TITLES) == list(PLOTS)
+    explorer = SweepExplorer(seeded, run_fn=FakeTrainer())
+    assert explorer.tabs.titles == tuple(PLOTS.values())
+    assert bytes(explorer.images["lr"].value) == b""  # not drawn until opened: the first view
+    explorer.refresh(all_tabs=True)
+    assert all(is_png(image.value) for image in explorer.images.values())
+
+
+def test_seed_shipped_includes_the_practice_grid_when_it_exists(tmp_path, monkeypatch):
+    from lab.practice import PRACTICE_GRID_PATH
+
+    assert SHIPPED_GRIDS[2] == PRACTICE_GRID_PATH
+    grid_file = tmp_path / "practice_grid.json"
+    points = variants_grid_fixture(grid_file)
+    monkeypatch.setattr("lab.widgets.SHIPPED_GRIDS", (tmp_path / "absent.json", grid_file))
+    assert seed_shipped(SweepCache(tmp_path / "c")) == len(points)
+    monkeypatch.setattr("lab.widgets.SHIPPED_GRIDS", (tmp_path / "absent.json",))
+    assert seed_shipped(SweepCache(tmp_path / "d")) == 0  # not built yet: nothing, no error
+
+
+@pytest.mark.parametrize("name", ["05_sweeps.ipynb", "dashboard.ipynb"])
+def test_the_explorer_notebooks_store_no_widget_state(name):
+    from pathlib import Path
+
+    notebook = json.loads((Path(__file__).parent.parent / "notebooks" / name).read_text())
+    assert "widgets" not in notebook["metadata"]
+    for cell in notebook["cells"]:
+        for output in cell.get("outputs", []):
+            assert "application/vnd.jupyter.widget-state+json" not in output.get("data", {})
