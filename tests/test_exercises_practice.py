@@ -43,20 +43,24 @@ SHIFT_ACCURACY = {"q,v": 0.30, "attention": 0.35, "MLP": 0.90, "all-linear": 0.9
 
 
 def synthetic_grid() -> list[SweepResult]:
-    out = []
+    """One result per point of the two experiments (they share sort_desc's all-linear r4 runs)."""
+    out: dict[SweepPoint, SweepResult] = {}
     for p in practice.lr_points():
         if p.is_full:
-            out.append(peaked(p, FULL_BEST, 0.80))
+            out[p] = peaked(p, FULL_BEST, 0.80)
         else:
-            out.append(peaked(p, 3e-3 if p.rslora and p.rank == 64 else LORA_BEST, 0.90))
+            out[p] = peaked(p, 3e-3 if p.rslora and p.rank == 64 else LORA_BEST, 0.90)
     for p in practice.layer_points():
         if p.is_full:
-            out.append(peaked(p, 3e-4, 0.97))
-            continue
-        name = next(n for n, (t, r) in practice.LAYER_SETS.items() if tuple(sorted(t)) == p.targets)
-        top = SHIFT_ACCURACY[name] if p.task == "shift" else 0.8
-        out.append(peaked(p, 3e-2, top))
-    return out
+            out[p] = peaked(p, 3e-4, 0.97)
+        elif p.task == "shift":
+            name = next(
+                n for n, (t, _) in practice.LAYER_SETS.items() if tuple(sorted(t)) == p.targets
+            )
+            out[p] = peaked(p, 3e-2, SHIFT_ACCURACY[name])
+        else:
+            out.setdefault(p, peaked(p, LORA_BEST, 0.8))
+    return list(out.values())
 
 
 GRID = synthetic_grid()
@@ -127,7 +131,10 @@ def test_the_prediction_passes_exactly_within_a_factor_two_of_ten_times():
 
 def test_a_grid_without_full_fine_tuning_or_unreadable_says_so(monkeypatch):
     lora_only = [r for r in GRID if not r.point.is_full]
-    assert_not_yet(ex.check_lr_prediction(1e-2, results=lora_only), "no trained full fine-tuning")
+    assert_not_yet(ex.check_lr_prediction(1e-2, results=lora_only), "no trained full", "none found")
+    diverged = [fake(r.point, None) if r.point.is_full else r for r in GRID]
+    assert_not_yet(ex.check_lr_prediction(1e-2, results=diverged), "7 found, all diverged")
+    assert_not_yet(ex.check_lr_prediction(1e-2, results=[]), "none found")
 
     def broken():
         raise ValueError("practice_grid.json: cannot read the grid file (no such file)")

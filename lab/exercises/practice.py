@@ -100,9 +100,10 @@ def _best_full(results: Sequence[SweepResult]) -> tuple[SweepResult | None, Feed
     full = _lr_sweeps(results).get((None, False), [])
     trained = [r for r in full if not r.diverged]
     if not trained:
+        found = f"{len(full)} found, all diverged" if full else "none found"
         return None, _no(
-            f"the practice grid holds no trained full fine-tuning run on {LR_TASK} "
-            f"({len(full)} found, all diverged): rebuild it with scripts/make_practice_grid.py"
+            f"the practice grid holds no trained full fine-tuning run on {LR_TASK} ({found}): "
+            "rebuild it with scripts/make_practice_grid.py"
         )
     return best_lr(trained), None
 
