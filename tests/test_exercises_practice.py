@@ -276,6 +276,13 @@ def test_a_grid_without_the_lr_experiment_says_so():
     assert_not_yet(ex.check_find_best_lr(find_ok, results=layers_only), "lacks the learning-rate")
 
 
+def test_the_ratio_report_leaves_out_a_sweep_that_lacks_rates():
+    partial = [r for r in GRID if not (r.point.rank == 16 and r.point.lr > 1e-3)]
+    feedback = ex.check_find_best_lr(find_ok, results=partial)
+    assert_passed(feedback)
+    assert "3 of 3 ranks" in feedback.message and "(r1, r4, r64)" in feedback.message
+
+
 # ----------------------------------------------------------------------------- 10a: count
 
 

@@ -23,7 +23,15 @@ import torch
 
 from ..analysis import format_table
 from ..model import PRESETS
-from ..practice import LAYER_SETS, LR_TASK, best_lr, layer_points, load_practice_grid, lr_points
+from ..practice import (
+    LAYER_SETS,
+    LR_GRID,
+    LR_TASK,
+    best_lr,
+    layer_points,
+    load_practice_grid,
+    lr_points,
+)
 from ..sweeps import ALL_TARGETS, ALL_TARGETS_SORTED, SweepPoint, SweepResult
 from .core import _budget_targets, _count_mistakes, _lab_count
 from .feedback import Feedback, _call, _describe, _no, _safe
@@ -240,7 +248,7 @@ TRAPS: tuple[tuple[str, tuple[tuple[float, float, float, float], ...]], ...] = (
             (1e-3, 0.0, 1.9, 1.8),
             (3e-4, 0.0, 2.2, 2.0),
         ),
-    ),  # fmt: skip
+    ),
     (
         "a sweep, rates unsorted, where lr 3e-2 has the lowest training loss but overfits",
         (
@@ -250,7 +258,7 @@ TRAPS: tuple[tuple[str, tuple[tuple[float, float, float, float], ...]], ...] = (
             (1e-2, 0.88, 0.40, 0.30),
             (1e-3, 0.60, 0.80, 0.70),
         ),
-    ),  # fmt: skip
+    ),
     (
         "a sweep where the best accuracy and the lowest held-out loss are different runs",
         (
@@ -259,7 +267,7 @@ TRAPS: tuple[tuple[str, tuple[tuple[float, float, float, float], ...]], ...] = (
             (3e-3, 0.92, 0.35, 0.30),
             (1e-3, 0.75, 0.60, 0.55),
         ),
-    ),  # fmt: skip
+    ),
     (
         "a sweep where two runs tie on accuracy (0.90), the one with the lower loss listed second",
         (
@@ -268,7 +276,7 @@ TRAPS: tuple[tuple[str, tuple[tuple[float, float, float, float], ...]], ...] = (
             (1e-3, 0.70, 0.70, 0.60),
             (3e-2, 0.60, 0.90, 0.20),
         ),
-    ),  # fmt: skip
+    ),
     (
         "a sweep where two runs tie on accuracy (0.95), the one with the lower loss listed first",
         (
@@ -278,7 +286,7 @@ TRAPS: tuple[tuple[str, tuple[tuple[float, float, float, float], ...]], ...] = (
             (1e-1, 0.30, 1.50, 0.10),
             (3e-3, 0.85, 0.40, 0.40),
         ),
-    ),  # fmt: skip
+    ),
 )
 
 
@@ -412,7 +420,8 @@ def _ratio_report(sweeps: dict[tuple[int | None, bool], list[SweepResult]]) -> s
     full = best_lr(sweeps[(None, False)]).point.lr
     best: dict[tuple[int, bool], float] = {}
     for (rank, rslora), sweep in sweeps.items():
-        if rank is not None and any(not r.diverged for r in sweep):
+        complete = {r.point.lr for r in sweep} >= set(LR_GRID)  # a partial sweep says little
+        if rank is not None and complete and any(not r.diverged for r in sweep):
             best[(rank, rslora)] = best_lr(sweep).point.lr
     rows = []
     for rank in sorted({rank for rank, _ in best}):
