@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import html
 import os
+import textwrap
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -552,6 +553,12 @@ def sweep_command(sel: Selection) -> str:
     return " ".join(words)
 
 
+def _wrap_lines(lines: Sequence[str], width: int = 84) -> str:
+    """Lines of a message figure, each wrapped to fit the plot area (continuations indented)."""
+    wrapped = (textwrap.wrap(line, width, subsequent_indent="    ") for line in lines)
+    return "\n".join("\n".join(parts) for parts in wrapped)
+
+
 def _accuracy_or_none(r: SweepResult) -> float | None:
     return None if r.diverged else float(r.heldout["accuracy"])
 
@@ -616,7 +623,7 @@ def _lr_spec(
         f"{format_duration(estimate_seconds(todo, results))}; or in a terminal:"
     )
     lines.append(sweep_command(sel))
-    return _message_figure, (PLOTS["lr"], "\n".join(lines)), {"fontsize": 10}
+    return _message_figure, (PLOTS["lr"], _wrap_lines(lines)), {"fontsize": 10}
 
 
 def _method_of(point: SweepPoint) -> str:
@@ -672,7 +679,7 @@ def _forgetting_spec(
         lines.append(f"{sel.task} runs with it: {listed}: select those, or")
     lines.append("Run new points (every new run measures it), or in a terminal:")
     lines.append(sweep_command(sel))
-    return _message_figure, (PLOTS["forgetting"], "\n".join(lines)), {"fontsize": 10}
+    return _message_figure, (PLOTS["forgetting"], _wrap_lines(lines)), {"fontsize": 10}
 
 
 def _trainable_of(ranks, counts, full, *, title: str, method: str) -> Figure:
