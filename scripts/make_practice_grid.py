@@ -8,7 +8,7 @@ lab/practice.py, which the notebook, exercises and tests read too):
 - the learning rate: 7 log-spaced rates x ranks 1, 4, 16, 64 (all-linear, alpha 16) under alpha/r
   (and rank 64 under rsLoRA), and full fine-tuning at the same 7 rates, on sort_desc;
 - which layers: q,v / attention / MLP / all-linear at matched trainable parameters, each at 4
-  rates, on sort_desc and shift, and full fine-tuning on shift at 4 rates;
+  rates, on shift, and full fine-tuning on shift at 4 rates;
 - replay: LoRA rank 16 and full fine-tuning at 3 rates each with 5% pretraining replay.
 Every result carries `forgetting` (the pretraining skills after fine-tuning). Results go through
 a SweepCache (--cache), so an interrupted build resumes where it stopped. Losses are rounded to
