@@ -102,11 +102,11 @@ SMALL_TASK = "sort_desc_small"  # where the dropout plot looks when the chosen t
 LOSS_SMOOTHING = 20  # steps in the loss curves' moving average: per-batch losses are noisy
 # Tab key -> tab title, in display order.
 PLOTS = {
-    "trainable": "Trainable parameters",
+    "trainable": "Parameters",
     "memory": "Memory",
     "loss": "Loss curves",
     "accuracy": "Accuracy (r × α)",
-    "dropout": "Dropout (small data)",
+    "dropout": "Dropout",
     "lr": "Learning rate",
     "forgetting": "Forgetting",
 }
