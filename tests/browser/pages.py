@@ -246,7 +246,7 @@ class Explorer:
         expect(self.status).to_have_count(1)
         expect(self.slider).to_have_count(1)
         expect(self.run).to_have_count(1)
-        expect(self.tabs).to_have_count(5)
+        expect(self.tabs).to_have_count(len(PLOTS))
 
     def open_tab(self, title: str) -> None:
         self.tabs.filter(has_text=re.compile(rf"^\s*{title}")).click()
