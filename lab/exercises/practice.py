@@ -25,7 +25,6 @@ from ..analysis import format_table
 from ..model import PRESETS
 from ..practice import (
     LAYER_SETS,
-    LR_GRID,
     LR_TASK,
     PRACTICE_GRID_PATH,
     best_lr,
@@ -424,8 +423,11 @@ def _ratio_report(sweeps: dict[tuple[int | None, bool], list[SweepResult]]) -> s
     """Best LoRA lr over best full lr per rank and rule, beside the published ~10x."""
     full = best_lr(sweeps[(None, False)]).point.lr
     best: dict[tuple[int, bool], float] = {}
+    rates: dict[tuple[int | None, bool], set[float]] = {}
+    for p in lr_points():  # the rates each setting was swept at
+        rates.setdefault((p.rank, p.rslora), set()).add(p.lr)
     for (rank, rslora), sweep in sweeps.items():
-        complete = {r.point.lr for r in sweep} >= set(LR_GRID)  # a partial sweep says little
+        complete = {r.point.lr for r in sweep} >= rates[(rank, rslora)]  # a partial one says little
         if rank is not None and complete and any(not r.diverged for r in sweep):
             best[(rank, rslora)] = best_lr(sweep).point.lr
     rows = []
