@@ -8,10 +8,14 @@ getting the whole answer right, so one forward pass scores a batch.
 
 The base model is pretrained on a mixture of four skills (copy, reverse, sort, add). The
 fine-tuning tasks use task tokens the base has never seen, so it starts near 0% on all of them.
+They come in two kinds: skills (`SKILL_TASKS`: a rule, scored on prompts never trained on) and
+recall (`RECALL_TASKS`: N random key -> value pairs to memorise, scored on those same pairs, so
+each holds a known amount of information, `recall_bits(n)`, to measure an adapter's capacity).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +27,19 @@ from .model import IGNORE_INDEX, ToyTransformer, lm_loss
 __all__ = [
     "FINETUNE_TASKS",
     "PRETRAIN_TASKS",
+    "RECALL_KEY_LEN",
+    "RECALL_SIZES",
+    "RECALL_TASKS",
+    "RECALL_VALUE_LEN",
     "SEQ_LEN",
+    "SKILL_TASKS",
     "TASKS",
     "VOCAB",
     "Task",
     "decode",
     "encode",
     "get_task",
+    "recall_bits",
 ]
 
 SPECIALS = ["<pad>", "<sep>", "<eos>"]
@@ -38,11 +48,19 @@ LETTERS = list("abcdefghijklmnopqrstuvwxyz")
 SYMBOLS = ["+", "-"]
 # One token per task: the prompt's first token tells the model what to do.
 PRETRAIN_TASKS = ("copy", "reverse", "sort", "add")
-FINETUNE_TASKS = ("sort_desc", "shift", "rotate", "swap", "evens", "sort_desc_small")
+SKILL_TASKS = ("sort_desc", "shift", "rotate", "swap", "evens", "sort_desc_small")
+# Memorisation: recall_N holds N key -> value pairs (see _build_recall). The sizes are a factor 2
+# apart: scripts/make_capacity_grid.py trains 32 to 512, from "rank 16 holds them all" to "only
+# full fine-tuning does" at its budget; 1024 is past what that budget lets full fine-tuning hold.
+RECALL_SIZES = (32, 64, 128, 256, 512, 1024)
+RECALL_TASKS = tuple(f"recall_{n}" for n in RECALL_SIZES)
+# Everything a run may be trained on (lab.SweepPoint, lab.train, the CLI): skills, then recall.
+FINETUNE_TASKS = SKILL_TASKS + RECALL_TASKS
 TASK_TOKENS = [
     f"<{name}>" for name in PRETRAIN_TASKS + ("sort_desc", "shift", "rotate", "swap", "evens")
 ]
-VOCAB: list[str] = SPECIALS + DIGITS + LETTERS + SYMBOLS + TASK_TOKENS
+# <recall> comes last, so every token the base model was pretrained with keeps its id.
+VOCAB: list[str] = SPECIALS + DIGITS + LETTERS + SYMBOLS + TASK_TOKENS + ["<recall>"]
 TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
 PAD, SEP, EOS = (TOKEN_ID[t] for t in SPECIALS)
 SEQ_LEN = 20  # <task> + prompt (<= 8) + <sep> + answer (<= 8) + <eos>, plus one spare
@@ -162,6 +180,9 @@ class Task:
     heldout_inputs: torch.Tensor
     heldout_targets: torch.Tensor
     examples: list[tuple[str, str]] = field(default_factory=list)  # a few (prompt, answer) pairs
+    # Information the training set holds, in bits, where it is known: the recall tasks' random
+    # values (recall_bits). None for the skills, whose answers follow from their prompts.
+    bits: float | None = None
 
     @property
     def n_train(self) -> int:
@@ -245,6 +266,22 @@ DESCRIPTIONS = {
     "swap": "swap neighbouring letters: abcde -> badce (new task token)",
     "sort_desc_small": "sort_desc with only 256 training examples: a small-data regime",
 }
+RECALL_KEY_LEN, RECALL_VALUE_LEN = 4, 4  # letters: 26**4 = 456,976 possible keys
+RECALL_SEED = 2024  # one sequence of pairs; recall_N is its first N
+
+
+def recall_bits(n: int) -> float:
+    """Information in n recall pairs, in bits: n * RECALL_VALUE_LEN * log2(26).
+
+    The model is given each key, so only the values are information to store, and each value
+    letter is drawn uniformly from 26: log2(26) = 4.70 bits. That is what the adapter must hold
+    to answer every pair; at 4 letters a pair is 18.8 bits.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n={n!r}: expected a positive int (a number of pairs)")
+    return n * RECALL_VALUE_LEN * math.log2(len(LETTERS))
+
+
 N_TRAIN, N_HELDOUT, N_SMALL = 20_000, 512, 256
 TASKS: tuple[str, ...] = ("pretrain", *PRETRAIN_TASKS, *FINETUNE_TASKS)
 _CACHE: dict[str, Task] = {}
@@ -260,6 +297,8 @@ def get_task(name: str) -> Task:
 
 
 def _build(name: str) -> Task:
+    if name in RECALL_TASKS:
+        return _build_recall(int(name.removeprefix("recall_")))
     base = name.removesuffix("_small")
     names = PRETRAIN_TASKS if name == "pretrain" else (base,)
     seed = sum(ord(c) for c in base)  # a fixed seed per task, independent of build order
@@ -273,3 +312,39 @@ def _build(name: str) -> Task:
     ho_x, ho_y = _to_tensors(heldout)
     shown = [(f"<{nm}> " + "".join(p), "".join(a)) for nm, p, a in heldout[:4]]
     return Task(name, DESCRIPTIONS[name], tr_x, tr_y, ho_x, ho_y, shown)
+
+
+def _recall_pairs(n: int) -> list[tuple[list[str], list[str]]]:
+    """The first n of one fixed sequence of (key, value) pairs: keys distinct, values random.
+
+    Every recall task draws from the same sequence, so recall_256's pairs are recall_1024's
+    first 256: a larger N only adds pairs.
+    """
+    rng = random.Random(RECALL_SEED)
+    seen: set[tuple[str, ...]] = set()
+    pairs = []
+    while len(pairs) < n:
+        key = [rng.choice(LETTERS) for _ in range(RECALL_KEY_LEN)]
+        value = [rng.choice(LETTERS) for _ in range(RECALL_VALUE_LEN)]
+        if tuple(key) in seen:  # a repeated key would ask for two answers to one prompt
+            continue
+        seen.add(tuple(key))
+        pairs.append((key, value))
+    return pairs
+
+
+def _build_recall(n: int) -> Task:
+    """recall_n: the n pairs are both the training set and the held-out set (the same tensors).
+
+    Memorisation is the point: there is no rule to generalise, so held-out accuracy is the
+    fraction of the training pairs the model recalls exactly.
+    """
+    examples = [("recall", key, value) for key, value in _recall_pairs(n)]
+    x, y = _to_tensors(examples)
+    description = (
+        f"recall {n:,} random key -> value pairs ({RECALL_KEY_LEN}-letter keys, "
+        f"{RECALL_VALUE_LEN}-letter values; new task token), scored on the same pairs it trains "
+        f"on: memorisation, not generalisation; {recall_bits(n):,.0f} bits to store"
+    )
+    shown = [(f"<recall> {''.join(k)}", "".join(v)) for _, k, v in examples[:4]]
+    return Task(f"recall_{n}", description, x, y, x, y, shown, bits=recall_bits(n))
