@@ -98,6 +98,22 @@ def layer_points(steps: int = STEPS) -> list[SweepPoint]:
     return points + [full_point("shift", steps, lr) for lr in LAYER_FULL_LRS]
 
 
+# At 200 steps no target set learns shift whole (full fine-tuning does); each set's rate with
+# the lowest held-out loss at 200 steps then trains 3x longer.
+LONG_STEPS = 600
+LAYER_LONG_LRS = {"q,v": 1e-2, "MLP": 3e-3, "all-linear": 3e-3}
+
+
+def layer_long_points(steps: int = LONG_STEPS) -> list[SweepPoint]:
+    """Each target set at the rate its 200-step sweep liked best, trained `steps` on shift."""
+    return [
+        SweepPoint(
+            "shift", LAYER_SETS[name][1], ALPHA, targets=LAYER_SETS[name][0], steps=steps, lr=lr
+        )  # fmt: skip
+        for name, lr in LAYER_LONG_LRS.items()
+    ]
+
+
 def replay_points(steps: int = STEPS) -> list[SweepPoint]:
     """LoRA (all-linear) ranks x rates and full fine-tuning x rates, 5% pretraining replay."""
     lora = [
@@ -112,7 +128,8 @@ def replay_points(steps: int = STEPS) -> list[SweepPoint]:
 
 def all_points(steps: int = STEPS) -> list[SweepPoint]:
     """Every point of the shipped practice grid, each once."""
-    return list(dict.fromkeys(lr_points(steps) + layer_points(steps) + replay_points(steps)))
+    long = layer_long_points(3 * steps)
+    return list(dict.fromkeys(lr_points(steps) + layer_points(steps) + replay_points(steps) + long))
 
 
 def load_practice_grid(path: str | Path = PRACTICE_GRID_PATH) -> list[SweepResult]:

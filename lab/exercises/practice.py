@@ -28,7 +28,7 @@ from ..practice import (
     LR_TASK,
     PRACTICE_GRID_PATH,
     best_lr,
-    layer_points,
+    layer_long_points,
     load_practice_grid,
     lr_points,
 )
@@ -569,8 +569,12 @@ def _shift_targets(targets: object) -> tuple[tuple[str, ...], Feedback | None]:
 
 
 def _layer_rows(grid: Iterable[SweepResult]) -> dict[str, dict] | None:
-    """Per LAYER_SETS name, shift's best run at matched parameters; None if any is missing."""
-    wanted = {p for p in layer_points() if p.task == SHIFT_TASK}
+    """Per LAYER_SETS name, shift's long run at matched parameters; None if any is missing.
+
+    The 600-step runs (lab.practice.layer_long_points), each at the rate its 200-step sweep
+    liked best: at 200 steps no target set gets whole shift answers right yet.
+    """
+    wanted = {p for p in layer_long_points() if p.task == SHIFT_TASK}
     sweeps: dict[str, list[SweepResult]] = {}
     by_targets = {tuple(sorted(t)): name for name, (t, _) in LAYER_SETS.items()}
     for r in grid:
