@@ -23,6 +23,8 @@ except ImportError:  # no Playwright: conftest's `chromium` fixture skips (or, i
     expect = None
     PlaywrightTimeoutError = TimeoutError
 
+from lab.widgets import PLOTS  # the explorer's plot tabs, one per entry
+
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page
 
