@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +15,10 @@ import lab
 import lab.tasks as tasks
 from lab.base import load_base_config
 from lab.model import IGNORE_INDEX
-from lab.sweeps import SweepPoint
+from lab.sweeps import ALL_TARGETS, SweepPoint, load_grid_file, trainable_counts
 from lab.tasks import (
     FINETUNE_TASKS,
+    PRETRAIN_TASKS,
     RECALL_KEY_LEN,
     RECALL_SIZES,
     RECALL_TASKS,
@@ -131,3 +136,113 @@ def test_full_fine_tuning_memorises_the_smallest_task():
     task = get_task(RECALL_TASKS[0])
     result = lab.train(model, task, steps=200, lr=3e-3, progress=False, measure_memory=False)
     assert result.heldout["accuracy"] >= 0.9
+
+
+# --- the shipped capacity grid (lab/data/capacity_grid.json) -------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "make_capacity_grid.py"
+
+
+def _load_script():
+    """scripts/make_capacity_grid.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("make_capacity_grid", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load_script()
+
+
+@pytest.fixture(scope="module")
+def results():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another base model or a malformed entry: a failure
+        return load_grid_file(script.OUT)
+
+
+@pytest.fixture(scope="module")
+def header():
+    data = json.loads(script.OUT.read_text(encoding="utf-8"))
+    return {k: v for k, v in data.items() if k != "results"}
+
+
+@pytest.fixture(scope="module")
+def accuracy(results):
+    """Held-out (= training) accuracy by (N, rank), rank None for full fine-tuning."""
+    return {(int(r.point.task.removeprefix("recall_")), r.point.rank): r.heldout["accuracy"]
+            for r in results}  # fmt: skip
+
+
+def test_the_script_trains_every_size_at_every_rank_on_one_budget():
+    assert set(script.SIZES) <= set(RECALL_SIZES) and list(script.SIZES) == sorted(script.SIZES)
+    by_size = script.size_points()
+    assert list(by_size) == list(script.SIZES)
+    for n, group in by_size.items():
+        assert [p.rank for p in group] == [None, *script.RANKS], n
+        for p in group:
+            assert (p.task, p.steps, p.batch_size) == (f"recall_{n}", script.STEPS,
+                                                       script.BATCH_SIZE)  # fmt: skip
+            if p.is_full:
+                assert p.lr == script.FULL_LR
+            else:  # every linear of the blocks, update scale alpha / rank = 2 at every rank
+                assert p.lr == script.LORA_LR and p.alpha == 2 * p.rank
+                assert p.targets == tuple(sorted(ALL_TARGETS)) and p.batchable
+    assert script.points() == [p for g in by_size.values() for p in g]
+
+
+def test_shipped_grid_holds_exactly_the_scripts_points(results, header):
+    expected = script.points()
+    assert len(results) == len(expected) == len({r.point for r in results})
+    assert {r.point for r in results} == set(expected)
+    assert header["sizes"] == list(script.SIZES) and header["ranks"] == list(script.RANKS)
+    assert header["steps"] == script.STEPS and header["batch_size"] == script.BATCH_SIZE
+    assert header["lora_lr"] == script.LORA_LR and header["full_lr"] == script.FULL_LR
+    assert header["bits"] == {str(n): round(recall_bits(n), 1) for n in script.SIZES}
+
+
+def test_every_result_trained_and_carries_forgetting(results):
+    for r in results:
+        assert not r.diverged, r.point
+        assert len(r.losses) == r.point.steps and all(math.isfinite(x) for x in r.losses)
+        assert r.train_eval == r.heldout, r.point  # recall is scored on the training pairs
+        assert r.forgetting is not None and set(r.forgetting) == set(PRETRAIN_TASKS), r.point
+        assert r.memory is not None and r.wall_seconds > 0
+
+
+def test_trainable_parameters_are_the_all_linear_counts(results, header):
+    lora, full = trainable_counts(script.RANKS, tuple(sorted(ALL_TARGETS)))
+    count = dict(zip(script.RANKS, lora, strict=True))
+    assert header["trainable"] == {"full": full, **{str(r): c for r, c in count.items()}}
+    for r in results:
+        assert r.trainable_parameters == (full if r.point.is_full else count[r.point.rank])
+
+
+def knee(accuracy, rank, at_least=0.9):
+    """The largest N of the grid that `rank` still recalls at `at_least` or better."""
+    return max((n for n in script.SIZES if accuracy[n, rank] >= at_least), default=None)
+
+
+def test_full_fine_tuning_recalls_every_size_so_the_budget_suffices(accuracy):
+    assert all(accuracy[n, None] >= 0.99 for n in script.SIZES), accuracy
+
+
+def test_more_rank_never_recalls_less(accuracy):
+    for n in script.SIZES:
+        row = [accuracy[n, r] for r in (*script.RANKS, None)]
+        assert all(a <= b + 0.01 for a, b in zip(row, row[1:], strict=False)), (n, row)
+
+
+def test_every_rank_tracks_full_fine_tuning_then_falls_behind(accuracy):
+    smallest, largest = script.SIZES[0], script.SIZES[-1]
+    for r in script.RANKS:
+        assert accuracy[smallest, r] >= 0.99, r  # a few pairs: every adapter holds them
+        assert accuracy[largest, None] - accuracy[largest, r] >= 0.5, r  # too many: it cannot
+        past = [n for n in script.SIZES if n > knee(accuracy, r)]
+        assert all(accuracy[n, r] < 0.9 for n in past), r  # once behind, it stays behind
+
+
+def test_the_knee_moves_to_more_pairs_with_rank(accuracy):
+    knees = [knee(accuracy, r) for r in script.RANKS]
+    assert knees == sorted(set(knees)), knees  # strictly increasing: 4x the rank holds more
