@@ -26,7 +26,7 @@ IGNORE_INDEX = -100  # target value for positions that carry no loss (prompt and
 class ModelConfig:
     """Shape of a ToyTransformer. Defaults are the lab's CPU size (`PRESETS["cpu"]`)."""
 
-    vocab_size: int = 64  # the lab's character vocabulary (50 symbols) padded to a multiple of 16
+    vocab_size: int = 64  # the lab's character vocabulary (51 symbols) padded to a multiple of 16
     d_model: int = 128  # residual width; every projection of q/k/v/o is d_model x d_model
     n_layers: int = 2  # enough depth for the lab's algorithmic tasks, quick on a 2-core CPU
     n_heads: int = 4  # head size 32

@@ -348,8 +348,11 @@ def test_a_chunk_that_runs_out_of_memory_is_split_and_retried(monkeypatch):
 def test_run_group_rejects_what_cannot_train_together():
     with pytest.raises(ValueError, match="full fine-tuning has no adapter"):
         run_group([short(2), full_point("sort_desc_small")], device="cpu")
-    with pytest.raises(ValueError, match=r"differ in \(task, steps, batch_size\)"):
+    shared = r"differ in \(task, steps, batch_size, replay\)"
+    with pytest.raises(ValueError, match=shared + r".*5, 16, 0\.0\).*6, 16, 0\.0\)"):
         run_group([short(2), short(2, steps=5)], device="cpu")
+    with pytest.raises(ValueError, match=shared + r".*6, 16, 0\.0\).*6, 16, 0\.05\)"):
+        run_group([short(2), short(2, replay=0.05)], device="cpu")
     with pytest.raises(ValueError, match="max_configs=0"):
         run_group([short(2)], device="cpu", max_configs=0)
     assert run_group([], device="cpu") == []

@@ -779,14 +779,3 @@ def test_seed_shipped_includes_the_practice_grid_when_it_exists(tmp_path, monkey
     assert seed_shipped(SweepCache(tmp_path / "c")) == len(points)
     monkeypatch.setattr("lab.widgets.SHIPPED_GRIDS", (tmp_path / "absent.json",))
     assert seed_shipped(SweepCache(tmp_path / "d")) == 0  # not built yet: nothing, no error
-
-
-@pytest.mark.parametrize("name", ["05_sweeps.ipynb", "dashboard.ipynb"])
-def test_the_explorer_notebooks_store_no_widget_state(name):
-    from pathlib import Path
-
-    notebook = json.loads((Path(__file__).parent.parent / "notebooks" / name).read_text())
-    assert "widgets" not in notebook["metadata"]
-    for cell in notebook["cells"]:
-        for output in cell.get("outputs", []):
-            assert "application/vnd.jupyter.widget-state+json" not in output.get("data", {})
