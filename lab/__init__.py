@@ -3,6 +3,7 @@
 The public API that notebooks, tests and users rely on is listed in `__all__`.
 """
 
+from . import threads
 from .base import BASE_MODEL_PATH, load_base_model, save_base_model
 from .config import INITS, VARIANTS, LoRAConfig
 from .diagnosis import Finding, doctor
@@ -45,6 +46,8 @@ from .sweeps import SweepCache, SweepCacheError, SweepPoint, SweepResult, full_p
 from .tasks import TASKS, Task, get_task
 from .training import TrainingDiverged, TrainResult, train
 from .variants.dora import DoRALinear  # importing lab.variants registers every flavour
+
+threads.apply()  # torch's thread count for this kernel: lab.threads.describe() says why
 
 __all__ = [
     "BASE_MODEL_PATH",
@@ -103,6 +106,7 @@ __all__ = [
     "scale_intruders",
     "scale_model_intruders",
     "sweep",
+    "threads",
     "train",
     "unmerge_lora",
 ]

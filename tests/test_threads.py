@@ -1,0 +1,295 @@
+"""lab.threads: the thread count a kernel gets on `import lab`, by each branch of the rule."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lab
+from lab import threads
+from lab.threads import CpuQuota, apply, cgroup_cpu_quota, choose_threads, describe
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_CGROUP = {"cgroup_root": "/nonexistent/cgroup", "self_cgroup": "/nonexistent/cgroup-self"}
+HUB = {"JUPYTERHUB_USER": "ann", "JUPYTERHUB_API_TOKEN": "secret"}
+
+
+def cgroup_tree(tmp_path: Path, files: dict[str, str], membership: str = "0::/\n") -> dict:
+    """A fake cgroup mount under tmp_path (path -> contents) and its /proc/self/cgroup."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text + "\n")
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text(membership)
+    return {"cgroup_root": root, "self_cgroup": self_cgroup}
+
+
+@pytest.fixture
+def restore_torch_threads():
+    """In-process apply() tests leave torch and the module's record as they found them."""
+    before, record = torch.get_num_threads(), threads._applied
+    yield
+    torch.set_num_threads(before)
+    threads._applied = record
+
+
+# 1. LORA_LAB_THREADS: exactly that many, before every other rule.
+
+
+@pytest.mark.parametrize("value, n", [("3", 3), ("1", 1), (" 2 ", 2), ("1024", 1024)])
+def test_lora_lab_threads_gives_exactly_that_many(value, n):
+    env = {"LORA_LAB_THREADS": value, "OMP_NUM_THREADS": "7", **HUB}
+    chosen, reason = choose_threads(env, cpus=4096, **NO_CGROUP)
+    assert chosen == n
+    assert reason.startswith(f"{n} thread") and f"LORA_LAB_THREADS={value.strip()}" in reason
+    assert "more than" not in reason
+
+
+def test_lora_lab_threads_beats_a_cgroup_quota(tmp_path):
+    tree = cgroup_tree(tmp_path, {"cpu.max": "100000 100000"})
+    assert choose_threads({"LORA_LAB_THREADS": "2"}, cpus=4, **tree)[0] == 2
+    assert choose_threads({}, cpus=4, **tree)[0] == 1  # the quota, once the variable is gone
+
+
+def test_lora_lab_threads_above_the_cpus_is_honoured_and_said():
+    chosen, reason = choose_threads({"LORA_LAB_THREADS": "8"}, cpus=2, **NO_CGROUP)
+    assert chosen == 8 and "more than the 2 CPUs this process may use" in reason
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "+2", "2 threads", "1025", "0x2"])
+def test_a_bad_lora_lab_threads_names_the_value_and_what_is_valid(value):
+    with pytest.raises(ValueError) as error:
+        choose_threads({"LORA_LAB_THREADS": value}, cpus=2, **NO_CGROUP)
+    message = str(error.value)
+    assert message.startswith(f"LORA_LAB_THREADS={value!r} is not a number of threads")
+    assert "a whole number from 1 to 1024" in message and "unset it" in message
+
+
+def test_an_empty_lora_lab_threads_counts_as_unset():
+    assert choose_threads({"LORA_LAB_THREADS": " "}, cpus=2, **NO_CGROUP)[0] is None
+    assert choose_threads({"LORA_LAB_THREADS": "", **HUB}, cpus=2, **NO_CGROUP)[0] == 1
+
+
+# 2. OMP_NUM_THREADS: the host chose; leave torch alone.
+
+
+def test_omp_num_threads_leaves_torch_alone_even_on_a_hub_with_a_quota(tmp_path):
+    tree = cgroup_tree(tmp_path, {"cpu.max": "50000 100000"})
+    chosen, reason = choose_threads({"OMP_NUM_THREADS": "4", **HUB}, cpus=8, **tree)
+    assert chosen is None
+    assert reason.startswith("torch's setting from OMP_NUM_THREADS=4")
+    assert reason.endswith("set LORA_LAB_THREADS to change it")
+    assert choose_threads({"OMP_NUM_THREADS": "", **HUB}, cpus=8, **NO_CGROUP)[0] == 1
+
+
+# 3. A cgroup CPU quota: ceil(quota), never more than the usable CPUs.
+
+
+@pytest.mark.parametrize(
+    "cpu_max, cpus, n",
+    [
+        ("150000 100000", 8, 2),  # 1.5 CPUs -> 2 threads
+        ("50000 100000", 8, 1),  # half a CPU still gets one thread
+        ("400000 100000", 2, 2),  # 4 CPUs of quota, but only 2 to run on
+        ("100000 100000", 1, 1),
+    ],
+)
+def test_a_cgroup_v2_quota_gives_its_ceiling_capped_by_the_cpus(tmp_path, cpu_max, cpus, n):
+    tree = cgroup_tree(tmp_path, {"cpu.max": cpu_max})
+    chosen, reason = choose_threads(HUB, cpus=cpus, **tree)  # the quota comes before the hub
+    assert chosen == n
+    quota = int(cpu_max.split()[0]) / int(cpu_max.split()[1])
+    assert f"a CPU quota of {quota:g} CPUs" in reason and str(tree["cgroup_root"]) in reason
+    assert reason.startswith(f"{n} thread") and f"on {cpus} usable CPUs" in reason
+
+
+def test_a_cgroup_v2_max_is_no_quota(tmp_path):
+    tree = cgroup_tree(tmp_path, {"cpu.max": "max 100000"})
+    assert cgroup_cpu_quota(tree["cgroup_root"], tree["self_cgroup"]) is None
+    assert choose_threads({}, cpus=2, **tree)[0] is None
+    assert choose_threads(HUB, cpus=2, **tree)[0] == 1
+
+
+def test_the_tightest_quota_on_the_cgroup_or_above_it_wins(tmp_path):
+    """A host's cgroup path (a SystemdSpawner unit) leads below the mount to the quota."""
+    service = "user.slice/jupyter-ann.service/cpu.max"
+    files = {
+        "user.slice/cpu.max": "300000 100000",
+        service: "120000 100000",
+        "other.slice/cpu.max": "10000 100000",  # not this process's cgroup: not read
+    }
+    tree = cgroup_tree(tmp_path, files, "0::/user.slice/jupyter-ann.service\n")
+    quota = cgroup_cpu_quota(tree["cgroup_root"], tree["self_cgroup"])
+    assert quota == CpuQuota(1.2, str(tree["cgroup_root"] / service))
+    assert choose_threads({}, cpus=8, **tree)[0] == 2
+    # Only the slice above has a quota now: it still bounds the service below it.
+    (tree["cgroup_root"] / service).write_text("max 100000\n")
+    assert choose_threads({}, cpus=8, **tree)[0] == 3
+
+
+@pytest.mark.parametrize("mount", ["cpu", "cpu,cpuacct"])
+def test_a_cgroup_v1_quota_is_read_from_the_cpu_controller(tmp_path, mount):
+    files = {f"{mount}/cpu.cfs_quota_us": "250000", f"{mount}/cpu.cfs_period_us": "100000"}
+    # Inside a container the mount shows the container's own cgroup, not the host's path.
+    tree = cgroup_tree(tmp_path, files, "4:cpu,cpuacct:/docker/abc\n1:memory:/docker/abc\n")
+    chosen, reason = choose_threads(HUB, cpus=16, **tree)
+    assert chosen == 3 and "a CPU quota of 2.5 CPUs" in reason and "cpu.cfs_quota_us" in reason
+
+
+def test_a_cgroup_v1_quota_of_minus_one_is_no_quota(tmp_path):
+    files = {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}
+    tree = cgroup_tree(tmp_path, files, "1:cpu:/\n")
+    assert cgroup_cpu_quota(tree["cgroup_root"], tree["self_cgroup"]) is None
+    assert choose_threads(HUB, cpus=2, **tree)[0] == 1
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"cpu.max": "lots 100000"},
+        {"cpu.max": "100000"},
+        {"cpu.max": "0 100000"},
+        {"cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "0"},
+        {"cpu/cpu.cfs_quota_us": "200000"},  # no period beside it
+    ],
+)
+def test_unreadable_cgroup_files_are_no_quota(tmp_path, files):
+    tree = cgroup_tree(tmp_path, files, "garbage line\n0::/\n1:cpu:/\n")
+    assert cgroup_cpu_quota(tree["cgroup_root"], tree["self_cgroup"]) is None
+
+
+def test_this_machines_cgroups_read_without_error():
+    quota = cgroup_cpu_quota()
+    assert quota is None or (quota.cpus > 0 and Path(quota.source).is_file())
+    assert 1 <= threads.usable_cpus() <= (os.cpu_count() or 1)
+
+
+# 4. A JupyterHub server: 1 thread. 5. Otherwise torch's default.
+
+
+@pytest.mark.parametrize("var", ["JUPYTERHUB_USER", "JUPYTERHUB_API_TOKEN"])
+def test_a_jupyterhub_server_gets_one_thread(var):
+    chosen, reason = choose_threads({var: "x"}, cpus=2, **NO_CGROUP)
+    assert chosen == 1
+    assert reason == (
+        f"1 thread: a JupyterHub server ({var} is set), where kernels share the cores; "
+        "set LORA_LAB_THREADS to change it"
+    )
+
+
+def test_a_machine_of_ones_own_keeps_torchs_default():
+    chosen, reason = choose_threads({"JUPYTERHUB_USER": ""}, cpus=2, **NO_CGROUP)
+    assert chosen is None and reason.startswith("torch's default: no LORA_LAB_THREADS")
+
+
+def test_choose_threads_reads_os_environ_by_default(monkeypatch):
+    for name in ("LORA_LAB_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JUPYTERHUB_USER", "bob")
+    quota = cgroup_cpu_quota()
+    expected = 1 if quota is None else min(math.ceil(quota.cpus), threads.usable_cpus())
+    assert choose_threads()[0] == expected
+    monkeypatch.setenv("LORA_LAB_THREADS", "nope")
+    with pytest.raises(ValueError, match="LORA_LAB_THREADS='nope'"):
+        choose_threads()
+
+
+# apply() and describe()
+
+
+def test_apply_sets_torch_and_describe_says_why(restore_torch_threads):
+    target = 1 if torch.get_num_threads() != 1 else 2
+    now, reason = apply({"LORA_LAB_THREADS": str(target)}, **NO_CGROUP)
+    assert now == torch.get_num_threads() == target
+    assert describe() == reason and reason.startswith(f"{target} thread")
+    torch.set_num_threads(3)  # the student changes it afterwards
+    assert describe().startswith("3 threads: changed after `import lab`")
+    assert f"the lab chose {target} thread" in describe()
+
+
+def test_apply_leaves_torch_alone_when_the_rule_says_so(restore_torch_threads):
+    before = torch.get_num_threads()
+    now, reason = apply({"OMP_NUM_THREADS": "9"}, **NO_CGROUP)
+    assert now == before == torch.get_num_threads()
+    assert describe() == f"{before} thread{'s' if before != 1 else ''}, {reason}"
+
+
+def test_a_bad_value_raises_before_torch_is_touched(restore_torch_threads):
+    apply({"LORA_LAB_THREADS": "1"}, **NO_CGROUP)
+    with pytest.raises(ValueError, match="LORA_LAB_THREADS='0'"):
+        apply({"LORA_LAB_THREADS": "0"}, **NO_CGROUP)
+    assert torch.get_num_threads() == 1
+    assert describe().startswith("1 thread: LORA_LAB_THREADS=1")  # the record is kept too
+
+
+def test_lab_exports_the_module():
+    assert "threads" in lab.__all__ and lab.threads is threads
+    assert threads._applied is not None  # import lab applied the rule
+
+
+# `import lab` in a fresh kernel-like process
+
+
+def run_import(extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()}
+    for name in ("LORA_LAB_THREADS", "OMP_NUM_THREADS", *threads.HUB_VARS):
+        env.pop(name, None)
+    env.update(extra)
+    code = "import lab, torch; print(torch.get_num_threads()); print(lab.threads.describe())"
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_import_lab_on_a_jupyterhub_server_uses_one_thread():
+    proc = run_import({"JUPYTERHUB_USER": "ann"})
+    assert proc.returncode == 0, proc.stderr
+    count, sentence = proc.stdout.splitlines()
+    quota = cgroup_cpu_quota()
+    if quota is None:  # this machine, and any without a CPU quota
+        assert int(count) == 1 and "JUPYTERHUB_USER is set" in sentence
+    else:  # a quota comes first in the rule
+        assert int(count) == min(math.ceil(quota.cpus), threads.usable_cpus())
+
+
+def test_import_lab_with_lora_lab_threads_uses_that_many():
+    proc = run_import({"LORA_LAB_THREADS": "2", "JUPYTERHUB_USER": "ann"})
+    assert proc.returncode == 0, proc.stderr
+    count, sentence = proc.stdout.splitlines()
+    assert count == "2" and sentence.startswith("2 threads: LORA_LAB_THREADS=2 asks for it")
+
+
+def test_import_lab_with_a_bad_lora_lab_threads_fails_clearly():
+    proc = run_import({"LORA_LAB_THREADS": "lots"})
+    assert proc.returncode == 1 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: LORA_LAB_THREADS='lots' is not a number of threads")
+    assert "a whole number from 1 to 1024" in last
+
+
+def test_import_lab_elsewhere_keeps_torchs_own_default():
+    """Without any variable or quota, `import lab` gives what `import torch` alone gives."""
+    proc = run_import({})
+    alone = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    count, sentence = proc.stdout.splitlines()
+    quota = cgroup_cpu_quota()
+    if quota is None:
+        assert count == alone.stdout.strip()
+        assert sentence.startswith(f"{count} thread") and "torch's default" in sentence
+    else:
+        assert int(count) == min(math.ceil(quota.cpus), threads.usable_cpus())
+        assert "a CPU quota of" in sentence
