@@ -1,0 +1,164 @@
+"""The exercises as an nbgrader course: one assignment, generated, released and autograded.
+
+One source notebook, ``notebooks/exercises/solutions.ipynb``, is the assignment ``lora_by_hand``
+in nbgrader's format: each answer cell marks its solution between ``### BEGIN SOLUTION`` and
+``### END SOLUTION`` (nbgrader puts ``# your code here`` in its place), and each exercise is
+followed by a graded cell (its points in the cell's metadata and on the exercise's heading) whose
+hidden test reruns the exercise's check (`lab.exercises.grade`). Cells tagged ``instructor`` (the
+worked mistakes and what the checks say to them) stay in the solutions and are dropped from the
+release. ``notebooks/exercises/student.ipynb`` is ``nbgrader generate_assignment``'s output,
+executed (``python scripts/release_exercises.py`` rebuilds it; a test fails if the two drift).
+
+An instructor makes a course directory with ``python -m lab.exercises.course DIR`` and then uses
+nbgrader as usual there (README, "Teaching a class"). This module imports nbgrader and nbconvert:
+`lab.exercises` does not load it, so students need neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from nbgrader.preprocessors import NbGraderPreprocessor
+
+__all__ = [
+    "ASSIGNMENT",
+    "CODE_STUB",
+    "COURSE_ID",
+    "DropInstructorCells",
+    "INSTRUCTOR_TAG",
+    "configure",
+    "generate_release",
+    "make_course",
+]
+
+ASSIGNMENT = "lora_by_hand"  # nbgrader's assignment id (and the notebook's name in the course)
+COURSE_ID = "lora-lab"
+INSTRUCTOR_TAG = "instructor"  # cells with this tag are in the solutions only
+CODE_STUB = "# your code here"  # what replaces a solution: a function body then returns None
+CELL_TIMEOUT_S = 600  # per cell when autograding; exercise 4 trains for a few seconds
+REPO = Path(__file__).resolve().parents[2]
+SOURCE = REPO / "notebooks" / "exercises" / "solutions.ipynb"
+STUDENT = REPO / "notebooks" / "exercises" / "student.ipynb"
+
+CONFIG = '''\
+"""nbgrader's settings for the LoRA Lab exercises (written by python -m lab.exercises.course)."""
+
+from lab.exercises.course import configure
+
+configure(get_config())  # noqa: F821 (nbgrader defines get_config)
+'''
+
+
+class DropInstructorCells(NbGraderPreprocessor):
+    """Remove cells tagged ``instructor`` (runs first when nbgrader generates the release)."""
+
+    def preprocess(self, nb, resources):
+        nb.cells = [c for c in nb.cells if INSTRUCTOR_TAG not in c.metadata.get("tags", [])]
+        return nb, resources
+
+
+def configure(c) -> None:
+    """Apply the lab's nbgrader settings to a traitlets config (an nbgrader_config.py's `c`)."""
+    from nbgrader.converters import GenerateAssignment
+
+    c.CourseDirectory.course_id = COURSE_ID
+    c.ClearSolutions.code_stub = {"python": CODE_STUB}
+    defaults = GenerateAssignment.class_traits()["preprocessors"].default()
+    c.GenerateAssignment.preprocessors = [DropInstructorCells, *defaults]
+    c.Execute.timeout = CELL_TIMEOUT_S
+
+
+def make_course(root: Path, source: Path = SOURCE) -> Path:
+    """Write an nbgrader course directory at `root` (config + the assignment's source).
+
+    Refuses a `root` that already holds a different source notebook, so an instructor's edits
+    are never overwritten. Returns the path of the source notebook in the course.
+    """
+    root, source = Path(root), Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"the assignment's source notebook {source} does not exist")
+    target = root / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+    if target.exists() and target.read_bytes() != source.read_bytes():
+        raise FileExistsError(
+            f"{target} exists and differs from {source}: move it away, or use another directory"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config = root / "nbgrader_config.py"
+    if not config.exists():
+        _write_atomic(config, CONFIG.encode())
+    _write_atomic(target, source.read_bytes())
+    return target
+
+
+def generate_release(root: Path, timeout: float = 300) -> Path:
+    """Run ``nbgrader generate_assignment`` in the course at `root`; the released notebook."""
+    root = Path(root)
+    _nbgrader(root, "generate_assignment", ASSIGNMENT, "--force", timeout=timeout)
+    release = root / "release" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+    if not release.is_file():
+        raise RuntimeError(f"nbgrader generate_assignment wrote no {release}")
+    return release
+
+
+def _nbgrader(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run an nbgrader command in the course directory; raise with its output if it fails."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # nbgrader runs `alembic` (its database migrations) from PATH: the one beside this Python,
+    # even when the venv is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbgrader", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"nbgrader {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lab.exercises.course",
+        description="Make an nbgrader course directory holding the LoRA Lab exercises.",
+    )
+    parser.add_argument("directory", type=Path, help="the course directory (created if absent)")
+    parser.add_argument(
+        "--release", action="store_true", help="also run nbgrader generate_assignment"
+    )
+    args = parser.parse_args(argv)
+    try:
+        source = make_course(args.directory)
+        print(f"source: {source}")
+        if args.release:
+            print(f"release: {generate_release(args.directory)}")
+    except (OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"next: cd {args.directory} && nbgrader generate_assignment {ASSIGNMENT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Rebuild notebooks/exercises/student.ipynb as nbgrader's release of the exercises, executed.
+
+    python scripts/release_exercises.py
+
+The source is notebooks/exercises/solutions.ipynb (the assignment `lora_by_hand` in nbgrader's
+format). This makes a throwaway nbgrader course, runs `nbgrader generate_assignment` there, copies
+the release over student.ipynb and executes it (its outputs are nbval's baseline: each check's
+"not yet" for the empty answers). tests/test_grading.py regenerates the release and fails if
+student.ipynb's cells differ from it, so edit the solutions and rerun this, never the student
+notebook by hand. Run scripts/run_notebooks.py on solutions.ipynb first if its outputs changed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from run_notebooks import run  # noqa: E402
+
+from lab.exercises.course import STUDENT, generate_release, make_course  # noqa: E402
+
+
+def main() -> None:
+    os.environ["LORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="lora-lab-release-")
+    with tempfile.TemporaryDirectory(prefix="lora-lab-course-") as course:
+        make_course(Path(course))
+        release = generate_release(Path(course))
+        tmp = STUDENT.with_name(f".{STUDENT.name}.tmp")
+        shutil.copyfile(release, tmp)
+        os.replace(tmp, STUDENT)
+    print(f"{STUDENT}: released, executed in {run(STUDENT):.1f} s")
+
+
+if __name__ == "__main__":
+    main()

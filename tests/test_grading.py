@@ -1,0 +1,236 @@
+"""The exercises as an nbgrader assignment: generated, released, autograded with no server.
+
+notebooks/exercises/solutions.ipynb is the source; student.ipynb must be exactly what
+`nbgrader generate_assignment` releases from it (outputs aside: the committed copy is executed for
+nbval). Autograding the solutions gives full marks; a submission with typical mistakes gets the
+points of the exercises it got right, and the checker's own hint for each one it got wrong shows
+in the graded notebook's feedback.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lab.exercises import SWEEP_CHOICES, grade
+from lab.exercises.course import (
+    ASSIGNMENT,
+    CODE_STUB,
+    INSTRUCTOR_TAG,
+    SOURCE,
+    STUDENT,
+    _nbgrader,
+    generate_release,
+    make_course,
+)
+
+BIN = str(Path(sys.executable).parent)  # nbgrader's Gradebook runs `alembic` from PATH
+
+
+def cells_by_id(nb) -> dict[str, nbformat.NotebookNode]:
+    return {c.metadata["nbgrader"]["grade_id"]: c for c in nb.cells if "nbgrader" in c.metadata}
+
+
+def without_outputs(nb) -> list[dict]:
+    """Each cell as nbgrader wrote it, less what executing the notebook adds."""
+    return [
+        {"id": c.get("id"), "type": c.cell_type, "source": c.source, "metadata": c.metadata}
+        for c in nb.cells
+    ]
+
+
+def answer(cell_source: str) -> str:
+    """What a student who solved it writes: the solution without nbgrader's markers."""
+    return "\n".join(line for line in cell_source.split("\n") if "### " not in line)
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    """A course with the assignment generated (nbgrader's gradebook in its own folder)."""
+    root = tmp_path_factory.mktemp("course")
+    make_course(root)
+    release = generate_release(root)
+    return root, release
+
+
+@pytest.fixture(scope="module")
+def graded(course):
+    """Two submissions autograded: all right ("ada") and typical mistakes ("ben")."""
+    root, release = course
+    source = cells_by_id(nbformat.read(SOURCE, as_version=4))
+    solved = nbformat.read(release, as_version=4)
+    for gid, cell in cells_by_id(solved).items():
+        if cell.metadata["nbgrader"]["solution"]:
+            cell.source = answer(source[gid].source)
+    mistakes = nbformat.read(release, as_version=4)
+    answers = {gid: answer(c.source) for gid, c in source.items() if c.metadata.nbgrader.solution}
+    for gid, cell in cells_by_id(mistakes).items():
+        if gid in MISTAKES:
+            cell.source = MISTAKES[gid]
+        elif gid in answers:
+            cell.source = answers[gid]
+        elif gid == "ex3_count":  # tampering with a graded cell: nbgrader restores it
+            cell.source = "pass"
+    for student, nb in (("ada", solved), ("ben", mistakes)):
+        path = root / "submitted" / student / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+        path.parent.mkdir(parents=True)
+        nbformat.write(nb, path)
+    _nbgrader(root, "autograde", ASSIGNMENT, "--force", timeout=900)
+    _nbgrader(root, "generate_feedback", ASSIGNMENT, "--force", timeout=300)
+    return root
+
+
+def scores(root: Path, student: str) -> dict[str, float]:
+    from nbgrader.api import Gradebook
+
+    os.environ["PATH"] = os.pathsep.join([BIN, os.environ.get("PATH", "")])
+    with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
+        sub = gb.find_submission_notebook(ASSIGNMENT, ASSIGNMENT, student)
+        result = {g.name: g.score for g in sub.grades if g.cell_type == "code"}
+        result["total"] = sub.score
+        result["max"] = sub.max_score
+    return result
+
+
+# The mistakes the checker tests already use, one per exercise ben gets wrong (and what the
+# checker says to each: its hint must reach ben's feedback).
+MISTAKES = {
+    "ex1_forward_answer": (
+        "def check_forward(fn):  # redefining the check changes nothing the grader runs\n"
+        "    return 'passed'\n\n\n"
+        "def my_forward(x, base, A, B, scaling, dropout):\n"
+        "    return base(x) + dropout(x) @ A.T @ B.T\n\n\n"
+        "check_forward(my_forward)"
+    ),
+    "ex3_count_answer": (
+        "def my_count(config, targets, rank):\n"
+        "    return config.n_layers * len(targets) * rank * config.d_model  # A only\n\n\n"
+        "check_count(my_count)"
+    ),
+    "ex5_sweep_answer": 'ANSWER = "A"\ncheck_sweep_answer(ANSWER)',
+    "ex6_memory_answer": (
+        "FULL_BYTES = 4 * 406_784  # gradients only: AdamW's two moments forgotten\n"
+        "LORA_BYTES = 4 * 8_192\ncheck_memory(FULL_BYTES, LORA_BYTES)"
+    ),
+    "ex7_nf4_answer": (
+        "LEVELS = torch.tensor(lab.NF4_LEVELS)\n\n\n"
+        "def my_quantize(block):\n"
+        "    absmax = block.max()\n"
+        "    return (block[:, None] / absmax - LEVELS).abs().argmin(dim=1), absmax\n\n\n"
+        "def my_dequantize(codes, absmax):\n"
+        "    return LEVELS[codes.long()] * absmax\n\n\n"
+        "check_nf4(my_quantize, my_dequantize)"
+    ),
+    "ex9a_lr_prediction_answer": (
+        "LORA_LR = 3e-3  # full fine-tuning's own\ncheck_lr_prediction(LORA_LR)"
+    ),
+    "ex10b_shift_targets_answer": (
+        'TARGETS = ("q_proj", "v_proj")\nRANK = 18\ncheck_shift_targets(TARGETS, RANK)'
+    ),
+}
+WRONG = {gid.removesuffix("_answer") for gid in MISTAKES} | {"ex3_count"}
+
+
+def test_the_committed_student_notebook_is_nbgraders_release(course):
+    _, release = course
+    released = nbformat.read(release, as_version=4)
+    committed = nbformat.read(STUDENT, as_version=4)
+    assert without_outputs(committed) == without_outputs(released), (
+        "notebooks/exercises/student.ipynb is not nbgrader's release of solutions.ipynb: "
+        "run python scripts/release_exercises.py"
+    )
+    assert released.metadata == committed.metadata
+
+
+def test_the_release_holds_no_solution_no_hidden_test_and_no_instructor_cell(course):
+    _, release = course
+    text = release.read_text()
+    for marker in ("BEGIN SOLUTION", "END SOLUTION", "HIDDEN TESTS", "grade(", INSTRUCTOR_TAG):
+        assert marker not in text, marker
+    source = nbformat.read(SOURCE, as_version=4)
+    released = nbformat.read(release, as_version=4)
+    for gid, cell in cells_by_id(released).items():
+        body = cells_by_id(source)[gid].source
+        solution = re.findall(r"### BEGIN SOLUTION\n(.*?)\n\s*### END SOLUTION", body, re.S)
+        for block in solution:
+            for line in block.split("\n"):
+                code = line.split("#")[0].strip()
+                if len(code) > 12:  # a line of the answer, not a shared `return` or `pass`
+                    assert code not in cell.source, (gid, code)
+        if cell.metadata.nbgrader.solution:
+            assert CODE_STUB in cell.source, gid
+    n_instructor = sum(INSTRUCTOR_TAG in c.metadata.get("tags", []) for c in source.cells)
+    assert len(released.cells) == len(source.cells) - n_instructor
+
+
+def test_every_exercise_heading_states_the_points_its_graded_cells_carry():
+    nb = nbformat.read(SOURCE, as_version=4)
+    headed, points = {}, {}
+    for cell in nb.cells:
+        m = re.match(r"## Exercise (\d+): .* \((\d+) points?, (\d+) min\)", cell.source)
+        if cell.cell_type == "markdown" and m:
+            headed[int(m.group(1))] = int(m.group(2))
+        meta = cell.metadata.get("nbgrader", {})
+        if meta.get("grade"):
+            number = int(re.match(r"ex(\d+)", meta["grade_id"]).group(1))
+            points[number] = points.get(number, 0) + meta["points"]
+            assert "from lab.exercises import grade" in cell.source
+            assert re.search(r'^grade\("check_\w+"', cell.source, re.M), cell.source
+    assert sorted(headed) == list(range(1, 11))
+    assert headed == points
+    assert sum(points.values()) == 20
+
+
+def test_the_solutions_get_full_marks(graded):
+    result = scores(graded, "ada")
+    assert result["max"] == 20
+    assert result["total"] == 20, {k: v for k, v in result.items() if v == 0}
+
+
+def test_typical_mistakes_get_the_points_of_what_is_right(graded):
+    result = scores(graded, "ben")
+    zero = {k for k, v in result.items() if k not in ("total", "max") and v == 0}
+    assert zero == WRONG
+    assert result["total"] == 20 - 12  # exercises 1, 3, 5, 6, 7 (2+2+1+2+3) and 9a, 10b
+
+
+def test_the_feedback_shows_each_checkers_own_hint(graded):
+    page = html.unescape(
+        (graded / "feedback" / "ben" / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text()
+    )
+    for hint in (
+        "the scaling is not applied",  # exercise 1, though ben redefined check_forward
+        "but this block's largest magnitude is negative",  # exercise 7: absmax = block.max()
+        "NotPassed",  # the graded cell's error, which nbgrader shows with the hint
+    ):
+        assert hint in page, hint
+    ada = (graded / "feedback" / "ada" / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text()
+    assert "NotPassed" not in ada and html.unescape(ada).count("passed: ") >= 12
+
+
+def test_grade_refuses_an_unknown_check_and_passes_what_the_check_passes():
+    with pytest.raises(ValueError, match="unknown check 'check_nothing'; the checks are"):
+        grade("check_nothing")
+    letter = next(iter(SWEEP_CHOICES))
+    with pytest.raises(AssertionError, match="not yet"):
+        grade("check_sweep_answer", letter if letter != "D" else "A")
+    assert grade("check_sweep_answer", "D") is None
+
+
+def test_make_course_never_overwrites_an_instructors_edit(tmp_path):
+    target = make_course(tmp_path)
+    data = json.loads(target.read_text())
+    data["cells"][0]["source"] = "edited"
+    target.write_text(json.dumps(data))
+    with pytest.raises(FileExistsError, match="exists and differs"):
+        make_course(tmp_path)
+    assert json.loads(target.read_text())["cells"][0]["source"] == "edited"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_course(tmp_path / "other", source=tmp_path / "missing.ipynb")
