@@ -42,12 +42,22 @@ from .spectra import (
     scale_intruders,
     scale_model_intruders,
 )
-from .sweeps import SweepCache, SweepCacheError, SweepPoint, SweepResult, full_point, grid, sweep
+from .sweeps import (
+    SweepCache,
+    SweepCacheError,
+    SweepPoint,
+    SweepResult,
+    full_point,
+    grid,
+    keep_torch_cache_at_home,
+    sweep,
+)
 from .tasks import TASKS, Task, get_task
 from .training import TrainingDiverged, TrainResult, train
 from .variants.dora import DoRALinear  # importing lab.variants registers every flavour
 
 threads.apply()  # torch's thread count for this kernel: lab.threads.describe() says why
+keep_torch_cache_at_home()  # torch's compiler cache under the user's cache folder, not /tmp
 
 __all__ = [
     "BASE_MODEL_PATH",

@@ -71,12 +71,14 @@ __all__ = [
     "dropout_series",
     "full_point",
     "grid",
+    "keep_torch_cache_at_home",
     "load_grid_file",
     "run_group",
     "run_point",
     "select",
     "sweep",
     "trainable_counts",
+    "user_cache_root",
 ]
 
 # Bump when results stop being comparable (training loop, tasks or the stored fields change):
@@ -760,14 +762,44 @@ def run_point(
 # ---------------------------------------------------------------------------------------------
 
 
+def user_cache_root() -> Path:
+    """The lab's folder in the user's cache: $XDG_CACHE_HOME/lora-lab, else ~/.cache/lora-lab."""
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "lora-lab"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-lab"
+
+
 def default_cache_dir() -> Path:
     """$LORA_LAB_CACHE if set, else the user's cache folder (~/.cache/lora-lab/sweeps)."""
     if os.environ.get("LORA_LAB_CACHE"):
         return Path(os.environ["LORA_LAB_CACHE"]).expanduser()
-    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
-        return Path(os.environ["LOCALAPPDATA"]) / "lora-lab" / "sweeps"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lora-lab" / "sweeps"
+    return user_cache_root() / "sweeps"
+
+
+TORCH_CACHE_VAR = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def keep_torch_cache_at_home() -> str | None:
+    """Point torch's compiler cache into the user's cache folder, unless it is chosen already.
+
+    torch makes that folder on the first optimizer step even when nothing is compiled, by
+    default as /tmp/torchinductor_<user>: on a shared host one folder per student left in /tmp,
+    and a file another user puts at that name stops training. `import lab` sets
+    $TORCHINDUCTOR_CACHE_DIR to user_cache_root()/torchinductor instead, unless the variable is
+    set or that folder could not be made (no writable home: torch's default is kept). Returns
+    the folder chosen, or None when the lab left the variable alone.
+    """
+    if os.environ.get(TORCH_CACHE_VAR):
+        return None
+    try:
+        target = user_cache_root() / "torchinductor"
+    except RuntimeError:  # no home to be found
+        return None
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return None
+    os.environ[TORCH_CACHE_VAR] = str(target)
+    return str(target)
 
 
 class SweepCacheError(OSError):
