@@ -177,6 +177,70 @@ def voila_server(chromium, tmp_path_factory, timings):
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def configurable_http_proxy() -> str:
+    """JupyterHub's proxy (configurable-http-proxy, from npm) on the PATH; skips (fails in CI)
+    when it is missing."""
+    from servers import PROXY_HINT, find_proxy
+
+    path = find_proxy()
+    if path is None:
+        message = f"the JupyterHub tests need {PROXY_HINT}"
+        if in_ci():
+            pytest.fail(f"CI=true: {message}", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def new_chromium(chromium, tmp_path_factory, timings):
+    """A factory of separate headless Chromiums, each with its own profile, cookies and HOME:
+    one per person a test plays (two students logged in to one JupyterHub). `new_chromium(name)`
+    returns a 1280x800 context; all are closed at the end of the module.
+
+    Not to be combined with the `browser` fixture in one module: each starts Playwright, and
+    Playwright's sync API runs one instance per thread.
+    """
+    from playwright.sync_api import sync_playwright
+
+    base = tmp_path_factory.mktemp("chromiums")
+    pw = sync_playwright().start()
+    contexts = []
+
+    def launch(name: str):
+        home = base / name / "home"
+        home.mkdir(parents=True)
+        start = time.perf_counter()
+        context = pw.chromium.launch_persistent_context(
+            str(base / name / "profile"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport=VIEWPORT,
+            device_scale_factor=1,
+            env={**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+                 "XDG_CACHE_HOME": str(home / ".cache")},
+            timeout=60_000,
+        )  # fmt: skip
+        context.set_default_timeout(60_000)
+        contexts.append(context)
+        timings(f"start Chromium ({name})", time.perf_counter() - start)
+        return context
+
+    try:
+        yield launch
+    finally:
+        try:
+            for context in contexts:
+                try:
+                    context.close()
+                except Exception as exc:  # one that will not close must not keep the others open
+                    print(f"(Chromium context did not close: {exc})")
+        finally:
+            pw.stop()
+            shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Keep each phase's report on the test item, so fixtures can see a failure."""

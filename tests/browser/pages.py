@@ -376,3 +376,120 @@ def font_sizes(root: Locator) -> dict[str, float]:
 }
 """
     )
+
+
+# -- JupyterHub: a student's JupyterLab behind the hub's login ---------------------------------
+
+try:
+    from playwright.sync_api import Error as PlaywrightError
+except ImportError:  # no Playwright: the tests skip (or, in CI, fail) before using it
+    PlaywrightError = Exception
+
+LAB_SHELL = "#jp-main-dock-panel"
+
+
+def hub_login(page: Page, hub_url: str, name: str, password: str) -> None:
+    """Fill in and submit the hub's login page, as a student does."""
+    page.goto(f"{hub_url}/hub/login")
+    page.locator("#username_input").fill(name)
+    page.locator("#password_input").fill(password)
+    page.locator("#login_submit").click()
+
+
+def lab_is_up(page: Page, lab_url: str) -> bool:
+    """True once the page shows JupyterLab served under `lab_url` (e.g. HUB/user/NAME).
+
+    Asks the page itself: Playwright's page.url is a cached value that is only brought up to
+    date while some call into the browser runs."""
+    try:
+        href = page.evaluate("() => location.href")
+        return href.startswith(f"{lab_url}/lab") and page.locator(LAB_SHELL).is_visible()
+    except PlaywrightError:  # the page is navigating (the hub's spawn and login redirects)
+        return False
+
+
+def open_notebook_at(page: Page, lab_url: str, relpath: str, timeout_ms: int = 180_000) -> None:
+    """open_notebook for a JupyterLab the browser is logged in to (a hub's cookie, no token)."""
+    goto_notebook_at(page, lab_url, relpath)
+    wait_for_notebook(page, timeout_ms)
+
+
+def goto_notebook_at(page: Page, lab_url: str, relpath: str) -> None:
+    """Load `relpath` in a fresh JupyterLab workspace under `lab_url`; wait_for_notebook then
+    waits for it (several students' pages load at once in between)."""
+    page.goto(f"{lab_url}/lab/tree/{relpath}?reset")
+
+
+def wait_for_notebook(page: Page, timeout_ms: int = 180_000) -> None:
+    """Until the notebook opened by goto_notebook_at shows its cells and its kernel is idle."""
+    expect(page.locator(f"{PANEL} .jp-Cell").first).to_be_visible(timeout=timeout_ms)
+    page.wait_for_function(KERNEL_READY_JS, timeout=timeout_ms, polling=250)
+
+
+def start_run_all(page: Page) -> float:
+    """Run menu -> Run All Cells, without waiting; returns the perf_counter() of the click.
+    run_state(page) says when it is done."""
+    page.evaluate(WATCH_BUSY_JS)
+    page.locator(f"{PANEL} .jp-Cell").first.click()
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    return time.perf_counter()
+
+
+def run_state(page: Page) -> str:
+    """'not started', 'running', 'kernel busy' or 'idle' (every cell run) since start_run_all."""
+    return page.evaluate(RUN_STATE_JS)
+
+
+def until_all(conditions: dict, timeout_s: float, poll_s: float = 0.25) -> dict[str, float]:
+    """Poll each named condition (a function returning a bool) in turn until every one has held
+    once; returns the perf_counter() at which each first held. Several pages or browsers are
+    waited for together, so each one's time is its own."""
+    done: dict[str, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(done) < len(conditions):
+        for name, holds in conditions.items():
+            if name not in done and holds():
+                done[name] = time.perf_counter()
+        if len(done) == len(conditions):
+            break
+        if time.monotonic() > deadline:
+            waiting = sorted(set(conditions) - set(done))
+            raise AssertionError(f"still waiting after {timeout_s:.0f} s for: {waiting}")
+        time.sleep(poll_s)
+    return done
+
+
+def effective_colours(el: Locator) -> dict[str, list[float]]:
+    """The element's text colour and the first opaque background behind it (RGB, 0-255)."""
+    return el.evaluate(
+        """
+(el) => {
+  const rgb = (s) => (s.match(/[\\d.]+/g) || []).map(Number);
+  let node = el, bg = null;
+  while (node && node.nodeType === 1) {
+    const c = rgb(getComputedStyle(node).backgroundColor);
+    if (c.length >= 3 && (c.length === 3 || c[3] > 0.5)) { bg = c.slice(0, 3); break; }
+    node = node.parentElement;
+  }
+  return { text: rgb(getComputedStyle(el).color).slice(0, 3), background: bg || [255, 255, 255] };
+}
+"""
+    )
+
+
+def relative_luminance(rgb: list[float]) -> float:
+    """WCAG relative luminance of an sRGB colour (0 black, 1 white)."""
+
+    def channel(v: float) -> float:
+        v /= 255
+        return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (channel(v) for v in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast_ratio(a: list[float], b: list[float]) -> float:
+    """WCAG contrast ratio of two colours (1 to 21; 4.5 is the minimum for body text)."""
+    hi, lo = sorted((relative_luminance(a), relative_luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
