@@ -1,8 +1,9 @@
 """The walkthrough in a real JupyterLab, driven by headless Chromium.
 
 Every notebook (but 04, which test_hub.py runs for two students at once) runs top to bottom
-through the Run menu and ends with every code cell executed and no error output; the sweep explorer in notebook 05 answers a control change and a Run with a new
-plot and a status line that says the point is now cached.
+through the Run menu and ends with every code cell executed and no error output; the sweep
+explorer in notebook 05 answers a control change and a Run with a new plot and a status line
+that says the point is now cached.
 """
 
 from __future__ import annotations
