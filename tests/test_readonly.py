@@ -507,21 +507,22 @@ class Course:
 def course() -> Iterator[Course]:
     """The tracked files copied, mounted read-only, and an empty HOME owned by `nobody`;
     unmounted and removed afterwards whatever happened."""
+    started = time.time() - 1  # file times may round down
     base = Path(tempfile.mkdtemp(prefix="lora-lab-readonly-test-"))
     os.chmod(base, 0o755)
     src, ro, home = base / "src", base / "course", base / "home"
-    files = tracked_files()
-    for name in files:
-        dest = src / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, dest, follow_symlinks=False)
-    _chmod_readable(src)
-    ro.mkdir()
-    home.mkdir(mode=0o700)
     entry = pwd.getpwnam(USER)
-    os.chown(home, entry.pw_uid, entry.pw_gid)
     mounted = False
     try:
+        files = tracked_files()
+        for name in files:
+            dest = src / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest, follow_symlinks=False)
+        _chmod_readable(src)
+        ro.mkdir()
+        home.mkdir(mode=0o700)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
         bind = subprocess.run(
             ["mount", "--bind", str(src), str(ro)], capture_output=True, text=True
         )
@@ -550,6 +551,13 @@ def course() -> Iterator[Course]:
                 subprocess.run(["umount", "-l", str(ro)], capture_output=True)
         if not os.path.ismount(ro):
             shutil.rmtree(base, ignore_errors=True)
+        # nbval's throwaway cache (notebooks/conftest.py), also when the test failed before
+        # checking and removing it: only those `nobody` made since this fixture began.
+        for cache in Path("/tmp").glob("lora-lab-nbval-cache-*"):
+            with contextlib.suppress(OSError):
+                st = cache.lstat()
+                if st.st_uid == entry.pw_uid and st.st_mtime >= started:
+                    shutil.rmtree(cache, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
