@@ -55,14 +55,13 @@ STALE_VENV_SECONDS = 3600.0  # a venv for other inputs, unused this long, is rem
 # Besides the lab's runtime dependencies (pyproject.toml): what runs the notebooks headless, with
 # the specs pyproject.toml's extras or requirements-dev.txt give them.
 TOOLS = ("nbval", "pytest", "nbclient", "ipykernel")
-# Run (a): the fine-tuning and explorer notebooks the issue names, and the cheap others (06 saves
-# adapter files, so its scratch folder is watched too).
+# Run (a): the fine-tuning and explorer notebooks, and 06, the one notebook that writes files (its
+# adapters, into a scratch folder that is watched too). The others write nothing (read for it);
+# the dashboard runs the same explorer as 05.
 NOTEBOOKS = (
-    "notebooks/01_welcome.ipynb",
     "notebooks/04_fine_tuning.ipynb",
     "notebooks/05_sweeps.ipynb",
     "notebooks/06_merge_and_deploy.ipynb",
-    "notebooks/dashboard.ipynb",
 )
 SANITIZE = "notebooks/sanitize.cfg"
 RUN_TIMEOUT = 1500  # seconds for each run; (a) takes a few minutes on 2 busy cores
