@@ -36,7 +36,7 @@ pytestmark = pytest.mark.browser
 
 SWEEPS = "05_sweeps.ipynb"  # run by test_sweep_explorer_in_jupyterlab, which also drives it
 # The fine-tuning walkthrough runs in test_hub.py instead: two students' JupyterLabs behind a
-# JupyterHub run it at once, with the same checks as run_clean (every cell ran, no error output,
+# hub run it at once, with the same checks as run_clean (every cell ran, no error output,
 # nothing printed as a stray repr).
 IN_THE_HUB_TEST = "04_fine_tuning.ipynb"
 WALKTHROUGH = [p.name for p in sorted(NOTEBOOKS.glob("0*.ipynb"))]
