@@ -119,8 +119,9 @@ class _Student:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self.lines.put(line)
         self.lines.put("")  # end of output
 
     def message(self, deadline: float, what: str) -> dict:
@@ -144,6 +145,7 @@ class _Student:
         if self.proc.poll() is None:  # only on failure: a finished student has exited
             self.proc.kill()
         self.proc.wait()
+        self.proc.stdin.close()
         self.log.close()
 
 
@@ -305,7 +307,8 @@ def summary(report: dict) -> str:
         f"throughput). With the lab's shared-host default of {_threads(b)} each: "
         f"{b['slowdown']:.2f}x as long ({b['throughput_ratio']:.2f}x the throughput), "
         f"{report['bounded_together_vs_unbounded_alone']:.2f}x the time one student alone "
-        f"takes with every core."
+        f"takes with every core, and done {1 / report['bounded_vs_unbounded_together']:.1f}x "
+        f"sooner than two at once with torch's default."
     )
 
 
