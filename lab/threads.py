@@ -1,9 +1,10 @@
 """How many threads torch uses in a kernel: chosen once on `import lab`, bounded on a shared host.
 
 Each student's kernel is one process. torch's default is a thread per core, which is right on a
-laptop and wrong on a shared host: on the lab's 2-core machine, two processes with 2 threads each
-trained up to ten times slower than one alone (OpenMP threads spinning against each other), and a
-JupyterHub puts twenty kernels on one machine. The rule, first match wins:
+laptop and wrong on a shared host: on the lab's 2-core machine, two students training at once with
+2 threads each took 5.9 times as long as one alone, with 1 thread each no longer than one alone
+(benchmarks/results/classroom.md; OpenMP threads spin against each other), and a JupyterHub puts
+twenty kernels on one machine. The rule, first match wins:
 
 1. `LORA_LAB_THREADS=N`: exactly N threads (the student's or instructor's choice).
 2. `OMP_NUM_THREADS` set: the host chose already and torch follows it; the lab leaves torch alone.
