@@ -4,7 +4,10 @@ The kernel inherits this process's environment, so the notebooks never read or w
 cache during the tests (they see only the lab's shipped default grid).
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["LORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="lora-lab-nbval-cache-")
+atexit.register(shutil.rmtree, os.environ["LORA_LAB_CACHE"], ignore_errors=True)

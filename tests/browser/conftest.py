@@ -95,6 +95,23 @@ def timings():
     return record
 
 
+def launch_chromium(pw, chromium: str, profile: Path, home: Path):
+    """A headless Chromium context (1280x800) with its own profile folder and HOME."""
+    context = pw.chromium.launch_persistent_context(
+        str(profile),
+        executable_path=chromium,
+        headless=True,
+        args=CHROMIUM_FLAGS,
+        viewport=VIEWPORT,
+        device_scale_factor=1,
+        env={**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+             "XDG_CACHE_HOME": str(home / ".cache")},
+        timeout=60_000,
+    )  # fmt: skip
+    context.set_default_timeout(60_000)
+    return context
+
+
 @pytest.fixture(scope="module")
 def browser(chromium, tmp_path_factory, timings):
     """A headless Chromium (persistent context, temp profile) with a 1280x800 viewport."""
@@ -107,18 +124,7 @@ def browser(chromium, tmp_path_factory, timings):
     pw = sync_playwright().start()
     context = None
     try:
-        context = pw.chromium.launch_persistent_context(
-            str(base / "profile"),
-            executable_path=chromium,
-            headless=True,
-            args=CHROMIUM_FLAGS,
-            viewport=VIEWPORT,
-            device_scale_factor=1,
-            env={**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-                 "XDG_CACHE_HOME": str(home / ".cache")},
-            timeout=60_000,
-        )  # fmt: skip
-        context.set_default_timeout(60_000)
+        context = launch_chromium(pw, chromium, base / "profile", home)
         timings("start Chromium", time.perf_counter() - start)
         yield context
     finally:
@@ -211,18 +217,7 @@ def new_chromium(chromium, tmp_path_factory, timings):
         home = base / name / "home"
         home.mkdir(parents=True)
         start = time.perf_counter()
-        context = pw.chromium.launch_persistent_context(
-            str(base / name / "profile"),
-            executable_path=chromium,
-            headless=True,
-            args=CHROMIUM_FLAGS,
-            viewport=VIEWPORT,
-            device_scale_factor=1,
-            env={**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-                 "XDG_CACHE_HOME": str(home / ".cache")},
-            timeout=60_000,
-        )  # fmt: skip
-        context.set_default_timeout(60_000)
+        context = launch_chromium(pw, chromium, base / name / "profile", home)
         contexts.append(context)
         timings(f"start Chromium ({name})", time.perf_counter() - start)
         return context

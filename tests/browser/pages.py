@@ -493,3 +493,27 @@ def contrast_ratio(a: list[float], b: list[float]) -> float:
     """WCAG contrast ratio of two colours (1 to 21; 4.5 is the minimum for body text)."""
     hi, lo = sorted((relative_luminance(a), relative_luminance(b)), reverse=True)
     return (hi + 0.05) / (lo + 0.05)
+
+
+def check_ran_clean(page: Page, label: str) -> None:
+    """Every code cell of the open notebook ran, with no error output and no stray repr."""
+    errors = find_errors(page, PANEL)
+    assert not errors, f"{label}: error output in the browser:\n" + "\n---\n".join(errors)
+    counts = execution_counts(page)
+    assert counts and all(re.fullmatch(r"\[\d+\]:", c) for c in counts), (
+        f"{label}: not every code cell ran: {counts}"
+    )
+    assert not stray_outputs(page), f"{label}: printed as text: {stray_outputs(page)}"
+
+
+def open_dashboard_at(page: Page, url: str) -> Explorer:
+    """Load the Voila dashboard at `url` and wait until it shows the shipped grid, drawn."""
+    page.goto(url, timeout=180_000)
+    root = page.locator(".lora-dashboard")
+    expect(root).to_be_visible(timeout=180_000)
+    explorer = Explorer(root)
+    expect(explorer.status).to_contain_text(
+        "sort_desc: 22 points selected, 22 cached, 0 to train", timeout=60_000
+    )
+    expect(explorer.visible_image).to_have_attribute("src", re.compile(r"^blob:"))
+    return explorer

@@ -17,6 +17,7 @@ from pages import (
     find_errors,
     font_sizes,
     layout_problems,
+    open_dashboard_at,
     stray_reprs,
     train_one_point,
 )
@@ -28,14 +29,7 @@ MIN_FONT_PX = 14  # readable on a projector from the back of a room
 
 def open_dashboard(page, server) -> tuple[Explorer, float]:
     start = time.perf_counter()
-    page.goto(f"{server.url}/?token={server.token}", timeout=180_000)
-    root = page.locator(".lora-dashboard")
-    expect(root).to_be_visible(timeout=180_000)
-    explorer = Explorer(root)
-    expect(explorer.status).to_contain_text(
-        "sort_desc: 22 points selected, 22 cached, 0 to train", timeout=60_000
-    )
-    expect(explorer.visible_image).to_have_attribute("src", re.compile(r"^blob:"))
+    explorer = open_dashboard_at(page, f"{server.url}/?token={server.token}")
     return explorer, time.perf_counter() - start
 
 

@@ -28,19 +28,19 @@ from pages import (
     RUN_DONE,
     WIDGET_OUTPUT,
     Explorer,
+    check_ran_clean,
     contrast_ratio,
     effective_colours,
-    execution_counts,
     expect,
     find_errors,
     goto_notebook_at,
     hub_login,
     lab_is_up,
+    open_dashboard_at,
     relative_luminance,
     run_state,
     stable_digest,
     start_run_all,
-    stray_outputs,
     stray_reprs,
     until_all,
     wait_for_notebook,
@@ -132,17 +132,6 @@ def tabs(request, shots):
                 print(f"(no failure screenshot: {exc})")
 
 
-def check_ran_clean(page, name: str, who: str) -> None:
-    """Every code cell of the open notebook ran, with no error output and no stray repr."""
-    errors = find_errors(page, PANEL)
-    assert not errors, f"{who}, {name}: error output:\n" + "\n---\n".join(errors)
-    counts = execution_counts(page)
-    assert counts and all(re.fullmatch(r"\[\d+\]:", c) for c in counts), (
-        f"{who}, {name}: not every code cell ran: {counts}"
-    )
-    assert not stray_outputs(page), f"{who}, {name}: printed as text: {stray_outputs(page)}"
-
-
 def run_at_once(hub, pages: dict, name: str, shots, timings) -> None:
     """Every student opens notebooks/<name> in their JupyterLab, then all press Run All Cells
     one right after the other; waits for all; each one's time is recorded."""
@@ -158,7 +147,7 @@ def run_at_once(hub, pages: dict, name: str, shots, timings) -> None:
     for who, page in pages.items():
         timings(f"JupyterHub: {who} runs all of {name} (both at once)", done[who] - started[who])
         page.screenshot(path=shots / f"hub-{who}-{name.removesuffix('.ipynb')}.png")
-        check_ran_clean(page, name, who)
+        check_ran_clean(page, f"{who}, {name}")
 
 
 def result_files(cache: Path) -> set[str]:
@@ -294,18 +283,6 @@ def test_two_students_fine_tune_and_press_run_at_once(hub, new_chromium, tabs, s
     timings(f"JupyterHub: {alone} presses Run, 1 point (alone)", time.perf_counter() - start)
     assert len(result_files(hub.cache(alone))) == len(cached_before[alone]) + 2
     assert result_files(hub.cache(STUDENTS[1])) == cached_before[STUDENTS[1]] | {key}
-
-
-def open_dashboard_at(page, url: str) -> Explorer:
-    page.goto(url, timeout=180_000)
-    root = page.locator(".lora-dashboard")
-    expect(root).to_be_visible(timeout=180_000)
-    explorer = Explorer(root)
-    expect(explorer.status).to_contain_text(
-        "sort_desc: 22 points selected, 22 cached, 0 to train", timeout=60_000
-    )
-    expect(explorer.visible_image).to_have_attribute("src", re.compile(r"^blob:"))
-    return explorer
 
 
 def service_kernels(hub, name: str) -> list:

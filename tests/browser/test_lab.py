@@ -8,7 +8,6 @@ that says the point is now cached.
 
 from __future__ import annotations
 
-import re
 import time
 
 import nbformat
@@ -19,6 +18,7 @@ from pages import (
     PANEL,
     WIDGET_OUTPUT,
     Explorer,
+    check_ran_clean,
     execution_counts,
     expect,
     find_errors,
@@ -26,7 +26,6 @@ from pages import (
     open_notebook,
     run_all_cells,
     screenshot_widgets,
-    stray_outputs,
     stray_reprs,
     train_one_point,
 )
@@ -59,13 +58,7 @@ def run_clean(page, server, name, shots, timings) -> None:
     timings(f"JupyterLab: run all {name}", seconds)
     stem = name.removesuffix(".ipynb")
     page.screenshot(path=shots / f"lab-{stem}.png")
-    errors = find_errors(page, PANEL)
-    assert not errors, f"{name}: error output in the browser:\n" + "\n---\n".join(errors)
-    counts = execution_counts(page)
-    assert counts and all(re.fullmatch(r"\[\d+\]:", c) for c in counts), (
-        f"{name}: not every code cell ran: {counts}"
-    )
-    assert not stray_outputs(page), f"{name}: printed as text: {stray_outputs(page)}"
+    check_ran_clean(page, name)
     screenshot_widgets(page, shots, f"lab-{stem}")
     for message in getattr(page, "page_errors", []):
         print(f"{name}: {message}")
