@@ -53,7 +53,7 @@ VENV_PARENT = Path("/var/tmp")  # the cached venv, keyed by what went into it
 VENV_PREFIX = "lora-lab-readonly-venv-"
 STALE_VENV_SECONDS = 3600.0  # a venv for other inputs, unused this long, is removed (1.3 GB)
 # Besides the lab's runtime dependencies (pyproject.toml): what runs the notebooks headless, with
-# the specs pyproject.toml's extras or requirements-dev.txt give them.
+# the specs requirements.txt or requirements-dev.txt give them.
 TOOLS = ("nbval", "pytest", "nbclient", "ipykernel")
 # Run (a): the fine-tuning and explorer notebooks, and 06, the one notebook that writes files (its
 # adapters, into a scratch folder that is watched too). The others write nothing (read for it);
@@ -118,22 +118,24 @@ def _name(spec: str) -> str:
 
 def venv_packages() -> list[str]:
     """pip requirements: the lab's runtime dependencies (pyproject.toml), then the tools, each
-    with the spec the project gives it (pyproject's extras, requirements-dev.txt) if any."""
+    with the spec the project gives it (requirements.txt, requirements-dev.txt) if any."""
     code = (
-        "import json, sys, tomllib; p = tomllib.load(open(sys.argv[1], 'rb'))['project']; "
-        "extras = sum(p.get('optional-dependencies', {}).values(), []); "
-        "print(json.dumps([p['dependencies'], extras]))"
+        "import json, sys, tomllib; "
+        "print(json.dumps(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']))"
     )
     out = subprocess.run(
         [str(SYSTEM_PYTHON), "-c", code, str(ROOT / "pyproject.toml")],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    deps, extras = json.loads(out.stdout)
+    deps = json.loads(out.stdout)
     assert "torch==2.13.0" in deps, f"pyproject.toml no longer pins torch==2.13.0: {deps}"
-    dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
-    lines = [ln.split("#")[0].strip() for ln in dev]
+    lines = [
+        ln.split("#")[0].strip()
+        for req in ("requirements.txt", "requirements-dev.txt")
+        for ln in (ROOT / req).read_text().splitlines()
+    ]
     specs: dict[str, str] = {}
-    for spec in [*extras, *(ln for ln in lines if ln and not ln.startswith("-"))]:
+    for spec in (ln for ln in lines if ln and not ln.startswith("-")):
         specs.setdefault(_name(spec), spec)
     named = {_name(d) for d in deps}
     return deps + [specs.get(t, t) for t in TOOLS if t not in named]
