@@ -73,6 +73,9 @@ __all__ = [
     "grid",
     "keep_torch_cache_at_home",
     "load_grid_file",
+    "chunk_size",
+    "plan_chunks",
+    "run_chunk",
     "run_group",
     "run_point",
     "select",
@@ -626,9 +629,7 @@ def run_group(
     device = torch.device(device) if device is not None else default_device()
     base = load_base_model("cpu")
     if max_configs is None:
-        batch_size = points[0].batch_size
-        needed = bytes_per_config(base.config, [p.spec() for p in points], batch_size)
-        max_configs = default_max_configs(batch_size, device, needed)
+        max_configs = chunk_size(points, device)
     results: list[SweepResult] = []
     pending = [points[i : i + max_configs] for i in range(0, len(points), max_configs)]
     while pending:
@@ -1155,22 +1156,9 @@ def sweep(
             for point in mine:
                 done(fn(point, device=device, progress=progress))
             return
-        groups: dict[tuple, list[SweepPoint]] = {}
-        alone = [p for p in mine if not p.is_full and not p.batchable]
-        if alone:
-            kinds = sorted({_flavour(p) for p in alone})
-            tqdm.write(
-                f"{_plural(len(alone), 'point')} ({', '.join(kinds)}) "
-                f"{'trains' if len(alone) == 1 else 'train'} one by one: the "
-                "batched engine has no exact form for them"
-            )
-        for point in mine:
-            if not point.batchable:
-                done(run_point(point, device=device, progress=progress))
-            else:
-                groups.setdefault(group_key(point), []).append(point)
-        for group in groups.values():
-            run_group(group, device, progress, max_configs, on_result=done)
+        _say_alone(mine)
+        for unit in plan_chunks(mine, device, max_configs):
+            run_chunk(unit, device, progress, on_result=done)
 
     try:
         pending = todo
@@ -1213,6 +1201,77 @@ def sweep(
                 stacklevel=2,
             )
     return [results[p] for p in points]
+
+
+def _say_alone(points: Sequence[SweepPoint]) -> None:
+    """One line naming the LoRA flavours among `points` that the batched engine cannot train."""
+    alone = [p for p in points if not p.is_full and not p.batchable]
+    if alone:
+        kinds = sorted({_flavour(p) for p in alone})
+        tqdm.write(
+            f"{_plural(len(alone), 'point')} ({', '.join(kinds)}) "
+            f"{'trains' if len(alone) == 1 else 'train'} one by one: the "
+            "batched engine has no exact form for them"
+        )
+
+
+def chunk_size(group: Sequence[SweepPoint], device: torch.device | str) -> int:
+    """How many of `group`'s points (one group_key) one batched run takes on `device`.
+
+    `lab.batched.default_max_configs`: what fits in half the device's free memory, and on a CPU
+    about CPU_ROWS_PER_STEP sequences per step.
+    """
+    batch_size = group[0].batch_size
+    needed = bytes_per_config(load_base_config(), [p.spec() for p in group], batch_size)
+    return default_max_configs(batch_size, device, needed)
+
+
+def plan_chunks(
+    points: Sequence[SweepPoint],
+    device: torch.device | str,
+    max_configs: int | None = None,
+) -> list[list[SweepPoint]]:
+    """The units of work sweep() trains `points` in, in order: each a list of points.
+
+    A point the batched engine cannot train (full fine-tuning, a 4-bit base, DoRA's or PiSSA's
+    unbatched forms) is a unit of its own; the batchable LoRA points are grouped by `group_key`
+    and each group is cut into chunks of `max_configs` (default `chunk_size`). A unit of one
+    point trains alone (`run_point`), a longer one as one batched run (`run_group`). Local
+    sweeps run the units one after another, `executor="ray"` hands each to a Ray task.
+    """
+    if max_configs is not None:
+        check_count("max_configs", max_configs)
+    units: list[list[SweepPoint]] = []
+    groups: dict[tuple, list[SweepPoint]] = {}
+    for point in dict.fromkeys(points):
+        if point.batchable:
+            groups.setdefault(group_key(point), []).append(point)
+        else:
+            units.append([point])
+    for group in groups.values():
+        size = max_configs if max_configs is not None else chunk_size(group, device)
+        units += [group[i : i + size] for i in range(0, len(group), size)]
+    return units
+
+
+def run_chunk(
+    unit: Sequence[SweepPoint],
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    on_result: Callable[[SweepResult], None] | None = None,
+) -> list[SweepResult]:
+    """Train one unit of `plan_chunks`: one point alone, or several batched together.
+
+    A batched unit that does not fit this device's memory is split here (run_group halves it
+    until it fits), so a unit planned for a larger device still trains.
+    """
+    unit = list(unit)
+    if len(unit) == 1:
+        result = run_point(unit[0], device=device, progress=progress)
+        if on_result is not None:
+            on_result(result)
+        return [result]
+    return run_group(unit, device, progress, len(unit), on_result=on_result)
 
 
 def resolve_device(device: object) -> torch.device:

@@ -277,8 +277,9 @@ def test_sweep_batches_lora_points_and_measures_them_like_run_point(tmp_path):
                     on_result=seen.append)  # fmt: skip
     assert [r.point for r in results] == points and len(seen) == 4
     assert {r.point for r in seen} == set(points)
-    # The two 6-step points trained together; the 4-step LoRA point alone in its own group.
-    assert [r.extra.get("batched", {}).get("configs") for r in results] == [2, 2, 1, None]
+    # The two 6-step points trained together; the 4-step LoRA point, alone in its group, trained
+    # as run_point trains it (one batched configuration is slower than the plain loop).
+    assert [r.extra.get("batched", {}).get("configs") for r in results] == [2, 2, None, None]
     assert len(SweepCache(tmp_path)) == 4
     for result in results[:3]:
         alone = run_point(result.point, device="cpu", progress=False)
