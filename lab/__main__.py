@@ -8,6 +8,8 @@ python -m lab sweep --ranks 8 --init pissa                            # PiSSA's 
 python -m lab sweep --ranks 8 --quant nf4                             # QLoRA: a 4-bit NF4 base
 python -m lab sweep --ranks 1 16 --targets all-linear --lr 1e-3 1e-2 --full --full-lr 1e-4 1e-3
 python -m lab sweep --ranks 8 --replay 0.05                           # 5% pretraining replay
+python -m lab sweep --ranks 1 4 8 16 --ray                            # on a local Ray
+python -m lab sweep --ranks 1 4 8 16 --ray 10.0.0.5:6379              # on a Ray cluster
 
 The benchmarks are not here: they live in benchmarks/ (python -m benchmarks.bench).
 """
@@ -23,6 +25,7 @@ import warnings
 import torch
 
 from .config import INITS, MAX_LR_RATIO, VARIANTS
+from .executors import RAY_INSTALL, RaySession
 from .forgetting import MAX_REPLAY, source_summary
 from .quant import SCHEMES
 from .sweeps import (
@@ -34,9 +37,11 @@ from .sweeps import (
     LORA_LR,
     SHORT_TARGETS,
     SweepCache,
+    SweepFailed,
     describe,
     full_point,
     grid,
+    ray_device,
     resolve_device,
     sweep,
 )
@@ -153,6 +158,13 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-configs", type=_int_type("max configs", 1, 10**6), default=None,
                    help="cap on points per batch")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best there is)")
+    p.add_argument("--ray", nargs="?", const=LOCAL_RAY, default=None, metavar="ADDRESS",
+                   help="train each batched chunk as a Ray task: on a local Ray started for the "
+                        "run, or on the cluster at ADDRESS (HOST:PORT of `ray start --head`); "
+                        f"needs {RAY_INSTALL}")  # fmt: skip
+    p.add_argument("--workers", type=_int_type("workers", 1, 4096), default=None,
+                   help="with --ray and no address: the local Ray's CPU slots (default: every "
+                        "core)")  # fmt: skip
     p.add_argument("--cache", default=None, help="cache folder (default: $LORA_LAB_CACHE or "
                    "~/.cache/lora-lab/sweeps)")  # fmt: skip
     return p
@@ -162,12 +174,18 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
+LOCAL_RAY = "local"  # --ray without an address
+
+
 class Interrupted(Exception):
     """Ctrl-C, with what was kept."""
 
 
 def sweep_points(args: argparse.Namespace) -> list:
     """The grid the sweep options describe (ValueError for settings that do not go together)."""
+    if args.workers is not None and args.ray != LOCAL_RAY:
+        raise ValueError("--workers sizes the local Ray of --ray (no address); a cluster has "
+                         "its own")  # fmt: skip
     if args.full_lr and not args.full:
         raise ValueError("--full-lr sets the full fine-tuning reference's rates: add --full")
     points = grid(args.task, args.ranks, args.alphas, args.dropouts, tuple(args.targets),
@@ -182,10 +200,15 @@ def sweep_points(args: argparse.Namespace) -> list:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)  # a bad --device fails before anything is written
+    # A bad --device fails before anything is written; on Ray the device is the workers'.
+    device = resolve_device(args.device) if args.ray is None else ray_device(args.device)
     points = sweep_points(args)
     cache = SweepCache(args.cache)
     todo = {p for p in points if p not in cache}
+    executor = "local"
+    if args.ray is not None:
+        address = None if args.ray == LOCAL_RAY else args.ray
+        executor = RaySession(address, workers=args.workers)
     print(f"{_plural(len(points), 'point')} on {args.task}, {len(todo):,} to train; "
           f"cache {cache.directory}", flush=True)  # fmt: skip
     tty = sys.stderr.isatty()
@@ -197,19 +220,28 @@ def run_sweep(args: argparse.Namespace) -> int:
             print(f"trained {describe(result)} ({len(finished)}/{len(todo)})", flush=True)
 
     start = time.perf_counter()
+    failures: dict = {}
     try:
         results = sweep(points, cache, progress=tty, device=device, batched=not args.no_batch,
-                        max_configs=args.max_configs, on_result=report)  # fmt: skip
+                        max_configs=args.max_configs, on_result=report,
+                        executor=executor)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
             f"{_plural(len(finished), 'point')} of {len(todo):,} finished and kept in "
             f"{cache.directory}; run the same command again to train the rest"
         ) from None
+    except SweepFailed as exc:  # every other point is trained and kept
+        results = [r for r in exc.results if r is not None]
+        failures = exc.failures
     seconds = time.perf_counter() - start
+    if isinstance(executor, RaySession) and executor.summary:
+        how = "started" if executor.address is None else "connected"
+        print(f"Ray: {executor.summary}, {how} in {executor.startup_seconds:.1f} s")
     width = max([28, *(len(describe(r.point)) for r in results)])  # 'r8 α16 DoRA NF4 base'
     lrs = {r.point.lr for r in results}
     label = {r.point: describe(r.point) + (f" lr {r.point.lr:g}" if len(lrs) > 1 else "")
              for r in results}  # fmt: skip
+    label.update({p: describe(p) for p in failures})
     width = max([width, *map(len, label.values())])
     print(f"{'point':<{width}} {'held-out acc':>12} {'loss':>7} {'source acc':>10} "
           f"{'trainable':>10} {'train s':>8}")  # fmt: skip
@@ -232,7 +264,16 @@ def run_sweep(args: argparse.Namespace) -> int:
     if diverged:
         print(f"{_plural(len(diverged), 'point')} diverged (loss nan/inf): "
               f"{diverged[0].extra.get('diverged', '')}", file=sys.stderr)  # fmt: skip
+    for point, error in failures.items():
+        print(f"failed: {label.get(point, describe(point))}: {error}", file=sys.stderr)
     print(f"done in {seconds:.1f} s")
+    if failures:
+        print(
+            f"error: {_plural(len(failures), 'point')} failed (above); the other "
+            f"{len(results):,} are kept: run the same command again to retry",
+            file=sys.stderr,
+        )
+        return 1
     if cache.unsaved:
         print(f"error: {_plural(len(cache.unsaved), 'result')} could not be saved to "
               f"{cache.directory} (shown above, not cached)", file=sys.stderr)  # fmt: skip
@@ -267,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ImportError as exc:  # --ray without Ray installed: how to install it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError) as exc:  # bad settings: say which, without a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,9 @@ by m_k / ||W_k + ΔW_k||. A 4-bit base is not batched (its sweeps train one by o
 
 On a CUDA device the dropout masks come from per-configuration CUDA generators instead of the
 global CPU stream, so runs with dropout are statistically, not bitwise, the same as alone.
+`dropout_draw="fast"` draws every configuration's mask at once from one generator of the chunk
+(16 random bits per entry instead of a float per entry and a Bernoulli test): cheaper, and
+statistically the same dropout, but no longer the masks training alone would draw.
 """
 
 from __future__ import annotations
@@ -66,12 +69,27 @@ __all__ = [
     "StackedAdamW",
     "bytes_per_config",
     "CPU_ROWS_PER_STEP",
+    "DROPOUT_DRAWS",
     "default_max_configs",
     "max_configs_for_memory",
     "train_batched",
 ]
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which lab.train uses
+# How a batched step draws dropout masks: "exact", each configuration from its own generator as
+# nn.Dropout would alone (the default: batched == alone); "fast", all at once (statistically
+# the same dropout, not the same masks; see BatchedLoRALinear._fast_dropped).
+DROPOUT_DRAWS = ("exact", "fast")
+FAST_BITS = 16  # random bits per mask entry in the fast draw: keep-probability error < 2**-16
+
+
+def check_dropout_draw(dropout_draw: object) -> str:
+    """`dropout_draw` if it is one of DROPOUT_DRAWS; ValueError naming it otherwise."""
+    if not isinstance(dropout_draw, str) or dropout_draw not in DROPOUT_DRAWS:
+        raise ValueError(
+            f"dropout_draw={dropout_draw!r}: expected one of {', '.join(map(repr, DROPOUT_DRAWS))}"
+        )
+    return dropout_draw
 
 
 @dataclass(frozen=True)
@@ -150,8 +168,10 @@ class BatchedLoRALinear(nn.Module):
         dropouts: Sequence[float],
         generators: Sequence[torch.Generator | None],
         dora: Sequence[bool] | None = None,
+        dropout_draw: str = "exact",
     ) -> None:
         super().__init__()
+        self.dropout_draw = check_dropout_draw(dropout_draw)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
         k = len(ranks)
@@ -210,17 +230,44 @@ class BatchedLoRALinear(nn.Module):
 
         The mask is drawn exactly as nn.Dropout draws it on the CPU (bernoulli(1 - p), divided
         by 1 - p, multiplied in), with the same shape, so a configuration sees the same masks it
-        would see training alone. Configurations without dropout here draw nothing.
+        would see training alone. Configurations without dropout here draw nothing: only their
+        slices of the mask are filled with ones. With dropout_draw="fast", `_fast_dropped`.
         """
-        if not self.training or not any(
-            p > 0 and r > 0 for p, r in zip(self.dropouts, self.ranks, strict=True)
-        ):
+        drop = [p > 0 and r > 0 for p, r in zip(self.dropouts, self.ranks, strict=True)]
+        if not self.training or not any(drop):
             return x
-        noise = torch.ones_like(x)
-        for k, (p, r) in enumerate(zip(self.dropouts, self.ranks, strict=True)):
-            if p > 0 and r > 0:
+        if self.dropout_draw == "fast":
+            return self._fast_dropped(x, drop)
+        noise = torch.empty_like(x)
+        for k, p in enumerate(self.dropouts):
+            if drop[k]:
                 noise[k].bernoulli_(1 - p, generator=self.generators[k]).div_(1 - p)
+            else:
+                noise[k].fill_(1)
         return x * noise
+
+    def _fast_dropped(self, x: torch.Tensor, drop: list[bool]) -> torch.Tensor:
+        """Every configuration's dropout from one draw of FAST_BITS random bits per entry.
+
+        Entry j of configuration k is kept when its 16-bit integer is below round((1 - p_k) *
+        2**16), and scaled by 1 / (1 - p_k) as nn.Dropout scales it: values 0 or 1 / (1 - p_k),
+        kept with probability 1 - p_k to within 2**-16. One int64 draw gives four entries, from
+        the generator of the first configuration with dropout: about a third of the exact
+        draw's time on a CPU, but not the masks training alone draws.
+        """
+        k = self.n_configs
+        n = x[0].numel()
+        words = -(-k * n * FAST_BITS // 64)
+        gen = next(g for g, d in zip(self.generators, drop, strict=True) if d)
+        bits = torch.empty(words, dtype=torch.int64, device=x.device)
+        bits.random_(-(2**63), 2**63 - 1, generator=gen)
+        u = bits.view(torch.int16)[: k * n].view(x.shape)  # uniform on [-2**15, 2**15)
+        keep = [1 - p if d else 1.0 for p, d in zip(self.dropouts, drop, strict=True)]
+        # A threshold of 2**15 keeps every entry (configurations without dropout here).
+        limit = torch.tensor([round(q * 2**FAST_BITS) - 2**15 for q in keep], device=x.device)
+        scale = torch.tensor([1 / q for q in keep], dtype=x.dtype, device=x.device)
+        shape = (k,) + (1,) * (x.dim() - 1)
+        return x * (u < limit.view(shape)) * scale.view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(K*B, ..., in) -> (K*B, ..., out)."""
@@ -365,7 +412,10 @@ class BatchedRun:
 
 
 def _batched_model(
-    base: ToyTransformer, specs: Sequence[AdapterSpec], device: torch.device
+    base: ToyTransformer,
+    specs: Sequence[AdapterSpec],
+    device: torch.device,
+    dropout_draw: str = "exact",
 ) -> tuple[ToyTransformer, dict[str, BatchedLoRALinear]]:
     """The base (on the CPU) with every targeted linear replaced by a BatchedLoRALinear.
 
@@ -414,6 +464,7 @@ def _batched_model(
             [s.dropout if r else 0.0 for s, r in zip(specs, ranks, strict=True)],
             generators,
             [bool(r) and s.config.variant == "dora" for s, r in zip(specs, ranks, strict=True)],
+            dropout_draw,
         )
         with torch.no_grad():
             for k, r in enumerate(ranks):
@@ -525,7 +576,8 @@ class BatchedTrainer:
     `base` is not modified (a CPU copy is made). Learning rates follow lab.train's schedule
     (5% warmup, cosine to 10%) per configuration; each configuration draws its batches from
     torch.Generator().manual_seed(seed), as lab.train does. On CUDA the forward runs under bf16
-    autocast, as in lab.train.
+    autocast, as in lab.train. `dropout_draw` is "exact" (each configuration's own masks, as
+    alone) or "fast" (one cheaper draw for the chunk; see BatchedLoRALinear._fast_dropped).
     """
 
     def __init__(
@@ -537,6 +589,7 @@ class BatchedTrainer:
         batch_size: int = 64,
         device: torch.device | str | None = None,
         weight_decay: float = 0.0,
+        dropout_draw: str = "exact",
     ) -> None:
         specs = list(specs)
         if not specs:
@@ -547,13 +600,14 @@ class BatchedTrainer:
         check_count("steps", steps, MAX_STEPS)
         check_count("batch_size", batch_size)
         check_weight_decay(weight_decay)
+        check_dropout_draw(dropout_draw)
         self.device = torch.device(device) if device is not None else default_device()
         self.weight_decay = weight_decay
         self.stopped: list[str | None] = [None] * len(specs)
         self.base_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
         self.config = base.config
         work = model_from_state(base.config, {k: v.clone() for k, v in self.base_state.items()})
-        model, layers = _batched_model(work, specs, self.device)
+        model, layers = _batched_model(work, specs, self.device, dropout_draw)
         needed = len(specs) * bytes_per_config(base.config, specs, batch_size)
         needed += 8 * steps * batch_size * (len(specs) + len({s.seed for s in specs}))
         check_fits(needed, self.device, f"{len(specs)} configuration{'s' * (len(specs) != 1)} "
@@ -650,14 +704,17 @@ def train_batched(
     device: torch.device | str | None = None,
     progress: bool = True,
     weight_decay: float = 0.0,
+    dropout_draw: str = "exact",
 ) -> BatchedRun:
     """Train every spec's adapter on `task` together, each exactly as it would train alone.
 
     See BatchedTrainer for the schedule, data order and precision; `base` is not modified.
     A configuration whose loss becomes nan or inf is stopped (its adapter zeroed, lr 0) and
-    named in the result's `diverged`; the others train on unaffected.
+    named in the result's `diverged`; the others train on unaffected. `dropout_draw="fast"`
+    draws dropout masks more cheaply but not as alone (statistically the same dropout).
     """
-    trainer = BatchedTrainer(base, task, specs, steps, batch_size, device, weight_decay)
+    trainer = BatchedTrainer(base, task, specs, steps, batch_size, device, weight_decay,
+                             dropout_draw)  # fmt: skip
     device, k = trainer.device, len(trainer.specs)
     losses = torch.zeros(steps, k, device=device)
     bar = tqdm(

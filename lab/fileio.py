@@ -9,12 +9,19 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes"]
+__all__ = ["atomic_write_bytes", "user_cache_root"]
 
 # A temp file whose writer is gone is removed by the next save to the same path. The writer's
 # pid is part of the temp name; a temp file older than this is removed even if a process with
 # that pid runs (pids are reused, and a writer never takes an hour to write a lab file).
 STALE_TEMP_SECONDS = 3600.0
+
+
+def user_cache_root() -> Path:
+    """The lab's folder in the user's cache: $XDG_CACHE_HOME/lora-lab, else ~/.cache/lora-lab."""
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "lora-lab"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-lab"
 
 
 def _temp_prefix(path: Path) -> str:

@@ -9,6 +9,7 @@ widgets.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -33,9 +34,18 @@ from tqdm.auto import tqdm
 
 from .analysis import canonical_targets, count_full, count_lora
 from .base import BASE_MODEL_PATH, load_base_config, load_base_model
-from .batched import AdapterSpec, batchable, bytes_per_config, default_max_configs, train_batched
+from .batched import (
+    AdapterSpec,
+    batchable,
+    bytes_per_config,
+    default_max_configs,
+    max_configs_for_memory,
+    train_batched,
+)
+from .calibrate import calibrated_chunk_size
 from .config import ALL_LINEAR, LoRAConfig
-from .fileio import atomic_write_bytes
+from .executors import RaySession, check_executor
+from .fileio import atomic_write_bytes, user_cache_root
 from .forgetting import check_replay, forgetting, with_replay
 from .lora import add_lora, count_parameters
 from .memory import measure_step_memory
@@ -62,6 +72,7 @@ __all__ = [
     "SHORT_TARGETS",
     "SweepCache",
     "SweepCacheError",
+    "SweepFailed",
     "SweepPoint",
     "SweepResult",
     "accuracy_table",
@@ -763,13 +774,6 @@ def run_point(
 # ---------------------------------------------------------------------------------------------
 
 
-def user_cache_root() -> Path:
-    """The lab's folder in the user's cache: $XDG_CACHE_HOME/lora-lab, else ~/.cache/lora-lab."""
-    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
-        return Path(os.environ["LOCALAPPDATA"]) / "lora-lab"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-lab"
-
-
 def default_cache_dir() -> Path:
     """$LORA_LAB_CACHE if set, else the user's cache folder (~/.cache/lora-lab/sweeps)."""
     if os.environ.get("LORA_LAB_CACHE"):
@@ -1094,6 +1098,8 @@ def sweep(
     on_result: Callable[[SweepResult], None] | None = None,
     batched: bool = True,
     max_configs: int | None = None,
+    executor: str | RaySession = "local",
+    address: str | None = None,
 ) -> list[SweepResult]:
     """Results for `points` in order: cached ones are read, the others trained and cached.
 
@@ -1110,6 +1116,15 @@ def sweep(
     sweep is training into the same cache is waited for, not trained twice. A result whose
     write fails later is still returned, with a warning (its points in `cache.unsaved`). A run
     whose loss became nan/inf is returned and cached as diverged.
+
+    `executor="ray"` trains each unit of `plan_chunks` (a batched chunk, or one point) as a Ray
+    task (lab.executors): on a local Ray started for the sweep, or on the cluster at `address`
+    ('HOST:PORT' of `ray start --head`); a `lab.executors.RaySession` gives more control
+    (workers, temp dir, retries). Each task asks for one GPU when the cluster has GPUs (device
+    None or 'cuda'), else one CPU. This process stays the only writer of the cache: each result
+    is validated and cached as its task returns, so an interrupted sweep keeps every finished
+    point. A task whose worker dies is rerun by Ray; one that fails for good raises SweepFailed
+    at the end, naming each of its points with the error, after every other point is cached.
     """
     cache = SweepCache() if cache is None else cache
     if not isinstance(cache, SweepCache):
@@ -1122,19 +1137,26 @@ def sweep(
         raise TypeError(f"points must be SweepPoints (lab.grid builds them), got {wrong[0]!r}")
     if max_configs is not None:
         check_count("max_configs", max_configs)
-    device = resolve_device(device)
+    on_ray = isinstance(executor, RaySession) or check_executor(executor) == "ray"
+    if address is not None and not (on_ray and isinstance(executor, str)):
+        raise ValueError(f"address={address!r} is for executor='ray' (a RaySession has its own)")
+    # On Ray the device is the workers' (a GPU per task, or CPUs), not necessarily one here.
+    device = ray_device(device) if on_ray else resolve_device(device)
     results: dict[SweepPoint, SweepResult | None] = {p: cache.get(p) for p in points}
     todo = [p for p in points if results[p] is None]
     cache.unsaved = []
     if todo:
         cache.check_writable()  # before anything is trained
         config = load_base_config()
-        for p in todo:
+        for p in [] if on_ray else todo:  # Ray workers check their own device's memory
             what = f"{describe(p)} with batch_size={p.batch_size:,} for steps={p.steps:,}"
             check_fits(run_bytes(config, p.batch_size, p.steps), device, what)
     bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress or not todo)
     held: set[SweepPoint] = set()
     errors: list[OSError] = []
+    failures: dict[SweepPoint, str] = {}
+    stack = contextlib.ExitStack()
+    ray_run: RaySession | None = None
 
     def done(result: SweepResult) -> None:
         results[result.point] = result
@@ -1151,6 +1173,17 @@ def sweep(
             on_result(result)
 
     def train_these(mine: list[SweepPoint]) -> None:
+        nonlocal ray_run
+        if on_ray:
+            if ray_run is None:
+                session = executor if isinstance(executor, RaySession) else RaySession(address)
+                ray_run = stack.enter_context(session)
+            failures.update(_train_on_ray(ray_run, mine, device, run_fn, batched, max_configs,
+                                          bar, done))  # fmt: skip
+            for point in failures:
+                cache.release(point)
+                held.discard(point)
+            return
         if run_fn is not None or not batched:
             fn = run_point if run_fn is None else run_fn
             for point in mine:
@@ -1189,6 +1222,7 @@ def sweep(
                 else:
                     pending.append(point)
     finally:
+        stack.close()  # a local Ray started for this sweep stops here
         for point in list(held):
             cache.release(point)
         bar.close()
@@ -1200,7 +1234,132 @@ def sweep(
                 "returned but not cached",
                 stacklevel=2,
             )
+    if failures:
+        raise SweepFailed(failures, [results[p] for p in points])
     return [results[p] for p in points]
+
+
+class SweepFailed(RuntimeError):
+    """Points that failed for good on Ray workers; every other point was trained and cached.
+
+    `failures` maps each failed point to its error; `results` is sweep()'s list with None
+    for the failed points.
+    """
+
+    def __init__(self, failures: dict[SweepPoint, str], results: list[SweepResult | None]):
+        self.failures, self.results = dict(failures), list(results)
+        kept = sum(r is not None for r in results)
+        first = next(iter(self.failures.items()))
+        super().__init__(
+            f"{_plural(len(failures), 'point')} failed ({describe(first[0])}: {first[1]}); "
+            f"{kept:,} of {len(results):,} trained and kept"
+        )
+
+
+def ray_device(device: object) -> torch.device | None:
+    """The device Ray tasks should use: None (a GPU each if there are any, else CPUs), cpu, cuda.
+
+    Not checked against this machine: the workers' GPUs need not be here.
+    """
+    if device is None:
+        return None
+    if not isinstance(device, str | torch.device):
+        raise TypeError(f"device={device!r}: expected 'cpu', 'cuda' or None")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={device!r} is not a device; try 'cpu' or 'cuda'") from None
+    if parsed.type not in ("cpu", "cuda") or parsed.index not in (None, 0):
+        raise ValueError(
+            f"device={device!r}: Ray tasks train on 'cpu' or 'cuda' (one GPU each, which Ray "
+            "chooses)"
+        )
+    return torch.device(parsed.type)
+
+
+def _remote_unit(items: list[dict], device: str, run_fn: Callable | None) -> dict:
+    """A Ray task's work: train one unit on this worker, return the results as dicts."""
+    unit = [SweepPoint.from_dict(d) for d in items]
+    if run_fn is not None:
+        results = [run_fn(p, device=device, progress=False) for p in unit]
+    else:
+        results = run_chunk(unit, device, progress=False)
+    return {"base": base_fingerprint(), "results": [r.to_dict() for r in results]}
+
+
+def _train_on_ray(
+    session: RaySession,
+    mine: list[SweepPoint],
+    device: torch.device | None,
+    run_fn: Callable | None,
+    batched: bool,
+    max_configs: int | None,
+    bar,
+    done: Callable[[SweepResult], None],
+) -> dict[SweepPoint, str]:
+    """Train `mine` as Ray tasks, one per unit; cache each result as it comes; failures back."""
+    kind = session.device_kind(device)
+    if run_fn is not None or not batched:
+        units = [[p] for p in mine]
+    else:
+        _say_alone(mine)
+        size = None
+        if kind == "cuda":  # chunks as big as one worker's GPU holds, as chunk_size plans here
+            free = session.free_memory(kind)
+            config = load_base_config()
+
+            def size(group: list[SweepPoint]) -> int:
+                per = bytes_per_config(config, [p.spec() for p in group], group[0].batch_size)
+                return max(1, free // 2 // max(1, per))
+
+        units = plan_chunks(mine, kind, max_configs, size=size)
+    slots = session.slots(kind)
+    left = len(units)
+    devices = f"{slots} {'GPU' if kind == 'cuda' else 'CPU'}{'s' * (slots != 1)}"
+
+    def show() -> None:
+        bar.set_postfix_str(f"{min(left, slots)} workers busy, {devices}", refresh=True)
+
+    failures: dict[SweepPoint, str] = {}
+    ours = base_fingerprint()
+    jobs = session.map(_remote_unit, [[p.to_dict() for p in u] for u in units], kind, (run_fn,),
+                       on_start=lambda n: show())  # fmt: skip
+    with contextlib.closing(jobs):  # leaving early (Ctrl-C) cancels what is still out
+        for index, value, where, error in jobs:
+            left -= 1
+            unit = units[index]
+            got: list[SweepResult] = []
+            if error is None:
+                error = _check_returned(value, unit, ours, where)
+            if error is None:
+                got = [SweepResult.from_dict(d) for d in value["results"]]
+                for result in got:
+                    result.extra["worker"] = {"host": where.host, "device": where.device}
+                    done(result)
+            else:
+                for point in unit:
+                    failures[point] = error
+                tqdm.write(f"failed: {', '.join(describe(p) for p in unit)}: {error}")
+            show()
+    return failures
+
+
+def _check_returned(value: object, unit: list[SweepPoint], ours: str, where) -> str | None:
+    """What is wrong with a task's returned value (None: nothing); results are never trusted."""
+    if not isinstance(value, dict) or not isinstance(value.get("results"), list):
+        return f"the task returned {type(value).__name__}, not a dict of results"
+    if value.get("base") != ours:
+        return (
+            f"the worker on {where.host} has another base model ({value.get('base')}, this "
+            f"driver {ours}): install the same lab on every machine"
+        )
+    try:
+        points = [SweepResult.from_dict(d).point for d in value["results"]]
+    except ValueError as exc:  # nan where a number must be, an accuracy above 1, ...
+        return f"the worker on {where.host} returned an invalid result ({exc})"
+    if sorted(p.key for p in points) != sorted(p.key for p in unit):
+        return f"the worker on {where.host} returned results for other points than it was given"
+    return None
 
 
 def _say_alone(points: Sequence[SweepPoint]) -> None:
@@ -1215,27 +1374,44 @@ def _say_alone(points: Sequence[SweepPoint]) -> None:
         )
 
 
-def chunk_size(group: Sequence[SweepPoint], device: torch.device | str) -> int:
+def chunk_size(
+    group: Sequence[SweepPoint], device: torch.device | str, *, calibrate: bool = True
+) -> int:
     """How many of `group`'s points (one group_key) one batched run takes on `device`.
 
+    With `calibrate`: the chunk size `lab.calibrate` measured fastest for such a group on this
+    machine (1: each point trains alone, faster here than batched), measured when that costs
+    under 5% of the group's training and remembered in user_cache_root()/calibration.json;
+    $LORA_LAB_CALIBRATE=0 turns it off. Otherwise, and while nothing is measured,
     `lab.batched.default_max_configs`: what fits in half the device's free memory, and on a CPU
-    about CPU_ROWS_PER_STEP sequences per step.
+    about CPU_ROWS_PER_STEP sequences per step. Chunking never changes a point's numbers.
     """
+    group = list(group)
     batch_size = group[0].batch_size
-    needed = bytes_per_config(load_base_config(), [p.spec() for p in group], batch_size)
-    return default_max_configs(batch_size, device, needed)
+    config = load_base_config()
+    specs = [p.spec() for p in group]
+    needed = bytes_per_config(config, specs, batch_size)
+    static = default_max_configs(batch_size, device, needed)
+    if not calibrate:
+        return static
+    return calibrated_chunk_size(
+        specs, get_task(group[0].task), batch_size, group[0].steps, device, static=static,
+        limit=max_configs_for_memory(needed, device), config=config,
+    )  # fmt: skip
 
 
 def plan_chunks(
     points: Sequence[SweepPoint],
     device: torch.device | str,
     max_configs: int | None = None,
+    size: Callable[[list[SweepPoint]], int] | None = None,
 ) -> list[list[SweepPoint]]:
     """The units of work sweep() trains `points` in, in order: each a list of points.
 
     A point the batched engine cannot train (full fine-tuning, a 4-bit base, DoRA's or PiSSA's
     unbatched forms) is a unit of its own; the batchable LoRA points are grouped by `group_key`
-    and each group is cut into chunks of `max_configs` (default `chunk_size`). A unit of one
+    and each group is cut into chunks of `max_configs` (default `chunk_size`, or `size(group)`
+    when given: the rule for a device elsewhere, such as a Ray worker's GPU). A unit of one
     point trains alone (`run_point`), a longer one as one batched run (`run_group`). Local
     sweeps run the units one after another, `executor="ray"` hands each to a Ray task.
     """
@@ -1249,8 +1425,11 @@ def plan_chunks(
         else:
             units.append([point])
     for group in groups.values():
-        size = max_configs if max_configs is not None else chunk_size(group, device)
-        units += [group[i : i + size] for i in range(0, len(group), size)]
+        if max_configs is not None:
+            n = max_configs
+        else:
+            n = size(group) if size is not None else chunk_size(group, device)
+        units += [group[i : i + n] for i in range(0, len(group), n)]
     return units
 
 
@@ -1262,8 +1441,9 @@ def run_chunk(
 ) -> list[SweepResult]:
     """Train one unit of `plan_chunks`: one point alone, or several batched together.
 
-    A batched unit that does not fit this device's memory is split here (run_group halves it
-    until it fits), so a unit planned for a larger device still trains.
+    A batched unit larger than this device's free memory holds (half of it, as planned here)
+    trains in smaller chunks, and one that still runs out of memory is halved (run_group), so
+    a unit planned for a larger device (another Ray worker's) still trains.
     """
     unit = list(unit)
     if len(unit) == 1:
@@ -1271,7 +1451,10 @@ def run_chunk(
         if on_result is not None:
             on_result(result)
         return [result]
-    return run_group(unit, device, progress, len(unit), on_result=on_result)
+    device = torch.device(device) if device is not None else default_device()
+    per = bytes_per_config(load_base_config(), [p.spec() for p in unit], unit[0].batch_size)
+    fits = max_configs_for_memory(per, device)
+    return run_group(unit, device, progress, min(len(unit), fits), on_result=on_result)
 
 
 def resolve_device(device: object) -> torch.device:

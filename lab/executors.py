@@ -1,0 +1,269 @@
+"""Where a sweep's units of work run: here, one after another, or as tasks on a Ray cluster.
+
+`lab.sweeps.sweep` plans its units (one point alone, or one batched chunk) and either trains
+them in this process or hands them to `RaySession.map`, which submits one Ray task per unit and
+yields each unit's outcome as it arrives. The process that called sweep() (the driver) stays the
+only writer of the sweep cache: tasks return results, they never write files.
+
+Ray (https://docs.ray.io) schedules tasks by their CPU and GPU needs across machines, starts a
+worker process per task slot, and reruns a task whose worker died (`max_retries`). This module
+knows nothing about sweeps; it only maps a function over items with Ray:
+
+    with RaySession(address=None, workers=2) as ray_run:   # a local Ray, stopped at the end
+        for index, value, error in ray_run.map(fn, items, device="cpu"):
+            ...                                             # in completion order
+
+Ray is an optional dependency (requirements-ray.txt); without it, RaySession raises an
+ImportError that says how to install it. Usage reporting is switched off before Ray is
+imported, and the dashboard is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["EXECUTORS", "RAY_INSTALL", "RaySession", "check_executor", "import_ray"]
+
+EXECUTORS = ("local", "ray")
+RAY_INSTALL = "pip install -r requirements-ray.txt (Ray, with torch kept at the lab's pin)"
+# A task whose worker process died (killed, out of memory, machine lost) is rerun this often.
+DEFAULT_RETRIES = 3
+
+
+def check_executor(executor: object) -> str:
+    """The executor's name, or ValueError naming the value and the valid ones."""
+    if not isinstance(executor, str) or executor not in EXECUTORS:
+        raise ValueError(
+            f"executor={executor!r}: expected one of {', '.join(map(repr, EXECUTORS))}"
+        )
+    return executor
+
+
+def import_ray():
+    """The ray module, with usage reporting off; ImportError saying how to install it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home from a class
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(
+            f"executor='ray' needs Ray, which is not installed: {RAY_INSTALL}"
+        ) from None
+    return ray
+
+
+@dataclass
+class WorkerInfo:
+    """Where a task ran: host, process id and device (e.g. 'cpu', 'cuda:0 NVIDIA H100')."""
+
+    host: str
+    pid: int
+    device: str
+
+
+def describe_worker(device: str) -> dict:
+    """This process's WorkerInfo fields, for a task to return beside its value."""
+    name = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = f"{device} {torch.cuda.get_device_name(torch.device(device))}"
+    return {"host": socket.gethostname(), "pid": os.getpid(), "device": name}
+
+
+def _free_device_memory(device: str) -> int:
+    """Free bytes of this worker's device (a Ray task run before planning chunks for GPUs)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _run_item(fn: Callable, item, device: str, args: tuple) -> tuple[object, dict]:
+    """A Ray task's body: fn(item, device, *args) and where it ran."""
+    if device == "cuda":
+        device = "cuda:0"  # Ray shows the task its one GPU as device 0 (CUDA_VISIBLE_DEVICES)
+    return fn(item, device, *args), describe_worker(device)
+
+
+class RaySession:
+    """A connection to Ray for one sweep: a local Ray started for it, or an existing cluster.
+
+    address None starts a local Ray on 127.0.0.1 with `workers` CPU slots (default: every
+    core) and its files under `temp_dir` (default Ray's own, /tmp/ray), and stops it on exit.
+    An address ('HOST:PORT' of a `ray start --head`, or 'ray://HOST:PORT') connects to that
+    cluster and leaves it running. If this process already called ray.init(), that Ray is
+    used as it is and left running. `startup_seconds` says how long connecting took.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        workers: int | None = None,
+        temp_dir: str | os.PathLike | None = None,
+        dashboard: bool = False,
+        max_retries: int = DEFAULT_RETRIES,
+    ) -> None:
+        if address is not None and (not isinstance(address, str) or not address.strip()):
+            raise ValueError(
+                f"ray address={address!r}: expected 'HOST:PORT' of a running `ray start --head`, "
+                "'ray://HOST:PORT', or None for a local Ray started for the run"
+            )
+        if workers is not None and (
+            not isinstance(workers, int) or isinstance(workers, bool) or workers < 1
+        ):
+            raise ValueError(f"workers={workers!r}: expected a positive int or None (every core)")
+        if address is not None and workers is not None:
+            raise ValueError("workers sets a local Ray's size; a cluster at an address has its own")
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ValueError(f"max_retries={max_retries!r}: expected an int >= 0")
+        self.address, self.workers, self.temp_dir = address, workers, temp_dir
+        self.dashboard, self.max_retries = dashboard, max_retries
+        self.ray = import_ray()
+        self.owned = False
+        self.startup_seconds = 0.0
+        self.summary = ""  # what it connected to, once entered
+
+    def __enter__(self) -> RaySession:
+        ray = self.ray
+        start = time.perf_counter()
+        if not ray.is_initialized():
+            kwargs: dict = {
+                "include_dashboard": self.dashboard,
+                "log_to_driver": False,  # workers' own bars and warnings stay in Ray's logs
+                "logging_level": logging.WARNING,
+            }
+            if self.address is None:
+                kwargs.update(num_cpus=self.workers or os.cpu_count() or 1,
+                              _node_ip_address="127.0.0.1")  # fmt: skip
+                if self.temp_dir is not None:
+                    kwargs["_temp_dir"] = os.fspath(self.temp_dir)
+            else:
+                kwargs["address"] = self.address
+            # Ray announces that token authentication is on (the default for a local Ray);
+            # that is as it should be, so the line is not printed over the sweep's bar.
+            quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                ray.init(**kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = self.address or "a local Ray"
+                raise ConnectionError(f"could not start or reach Ray at {where}: {exc}") from None
+            finally:
+                quiet.setLevel(level)
+            self.owned = True
+        self.startup_seconds = time.perf_counter() - start
+        kind = "a local Ray" if self.address is None else f"the cluster at {self.address}"
+        self.summary = f"{kind}, {self.describe()}"
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.owned:
+            self.ray.shutdown()
+            self.owned = False
+
+    # -- what the cluster has ----------------------------------------------------------------
+
+    def resources(self) -> dict[str, float]:
+        """The cluster's total resources (CPU, GPU, memory, ...), as Ray counts them."""
+        return dict(self.ray.cluster_resources())
+
+    def device_kind(self, device: torch.device | str | None) -> str:
+        """'cuda' or 'cpu' for this cluster's tasks; ValueError if the device cannot be had.
+
+        None: a GPU per task when the cluster has GPUs, else CPUs.
+        """
+        gpus = self.resources().get("GPU", 0)
+        kind = (torch.device(device).type if device is not None else None) or (
+            "cuda" if gpus else "cpu"
+        )
+        if kind == "cuda" and not gpus:
+            raise ValueError(
+                f"device={str(device)!r}: the Ray cluster has no GPUs ({self.describe()}); "
+                "use device='cpu' or None"
+            )
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device={str(device)!r}: Ray tasks run on 'cpu' or 'cuda'")
+        return kind
+
+    def slots(self, kind: str) -> int:
+        """How many tasks of this kind the cluster runs at once (one per GPU, or per CPU)."""
+        return max(1, int(self.resources().get("GPU" if kind == "cuda" else "CPU", 1)))
+
+    def describe(self) -> str:
+        """'2 CPUs on 1 node' or '8 GPUs, 64 CPUs on 2 nodes'."""
+        res = self.resources()
+        nodes = sum(1 for n in self.ray.nodes() if n.get("Alive"))
+        parts = [f"{int(res[k])} {k}s" for k in ("GPU", "CPU") if res.get(k)]
+        return f"{', '.join(parts) or 'no CPUs'} on {nodes} node{'s' * (nodes != 1)}"
+
+    def free_memory(self, kind: str) -> int:
+        """Free bytes of one worker's device, measured by a task on it."""
+        task = self.ray.remote(_free_device_memory).options(**self._needs(kind))
+        return int(self.ray.get(task.remote("cuda:0" if kind == "cuda" else "cpu")))
+
+    def _needs(self, kind: str) -> dict:
+        return {"num_cpus": 1, "num_gpus": 1 if kind == "cuda" else 0}
+
+    # -- running -----------------------------------------------------------------------------
+
+    def map(
+        self,
+        fn: Callable,
+        items: Sequence,
+        kind: str,
+        args: tuple = (),
+        on_start: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[int, object, WorkerInfo | None, str | None]]:
+        """Run fn(item, device, *args) as one Ray task per item; yield as each one ends.
+
+        Yields (index, value, worker, None) for a task that returned, (index, None, None,
+        error) for one that failed for good: an exception in fn (not retried: it would fail
+        again) or a worker that died more than max_retries times. `fn` must be importable on
+        the workers (a module-level function of an installed package). Closing the iterator
+        early (Ctrl-C in the loop that reads it) cancels every task still queued or running.
+        `on_start(n)` is called once with the number of tasks submitted.
+        """
+        ray = self.ray
+        remote = ray.remote(_run_item).options(
+            max_retries=self.max_retries, retry_exceptions=False, **self._needs(kind)
+        )
+        fn_ref = ray.put(fn)
+        refs = {remote.remote(fn_ref, item, kind, args): i for i, item in enumerate(items)}
+        if on_start is not None:
+            on_start(len(refs))
+        try:
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                for ref in ready:
+                    index = refs.pop(ref)
+                    try:
+                        value, where = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:  # fn raised on the worker
+                        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                        yield index, None, None, f"{type(cause).__name__}: {_first_line(cause)}"
+                        continue
+                    except ray.exceptions.RayError as exc:  # the worker died, every retry
+                        tries = f"{self.max_retries} retr{'y' if self.max_retries == 1 else 'ies'}"
+                        yield (
+                            index,
+                            None,
+                            None,
+                            f"{type(exc).__name__} after {tries}: " + (_first_line(exc)),
+                        )
+                        continue
+                    yield index, value, WorkerInfo(**where), None
+        finally:
+            for ref in refs:  # what is left when the loop stops early
+                with contextlib.suppress(Exception):  # best effort: Ray may be gone already
+                    ray.cancel(ref, force=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
