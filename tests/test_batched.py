@@ -157,6 +157,68 @@ def test_fresh_batched_layer_changes_nothing_and_matches_loralinear():
         layer(x[:14])
 
 
+def _dropout_layer(dropout_draw: str, ranks=(4, 4, 4, 0), dropouts=(0.0, 0.1, 0.5, 0.3)):
+    """A batched layer over one base whose configurations draw from generators seeded 0, 1, ..."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 8)
+    gens = [torch.Generator().manual_seed(k) for k in range(len(ranks))]
+    return BatchedLoRALinear(base, list(ranks), [1.0] * len(ranks), list(dropouts), gens,
+                             dropout_draw=dropout_draw)  # fmt: skip
+
+
+def test_exact_dropout_masks_are_what_nn_dropout_draws_from_each_generator():
+    """Each configuration's slice is nn.Dropout's output from its generator's state; a
+    configuration without dropout here (p 0, or rank 0 in this layer) passes through as is."""
+    layer = _dropout_layer("exact")
+    x = torch.randn(4, 16, 10, 64)
+    got = layer._dropped(x)
+    for k, (p, r) in enumerate(zip(layer.dropouts, layer.ranks, strict=True)):
+        if p > 0 and r > 0:
+            torch.manual_seed(k)  # the global stream nn.Dropout uses, in the same state
+            want = torch.nn.functional.dropout(x[k], p, training=True)
+            torch.testing.assert_close(got[k], want, rtol=0, atol=0)
+        else:
+            assert torch.equal(got[k], x[k])
+    layer.eval()
+    assert layer._dropped(x) is x
+
+
+def test_fast_dropout_draw_is_dropout_at_the_right_rate_but_other_masks():
+    """The fast draw keeps each entry with probability 1 - p (to within a few standard errors
+    over 160k entries) and scales it by 1 / (1 - p), as nn.Dropout does; configurations
+    without dropout pass through untouched; the masks differ from the exact draw's."""
+    x = torch.ones(4, 256, 10, 64)
+    fast = _dropout_layer("fast")._dropped(x)
+    exact = _dropout_layer("exact")._dropped(x)
+    n = x[0].numel()
+    for k, p in ((1, 0.1), (2, 0.5)):
+        kept = fast[k] != 0
+        rate = float(kept.float().mean())
+        assert abs(rate - (1 - p)) < 4 * ((p * (1 - p) / n) ** 0.5), (k, rate)
+        torch.testing.assert_close(fast[k][kept], torch.full_like(fast[k][kept], 1 / (1 - p)))
+        assert not torch.equal(fast[k], exact[k])
+        # Entries are independent across positions: neighbours agree no more than chance says.
+        both = float((kept[..., 1:] & kept[..., :-1]).float().mean())
+        assert abs(both - (1 - p) ** 2) < 0.01
+    assert torch.equal(fast[0], x[0]) and torch.equal(fast[3], x[3])  # p 0; rank 0 here
+    assert not torch.equal(fast[1] != 0, fast[2] != 0)
+    with pytest.raises(ValueError, match=r"dropout_draw='quick': expected one of 'exact', 'fast'"):
+        _dropout_layer("quick")
+
+
+def test_the_fast_draw_changes_only_configurations_with_dropout_and_only_when_asked():
+    specs = [make_spec(("q_proj", "v_proj"), 4, 8.0), make_spec(("q_proj", "v_proj"), 4, 8.0, 0.2)]
+    base, task = load_base_model("cpu"), get_task("sort_desc")
+    runs = {draw: train_batched(base, task, specs, 5, 8, "cpu", progress=False, dropout_draw=draw)
+            for draw in ("exact", "fast")}  # fmt: skip
+    default = train_batched(base, task, specs, 5, 8, "cpu", progress=False)
+    assert torch.equal(default.losses, runs["exact"].losses)
+    assert torch.equal(runs["fast"].losses[0], runs["exact"].losses[0])  # no dropout: same
+    assert not torch.equal(runs["fast"].losses[1], runs["exact"].losses[1])
+    with pytest.raises(ValueError, match="dropout_draw='bitwise'"):
+        train_batched(base, task, specs, 5, 8, "cpu", progress=False, dropout_draw="bitwise")
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     st.lists(
