@@ -19,9 +19,10 @@ writes JSON, a markdown report and plots; `python -m benchmarks.gpu` runs them a
   forward+backward time, and a check that the three give the same outputs.
 - inference: base vs merged vs unmerged forward time, next to the unmerged FLOP share.
 - growth: trainable parameters against model width and rank (exact counts), with measured memory.
-- sweep: a grid trained one configuration after another against the same grid batched
-  (lab.batched), how the batched cost per configuration scales with the grid's size, and a
-  profile of where a step's time goes.
+- sweep: a grid trained one configuration after another against the same grid as sweep() trains
+  it (in the chunk size lab.calibrate measures fastest, timed), how the cost per configuration
+  scales with the grid's size (sweep()'s default and every configuration forced into one step),
+  the dropout masks' share of a batched step (exact vs fast draw), and a profile of a step.
 
 Timings come from lab.analysis.time_calls (the calls take turns), every training step is
 lab.step.training_step and every memory figure lab.measure_step_memory.
@@ -58,12 +59,15 @@ from lab.analysis import (
 )
 from lab.base import load_base_model
 from lab.batched import (
+    DROPOUT_DRAWS,
     AdapterSpec,
     BatchedTrainer,
     bytes_per_config,
     default_max_configs,
+    max_configs_for_memory,
     train_batched,
 )
+from lab.calibrate import measure
 from lab.config import LoRAConfig
 from lab.fileio import atomic_write_bytes
 from lab.lora import LoRALinear, add_lora, count_parameters, merge_lora
@@ -611,6 +615,50 @@ def _profile_steps(base, task, specs, batch_size, device, steps) -> dict[str, li
     return {"alone": _profile(run(alone), device), "batched": _profile(run(batched.step), device)}
 
 
+def _chunks(specs: Sequence[AdapterSpec], size: int) -> list[list[AdapterSpec]]:
+    return [list(specs[i : i + size]) for i in range(0, len(specs), size)]
+
+
+def _default_seconds(base, task, specs, chunk, steps, batch_size, device) -> float:
+    """Train `specs` as sweep() does with chunk size `chunk`: units of one alone, else batched."""
+    total = 0.0
+    for c in _chunks(specs, chunk):
+        if len(c) == 1:
+            total += _alone(base, task, c[0], steps, batch_size, device)
+        else:
+            total += train_batched(base, task, c, steps, batch_size, device,
+                                   progress=False).wall_seconds  # fmt: skip
+    return total
+
+
+def _mask_costs(base, task, specs, batch_size, device, steps, repeats) -> dict:
+    """One batched step of every spec with exact and with fast dropout masks, and the masks alone.
+
+    Steps: `repeats` interleaved rounds of `steps` steps of each draw. Masks: every adapted
+    layer's `_dropped` on an input of its step's shape, timed in turns.
+    """
+    trainers = {d: BatchedTrainer(base, task, specs, 1 + repeats * steps, batch_size, device,
+                                  dropout_draw=d) for d in DROPOUT_DRAWS}  # fmt: skip
+    step_s = time_calls({d: (lambda t=t: [t.step() for _ in range(steps)])
+                         for d, t in trainers.items()}, repeats=repeats, device=device)  # fmt: skip
+    layers = list(trainers["exact"].layers.values())
+    fast_layers = list(trainers["fast"].layers.values())
+    x = torch.randn(len(specs), batch_size, SEQ_LEN, layers[0].in_features, device=device)
+
+    def masks(group):
+        return lambda: [[layer._dropped(x) for layer in group] for _ in range(steps)]
+
+    mask_s = time_calls({"exact": masks(layers), "fast": masks(fast_layers)},
+                        repeats=repeats, device=device)  # fmt: skip
+    out = {"configs": len(specs), "with_dropout": sum(s.dropout > 0 for s in specs)}
+    for d in DROPOUT_DRAWS:
+        out[f"{d}_step_ms"] = 1e3 * _median(step_s[d]) / steps
+        out[f"{d}_mask_ms"] = 1e3 * _median(mask_s[d]) / steps
+        out[f"{d}_mask_share"] = out[f"{d}_mask_ms"] / out[f"{d}_step_ms"]
+    out["fast_step_speedup"] = out["exact_step_ms"] / out["fast_step_ms"]
+    return out
+
+
 def bench_sweep(
     task: str = "sort_desc",
     ranks: Sequence[int] = (1, 4, 8, 16),
@@ -624,13 +672,15 @@ def bench_sweep(
     profile_steps: int = 5,
     progress: bool = True,
 ) -> dict:
-    """A rank x alpha x dropout grid trained one after another and batched, in turns.
+    """A rank x alpha x dropout grid trained one after another and as sweep() trains it, in turns.
 
     Training loops only (loading, evaluation and memory measurement excluded on both sides).
-    For each batch size: the whole grid alone vs batched in the chunks sweep() would use
-    (`default_max_configs`; median of `repeats` alternating rounds), then the batched cost per
-    configuration-step as the grid grows, then a profile of one configuration alone and of the
-    whole grid batched.
+    For each batch size: the chunk size sweep() now chooses (`lab.calibrate.measure`, run
+    fresh here and timed; the user's remembered answers are neither read nor written) and the
+    static rule's; the whole grid alone vs in those chunks (median of `repeats` alternating
+    rounds); then, as the grid grows, alone vs sweep()'s default vs every configuration forced
+    into one step; the cost of the dropout masks, exact vs fast; and a profile of one
+    configuration alone and of the whole grid batched.
     """
     device = torch.device(device)
     base = load_base_model("cpu")
@@ -642,35 +692,46 @@ def bench_sweep(
         for p in dropouts
     ]
     n = len(specs)
-    rows, scaling, profiles = [], [], {}
-    total = len(batch_sizes) * (repeats + len(grid_sizes) + 1)
+    rows, scaling, profiles, calibrations, masks = [], [], {}, [], []
+    total = len(batch_sizes) * (2 + repeats + len(grid_sizes) + 1)
     bar = tqdm(total=total, desc="sweep bench", disable=not progress)
     for batch_size in batch_sizes:
-        alone_s, batched_s = [], []
         needed = bytes_per_config(base.config, specs, batch_size)
-        chunk = default_max_configs(batch_size, device, needed)  # as sweep() chunks it
-        chunks = [specs[i : i + chunk] for i in range(0, n, chunk)]
+        static = default_max_configs(batch_size, device, needed)
+        limit = min(n, max_configs_for_memory(needed, device))
+        found = measure(specs, the_task, batch_size, device, limit, base=base)
+        chunk = found.chunk  # what sweep() trains this grid in on this machine
+        calibrations.append({"batch_size": batch_size, "chunk": chunk, "static_chunk": static,
+                             "seconds": found.seconds, "rounds": found.rounds,
+                             "steps": found.steps,
+                             "ms_per_config_step": {str(k): v for k, v in
+                                                    found.ms_per_config_step.items()}})  # fmt: skip
+        bar.update(1)
+        alone_s, default_s = [], []
         for _ in range(repeats):
-            # Chunk by chunk, its configurations alone and then together: a machine whose speed
-            # drifts over minutes slows both sides alike.
+            # Chunk by chunk, its configurations alone and then as sweep() trains them: a
+            # machine whose speed drifts over minutes slows both sides alike.
             alone, together = 0.0, 0.0
-            for c in chunks:
+            for c in _chunks(specs, chunk):
                 alone += sum(_alone(base, the_task, s, steps, batch_size, device) for s in c)
-                together += train_batched(base, the_task, c, steps, batch_size, device,
-                                          progress=False).wall_seconds  # fmt: skip
+                if chunk > 1:
+                    together += _default_seconds(base, the_task, c, chunk, steps, batch_size,
+                                                 device)  # fmt: skip
             alone_s.append(alone)
-            batched_s.append(together)
+            default_s.append(together if chunk > 1 else alone)  # chunk 1: sweep() runs this loop
             bar.update(1)
         rows.append({
             "batch_size": batch_size,
             "configs": n,
             "chunk": chunk,
+            "static_chunk": static,
             "steps": steps,
             "alone_s": _median(alone_s),
-            "batched_s": _median(batched_s),
-            "speedup": _median(alone_s) / _median(batched_s),
+            "batched_s": _median(default_s),
+            "speedup": _median(alone_s) / _median(default_s),
+            "alone_noise": _iqr(alone_s) / _median(alone_s),
             "alone_ms_per_config_step": 1e3 * _median(alone_s) / (n * steps),
-            "batched_ms_per_config_step": 1e3 * _median(batched_s) / (n * steps),
+            "batched_ms_per_config_step": 1e3 * _median(default_s) / (n * steps),
         })  # fmt: skip
         for k in grid_sizes:
             # Past the grid's own size, the same settings again with further seeds. Each size is
@@ -679,11 +740,24 @@ def bench_sweep(
             alone = sum(_alone(base, the_task, s, steps, batch_size, device) for s in more)
             run = train_batched(base, the_task, more, steps, batch_size, device,
                                 progress=False)  # fmt: skip
+            size = min(chunk, k)
+            if size == 1:  # sweep() trains each alone: the same loop as the alone side
+                default = alone
+            elif size == k:  # one chunk: the forced run is sweep()'s run
+                default = run.wall_seconds
+            else:
+                default = _default_seconds(base, the_task, more, size, steps, batch_size, device)
             per = 1e3 * run.wall_seconds / (k * steps)
-            scaling.append({"batch_size": batch_size, "configs": k, "ms_per_config_step": per,
+            scaling.append({"batch_size": batch_size, "configs": k, "chunk": size,
+                            "ms_per_config_step": per,
                             "alone_ms_per_config_step": 1e3 * alone / (k * steps),
-                            "speedup_vs_alone": alone / run.wall_seconds})  # fmt: skip
+                            "default_ms_per_config_step": 1e3 * default / (k * steps),
+                            "speedup_vs_alone": alone / run.wall_seconds,
+                            "default_speedup": alone / default})  # fmt: skip
             bar.update(1)
+        masks.append({"batch_size": batch_size, **_mask_costs(
+            base, the_task, specs, batch_size, device, profile_steps, repeats)})  # fmt: skip
+        bar.update(1)
         profiles[str(batch_size)] = _profile_steps(base, the_task, specs, batch_size, device,
                                                    profile_steps)  # fmt: skip
         bar.update(1)
@@ -702,6 +776,8 @@ def bench_sweep(
         },  # fmt: skip
         "rows": rows,
         "scaling": scaling,
+        "calibration": calibrations,
+        "masks": masks,
         "profiles": profiles,
     }
 
@@ -1141,23 +1217,79 @@ def markdown(report: dict, header: bool = True) -> str:
         out += ["## Sweeps: one after another vs batched", "",
                 f"Grid: ranks {s['ranks']} x alphas {s['alphas']} x dropouts {s['dropouts']} on "
                 f"{s['task']}, {s['steps']} steps each, training loops only, median of "
-                f"{s['repeats']} alternating rounds.", ""]  # fmt: skip
+                f"{s['repeats']} alternating rounds. \"per step\" is the chunk size sweep() "
+                "uses here: the fastest that lab.calibrate measured on this machine (1: each "
+                "configuration trains alone); the static rule's in brackets.", ""]  # fmt: skip
         out += _table(
-            ["batch", "configs", "per batched step", "alone s", "batched s", "speedup",
-             "alone ms/config-step", "batched ms/config-step"],
-            [[x["batch_size"], x["configs"], x["chunk"], f"{x['alone_s']:.1f}",
-              f"{x['batched_s']:.1f}",
-              f"**{x['speedup']:.2f}x**", f"{x['alone_ms_per_config_step']:.2f}",
+            ["batch", "configs", "per step", "alone s", "sweep s", "speedup",
+             "alone ms/config-step", "sweep ms/config-step"],
+            [[x["batch_size"], x["configs"],
+              f"{x['chunk']} ({x['static_chunk']})" if "static_chunk" in x else x["chunk"],
+              f"{x['alone_s']:.1f}", f"{x['batched_s']:.1f}", f"**{x['speedup']:.2f}x**",
+              f"{x['alone_ms_per_config_step']:.2f}",
               f"{x['batched_ms_per_config_step']:.2f}"] for x in r["rows"]],
         )  # fmt: skip
-        out += ["**How it scales with grid size**", ""]
-        out += _table(
-            ["batch", "configs batched", "batched ms per config-step",
-             "alone ms per config-step", "speedup"],
-            [[x["batch_size"], x["configs"], f"{x['ms_per_config_step']:.2f}",
-              f"{x['alone_ms_per_config_step']:.2f}", f"{x['speedup_vs_alone']:.2f}x"]
-             for x in r["scaling"]],
-        )  # fmt: skip
+        if r.get("calibration"):
+            sizes = sorted({int(k) for c in r["calibration"] for k in c["ms_per_config_step"]})
+            c0 = r["calibration"][0]
+            out += ["**The chunk size, measured** (lab.calibrate: ms per configuration-step, "
+                    f"median of {c0['rounds']} interleaved rounds of {c0['steps']} steps after a "
+                    "warm-up step; 1 = alone; what a sweep measures once per machine and "
+                    "remembers)", ""]  # fmt: skip
+            out += _table(
+                ["batch", "chosen", "static rule", "measurement s"]
+                + ["alone" if k == 1 else f"{k} per step" for k in sizes],
+                [[c["batch_size"], c["chunk"], c["static_chunk"], f"{c['seconds']:.1f}"]
+                 + [f"{c['ms_per_config_step'][str(k)]:.2f}" if str(k) in c["ms_per_config_step"]
+                    else "-" for k in sizes] for c in r["calibration"]],
+            )  # fmt: skip
+        noise = {x["batch_size"]: x.get("alone_noise", 0.0) for x in r["rows"]}
+
+        def note(x: dict) -> str:
+            if x["chunk"] == 1:
+                return "trains alone"
+            if x["default_speedup"] >= 1:
+                return ""
+            spread = noise.get(x["batch_size"], 0.0)
+            if 1 - x["default_speedup"] <= spread:
+                return f"a tie: alone itself varies by {100 * spread:.0f}% between rounds"
+            return "slower than alone"
+
+        out += ["**How it scales with grid size** (one round each: sweep()'s default chunks, "
+                "and every configuration forced into one step, for information)", ""]  # fmt: skip
+        if r["scaling"] and "default_speedup" in r["scaling"][0]:
+            out += _table(
+                ["batch", "configs", "per step", "alone ms/config-step",
+                 "sweep ms/config-step", "sweep speedup", "note", "all in one step ms",
+                 "all in one step speedup"],
+                [[x["batch_size"], x["configs"], x["chunk"],
+                  f"{x['alone_ms_per_config_step']:.2f}",
+                  f"{x['default_ms_per_config_step']:.2f}", f"**{x['default_speedup']:.2f}x**",
+                  note(x), f"{x['ms_per_config_step']:.2f}", f"{x['speedup_vs_alone']:.2f}x"]
+                 for x in r["scaling"]],
+            )  # fmt: skip
+        else:  # a report from before the calibrated chunk size
+            out += _table(
+                ["batch", "configs batched", "batched ms per config-step",
+                 "alone ms per config-step", "speedup"],
+                [[x["batch_size"], x["configs"], f"{x['ms_per_config_step']:.2f}",
+                  f"{x['alone_ms_per_config_step']:.2f}", f"{x['speedup_vs_alone']:.2f}x"]
+                 for x in r["scaling"]],
+            )  # fmt: skip
+        if r.get("masks"):
+            m0 = r["masks"][0]
+            out += [f"**Dropout masks** ({m0['configs']} configurations in one step, "
+                    f"{m0['with_dropout']} with dropout; exact: each configuration's own "
+                    "generator, as alone, the default; fast: one draw of 16 bits per entry, "
+                    "`dropout_draw=\"fast\"`, statistically the same dropout)", ""]  # fmt: skip
+            out += _table(
+                ["batch", "exact step ms", "exact masks ms", "exact share", "fast step ms",
+                 "fast masks ms", "fast share", "step speedup"],
+                [[x["batch_size"], f"{x['exact_step_ms']:.1f}", f"{x['exact_mask_ms']:.2f}",
+                  f"{100 * x['exact_mask_share']:.0f}%", f"{x['fast_step_ms']:.1f}",
+                  f"{x['fast_mask_ms']:.2f}", f"{100 * x['fast_mask_share']:.0f}%",
+                  f"{x['fast_step_speedup']:.2f}x"] for x in r["masks"]],
+            )  # fmt: skip
         n_configs = r["rows"][0]["configs"] if r["rows"] else 0
         for batch, prof in r["profiles"].items():
             out += [f"**Where the time goes (batch {batch}, {s['profile_steps']} steps)**", ""]
@@ -1338,9 +1470,12 @@ def plots(report: dict) -> dict[str, Figure]:
             k = [x["configs"] for x in rows]
             color = ("#0072B2", "#E69F00", "#009E73")[i % 3]
             ax.plot(k, [x["ms_per_config_step"] for x in rows], "o-", color=color,
-                    label=f"batched, batch {batch}")  # fmt: skip
+                    label=f"all in one step, batch {batch}")  # fmt: skip
             ax.plot(k, [x["alone_ms_per_config_step"] for x in rows], "s--", color=color,
                     label=f"one after another, batch {batch}")  # fmt: skip
+            if rows and "default_ms_per_config_step" in rows[0]:
+                ax.plot(k, [x["default_ms_per_config_step"] for x in rows], "^:", color=color,
+                        label=f"sweep()'s chunks, batch {batch}")  # fmt: skip
         ax.set_xscale("log", base=2)
         sizes = sorted({x["configs"] for x in r["scaling"]})
         _width_ticks(ax, sizes)  # plain 1, 2, 4, ...

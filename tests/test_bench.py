@@ -59,8 +59,21 @@ def test_every_benchmark_runs_and_reports_both_sides(report):
     assert results["growth"]["measured_memory"]  # taken from lora_vs_full
 
     sweep = results["sweep"]
-    assert sweep["rows"][0]["configs"] == 4 and sweep["rows"][0]["speedup"] > 0
+    row = sweep["rows"][0]
+    assert row["configs"] == 4 and row["speedup"] > 0
+    # The chunk size sweep() uses is the measured one; the measurement reports its own cost.
+    (calibration,) = sweep["calibration"]
+    assert row["chunk"] == calibration["chunk"] and calibration["seconds"] > 0
+    assert set(calibration["ms_per_config_step"]) == {"1", "2", "4"}
+    assert row["static_chunk"] == calibration["static_chunk"] == 128 // 4
     assert [s["configs"] for s in sweep["scaling"]] == [1, 2]
+    for s in sweep["scaling"]:
+        assert s["chunk"] == min(row["chunk"], s["configs"])
+        if s["chunk"] == 1:  # sweep() trains each alone: the alone loop itself
+            assert s["default_speedup"] == 1.0
+    (masks,) = sweep["masks"]
+    assert masks["configs"] == 4 and masks["with_dropout"] == 2
+    assert 0 < masks["exact_mask_share"] < 1 and 0 < masks["fast_mask_share"] < 1
     shares = [p["share"] for p in sweep["profiles"]["4"]["batched"]]
     assert sum(shares) == pytest.approx(1.0)
 
