@@ -73,6 +73,7 @@ NBVAL_CACHE = re.compile(r"^/tmp/lora-lab-nbval-cache-[^/]+(/|$)")
 HOME_PLACES = {
     ".cache/lora-lab/sweeps": "the sweep cache (LORA_LAB_CACHE, else XDG_CACHE_HOME/lora-lab)",
     ".cache/lora-lab/torchinductor": "torch's compiler cache, empty (TORCHINDUCTOR_CACHE_DIR)",
+    ".cache/lora-lab/calibration.json": "batched chunk sizes measured here (LORA_LAB_CALIBRATE)",
     ".cache/matplotlib": "matplotlib's font cache (MPLCONFIGDIR)",
     ".config/matplotlib": "matplotlib's configuration (MPLCONFIGDIR)",
     ".ipython": "IPython's profile and history (IPYTHONDIR)",
