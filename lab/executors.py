@@ -83,8 +83,13 @@ def _free_device_memory(device: str) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def _run_item(fn: Callable, item, device: str, args: tuple) -> tuple[object, dict]:
-    """A Ray task's body: fn(item, device, *args) and where it ran."""
+def _run_item(fn: Callable, item, device: str, args: tuple, threads: int) -> tuple[object, dict]:
+    """A Ray task's body: fn(item, device, *args) with `threads` torch threads, and where it ran.
+
+    The thread count is set, not left to the worker's environment: it decides how a matmul's
+    sums are split, so the last bits of a result (full fine-tuning's weight gradients, say).
+    """
+    torch.set_num_threads(threads)
     if device == "cuda":
         device = "cuda:0"  # Ray shows the task its one GPU as device 0 (CUDA_VISIBLE_DEVICES)
     return fn(item, device, *args), describe_worker(device)
@@ -98,6 +103,12 @@ class RaySession:
     An address ('HOST:PORT' of a `ray start --head`, or 'ray://HOST:PORT') connects to that
     cluster and leaves it running. If this process already called ray.init(), that Ray is
     used as it is and left running. `startup_seconds` says how long connecting took.
+
+    Each task asks Ray for `threads` CPUs and trains with that many torch threads (a GPU task
+    also asks for one GPU). A result equals a local sweep's value for value when the local
+    process uses the same thread count (LORA_LAB_THREADS=1 for the default): the thread count
+    changes how matmul sums are split, and so the last bits of full fine-tuning's numbers.
+    `max_retries`: how often a task whose worker died is rerun.
     """
 
     def __init__(
@@ -107,6 +118,7 @@ class RaySession:
         temp_dir: str | os.PathLike | None = None,
         dashboard: bool = False,
         max_retries: int = DEFAULT_RETRIES,
+        threads: int = 1,
     ) -> None:
         if address is not None and (not isinstance(address, str) or not address.strip()):
             raise ValueError(
@@ -121,6 +133,9 @@ class RaySession:
             raise ValueError("workers sets a local Ray's size; a cluster at an address has its own")
         if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
             raise ValueError(f"max_retries={max_retries!r}: expected an int >= 0")
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads={threads!r}: expected a positive int (CPUs per task)")
+        self.threads = threads
         self.address, self.workers, self.temp_dir = address, workers, temp_dir
         self.dashboard, self.max_retries = dashboard, max_retries
         self.ray = import_ray()
@@ -151,7 +166,7 @@ class RaySession:
             quiet.setLevel(logging.ERROR)
             try:
                 ray.init(**kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
                 where = self.address or "a local Ray"
                 raise ConnectionError(f"could not start or reach Ray at {where}: {exc}") from None
             finally:
@@ -192,8 +207,10 @@ class RaySession:
         return kind
 
     def slots(self, kind: str) -> int:
-        """How many tasks of this kind the cluster runs at once (one per GPU, or per CPU)."""
-        return max(1, int(self.resources().get("GPU" if kind == "cuda" else "CPU", 1)))
+        """How many tasks of this kind run at once: one per GPU, or per `threads` CPUs."""
+        if kind == "cuda":
+            return max(1, int(self.resources().get("GPU", 1)))
+        return max(1, int(self.resources().get("CPU", 1)) // self.threads)
 
     def describe(self) -> str:
         """'2 CPUs on 1 node' or '8 GPUs, 64 CPUs on 2 nodes'."""
@@ -208,7 +225,7 @@ class RaySession:
         return int(self.ray.get(task.remote("cuda:0" if kind == "cuda" else "cpu")))
 
     def _needs(self, kind: str) -> dict:
-        return {"num_cpus": 1, "num_gpus": 1 if kind == "cuda" else 0}
+        return {"num_cpus": self.threads, "num_gpus": 1 if kind == "cuda" else 0}
 
     # -- running -----------------------------------------------------------------------------
 
@@ -234,7 +251,9 @@ class RaySession:
             max_retries=self.max_retries, retry_exceptions=False, **self._needs(kind)
         )
         fn_ref = ray.put(fn)
-        refs = {remote.remote(fn_ref, item, kind, args): i for i, item in enumerate(items)}
+        refs = {
+            remote.remote(fn_ref, item, kind, args, self.threads): i for i, item in enumerate(items)
+        }
         if on_start is not None:
             on_start(len(refs))
         try:
