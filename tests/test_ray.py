@@ -459,3 +459,20 @@ def test_cuda_planning_uses_the_workers_memory_not_this_machines():
     points = grid("rotate", [1, 2, 4, 8], steps=5, batch_size=16)
     units = plan_chunks(points, "cuda", size=lambda group: 3)  # as for a remote GPU
     assert [len(u) for u in units] == [3, 1]  # no local GPU was asked: there is none here
+
+
+def test_ray_benchmark_reports_both_sides_and_the_start_up_apart(local_ray, tmp_path):
+    from benchmarks.ray_sweep import bench_ray_sweep, markdown, write_results
+
+    points = grid("rotate", [1, 2], alphas=[8.0], dropouts=[0.0, 0.1], steps=2, batch_size=8)
+    with torch_threads(1):  # as the Ray tasks train: then every point is bit-identical
+        report = bench_ray_sweep(points=points)
+    assert report["points"] == 4 and sum(report["units"]) == 4
+    assert report["local_s"] > 0 and report["ray_s"] > 0
+    assert report["speedup"] == pytest.approx(report["local_s"] / report["ray_s"])
+    assert report["ray"]["slots"] == 2 and report["ray"]["device"] == "cpu"
+    assert report["identical_points"] == 4 and report["local_torch_threads"] == 1
+    text = markdown(report)
+    assert "# A 4-point sweep" in text and "Ray start-up, apart" in text
+    paths = write_results(report, tmp_path, "ray_sweep-quick")
+    assert [p.name for p in paths] == ["ray_sweep-quick.json", "ray_sweep-quick.md"]
