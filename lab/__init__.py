@@ -45,6 +45,7 @@ from .spectra import (
 from .sweeps import (
     SweepCache,
     SweepCacheError,
+    SweepFailed,
     SweepPoint,
     SweepResult,
     full_point,
@@ -75,6 +76,7 @@ __all__ = [
     "ModelConfig",
     "ParamCount",
     "SweepCache",
+    "SweepFailed",
     "SweepCacheError",
     "SweepPoint",
     "SweepResult",
