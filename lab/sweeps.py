@@ -1318,7 +1318,8 @@ def _train_on_ray(
     devices = f"{slots} {'GPU' if kind == 'cuda' else 'CPU'}{'s' * (slots != 1)}"
 
     def show() -> None:
-        bar.set_postfix_str(f"{min(left, slots)} workers busy, {devices}", refresh=True)
+        busy = min(left, slots)
+        bar.set_postfix_str(f"{busy} worker{'s' * (busy != 1)} busy, {devices}", refresh=True)
 
     failures: dict[SweepPoint, str] = {}
     ours = base_fingerprint()

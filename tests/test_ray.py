@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,8 +116,7 @@ def local_ray(tmp_path_factory):
     mark = uuid.uuid4().hex
     saved = {k: os.environ.get(k) for k in ("HOME", MARK)}
     os.environ.update(HOME=str(home), **{MARK: mark})  # Ray's processes inherit both
-    # A short temp dir: Ray's unix sockets live under it and their paths are limited in length.
-    temp = Path(f"/tmp/lora-lab-ray-{mark[:8]}")
+    temp = ray_temp(mark)
     session = RaySession(workers=2, temp_dir=temp)
     try:
         with session:
@@ -130,8 +130,6 @@ def local_ray(tmp_path_factory):
         left = wait_gone(mark)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
-        import shutil
-
         shutil.rmtree(temp, ignore_errors=True)
         assert not left, f"Ray processes still running after shutdown: {left}"
         assert not ray.is_initialized()
@@ -346,11 +344,17 @@ def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):
 # -- the command line --------------------------------------------------------------------------
 
 
+def ray_temp(mark: str) -> Path:
+    """A short temp dir for one test's Ray (its unix sockets' paths are limited in length)."""
+    return Path(f"/tmp/lora-lab-ray-{mark[:8]}")
+
+
 def cli_env(tmp_path: Path, mark: str) -> dict[str, str]:
     return {
         **os.environ,
         "HOME": str(tmp_path / "home"),
         "LORA_LAB_CACHE": str(tmp_path / "cache"),
+        "RAY_TMPDIR": str(ray_temp(mark)),  # a local Ray started by the CLI keeps its files here
         MARK: mark,
         "PYTHONPATH": str(ROOT),
     }
@@ -376,6 +380,10 @@ def test_cli_ctrl_c_cancels_the_ray_tasks_and_exits_with_one_line(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        left = wait_gone(mark)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_temp(mark), ignore_errors=True)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted: ") and "of 4 finished and kept in" in last, err
@@ -383,7 +391,7 @@ def test_cli_ctrl_c_cancels_the_ray_tasks_and_exits_with_one_line(tmp_path):
     kept = len(list((tmp_path / "cache").glob("*.json")))
     assert 1 <= kept < 4 and last.startswith(f"interrupted: {kept} point")
     assert not list((tmp_path / "cache").glob("*.lock"))
-    assert wait_gone(mark) == [], "the local Ray outlived the interrupted sweep"
+    assert left == [], "the local Ray outlived the interrupted sweep"
 
 
 def test_cli_connects_to_a_ray_head_by_address(tmp_path):
@@ -398,7 +406,7 @@ def test_cli_connects_to_a_ray_head_by_address(tmp_path):
              "metrics-export-port")  # fmt: skip
     ports = {f"--{name}": str(free_port()) for name in names}
     ray_bin = Path(sys.executable).parent / "ray"
-    temp = Path(f"/tmp/lora-lab-ray-{mark[:8]}")
+    temp = ray_temp(mark)
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
@@ -449,8 +457,6 @@ def test_cli_connects_to_a_ray_head_by_address(tmp_path):
         left = wait_gone(mark, 30)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
-        import shutil
-
         shutil.rmtree(temp, ignore_errors=True)
     assert left == [], f"processes of the Ray head still running after its stop: {left}"
 
