@@ -76,13 +76,6 @@ def describe_worker(device: str) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "device": name}
 
 
-def _free_device_memory(device: str) -> int:
-    """Free bytes of this worker's device (a Ray task run before planning chunks for GPUs)."""
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
 def _run_item(fn: Callable, item, device: str, args: tuple, threads: int) -> tuple[object, dict]:
     """A Ray task's body: fn(item, device, *args) with `threads` torch threads, and where it ran.
 
@@ -219,10 +212,11 @@ class RaySession:
         parts = [f"{int(res[k])} {k}s" for k in ("GPU", "CPU") if res.get(k)]
         return f"{', '.join(parts) or 'no CPUs'} on {nodes} node{'s' * (nodes != 1)}"
 
-    def free_memory(self, kind: str) -> int:
-        """Free bytes of one worker's device, measured by a task on it."""
-        task = self.ray.remote(_free_device_memory).options(**self._needs(kind))
-        return int(self.ray.get(task.remote("cuda:0" if kind == "cuda" else "cpu")))
+    def call(self, fn: Callable, item, kind: str, args: tuple = ()) -> object:
+        """fn(item, device, *args) as one task on a worker, as `map` runs it; its value."""
+        task = self.ray.remote(_run_item).options(max_retries=self.max_retries, **self._needs(kind))
+        value, _ = self.ray.get(task.remote(fn, item, kind, args, self.threads))
+        return value
 
     def _needs(self, kind: str) -> dict:
         return {"num_cpus": self.threads, "num_gpus": 1 if kind == "cuda" else 0}

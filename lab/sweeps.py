@@ -1121,7 +1121,8 @@ def sweep(
     task (lab.executors): on a local Ray started for the sweep, or on the cluster at `address`
     ('HOST:PORT' of `ray start --head`); a `lab.executors.RaySession` gives more control
     (workers, temp dir, retries). Each task asks for one GPU when the cluster has GPUs (device
-    None or 'cuda'), else one CPU. This process stays the only writer of the cache: each result
+    None or 'cuda'), else one CPU; a worker chooses the chunk size (chunk_size on its device:
+    its memory, its calibration). This process stays the only writer of the cache: each result
     is validated and cached as its task returns, so an interrupted sweep keeps every finished
     point. A task whose worker dies is rerun by Ray; one that fails for good raises SweepFailed
     at the end, naming each of its points with the error, after every other point is cached.
@@ -1277,6 +1278,11 @@ def ray_device(device: object) -> torch.device | None:
     return torch.device(parsed.type)
 
 
+def _remote_chunk_size(items: list[dict], device: str) -> int:
+    """A Ray task's work: chunk_size on this worker, for its device, threads and memory."""
+    return chunk_size([SweepPoint.from_dict(d) for d in items], device)
+
+
 def _remote_unit(items: list[dict], device: str, run_fn: Callable | None) -> dict:
     """A Ray task's work: train one unit on this worker, return the results as dicts."""
     unit = [SweepPoint.from_dict(d) for d in items]
@@ -1303,14 +1309,9 @@ def _train_on_ray(
         units = [[p] for p in mine]
     else:
         _say_alone(mine)
-        size = None
-        if kind == "cuda":  # chunks as big as one worker's GPU holds, as chunk_size plans here
-            free = session.free_memory(kind)
-            config = load_base_config()
 
-            def size(group: list[SweepPoint]) -> int:
-                per = bytes_per_config(config, [p.spec() for p in group], group[0].batch_size)
-                return max(1, free // 2 // max(1, per))
+        def size(group: list[SweepPoint]) -> int:  # chosen by a worker, for its own device
+            return int(session.call(_remote_chunk_size, [p.to_dict() for p in group], kind))
 
         units = plan_chunks(mine, kind, max_configs, size=size)
     slots = session.slots(kind)

@@ -461,7 +461,7 @@ def test_cli_connects_to_a_ray_head_by_address(tmp_path):
     assert left == [], f"processes of the Ray head still running after its stop: {left}"
 
 
-def test_cuda_planning_uses_the_workers_memory_not_this_machines():
+def test_plan_chunks_follows_a_given_rule_for_a_device_elsewhere():
     points = grid("rotate", [1, 2, 4, 8], steps=5, batch_size=16)
     units = plan_chunks(points, "cuda", size=lambda group: 3)  # as for a remote GPU
     assert [len(u) for u in units] == [3, 1]  # no local GPU was asked: there is none here
