@@ -637,7 +637,8 @@ def _mask_costs(base, task, specs, batch_size, device, steps, repeats) -> dict:
     Steps: `repeats` interleaved rounds of `steps` steps of each draw. Masks: every adapted
     layer's `_dropped` on an input of its step's shape, timed in turns.
     """
-    trainers = {d: BatchedTrainer(base, task, specs, 1 + repeats * steps, batch_size, device,
+    rounds = 1 + repeats  # time_calls warms each call up once, then times `repeats` turns
+    trainers = {d: BatchedTrainer(base, task, specs, rounds * steps, batch_size, device,
                                   dropout_draw=d) for d in DROPOUT_DRAWS}  # fmt: skip
     step_s = time_calls({d: (lambda t=t: [t.step() for _ in range(steps)])
                          for d, t in trainers.items()}, repeats=repeats, device=device)  # fmt: skip
@@ -1016,7 +1017,7 @@ QUICK = {
     "inference": {"widths": (64,), "rank": 4, "batch_size": 4, "repeats": 2},
     "growth": {"widths": (32, 64, 128), "ranks": (1, 4)},
     "sweep": {"ranks": (1, 2), "alphas": (8.0,), "dropouts": (0.0, 0.1), "steps": 2,
-              "batch_sizes": (4,), "grid_sizes": (1, 2), "repeats": 1, "profile_steps": 1},
+              "batch_sizes": (4,), "grid_sizes": (1, 2), "repeats": 1, "profile_steps": 2},
 }  # fmt: skip
 
 
@@ -1219,7 +1220,10 @@ def markdown(report: dict, header: bool = True) -> str:
                 f"{s['task']}, {s['steps']} steps each, training loops only, median of "
                 f"{s['repeats']} alternating rounds. \"per step\" is the chunk size sweep() "
                 "uses here: the fastest that lab.calibrate measured on this machine (1: each "
-                "configuration trains alone); the static rule's in brackets.", ""]  # fmt: skip
+                "configuration trains alone); the static rule's in brackets."
+                + (f" This section: measured {r['machine']['date'][:10]} on "
+                   f"{describe_machine(r['machine'])}." if "machine" in r else ""),
+                ""]  # fmt: skip
         out += _table(
             ["batch", "configs", "per step", "alone s", "sweep s", "speedup",
              "alone ms/config-step", "sweep ms/config-step"],
