@@ -95,7 +95,9 @@ class RaySession:
     core) and its files under `temp_dir` (default Ray's own, /tmp/ray), and stops it on exit.
     An address ('HOST:PORT' of a `ray start --head`, or 'ray://HOST:PORT') connects to that
     cluster and leaves it running. If this process already called ray.init(), that Ray is
-    used as it is and left running. `startup_seconds` says how long connecting took.
+    used as it is and left running. `startup_seconds` says how long connecting took. A
+    session may be entered again while entered (handed to several sweeps inside one `with`):
+    Ray stops at the outermost exit.
 
     Each task asks Ray for `threads` CPUs and trains with that many torch threads (a GPU task
     also asks for one GPU). A result equals a local sweep's value for value when the local
@@ -135,8 +137,12 @@ class RaySession:
         self.owned = False
         self.startup_seconds = 0.0
         self.summary = ""  # what it connected to, once entered
+        self.depth = 0  # how many `with` blocks hold it: only the outermost stops Ray
 
     def __enter__(self) -> RaySession:
+        self.depth += 1
+        if self.depth > 1:  # entered again (a session handed to sweep() inside its own with)
+            return self
         ray = self.ray
         start = time.perf_counter()
         if not ray.is_initialized():
@@ -160,6 +166,7 @@ class RaySession:
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+                self.depth -= 1
                 where = self.address or "a local Ray"
                 raise ConnectionError(f"could not start or reach Ray at {where}: {exc}") from None
             finally:
@@ -171,7 +178,8 @@ class RaySession:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.owned:
+        self.depth -= 1
+        if self.depth == 0 and self.owned:  # the outermost exit stops a Ray it started
             self.ray.shutdown()
             self.owned = False
 
