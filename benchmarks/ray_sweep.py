@@ -84,7 +84,7 @@ def bench_ray_sweep(
         start = time.perf_counter()
         units = plan_chunks(points, "cuda" if kind == "cuda" else "cpu")  # calibrates if it pays
         plan_seconds = time.perf_counter() - start
-        local_s, ray_s, same = [], [], []
+        local_s, ray_s, same, ray_chunks = [], [], [], set()
         for _ in range(repeats):
             with tempfile.TemporaryDirectory(prefix="lora-lab-ray-bench-") as tmp:
                 tmp = Path(tmp)
@@ -93,6 +93,8 @@ def bench_ray_sweep(
             local_s.append(one)
             ray_s.append(many)
             same.append(sum(_same(a, b) for a, b in zip(local, remote, strict=True)))
+            # A worker plans the Ray side's chunks (its own threads and calibration).
+            ray_chunks |= {r.extra.get("batched", {}).get("configs", 1) for r in remote}
         return {
             "name": "ray_sweep",
             "machine": machine("cuda" if kind == "cuda" else "cpu"),
@@ -108,6 +110,7 @@ def bench_ray_sweep(
             },  # fmt: skip
             "points": len(points),
             "units": [len(u) for u in units],
+            "ray_chunk_sizes": sorted(ray_chunks),
             "plan_seconds": plan_seconds,
             "ray": {
                 "cluster": session.summary,
@@ -137,7 +140,8 @@ def markdown(report: dict) -> str:
         f"dropouts x {len(s['lrs'])} learning rates = {report['points']} points on {s['task']}, "
         f"{s['steps']} steps at batch {s['batch_size']}; planned as {len(units)} units "
         f"(batched chunks of {max(units)} at most), the plan taking "
-        f"{report['plan_seconds']:.1f} s (chunk-size measurement included).",
+        f"{report['plan_seconds']:.1f} s (chunk-size measurement included); on Ray a worker "
+        f"chose chunks of {', '.join(map(str, report['ray_chunk_sizes']))}.",
         "",
         *_table(
             ["", "seconds", "vs one process"],
@@ -159,6 +163,12 @@ def markdown(report: dict) -> str:
         f"Ray: {ray['cluster']}. Medians of {s['repeats']} round(s), each side in turn. "
         f"{report['identical_points']} of {report['points']} points have bit-identical numbers "
         "on both sides (losses, held-out and train evaluations, forgetting, memory).",
+        "",
+        "Both sides use the same cores: one process runs its torch threads on all of them, Ray "
+        "one single-thread worker per core. On a CPU the gain from Ray is more machines (or "
+        "GPUs), not more of one machine's cores; on one machine the ratio weighs single-thread "
+        "workers (each matmul on one core, plus a task's overhead: a worker process, results "
+        "sent back) against one process whose matmuls use every core.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -217,7 +217,8 @@ class RaySession:
         """'2 CPUs on 1 node' or '8 GPUs, 64 CPUs on 2 nodes'."""
         res = self.resources()
         nodes = sum(1 for n in self.ray.nodes() if n.get("Alive"))
-        parts = [f"{int(res[k])} {k}s" for k in ("GPU", "CPU") if res.get(k)]
+        counts = {k: int(res[k]) for k in ("GPU", "CPU") if res.get(k)}
+        parts = [f"{n} {k}{'s' * (n != 1)}" for k, n in counts.items()]
         return f"{', '.join(parts) or 'no CPUs'} on {nodes} node{'s' * (nodes != 1)}"
 
     def call(self, fn: Callable, item, kind: str, args: tuple = ()) -> object:
