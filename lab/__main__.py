@@ -265,7 +265,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"{_plural(len(diverged), 'point')} diverged (loss nan/inf): "
               f"{diverged[0].extra.get('diverged', '')}", file=sys.stderr)  # fmt: skip
     for point, error in failures.items():
-        print(f"failed: {label.get(point, describe(point))}: {error}", file=sys.stderr)
+        print(f"failed: {label[point]}: {error}", file=sys.stderr)
     print(f"done in {seconds:.1f} s")
     if failures:
         print(

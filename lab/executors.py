@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .training import check_count
+
 __all__ = ["EXECUTORS", "RAY_INSTALL", "RaySession", "check_executor", "import_ray"]
 
 EXECUTORS = ("local", "ray")
@@ -120,16 +122,13 @@ class RaySession:
                 f"ray address={address!r}: expected 'HOST:PORT' of a running `ray start --head`, "
                 "'ray://HOST:PORT', or None for a local Ray started for the run"
             )
-        if workers is not None and (
-            not isinstance(workers, int) or isinstance(workers, bool) or workers < 1
-        ):
-            raise ValueError(f"workers={workers!r}: expected a positive int or None (every core)")
+        if workers is not None:  # None: every core
+            check_count("workers", workers)
         if address is not None and workers is not None:
             raise ValueError("workers sets a local Ray's size; a cluster at an address has its own")
         if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
             raise ValueError(f"max_retries={max_retries!r}: expected an int >= 0")
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise ValueError(f"threads={threads!r}: expected a positive int (CPUs per task)")
+        check_count("threads", threads)  # CPUs per task
         self.threads = threads
         self.address, self.workers, self.temp_dir = address, workers, temp_dir
         self.dashboard, self.max_retries = dashboard, max_retries

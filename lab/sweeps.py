@@ -633,10 +633,8 @@ def run_group(
             f"points differ in (task, steps, batch_size, replay): {sorted(keys)}; "
             "a batched group shares all four (sweep() groups them for you)"
         )
-    if max_configs is not None and (
-        not isinstance(max_configs, int) or isinstance(max_configs, bool) or max_configs < 1
-    ):
-        raise ValueError(f"max_configs={max_configs!r}: expected a positive int or None")
+    if max_configs is not None:
+        check_count("max_configs", max_configs)
     device = torch.device(device) if device is not None else default_device()
     base = load_base_model("cpu")
     if max_configs is None:
