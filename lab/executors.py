@@ -280,7 +280,11 @@ class RaySession:
                         continue
                     yield index, value, WorkerInfo(**where), None
         finally:
-            for ref in refs:  # what is left when the loop stops early
+            # What is left when the loop stops early. A Ray this session started is stopped
+            # whole at its exit; cancelling its tasks one by one first can race a task that is
+            # finishing and abort the driver (Ray 2.60's task manager), so only a cluster's
+            # tasks are cancelled here.
+            for ref in [] if self.owned else refs:
                 with contextlib.suppress(Exception):  # best effort: Ray may be gone already
                     ray.cancel(ref, force=True)
 
