@@ -267,7 +267,7 @@ class RaySession:
                         value, where = ray.get(ref)
                     except ray.exceptions.RayTaskError as exc:  # fn raised on the worker
                         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                        yield index, None, None, f"{type(cause).__name__}: {_first_line(cause)}"
+                        yield index, None, None, f"{type(cause).__name__}: {first_line(cause)}"
                         continue
                     except ray.exceptions.RayError as exc:  # the worker died, every retry
                         tries = f"{self.max_retries} retr{'y' if self.max_retries == 1 else 'ies'}"
@@ -275,7 +275,7 @@ class RaySession:
                             index,
                             None,
                             None,
-                            f"{type(exc).__name__} after {tries}: " + (_first_line(exc)),
+                            f"{type(exc).__name__} after {tries}: " + (first_line(exc)),
                         )
                         continue
                     yield index, value, WorkerInfo(**where), None
@@ -289,6 +289,6 @@ class RaySession:
                     ray.cancel(ref, force=True)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else ""

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .analysis import canonical_targets, count_full, count_lora
 from .base import BASE_MODEL_PATH, load_base_config, load_base_model
 from .batched import (
+    CPU_ROWS_PER_STEP,
     AdapterSpec,
     batchable,
     bytes_per_config,
@@ -44,7 +45,7 @@ from .batched import (
 )
 from .calibrate import calibrated_chunk_size
 from .config import ALL_LINEAR, LoRAConfig
-from .executors import RaySession, check_executor
+from .executors import RaySession, check_executor, first_line
 from .fileio import atomic_write_bytes, user_cache_root
 from .forgetting import check_replay, forgetting, with_replay
 from .lora import add_lora, count_parameters
@@ -1309,7 +1310,19 @@ def _train_on_ray(
         _say_alone(mine)
 
         def size(group: list[SweepPoint]) -> int:  # chosen by a worker, for its own device
-            return int(session.call(_remote_chunk_size, [p.to_dict() for p in group], kind))
+            try:
+                return int(session.call(_remote_chunk_size, [p.to_dict() for p in group], kind))
+            except session.ray.exceptions.RayError as exc:
+                # Planning only chooses how many points share a step, never their numbers: fall
+                # back to the CPU rule (a worker still trims a unit to its memory) and let the
+                # training tasks succeed, or fail and be reported by point.
+                n = max(1, CPU_ROWS_PER_STEP // group[0].batch_size)
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                tqdm.write(
+                    f"could not ask a worker for the chunk size ({type(cause).__name__}: "
+                    f"{first_line(cause)}); training {n} per task"
+                )
+                return n
 
         units = plan_chunks(mine, kind, max_configs, size=size)
     slots = session.slots(kind)

@@ -282,6 +282,35 @@ def test_task_failing_for_good_is_reported_by_point_and_the_rest_kept(
     assert not list(Path(tmp_path).glob("*.lock"))  # the failed point's claim is released
 
 
+def planning_fails(items, device):
+    """A chunk-size task that fails on the worker (shipped to the workers)."""
+    raise OSError("this worker cannot read its calibration")
+
+
+def test_a_failing_chunk_size_task_falls_back_to_the_cpu_rule_and_trains_everything(
+    local_ray, tmp_path, monkeypatch, capsys
+):
+    from ray import cloudpickle
+
+    import lab.sweeps
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(lab.sweeps, "_remote_chunk_size", planning_fails)
+    points = grid("rotate", [1, 2, 4], alphas=[8.0], steps=5, batch_size=64)
+    cache = SweepCache(tmp_path)
+    with torch_threads(1):
+        results = sweep(points, cache, progress=False, device="cpu", executor="ray")
+    said = capsys.readouterr()
+    assert "could not ask a worker for the chunk size (OSError: this worker cannot read its " \
+        "calibration); training 2 per task" in said.out + said.err  # 128 rows // batch 64
+    assert [r.point for r in results] == points and len(cache) == 3
+    with torch_threads(1):
+        local = sweep(points, SweepCache(tmp_path / "local"), progress=False, device="cpu",
+                      max_configs=2)  # fmt: skip
+    for a, b in zip(results, local, strict=True):
+        assert same_values(a, b) == [], a.point
+
+
 def test_a_result_from_another_base_or_an_invalid_one_is_refused():
     point = SweepPoint("rotate", 4, steps=3)
     good = SweepResult(point, [1.0], {"loss": 1.0, "accuracy": 0.5, "n": 8}, None, 1, 2, None,
