@@ -301,8 +301,10 @@ def test_a_failing_chunk_size_task_falls_back_to_the_cpu_rule_and_trains_everyth
     with torch_threads(1):
         results = sweep(points, cache, progress=False, device="cpu", executor="ray")
     said = capsys.readouterr()
-    assert "could not ask a worker for the chunk size (OSError: this worker cannot read its " \
-        "calibration); training 2 per task" in said.out + said.err  # 128 rows // batch 64
+    assert (
+        "could not ask a worker for the chunk size (OSError: this worker cannot read its "
+        "calibration); training 2 per task" in said.out + said.err
+    )  # 128 rows // batch 64
     assert [r.point for r in results] == points and len(cache) == 3
     with torch_threads(1):
         local = sweep(points, SweepCache(tmp_path / "local"), progress=False, device="cpu",
