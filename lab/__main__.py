@@ -183,9 +183,11 @@ class Interrupted(Exception):
 
 def sweep_points(args: argparse.Namespace) -> list:
     """The grid the sweep options describe (ValueError for settings that do not go together)."""
+    if args.workers is not None and args.ray is None:
+        raise ValueError("--workers sizes the local Ray that --ray starts: add --ray")
     if args.workers is not None and args.ray != LOCAL_RAY:
-        raise ValueError("--workers sizes the local Ray of --ray (no address); a cluster has "
-                         "its own")  # fmt: skip
+        raise ValueError(f"--workers sizes the local Ray of --ray (no address); the cluster at "
+                         f"{args.ray} has its own")  # fmt: skip
     if args.full_lr and not args.full:
         raise ValueError("--full-lr sets the full fine-tuning reference's rates: add --full")
     points = grid(args.task, args.ranks, args.alphas, args.dropouts, tuple(args.targets),

@@ -157,6 +157,11 @@ class RaySession:
                     kwargs["_temp_dir"] = os.fspath(self.temp_dir)
             else:
                 kwargs["address"] = self.address
+                try:
+                    check_reachable(self.address)
+                except ConnectionError:
+                    self.depth -= 1
+                    raise
             # Ray announces that token authentication is on (the default for a local Ray);
             # that is as it should be, so the line is not printed over the sweep's bar.
             quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -287,6 +292,33 @@ class RaySession:
             for ref in [] if self.owned else refs:
                 with contextlib.suppress(Exception):  # best effort: Ray may be gone already
                     ray.cancel(ref, force=True)
+
+
+def check_reachable(address: str, seconds: float = 5.0) -> None:
+    """ConnectionError in seconds if nothing answers at a 'HOST:PORT' or 'ray://HOST:PORT'.
+
+    Ray itself waits minutes for a head that is not there; other forms ('auto') are left to
+    Ray. Only a TCP connection is tried: whether it is a Ray head, Ray finds out.
+    """
+    rest = address.strip()
+    scheme = ""
+    if "://" in rest:
+        scheme, rest = rest.split("://", 1)
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    host = host.strip("[]")  # [::1]:6379
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as exc:
+        why = f"no answer in {seconds:g} s" if isinstance(exc, TimeoutError) else exc.strerror
+        start = "`ray start --head`: its client server listens on 10001" if scheme == "ray" \
+            else f"`ray start --head --port {port}`"  # fmt: skip
+        raise ConnectionError(
+            f"could not reach Ray at {address}: nothing answers on {host}:{port} "
+            f"({why or type(exc).__name__}); start the head there first ({start}) or check "
+            "the address"
+        ) from None
 
 
 def first_line(exc: BaseException) -> str:

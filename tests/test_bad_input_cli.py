@@ -57,6 +57,8 @@ def assert_one_clear_line(proc, rc, words):
         (["--dropouts", "1"], ["--dropouts", "out of range"]),
         (["--alphas", "nan"], ["--alphas", "out of range"]),
         (["--max-configs", "0"], ["--max-configs", "out of range"]),
+        (["--workers", "2"], ["--workers", "add --ray"]),
+        (["--ray", "10.0.0.5:6379", "--workers", "2"], ["--workers", "10.0.0.5:6379 has its own"]),
     ],
 )
 def test_bad_arguments_are_usage_errors(tmp_path, extra, words):

@@ -425,6 +425,25 @@ def test_cli_ctrl_c_cancels_the_ray_tasks_and_exits_with_one_line(tmp_path):
     assert left == [], "the local Ray outlived the interrupted sweep"
 
 
+def test_cli_with_an_address_where_no_ray_answers_says_so_in_seconds(tmp_path):
+    """Ray itself would wait minutes for a head that is not there; the lab tries the port first."""
+    port = free_port()  # free a moment ago: nothing listens there
+    mark = uuid.uuid4().hex
+    cases = [(f"127.0.0.1:{port}", f"`ray start --head --port {port}`"),
+             (f"ray://127.0.0.1:{port}", "client server listens on 10001")]  # fmt: skip
+    for address, hint in cases:
+        run = subprocess.run([sys.executable, "-m", "lab", "sweep", "--task", "rotate", "--ranks",
+                              "1", "--steps", "5", "--ray", address], env=cli_env(tmp_path, mark),
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+        assert run.returncode == 1, run.stdout + run.stderr
+        (line,) = run.stderr.strip().splitlines()
+        assert line.startswith(f"error: could not reach Ray at {address}: nothing answers on "
+                               f"127.0.0.1:{port} (Connection refused)"), line  # fmt: skip
+        assert hint in line, line
+    assert not list((tmp_path / "cache").glob("*.json"))
+    assert marked_processes(mark) == []  # no Ray was started on the way
+
+
 def test_cli_connects_to_a_ray_head_by_address(tmp_path):
     """A real `ray start --head` on 127.0.0.1 (own ports, temp dir, token), stopped by its PID."""
     mark = uuid.uuid4().hex
