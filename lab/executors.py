@@ -209,6 +209,17 @@ class RaySession:
             )
         if kind not in ("cpu", "cuda"):
             raise ValueError(f"device={str(device)!r}: Ray tasks run on 'cpu' or 'cuda'")
+        # A task no node can hold would wait for ever: Ray queues it as infeasible.
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        fit = [r for r in nodes if kind == "cpu" or r.get("GPU", 0) >= 1]
+        most = max((int(r.get("CPU", 0)) for r in fit), default=0)
+        if most < self.threads:
+            where = "GPU node" if kind == "cuda" else "node"
+            raise ValueError(
+                f"threads={self.threads}: each task asks for {self.threads} CPUs and no "
+                f"{where} of the Ray cluster has that many (the largest has {most}; "
+                f"{self.describe()}); use threads <= {most}"
+            )
         return kind
 
     def slots(self, kind: str) -> int:

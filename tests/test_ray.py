@@ -364,6 +364,14 @@ def test_cuda_on_a_cluster_without_gpus_is_refused(local_ray, tmp_path):
     assert not list(tmp_path.glob("*.json"))
 
 
+def test_tasks_larger_than_every_node_are_refused_instead_of_waiting_for_ever(local_ray, tmp_path):
+    message = r"threads=3: each task asks for 3 CPUs and no node .* \(the largest has 2; 2 CPUs"
+    with pytest.raises(ValueError, match=message):
+        sweep([SweepPoint("rotate", 1, steps=2)], SweepCache(tmp_path), progress=False,
+              device="cpu", executor=RaySession(threads=3))  # fmt: skip
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.lock"))
+
+
 def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
     monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
