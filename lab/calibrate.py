@@ -262,8 +262,9 @@ def situation(
     return " | ".join(parts)
 
 
-def _read(path: Path) -> dict:
-    """The remembered answers in `path` ({} if none); a corrupt file is ignored with a warning."""
+def _read(path: Path, warn: bool = True) -> dict:
+    """The remembered answers in `path` ({} if none); a corrupt file is ignored (with a warning
+    unless `warn` is False: when it is about to be rewritten, having been warned of once)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -282,6 +283,8 @@ def _read(path: Path) -> dict:
         ):  # fmt: skip
             raise ValueError("an entry without a positive int chunk")
     except (ValueError, KeyError) as exc:
+        if not warn:
+            return {}
         warnings.warn(
             f"ignoring the chunk-size calibration file {path} ({exc}); it is rewritten at the "
             "next measurement",
@@ -294,7 +297,7 @@ def _read(path: Path) -> dict:
 def _remember(path: Path, key: str, entry: dict) -> None:
     """Add `entry` to the file (atomically) and to this process's memory; never raises."""
     _MEMORY[f"{path}\n{key}"] = entry
-    entries = _read(path)
+    entries = _read(path, warn=False)  # a corrupt file was warned of when it was looked up
     entries[key] = entry
     data = {"format": FORMAT, "entries": dict(sorted(entries.items()))}
     with contextlib.suppress(OSError):  # a read-only home: the answer stays in memory

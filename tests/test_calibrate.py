@@ -119,8 +119,9 @@ def test_a_corrupt_file_is_ignored_with_a_warning_and_rewritten(calibrating):
     calibrating.parent.mkdir(parents=True)
     calibrating.write_text("{not json")
     timer = FakeTimer(TIMES)
-    with pytest.warns(UserWarning, match="ignoring the chunk-size calibration file"):
+    with pytest.warns(UserWarning, match="ignoring the chunk-size calibration file") as said:
         assert chunk(timer) == 4
+    assert len(said) == 1, [str(w.message) for w in said]  # once, not again when rewritten
     assert timer.calls
     entries = json.loads(calibrating.read_text())["entries"]
     assert [e["chunk"] for e in entries.values()] == [4]
