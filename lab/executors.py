@@ -139,8 +139,8 @@ class RaySession:
         self.depth = 0  # how many `with` blocks hold it: only the outermost stops Ray
 
     def __enter__(self) -> RaySession:
-        self.depth += 1
-        if self.depth > 1:  # entered again (a session handed to sweep() inside its own with)
+        if self.depth:  # entered again (a session handed to sweep() inside its own with)
+            self.depth += 1
             return self
         ray = self.ray
         start = time.perf_counter()
@@ -157,11 +157,7 @@ class RaySession:
                     kwargs["_temp_dir"] = os.fspath(self.temp_dir)
             else:
                 kwargs["address"] = self.address
-                try:
-                    check_reachable(self.address)
-                except ConnectionError:
-                    self.depth -= 1
-                    raise
+                check_reachable(self.address)
             # Ray announces that token authentication is on (the default for a local Ray);
             # that is as it should be, so the line is not printed over the sweep's bar.
             quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -170,7 +166,6 @@ class RaySession:
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-                self.depth -= 1
                 where = self.address or "a local Ray"
                 raise ConnectionError(f"could not start or reach Ray at {where}: {exc}") from None
             finally:
@@ -179,6 +174,7 @@ class RaySession:
         self.startup_seconds = time.perf_counter() - start
         kind = "a local Ray" if self.address is None else f"the cluster at {self.address}"
         self.summary = f"{kind}, {self.describe()}"
+        self.depth = 1
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -282,8 +278,7 @@ class RaySession:
                     try:
                         value, where = ray.get(ref)
                     except ray.exceptions.RayTaskError as exc:  # fn raised on the worker
-                        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                        yield index, None, None, f"{type(cause).__name__}: {first_line(cause)}"
+                        yield index, None, None, task_error(exc)
                         continue
                     except ray.exceptions.RayError as exc:  # the worker died, every retry
                         tries = f"{self.max_retries} retr{'y' if self.max_retries == 1 else 'ies'}"
@@ -291,7 +286,7 @@ class RaySession:
                             index,
                             None,
                             None,
-                            f"{type(exc).__name__} after {tries}: " + (first_line(exc)),
+                            f"{type(exc).__name__} after {tries}: {_first_line(exc)}",
                         )
                         continue
                     yield index, value, WorkerInfo(**where), None
@@ -332,6 +327,13 @@ def check_reachable(address: str, seconds: float = 5.0) -> None:
         ) from None
 
 
-def first_line(exc: BaseException) -> str:
+def task_error(exc: BaseException) -> str:
+    """'Type: first line' of what a task raised (the worker's own exception, not Ray's wrapper)."""
+    cause = getattr(exc, "cause", None)
+    cause = exc if cause is None else cause
+    return f"{type(cause).__name__}: {_first_line(cause)}"
+
+
+def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else ""

@@ -45,7 +45,7 @@ from .batched import (
 )
 from .calibrate import calibrated_chunk_size
 from .config import ALL_LINEAR, LoRAConfig
-from .executors import RaySession, check_executor, first_line
+from .executors import RaySession, check_executor, task_error
 from .fileio import atomic_write_bytes, user_cache_root
 from .forgetting import check_replay, forgetting, with_replay
 from .lora import add_lora, count_parameters
@@ -1317,10 +1317,9 @@ def _train_on_ray(
                 # back to the CPU rule (a worker still trims a unit to its memory) and let the
                 # training tasks succeed, or fail and be reported by point.
                 n = max(1, CPU_ROWS_PER_STEP // group[0].batch_size)
-                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 tqdm.write(
-                    f"could not ask a worker for the chunk size ({type(cause).__name__}: "
-                    f"{first_line(cause)}); training {n} per task"
+                    f"could not ask a worker for the chunk size ({task_error(exc)}); "
+                    f"training {n} per task"
                 )
                 return n
 
