@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "user_cache_root"]
+__all__ = ["atomic_write_bytes", "regular_file", "user_cache_root"]
 
 # A temp file whose writer is gone is removed by the next save to the same path. The writer's
 # pid is part of the temp name; a temp file older than this is removed even if a process with
@@ -22,6 +23,40 @@ def user_cache_root() -> Path:
     if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
         return Path(os.environ["LOCALAPPDATA"]) / "lora-lab"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-lab"
+
+
+def regular_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path if it names an ordinary file; else an OSError saying what it is instead.
+
+    `what` names the file in the message ("adapter file", "base model file"). A FIFO, a device
+    such as /dev/zero or a socket is refused before anything opens it (reading one would block
+    or never end), and so is a folder or a missing path; symlinks are followed.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except NotADirectoryError:
+        raise FileNotFoundError(
+            f"{what} {path} does not exist (a folder in its path is a file)"
+        ) from None
+    except OSError as exc:
+        raise type(exc)(f"cannot read {what} {path}: {exc.strerror}") from None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+    kind = (
+        "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not an ordinary file"
+    )
+    raise OSError(f"{what} {path} is {kind}, not an ordinary file")
 
 
 def _temp_prefix(path: Path) -> str:
