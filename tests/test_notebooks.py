@@ -10,12 +10,15 @@
 
 import configparser
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+ROOT = Path(__file__).parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+SANITIZE = ROOT / "tests" / "nbval" / "sanitize.cfg"  # pyproject.toml's addopts name it
 PATHS = sorted(NOTEBOOKS.rglob("*.ipynb"))
 IDS = [str(p.relative_to(NOTEBOOKS)) for p in PATHS]
 UNCHECKED = {"nbval-ignore-output", "nbval-skip"}
@@ -29,7 +32,7 @@ def load(path):
 
 def sanitizers():
     config = configparser.ConfigParser()
-    assert config.read(NOTEBOOKS / "sanitize.cfg"), "notebooks/sanitize.cfg is missing"
+    assert config.read(SANITIZE), f"{SANITIZE} is missing"
     return [(re.compile(config[s]["regex"]), config[s]["replace"]) for s in config.sections()]
 
 
@@ -101,3 +104,126 @@ def test_the_rounding_sanitizer_hides_the_value_and_keeps_the_bound():
     assert sanitize(line) != sanitize(line.replace("under 1e-5", "under 1e-6"))
     # A number that is not a rounding magnitude is still compared.
     assert sanitize("lr 2e-02 (under 1e-3)") == "lr 2e-02 (under 1e-3)"
+
+
+# --------------------------------------------------------------------------------------------
+# What the prose says is true: paths, the map, benchmark numbers, time promises
+# --------------------------------------------------------------------------------------------
+
+LESSONS = [p for p in PATHS if p.parent == NOTEBOOKS and p.name[:2].isdigit()]  # 01 ... 09
+# A repository path in a notebook: lab/lora.py, tests/test_batched.py, lab/data/, ...
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:lab|tests|benchmarks|scripts|docs|binder)/[\w./-]*[\w/])")
+NOTEBOOK_FILE = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.ipynb)\b")
+NOTEBOOK_NUMBER = re.compile(r"\b[Nn]otebooks? (\d{1,2})\b")
+DOTTED = re.compile(r"(?<![\w/.])lab(?:\.[A-Za-z_]\w*)+")
+
+
+def sources(path, kind=None):
+    """(cell index, source) of every cell, or of the markdown or code cells only."""
+    cells = load(path)["cells"]
+    return [
+        (i, "".join(c["source"])) for i, c in enumerate(cells) if kind in (None, c["cell_type"])
+    ]
+
+
+def resolves(name):
+    """Whether a dotted name (lab.sweeps.sweep) is an importable module or attribute."""
+    import importlib
+
+    parts = name.split(".")
+    obj = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], start=2):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("path", PATHS, ids=IDS)
+def test_every_path_module_and_notebook_a_notebook_names_exists(path):
+    missing = []
+    for i, source in sources(path):
+        for ref in REPO_PATH.findall(source):
+            if not (ROOT / ref).exists():
+                missing.append(f"cell {i}: {ref}")
+        for ref in NOTEBOOK_FILE.findall(source):
+            if not any((base / ref).exists() for base in (path.parent, NOTEBOOKS, ROOT)):
+                missing.append(f"cell {i}: {ref}")
+        for n in NOTEBOOK_NUMBER.findall(source):
+            if not any(p.name.startswith(f"{int(n):02d}_") for p in LESSONS):
+                missing.append(f"cell {i}: notebook {n}")
+    for i, source in sources(path, "markdown"):
+        missing += [f"cell {i}: {name}" for name in DOTTED.findall(source) if not resolves(name)]
+    assert not missing, f"{path.name} names what does not exist: {missing}"
+
+
+def test_the_path_checks_catch_what_the_old_map_named():
+    assert REPO_PATH.findall("| `lab/train.py` | the loop |") == ["lab/train.py"]
+    assert not (ROOT / "lab/train.py").exists() and not (ROOT / "lab/sweep.py").exists()
+    assert NOTEBOOK_FILE.findall("see `exercises/student.ipynb`.") == ["exercises/student.ipynb"]
+    assert NOTEBOOK_NUMBER.findall("built in notebook 8; notebooks 5") == ["8", "5"]
+    assert resolves("lab.sweeps.sweep") and not resolves("lab.sweep.sweep")
+
+
+def the_map():
+    """The markdown cell of notebook 01 headed 'The map of the lab'."""
+    cells = [s for _, s in sources(NOTEBOOKS / "01_welcome.ipynb", "markdown")]
+    found = [s for s in cells if s.startswith("## The map of the lab")]
+    assert len(found) == 1, "notebook 01 has no cell headed '## The map of the lab'"
+    return found[0]
+
+
+def test_the_map_lists_every_notebook():
+    listed = set(NOTEBOOK_FILE.findall(the_map()))
+    missing = [i for i in IDS if i not in listed]
+    assert not missing, f"notebook 01's map leaves out {missing}"
+
+
+def test_the_map_names_lab_modules_and_they_exist():
+    named = REPO_PATH.findall(the_map())
+    assert "lab/lora.py" in named and "lab/training.py" in named
+    assert all((ROOT / ref).exists() for ref in named), named
+
+
+# Test machinery lives in tests/ and the repository root, not among the lessons.
+
+
+def test_the_notebooks_folder_holds_only_notebooks():
+    others = [
+        str(p.relative_to(NOTEBOOKS))
+        for p in NOTEBOOKS.rglob("*")
+        if p.is_file()
+        and p.suffix != ".ipynb"
+        and not any(part.startswith(".") or part == "__pycache__" for part in p.parts)
+    ]
+    assert not others, f"test machinery or stray files among the lessons: {others}"
+
+
+def test_one_notebook_alone_gets_the_throwaway_cache_and_the_sanitizer(tmp_path):
+    """`pytest notebooks/X.ipynb`, even from inside notebooks/, runs as `pytest` does."""
+    import subprocess
+    import sys
+
+    script = """
+import os, pytest
+class Probe:
+    def pytest_collection_finish(self, session):
+        print("SANITIZE", session.config.option.nbval_sanitize_with)
+pytest.main(["--collect-only", "-q", "01_welcome.ipynb"], plugins=[Probe()])
+print("CACHE", os.environ.get("LORA_LAB_CACHE"))
+print("CALIBRATE", os.environ.get("LORA_LAB_CALIBRATE"))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_LAB_")}
+    env["LORA_LAB_CACHE"] = str(tmp_path / "user-cache")  # what a user's shell might have
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=NOTEBOOKS, env=env, capture_output=True, text=True,
+        timeout=120,
+    ).stdout  # fmt: skip
+    seen = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ")[0].isupper())
+    assert Path(seen.get("SANITIZE", "")).resolve() == SANITIZE.resolve(), out[-2000:]
+    assert "lora-lab-nbval-cache-" in seen.get("CACHE", ""), out[-2000:]
+    assert seen.get("CALIBRATE") == "0", out[-2000:]

@@ -1,0 +1,24 @@
+"""Test machinery for every pytest run in this checkout (`pytest`, or one notebook alone).
+
+pytest loads this file whatever is collected under the repository root, so nbval's kernels,
+which inherit this process's environment, never read or write a user's sweep cache (they see
+only the lab's shipped default grid) and never spend time measuring batched chunk sizes
+(lab.calibrate), which would also write the user's cache folder. The sanitizer nbval compares
+stored outputs through is tests/nbval/sanitize.cfg (named in pyproject.toml).
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+os.environ["LORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="lora-lab-nbval-cache-")
+atexit.register(shutil.rmtree, os.environ["LORA_LAB_CACHE"], ignore_errors=True)
+os.environ["LORA_LAB_CALIBRATE"] = "0"
+
+
+def pytest_configure(config):
+    """Find the sanitizer from any folder: pyproject.toml names it relative to the root."""
+    path = getattr(config.option, "nbval_sanitize_with", None)
+    if path and not os.path.isabs(path) and not os.path.exists(path):
+        config.option.nbval_sanitize_with = str(config.rootpath / path)
