@@ -21,6 +21,7 @@ imported, and the dashboard is off unless asked for.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -164,7 +165,8 @@ class RaySession:
             level = quiet.level
             quiet.setLevel(logging.ERROR)
             try:
-                ray.init(**kwargs)
+                with _loopback_only(self.address is None):
+                    ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
                 where = self.address or "a local Ray"
                 raise ConnectionError(f"could not start or reach Ray at {where}: {exc}") from None
@@ -298,6 +300,34 @@ class RaySession:
             for ref in [] if self.owned else refs:
                 with contextlib.suppress(Exception):  # best effort: Ray may be gone already
                     ray.cancel(ref, force=True)
+
+
+@contextlib.contextmanager
+def _loopback_only(local: bool) -> Iterator[None]:
+    """While a local Ray starts: every one of its servers listens on 127.0.0.1 only.
+
+    Ray binds its gRPC servers (GCS, raylet, object manager, the driver's and each worker's)
+    to 127.0.0.1 only when the node's address is 127.0.0.1, and its runtime-env agent and
+    autoscaler metrics server to the node's address. But ray.init() turns a node address of
+    127.0.0.1 into the machine's own address (so that other machines could join), unless Ray
+    clusters are off, as Ray has them on Windows and macOS (ray_constants.ENABLE_RAY_CLUSTER,
+    read when the address is resolved). A Ray started for one sweep is never joined, so they
+    are off while it starts: with Ray 2.60 all seven of its listening sockets are then on
+    127.0.0.1 (tests/test_ray.py lists them). A cluster's address is left alone.
+    """
+    try:
+        constants = importlib.import_module("ray._private.ray_constants")
+    except ImportError:  # another Ray's layout: its own binding, which the test would show
+        constants = None
+    if not local or not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    saved = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved
 
 
 def check_reachable(address: str, seconds: float = 5.0) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import secrets
 import shutil
@@ -200,6 +201,59 @@ def test_ray_sweep_gives_the_local_sweeps_numbers_value_for_value(local_ray, tmp
 
 def _never_called(point, device=None, progress=True):
     raise AssertionError(f"{point} was trained again")
+
+
+# -- what listens where -----------------------------------------------------------------------
+
+
+def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address of /proc/net/tcp{,6} (hex, each 32-bit word in the host's byte order)."""
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(words)
+    v6 = ipaddress.IPv6Address(words)
+    return v6.ipv4_mapped or v6  # ::ffff:127.0.0.1 is 127.0.0.1 reached through IPv6
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[str, str, int]]:
+    """(process, address, port) of each listening TCP socket the processes `pids` hold open."""
+    listening = {}  # socket inode -> (address, port)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                address, port = fields[1].split(":")
+                listening[fields[9]] = (_proc_address(address), int(port, 16))
+    found = []
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # gone meanwhile
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                inode = target.removeprefix("socket:[").removesuffix("]")
+                if target.startswith("socket:[") and inode in listening:
+                    address, port = listening[inode]
+                    found.append((Path(name).name, str(address), port))
+    return sorted(set(found))
+
+
+def test_a_local_ray_listens_on_127_0_0_1_only(local_ray):
+    import ray
+
+    assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker is up and serving
+    found = listening_sockets([os.getpid(), *marked_processes(local_ray)])
+    names = {name for name, _, _ in found}
+    # GCS, raylet (node manager and object manager), the runtime-env agent, the autoscaler's
+    # metrics, this driver's and each worker's gRPC server: seven sockets with one worker.
+    assert {"gcs_server", "raylet", "ray::RuntimeEnvAgent"} <= names, found
+    assert len(found) >= 7, found
+    exposed = [s for s in found if not ipaddress.ip_address(s[1]).is_loopback]
+    assert exposed == [], f"listening beyond 127.0.0.1: {exposed}"
 
 
 # -- faults ------------------------------------------------------------------------------------
