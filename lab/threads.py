@@ -15,6 +15,23 @@ twenty kernels on one machine. The rule, first match wins:
 
 An empty variable counts as unset. `describe()` says in one sentence what was chosen and why;
 `benchmarks/classroom.py` measures two students at once against one alone.
+
+One rule for the whole lab. Every notebook, the explorer, the dashboard, `lab.train`, the batched
+engine and sweeps train with the count this rule gives; no notebook sets its own. Where training
+starts, `training_threads()` is called: it applies the rule if nothing has yet, keeps a count the
+caller set on purpose after `import lab` (torch.set_num_threads: a test, a Ray task, a script
+pinning 1 thread to rebuild a shipped grid bit for bit), and returns the count the run trains with.
+
+The count does not follow the machine's load. It could pay: on the lab's 2-core VM one thread
+trained 2.5-7x faster than two at a load average of 5, and two threads 1.3-1.6x faster than one
+at a load of 2.7. But the thread count changes how a matmul's sums are split, so full
+fine-tuning's numbers differ in their last bits between 1 and 2 threads (LoRA's did not here), and
+a count chosen by the load of the moment would make the same cell give different bits on a
+quiet and a busy afternoon. Instead the lab says so: when training starts while the 1-minute load
+average is above the machine's CPU count (more runnable threads than cores), one line on stderr,
+once per process, says the machine is busy, that runs will take longer than the times the lab
+quotes (measured on a quiet machine), and how to ask for one thread. `LORA_LAB_BUSY_NOTICE=0`
+silences it where outputs are compared (nbval, storing notebooks).
 """
 
 from __future__ import annotations
@@ -22,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -29,15 +47,19 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "BUSY_ENV_VAR",
     "ENV_VAR",
     "HUB_VARS",
     "MAX_THREADS",
     "CpuQuota",
     "apply",
+    "busy_notice",
     "choose_threads",
     "cgroup_cpu_quota",
     "describe",
+    "load_average",
     "parse_threads",
+    "training_threads",
     "usable_cpus",
 ]
 
@@ -51,8 +73,11 @@ SELF_CGROUP = Path("/proc/self/cgroup")
 _V1_CPU_MOUNTS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
 _CHANGE = f"set {ENV_VAR} to change it"
 
+BUSY_ENV_VAR = "LORA_LAB_BUSY_NOTICE"  # "0": never print the busy line (output comparisons)
+
 # What apply() chose and left torch at: (chosen count or None, torch's count after, reason).
 _applied: tuple[int | None, int, str] | None = None
+_busy_said = False  # the busy line is printed once per process
 
 
 class CpuQuota(NamedTuple):
@@ -230,3 +255,57 @@ def describe() -> str:
             f"{_plural(after)} ({reason})"
         )
     return reason if chosen is not None else f"{_plural(now)}, {reason}"
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable threads, all processes), None if unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows has no load average
+        return None
+
+
+def busy_notice(
+    load: float | None = None, cpus: int | None = None, threads: int | None = None
+) -> str | None:
+    """The line that says the machine is busy, or None when it is not (or the load is unknown).
+
+    Busy: the 1-minute load average `load` (default: now) is above `cpus`, the machine's CPU
+    count (default os.cpu_count()): more threads want to run than there are cores, so every
+    training step waits its turn. `threads` (default: torch's count now) adds how to ask for one.
+    """
+    load = load_average() if load is None else load
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    if load is None or not load > cpus:
+        return None
+    threads = torch.get_num_threads() if threads is None else threads
+    line = (
+        f"lab: the machine is busy (load average {load:.1f} on {cpus} CPUs): training will take "
+        f"longer than the times the lab quotes, which were measured on a quiet machine"
+    )
+    if threads > 1:
+        line += (
+            f"; torch uses {_plural(threads)}, and on a busy machine 1 thread is often faster "
+            f"({ENV_VAR}=1 before starting Jupyter, or torch.set_num_threads(1))"
+        )
+    return line
+
+
+def training_threads(stream=None) -> int:
+    """Where training starts: the lab's thread rule applied, and the busy line said once.
+
+    Applies the rule (`apply`) if `import lab` has not; keeps a count set on purpose after it
+    (torch.set_num_threads); prints `busy_notice()` to `stream` (default sys.stderr) the first
+    time training starts on a busy machine in this process, unless LORA_LAB_BUSY_NOTICE=0.
+    Returns the number of threads the run trains with.
+    """
+    global _busy_said
+    if _applied is None:
+        apply()
+    threads = torch.get_num_threads()
+    if not _busy_said and os.environ.get(BUSY_ENV_VAR, "").strip() != "0":
+        line = busy_notice(threads=threads)
+        if line is not None:
+            _busy_said = True
+            print(line, file=sys.stderr if stream is None else stream, flush=True)
+    return threads

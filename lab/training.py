@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import threads
 from .lora import check_trainable, lora_layers
 from .memory import MemoryBreakdown, analytic_memory, measure_step_memory
 from .model import ToyTransformer, default_device
@@ -189,7 +190,9 @@ def train(
     Everything is checked before anything is allocated: steps (at most MAX_STEPS), batch_size,
     lr, seed, weight_decay, an estimate of the run's memory against what the device has
     (MemoryError), and that no LoRA layer is merged. A loss that becomes nan or inf stops the
-    run with TrainingDiverged, naming the step and the setting to lower.
+    run with TrainingDiverged, naming the step and the setting to lower. torch trains with the
+    lab's thread count (`lab.threads.training_threads`: one rule for every entry point, and one
+    line on stderr, once per process, when the machine is too busy for the quoted times).
     """
     check_count("steps", steps, MAX_STEPS)
     check_count("batch_size", batch_size)
@@ -211,6 +214,7 @@ def train(
             f"training with batch_size={batch_size:,} for steps={steps:,}",
         )
     scaling = max((layer.scaling for layer in lora_layers(model).values()), default=0.0)
+    threads.training_threads()  # the lab's one thread rule; says once if the machine is busy
     model.to(device)
     model.train()
     precision = autocast_dtype(device)

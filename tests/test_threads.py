@@ -293,3 +293,114 @@ def test_import_lab_elsewhere_keeps_torchs_own_default():
     else:
         assert int(count) == min(math.ceil(quota.cpus), threads.usable_cpus())
         assert "a CPU quota of" in sentence
+
+
+# One rule where training starts, and one line when the machine is busy.
+
+
+@pytest.fixture
+def busy_unsaid(monkeypatch):
+    """The busy line not said yet in this process, and its switch unset, for the test's span."""
+    monkeypatch.setattr(threads, "_busy_said", False)
+    monkeypatch.delenv(threads.BUSY_ENV_VAR, raising=False)
+
+
+@pytest.mark.parametrize("load, cpus", [(0.0, 2), (1.9, 2), (2.0, 2), (15.9, 16)])
+def test_a_load_at_or_under_the_cpu_count_is_not_busy(load, cpus):
+    assert threads.busy_notice(load=load, cpus=cpus, threads=2) is None
+
+
+def test_a_busy_machine_is_named_with_its_load_and_what_to_do():
+    line = threads.busy_notice(load=5.04, cpus=2, threads=2)
+    assert line.startswith("lab: the machine is busy (load average 5.0 on 2 CPUs)")
+    assert "take longer than the times the lab quotes" in line and "quiet machine" in line
+    assert "torch uses 2 threads" in line and "LORA_LAB_THREADS=1" in line
+    one = threads.busy_notice(load=5.04, cpus=2, threads=1)  # already one thread: no advice
+    assert "busy" in one and "LORA_LAB_THREADS" not in one
+    assert "\n" not in line  # one line
+
+
+def test_an_unknown_load_is_not_busy(monkeypatch):
+    def no_load():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    assert threads.load_average() is None and threads.busy_notice(cpus=1) is None
+
+
+def test_training_threads_says_busy_once_per_process(monkeypatch, busy_unsaid):
+    import io
+
+    monkeypatch.setattr(threads, "load_average", lambda: 9.0)
+    out = io.StringIO()
+    assert threads.training_threads(out) == torch.get_num_threads()
+    threads.training_threads(out)
+    threads.training_threads(out)
+    assert len(out.getvalue().splitlines()) == 1 and "busy (load average 9.0" in out.getvalue()
+
+
+def test_training_threads_is_quiet_on_a_quiet_machine_or_when_switched_off(
+    monkeypatch, busy_unsaid
+):
+    import io
+
+    out = io.StringIO()
+    monkeypatch.setattr(threads, "load_average", lambda: 0.1)
+    threads.training_threads(out)
+    monkeypatch.setattr(threads, "load_average", lambda: 99.0)
+    monkeypatch.setenv(threads.BUSY_ENV_VAR, "0")
+    threads.training_threads(out)
+    assert out.getvalue() == ""
+
+
+def test_training_threads_keeps_a_count_set_after_import(restore_torch_threads, busy_unsaid):
+    torch.set_num_threads(1)  # as a Ray task or a test pinning one thread does
+    assert threads.training_threads() == 1 and torch.get_num_threads() == 1
+
+
+TRAIN_TWICE = """
+import os
+os.getloadavg = lambda: (64.0, 64.0, 64.0)  # a machine far busier than its cores
+import torch, lab
+task = lab.get_task("rotate")
+for _ in range(2):
+    model = lab.load_base_model()
+    lab.add_lora(model, rank=1, alpha=2)
+    lab.train(model, task, steps=2, lr=1e-2, batch_size=4, progress=False, measure_memory=False)
+print(torch.get_num_threads())
+"""
+
+
+def test_lab_train_says_once_per_process_when_the_machine_is_busy():
+    env = {k: v for k, v in os.environ.items() if k != threads.BUSY_ENV_VAR}
+    proc = subprocess.run([sys.executable, "-c", TRAIN_TWICE], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    busy = [line for line in proc.stderr.splitlines() if "the machine is busy" in line]
+    assert len(busy) == 1, proc.stderr
+    assert busy[0].startswith("lab: the machine is busy (load average 64.0 on ")
+    quiet = subprocess.run([sys.executable, "-c", TRAIN_TWICE], cwd=ROOT,
+                           env=env | {threads.BUSY_ENV_VAR: "0"},
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert quiet.returncode == 0 and "busy" not in quiet.stderr, quiet.stderr
+
+
+def notebook_sources() -> dict[str, str]:
+    """Every notebook's code, by its path under notebooks/ (the exercises included)."""
+    import json
+
+    out = {}
+    for path in sorted((ROOT / "notebooks").rglob("*.ipynb")):
+        if ".ipynb_checkpoints" in path.parts:
+            continue
+        cells = json.loads(path.read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        out[str(path.relative_to(ROOT / "notebooks"))] = code
+    return out
+
+
+def test_no_notebook_sets_its_own_thread_count():
+    """One rule for the lab: a notebook that pins torch's threads trains unlike the others."""
+    pinned = [name for name, code in notebook_sources().items()
+              if "set_num_threads" in code or "LORA_LAB_THREADS" in code]  # fmt: skip
+    assert pinned == [], f"notebooks that set torch's thread count themselves: {pinned}"
