@@ -41,7 +41,7 @@ import torch
 
 from .batched import AdapterSpec, BatchedTrainer
 from .config import ALL_LINEAR
-from .fileio import atomic_write_bytes, user_cache_root
+from .fileio import atomic_write_bytes, regular_file, user_cache_root
 from .model import ModelConfig, ToyTransformer
 from .step import autocast_dtype, make_optimizer, training_step
 from .tasks import Task
@@ -262,51 +262,135 @@ def situation(
     return " | ".join(parts)
 
 
-def _read(path: Path, warn: bool = True) -> dict:
-    """The remembered answers in `path` ({} if none); a corrupt file is ignored (with a warning
-    unless `warn` is False: when it is about to be rewritten, having been warned of once)."""
+MAX_FILE_BYTES = 4 << 20  # an entry is about 300 bytes; a bigger file is not one of ours
+MAX_CHUNK = 10**6  # the most configurations one step could hold (as --max-configs allows)
+# Corrupt file versions (path, inode, mtime, size) already warned of by this process.
+_WARNED: set[tuple] = set()
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with one remembered entry (None: nothing), as to_dict writes it."""
+    if not isinstance(entry, dict):
+        return f"an entry is {type(entry).__name__}, not a dict"
+    chunk, top = entry.get("chunk"), entry.get("measured_up_to")
+    if not all(type(v) is int for v in (chunk, top)):
+        return f"chunk {chunk!r} and measured_up_to {top!r} must be whole numbers"
+    if not 1 <= chunk <= top <= MAX_CHUNK:
+        return f"chunk {chunk} and measured_up_to {top}: need 1 <= chunk <= measured_up_to"
+    medians = entry.get("ms_per_config_step", {})
+    if not isinstance(medians, dict) or not all(
+        isinstance(k, str) and k.isdigit() and type(v) in (int, float) and math.isfinite(v)
+        and v > 0
+        for k, v in medians.items()
+    ):  # fmt: skip
+        return "ms_per_config_step must map chunk sizes to positive finite times"
+    for name in ("rounds", "steps"):
+        if name in entry and not (type(entry[name]) is int and entry[name] >= 1):
+            return f"{name}={entry[name]!r} is not a positive whole number"
+    seconds = entry.get("seconds", 0.0)
+    if not (type(seconds) in (int, float) and math.isfinite(seconds) and seconds >= 0):
+        return f"seconds={seconds!r} is not a finite time"
+    return None
+
+
+def _parse(path: Path) -> dict:
+    """The entries in `path`; FileNotFoundError if there is none, ValueError if it is corrupt.
+
+    Anything but a calibration file as `_remember` writes it is corrupt: another kind of file
+    (a folder, a FIFO, a device), one too big, not UTF-8 JSON, nested too deeply for the
+    parser, another format, or an entry whose numbers are impossible (a chunk of 0 or above
+    what was measured, a NaN or negative time, a string where a number belongs).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        regular_file(path, "calibration file")
     except FileNotFoundError:
-        return {}
-    except OSError:
-        return {}  # unreadable: as if nothing were remembered
+        if not os.path.lexists(path):
+            raise
+        raise ValueError("a broken symlink") from None
+    except OSError as exc:
+        raise ValueError(str(exc)) from None
+    with open(path, "rb") as f:
+        raw = f.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise ValueError(f"over {MAX_FILE_BYTES:,} bytes, far more than a calibration takes")
     try:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} file")
-        entries = data["entries"]
-        if not isinstance(entries, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("chunk"), int) and e["chunk"] >= 1
-            and isinstance(e.get("measured_up_to"), int)
-            for e in entries.values()
-        ):  # fmt: skip
-            raise ValueError("an entry without a positive int chunk")
-    except (ValueError, KeyError) as exc:
-        if not warn:
-            return {}
-        warnings.warn(
-            f"ignoring the chunk-size calibration file {path} ({exc}); it is rewritten at the "
-            "next measurement",
-            stacklevel=4,
-        )
-        return {}
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply to be a calibration file") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except ValueError as exc:  # not JSON, or a number too long to read
+        raise ValueError(f"not valid JSON: {str(exc)[:100]}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} file")
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        raise ValueError("'entries' is not a dict")
+    for key, entry in entries.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(f"entry {key[:60]!r}: {problem}")
     return entries
 
 
-def _remember(path: Path, key: str, entry: dict) -> None:
-    """Add `entry` to the file (atomically) and to this process's memory; never raises."""
-    _MEMORY[f"{path}\n{key}"] = entry
-    entries = _read(path, warn=False)  # a corrupt file was warned of when it was looked up
-    entries[key] = entry
+def _stamp(path: Path) -> tuple:
+    """Which version of the file this is: a new corrupt file is warned of again."""
+    try:
+        st = path.stat()
+        return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (str(path),)
+
+
+def _read(path: Path, warn: bool = True) -> tuple[dict, bool]:
+    """The remembered answers in `path` ({} if none) and whether the file is corrupt.
+
+    A corrupt or unreadable file counts as empty, with one warning per version of the file
+    (unless `warn` is False). Never raises.
+    """
+    try:
+        return _parse(path), False
+    except FileNotFoundError:
+        return {}, False
+    except (OSError, ValueError) as exc:
+        stamp = _stamp(path)
+        if warn and stamp not in _WARNED:
+            _WARNED.add(stamp)
+            why = str(exc).removeprefix(f"calibration file {path} ")
+            warnings.warn(
+                f"ignoring the chunk-size calibration file {path} ({why}); it is rewritten "
+                "with what this machine measures",
+                stacklevel=4,
+            )
+        return {}, True
+
+
+def _remember(path: Path, key: str, entry: dict | None) -> None:
+    """Add `entry` to the file (atomically) and to this process's memory; never raises.
+
+    `entry` None only rewrites the file: a corrupt one becomes a valid one with no entries.
+    """
+    if entry is not None:
+        _MEMORY[f"{path}\n{key}"] = entry
+    entries, _ = _read(path, warn=False)  # a corrupt file was warned of when it was looked up
+    if entry is not None:
+        entries[key] = entry
     data = {"format": FORMAT, "entries": dict(sorted(entries.items()))}
-    with contextlib.suppress(OSError):  # a read-only home: the answer stays in memory
+    # A read-only home (or a folder in the file's place): the answer stays in memory.
+    with contextlib.suppress(OSError):
         atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def _recall(path: Path, key: str) -> dict | None:
-    """The remembered entry for `key`: the file's, else this process's own; None if neither."""
-    return _read(path).get(key) or _MEMORY.get(f"{path}\n{key}")
+    """The remembered entry for `key`: the file's, else this process's own; None if neither.
+
+    A corrupt file is warned of and replaced at once by a valid one holding nothing, so that
+    it is not warned of again whether or not anything is measured now.
+    """
+    entries, corrupt = _read(path)
+    if corrupt:
+        _remember(path, key, None)
+    return entries.get(key) or _MEMORY.get(f"{path}\n{key}")
 
 
 def calibrated_chunk_size(

@@ -110,6 +110,22 @@ def test_an_empty_cache_variable_means_the_default_folder(tmp_path):
     assert len(list((tmp_path / "xdg" / "lora-lab" / "sweeps").glob("*.json"))) == 1
 
 
+def test_a_nested_calibration_file_warns_once_and_the_batched_sweep_runs(tmp_path):
+    calibration = tmp_path / "xdg" / "lora-lab" / "calibration.json"
+    calibration.parent.mkdir(parents=True)
+    calibration.write_text("[" * 100_000 + "]" * 100_000)  # json's parser: RecursionError
+    args = ["sweep", *SMALL[:2], "--ranks", "1", "2", "--steps", "3", "--batch-size", "16"]
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "LORA_LAB_CALIBRATE": "always"}
+    proc = run_lab(args, tmp_path / "c", env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "calibration file" in line]
+    assert len(said) == 1 and "nested too deeply" in said[0], proc.stderr
+    entries = json.loads(calibration.read_text())["entries"]  # rewritten with the measurement
+    assert [(e["measured_up_to"], e["chunk"] in (1, 2)) for e in entries.values()] == [(2, True)]
+    assert len(list((tmp_path / "c").glob("*.json"))) == 2
+
+
 def test_a_small_sweep_speaks_singular_and_prints_no_progress_codes(tmp_path):
     proc = run_lab(["sweep", *SMALL, "--targets", "q", "v"], tmp_path / "c")
     assert proc.returncode == 0, proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -115,19 +116,95 @@ def test_the_key_changes_with_what_changes_the_answer():
     assert situation(CONFIG, same_size, 64, "cpu") == key  # lr and seed cost nothing
 
 
-def test_a_corrupt_file_is_ignored_with_a_warning_and_rewritten(calibrating):
-    calibrating.parent.mkdir(parents=True)
-    calibrating.write_text("{not json")
+def _entry(**changes) -> str:
+    """A calibration file with one entry, as _remember writes it, with `changes` made."""
+    entry = {"chunk": 4, "ms_per_config_step": {"1": 1.0, "4": 0.6}, "measured_up_to": 8,
+             "seconds": 1.5, "rounds": 3, "steps": 3, **changes}  # fmt: skip
+    key = situation(CONFIG, SPECS, 64, "cpu")
+    return json.dumps({"format": calibrate.FORMAT, "entries": {key: entry}})
+
+
+def _make(path, how) -> None:
+    """Put the hostile thing `how` (text, bytes, or a function of the path) at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if callable(how):
+        how(path)
+    elif isinstance(how, bytes):
+        path.write_bytes(how)
+    else:
+        path.write_text(how)
+
+
+CORRUPT = {
+    "not json": "{not json",
+    "empty": "",
+    "nested 100,000 deep": "[" * 100_000 + "]" * 100_000,
+    "nested dicts": '{"a":' * 50_000 + "1" + "}" * 50_000,
+    "a list": "[]",
+    "another format": json.dumps({"format": "other", "entries": {}}),
+    "entries a list": json.dumps({"format": calibrate.FORMAT, "entries": []}),
+    "entry a number": json.dumps({"format": calibrate.FORMAT, "entries": {"k": 5}}),
+    "chunk 0": json.dumps({"format": calibrate.FORMAT, "entries": {"k": {"chunk": 0}}}),
+    "chunk negative": _entry(chunk=-3),
+    "measured negative": _entry(chunk=1, measured_up_to=-8),
+    "chunk a float": _entry(chunk=4.0),
+    "chunk true": _entry(chunk=True),
+    "chunk a string": _entry(chunk="4"),
+    "chunk huge": _entry(chunk=10**400, measured_up_to=10**400),
+    "chunk 1e999": _entry(chunk=1e999),
+    "chunk above measured": _entry(chunk=16, measured_up_to=8),
+    "measured nan": _entry(measured_up_to=float("nan")),
+    "median nan": _entry(ms_per_config_step={"1": float("nan")}),
+    "median negative": _entry(ms_per_config_step={"1": -1.0}),
+    "medians a string": _entry(ms_per_config_step="fast"),
+    "medians keyed by name": _entry(ms_per_config_step={"alone": 1.0}),
+    "seconds negative": _entry(seconds=-1),
+    "seconds inf": _entry(seconds=float("inf")),
+    "rounds 0": _entry(rounds=0),
+    "a number of 5,000 digits": '{"format": "x", "n": ' + "9" * 5000 + "}",
+    "not utf-8": b"\xff\xfe{\x00",
+    "5 MB of spaces": " " * (5 << 20),
+    "a folder": lambda p: p.mkdir(),
+    "a fifo": lambda p: os.mkfifo(p),
+    "a link to /dev/zero": lambda p: p.symlink_to("/dev/zero"),
+    "a link to itself": lambda p: p.symlink_to(p.name),
+    "a dangling link": lambda p: p.symlink_to(p.parent / "gone.json"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPT))
+def test_a_corrupt_file_is_warned_of_once_measured_over_and_rewritten(calibrating, name):
+    _make(calibrating, CORRUPT[name])
     timer = FakeTimer(TIMES)
     with pytest.warns(UserWarning, match="ignoring the chunk-size calibration file") as said:
         assert chunk(timer) == 4
-    assert len(said) == 1, [str(w.message) for w in said]  # once, not again when rewritten
+        assert chunk(never) == 4  # remembered: no second measurement, no second warning
+    assert len(said) == 1, [str(w.message) for w in said]
     assert timer.calls
+    if name == "a folder":  # cannot be replaced: the answer stays in this process's memory
+        assert calibrating.is_dir()
+        return
+    assert calibrating.is_file() and not calibrating.is_symlink()
     entries = json.loads(calibrating.read_text())["entries"]
     assert [e["chunk"] for e in entries.values()] == [4]
-    calibrating.write_text(json.dumps({"format": calibrate.FORMAT, "entries": {"k": {"chunk": 0}}}))
-    with pytest.warns(UserWarning, match="positive int chunk"):
-        assert chunk(FakeTimer(TIMES)) == 4
+
+
+def test_a_corrupt_file_is_replaced_even_when_nothing_is_measured(calibrating, monkeypatch):
+    monkeypatch.setenv(calibrate.ENV_VAR, "1")
+    _make(calibrating, CORRUPT["nested 100,000 deep"])
+    with pytest.warns(UserWarning, match=r"\(nested too deeply to be a calibration file\)"):
+        assert chunk(never, steps=1) == 2  # too short to pay: the static rule
+    assert json.loads(calibrating.read_text()) == {"format": calibrate.FORMAT, "entries": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # valid now: never warned of again
+        assert chunk(never, steps=1) == 2
+
+
+def test_a_valid_file_written_by_hand_is_used(calibrating):
+    _make(calibrating, _entry(chunk=2, ms_per_config_step={}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert chunk(never) == 2
 
 
 def test_an_unwritable_cache_folder_never_breaks_and_the_answer_stays_in_memory(
