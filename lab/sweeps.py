@@ -150,7 +150,14 @@ class SweepPoint:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)  # normalising a frozen dataclass
 
-        put("replay", check_replay(self.replay))
+        # Points that compare equal must share one cache key, which hashes the fields' JSON:
+        # so whole numbers are plain ints (numpy's int64 from np.arange is not JSON) and
+        # -0.0 becomes 0.0 (equal, but written "-0.0"); see `key`.
+        for name in ("rank", "steps", "batch_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                put(name, int(value))
+        put("replay", check_replay(self.replay) + 0.0)
 
         if self.quant is not None and (
             not isinstance(self.quant, str) or self.quant not in SCHEMES
@@ -170,7 +177,7 @@ class SweepPoint:
         if self.lr is None:
             put("lr", FULL_LR if self.rank is None else LORA_LR)
         check_lr(self.lr)
-        put("lr", float(self.lr))
+        put("lr", float(self.lr))  # > 0, so never -0.0
         if self.rank is None:
             # Full fine-tuning has no adapter: its adapter settings are fixed so that every
             # spelling of "full fine-tuning" is the same point (and the same cache file).
@@ -203,8 +210,9 @@ class SweepPoint:
                 f"init='pissa' with quant={self.quant!r}: PiSSA needs the full-precision W; "
                 "use init='default' on a 4-bit base"
             )
-        for name in ("alpha", "dropout", "rslora", "lr_ratio"):
+        for name in ("alpha", "rslora", "lr_ratio"):
             put(name, getattr(config, name))
+        put("dropout", config.dropout + 0.0)  # -0.0 + 0.0 is 0.0
         put("targets", tuple(sorted(set(targets))))
 
     @property

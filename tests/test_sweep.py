@@ -7,6 +7,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 
 from lab.sweeps import (
@@ -109,6 +110,59 @@ def test_keys_are_stable_and_distinct_across_every_field():
     keys = {p.key for p in [base, *variants]}
     assert len(keys) == len(variants) + 1
     assert base.key == SweepPoint("sort_desc", 8).key  # same settings, same key
+
+
+SAME = [  # each pair compares equal, so it must be one cache file
+    ({"dropout": -0.0}, {"dropout": 0.0}),
+    ({"replay": -0.0}, {}),
+    ({"alpha": 16}, {"alpha": 16.0}),
+    ({"lr": 1}, {"lr": 1.0}),
+    ({"lr_ratio": 1}, {}),
+    ({"lr_ratio": 16}, {"lr_ratio": 16.0}),
+    ({"rank": np.int64(4)}, {"rank": 4}),
+    ({"rank": np.int32(4), "steps": np.int64(600)}, {"rank": 4}),
+    ({"batch_size": np.int16(64), "seed": np.uint64(0)}, {}),
+    ({"alpha": np.float32(16.0), "dropout": np.float64(0.1)}, {"dropout": 0.1}),
+    ({"replay": np.float64(0.05)}, {"replay": 0.05}),
+    ({"targets": ("v_proj", "q_proj", "q_proj")}, {}),
+    ({"targets": ("v", "q_proj")}, {}),
+    ({"targets": "all-linear"}, {"targets": ("up", "down", "o", "v", "k", "q")}),
+    ({"lr": None}, {"lr": LORA_LR}),
+]
+
+
+@pytest.mark.parametrize("one, other", SAME)
+def test_points_that_compare_equal_share_one_key(one, other):
+    a, b = (
+        SweepPoint("sort_desc", **{"rank": 4, **one}),
+        SweepPoint("sort_desc", **{"rank": 4, **other}),
+    )
+    assert a == b and hash(a) == hash(b)
+    assert a.key == b.key and a.to_dict() == b.to_dict()
+    assert json.loads(json.dumps(a.to_dict())) == a.to_dict()  # plain JSON types only
+
+
+def test_points_equal_exactly_when_their_keys_are():
+    values = {
+        "rank": [1, 2], "alpha": [8, 16.0], "dropout": [0.0, -0.0, 0.1], "rslora": [False, True],
+        "targets": [("q_proj", "v_proj"), ("v", "q"), ("q",)], "lr": [None, 0.02, 1e-3],
+        "variant": ["lora", "dora"], "init": ["default", "pissa"], "lr_ratio": [1, 16],
+        "replay": [0.0, 0.05], "steps": [600, 601], "seed": [0, 1], "batch_size": [64, 32],
+    }  # fmt: skip
+    points = [
+        full_point("sort_desc"),
+        full_point("sort_desc", replay=0.05),
+        full_point("sort_desc", lr=FULL_LR),
+        SweepPoint("rotate", 4),
+        SweepPoint("sort_desc", 4, quant="nf4"),
+        SweepPoint("sort_desc", 4, quant="int4"),
+    ]
+    points += [SweepPoint("sort_desc", **{"rank": 4, k: v}) for k, vs in values.items()
+               for v in vs]  # fmt: skip
+    for a in points:
+        for b in points:
+            assert (a == b) == (a.key == b.key), (a, b)
+    assert len({p.key for p in points}) == len(set(points)) == 20
 
 
 def test_grid_is_the_cartesian_product_without_duplicates():
