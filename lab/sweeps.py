@@ -1122,7 +1122,10 @@ def sweep(
     written) and each point's memory estimated (MemoryError if it cannot fit). A point another
     sweep is training into the same cache is waited for, not trained twice. A result whose
     write fails later is still returned, with a warning (its points in `cache.unsaved`). A run
-    whose loss became nan/inf is returned and cached as diverged.
+    whose loss became nan/inf is returned and cached as diverged. What a `run_fn` returns is
+    kept only if it is a valid SweepResult of the point it was asked for: anything else (None,
+    another point's result, NaN where a number must be) is never cached, its point fails with
+    the reason, and SweepFailed is raised at the end, after every other point is cached.
 
     `executor="ray"` trains each unit of `plan_chunks` (a batched chunk, or one point) as a Ray
     task (lab.executors): on a local Ray started for the sweep, or on the cluster at `address`
@@ -1166,7 +1169,16 @@ def sweep(
     stack = contextlib.ExitStack()
     ray_run: RaySession | None = None
 
-    def done(result: SweepResult) -> None:
+    def done(result: SweepResult, point: SweepPoint | None = None) -> None:
+        """Cache a newly trained result; one that is not a valid result of `point` fails it."""
+        point = result.point if point is None and isinstance(result, SweepResult) else point
+        problem = _refusal(result, point)
+        if problem is not None:
+            failures[point] = problem
+            cache.release(point)
+            held.discard(point)
+            tqdm.write(f"failed: {describe(point)}: {problem}")
+            return
         results[result.point] = result
         try:
             cache.put(result)
@@ -1195,7 +1207,7 @@ def sweep(
         if run_fn is not None or not batched:
             fn = run_point if run_fn is None else run_fn
             for point in mine:
-                done(fn(point, device=device, progress=progress))
+                done(fn(point, device=device, progress=progress), point)
             return
         _say_alone(mine)
         for unit in plan_chunks(mine, device, max_configs):
@@ -1247,8 +1259,30 @@ def sweep(
     return [results[p] for p in points]
 
 
+def _refusal(result: object, point: SweepPoint) -> str | None:
+    """Why `result` cannot be kept as the result of `point` (None: it can).
+
+    A run_fn is the caller's code: it may return None, another type, another point's result,
+    or a result with NaN or impossible numbers. Only what would read back from the cache as
+    this point's valid result is kept.
+    """
+    if not isinstance(result, SweepResult):
+        return f"the trainer returned {type(result).__name__}, not a SweepResult"
+    if not isinstance(result.point, SweepPoint):
+        return f"the trainer returned a result whose point is {type(result.point).__name__}"
+    if result.point != point:
+        return f"the trainer returned the result of another point ({describe(result.point)})"
+    try:
+        text = json.dumps(result.to_dict(), allow_nan=False)
+        SweepResult.from_dict(json.loads(text))
+    except (AttributeError, TypeError, ValueError, RecursionError) as exc:
+        return f"the trainer returned an invalid result ({str(exc)[:160]})"
+    return None
+
+
 class SweepFailed(RuntimeError):
-    """Points that failed for good on Ray workers; every other point was trained and cached.
+    """Points that failed for good (on Ray workers, or a trainer's invalid result); every
+    other point was trained and cached.
 
     `failures` maps each failed point to its error; `results` is sweep()'s list with None
     for the failed points.
@@ -1295,6 +1329,10 @@ def _remote_unit(items: list[dict], device: str, run_fn: Callable | None) -> dic
     unit = [SweepPoint.from_dict(d) for d in items]
     if run_fn is not None:
         results = [run_fn(p, device=device, progress=False) for p in unit]
+        for point, result in zip(unit, results, strict=True):
+            problem = _refusal(result, point)
+            if problem is not None:
+                raise TypeError(problem)
     else:
         results = run_chunk(unit, device, progress=False)
     return {"base": base_fingerprint(), "results": [r.to_dict() for r in results]}

@@ -6,6 +6,7 @@ changed: no file written, no point trained, no tensor touched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from lab.config import LoRAConfig
 from lab.sweeps import (
     SweepCache,
     SweepCacheError,
+    SweepFailed,
     SweepPoint,
     accuracy_table,
     by_rank,
@@ -240,6 +242,49 @@ def test_results_whose_write_fails_after_training_are_returned_and_reported(tmp_
     assert "could not save 2 results" in text and str(tmp_path) in text and "No space" in text
     assert [r.point for r in results] == points and cache.unsaved == points
     assert [f for f in listing(tmp_path) if not f.startswith(".")] == []  # no locks left
+
+
+def _with(result, **changes):
+    return dataclasses.replace(result, **changes)
+
+
+BAD_TRAINERS = {  # what a run_fn returns for `point`, given `other` (another point in the sweep)
+    "None": lambda point, other: None,
+    "a dict": lambda point, other: fake_result(point).to_dict(),
+    "a string": lambda point, other: "done",
+    "another point's result": lambda point, other: fake_result(other),
+    "a result for an unlisted point": lambda point, other: fake_result(SweepPoint(**TINY, seed=9)),
+    "NaN losses": lambda point, other: _with(fake_result(point), losses=[1.0, math.nan]),
+    "accuracy 7": lambda point, other: _with(
+        fake_result(point), heldout={"loss": 1.0, "accuracy": 7.0, "n": 1}
+    ),
+    "a tensor in extra": lambda point, other: _with(fake_result(point), extra={"w": torch.ones(2)}),
+    "a point as a dict": lambda point, other: _with(fake_result(point), point=point.to_dict()),
+    "negative count": lambda point, other: _with(fake_result(point), trainable_parameters=-1),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_TRAINERS))
+def test_a_trainer_returning_a_wrong_result_fails_its_point_only(tmp_path, what):
+    cache = SweepCache(tmp_path)
+    point, other, third = (SweepPoint(**(TINY | {"rank": r})) for r in (4, 2, 1))
+
+    def trainer(p, device=None, progress=True):
+        return BAD_TRAINERS[what](p, other) if p == point else fake_result(p)
+
+    with pytest.raises(SweepFailed) as info:
+        sweep([other, point, third], cache, progress=False, run_fn=trainer)
+    assert list(info.value.failures) == [point]
+    message = str(info.value)
+    assert describe(point) in message and "2 of 3 trained and kept" in message, message
+    assert "the trainer returned" in info.value.failures[point]
+    assert [r and r.point for r in info.value.results] == [other, None, third]
+    # The others are cached as themselves; nothing is cached for the refused point.
+    assert cache.get(point) is None and cache.get(other).point == other
+    assert sorted(listing(tmp_path)) == sorted(f"{p.key}.json" for p in (other, third))
+    again = CountingTrainer()
+    sweep([other, point, third], cache, progress=False, run_fn=again)  # the rerun trains it
+    assert again.calls == [point]
 
 
 # -- the cache is read defensively ------------------------------------------------------------
