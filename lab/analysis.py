@@ -25,6 +25,7 @@ __all__ = [
     "format_decimal_bytes",
     "spread",
     "time_calls",
+    "timing_summary",
     "timing_verdict",
     "count_full",
     "count_lora",
@@ -82,9 +83,9 @@ def _sync(device: torch.device | str | None) -> None:
 
 def _stats(seconds: Sequence[float]) -> dict[str, float]:
     """Median, mean, min, max and interquartile range (see `spread`) of timings, in seconds."""
-    lo, hi = spread(seconds)
+    lo, median, hi = timing_summary(seconds)
     return {
-        "median_s": statistics.median(seconds),
+        "median_s": median,
         "mean_s": statistics.fmean(seconds),
         "min_s": min(seconds),
         "max_s": max(seconds),
@@ -134,6 +135,16 @@ def spread(seconds: Sequence[float]) -> tuple[float, float]:
     return q1, q3
 
 
+def timing_summary(seconds: Sequence[float]) -> tuple[float, float, float]:
+    """(low, median, high) of timings: the median and the `spread` around it.
+
+    The one summary that a notebook's table and plot and `timing_verdict` all use, so that
+    they show the same median (with an even count, the mean of the two middle timings).
+    """
+    low, high = spread(seconds)  # also refuses bad timings
+    return low, statistics.median(float(s) for s in seconds), high
+
+
 def _seconds(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
@@ -144,8 +155,7 @@ def timing_verdict(label_a: str, a: Sequence[float], label_b: str, b: Sequence[f
     Medians are compared; the difference counts only when the two spreads (`spread`) do not
     overlap. Otherwise the verdict says the difference is within the noise of this machine.
     """
-    (lo_a, hi_a), (lo_b, hi_b) = spread(a), spread(b)  # also refuses bad timings
-    ma, mb = statistics.median(a), statistics.median(b)
+    (lo_a, ma, hi_a), (lo_b, mb, hi_b) = timing_summary(a), timing_summary(b)
     ranges = (
         f"{label_a} {_seconds(ma)} (spread {_seconds(lo_a)}-{_seconds(hi_a)}), "
         f"{label_b} {_seconds(mb)} (spread {_seconds(lo_b)}-{_seconds(hi_b)})"

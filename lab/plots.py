@@ -108,6 +108,14 @@ def _check_lengths(**named: Sequence[Any]) -> None:
         raise ValueError(f"lengths differ: {detail}; give one value per entry")
 
 
+def _legend_outside(ax: Axes) -> None:
+    """The Axes' legend to the right of the plot, where it cannot cover a curve, point or bar.
+
+    Constrained layout shrinks the plot to make room, so the legend stays inside the Figure.
+    """
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8)
+
+
 def _style(i: int) -> dict[str, Any]:
     """Colour, line style and marker of the i-th series, distinct in colour and in grayscale."""
     return {
@@ -244,7 +252,7 @@ def trainable_vs_rank(
     if full is not None:
         ax.axhline(full, label=f"full fine-tuning ({int(full):,})", **REFERENCE_STYLE)
         counts.append(full)
-        ax.legend(loc="lower right")
+        _legend_outside(ax)
     if counts:  # room above the top label and below the bottom point
         ax.set_ylim(min(counts) / 3, max(counts) * 4)
     ax.grid(True, which="major", alpha=0.3)
@@ -273,8 +281,8 @@ def memory_vs_rank(
         ax.axhline(full_mib, label=f"full fine-tuning ({full_mib:,.1f} MiB)", **REFERENCE_STYLE)
         top = max(top, full_mib)
     ax.set_xticks(x, [_fmt_number(r) for r in ranks])
-    ax.set_ylim(0, top * 1.25 if top > 0 else 1)
-    ax.legend(ncols=3, loc="upper left", fontsize=8)
+    ax.set_ylim(0, top * 1.1 if top > 0 else 1)
+    _legend_outside(ax)
     ax.grid(True, axis="y", alpha=0.3)
     _label(ax, title, xlabel, ylabel)
     return fig
@@ -309,7 +317,7 @@ def memory_breakdown(
     top = float(totals.max())
     ax.set_ylim(0, top * 1.3 if top > 0 else 1)
     ax.set_xticks(x, [_wrap(k) for k in labels])
-    ax.legend(ncols=2, loc="upper right", fontsize=8)
+    _legend_outside(ax)
     ax.grid(True, axis="y", alpha=0.3)
     _label(ax, title, xlabel, ylabel)
     return fig
@@ -370,7 +378,7 @@ def cost_comparison(
             fontsize=8,
         )
     ax.set_xticks(x, [_wrap(m) for m in models], fontsize=8)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    _legend_outside(ax)
     ax.grid(True, axis="y", alpha=0.3)
     _label(ax, title, xlabel, ylabel)
     return fig
@@ -409,7 +417,7 @@ def loss_curves(
     if log:
         ax.set_yscale("log")
     if len(curves) > 1:
-        ax.legend()
+        _legend_outside(ax)
     ax.grid(True, which="both", alpha=0.3)
     _label(ax, title, xlabel, ylabel)
     return fig
@@ -483,7 +491,7 @@ def dropout_effect(
     )
     ax.plot(p, train, label="train loss", **_style(0))
     ax.plot(p, heldout, label="held-out loss", **_style(1))
-    ax.legend()
+    _legend_outside(ax)
     ax.grid(True, alpha=0.3)
     _label(ax, title, xlabel, ylabel)
     return fig
@@ -511,7 +519,7 @@ def update_size_vs_rank(
     if all(r > 0 for r in ranks):
         _rank_axis(ax, ranks)
     if len(sizes) > 1:
-        ax.legend()
+        _legend_outside(ax)
     ax.grid(True, which="major", alpha=0.3)
     _label(ax, title, xlabel, ylabel)
     return fig
@@ -535,7 +543,7 @@ def singular_values(
         ax.plot(np.arange(1, len(sigma) + 1), sigma, label=str(label), markersize=4, **_style(i))
     ax.set_yscale("log")
     if len(spectra) > 1:
-        ax.legend()
+        _legend_outside(ax)
     ax.grid(True, which="major", alpha=0.3)
     _label(ax, title, xlabel, ylabel)
     return fig
@@ -579,7 +587,7 @@ def energy_captured(
     ax.set_ylim(0, 102)
     ax.set_xlim(0.5, longest + 0.5)
     if len(curves) > 1:
-        ax.legend(loc="lower right")
+        _legend_outside(ax)
     ax.grid(True, alpha=0.3)
     _label(ax, title, xlabel, ylabel)
     return fig
@@ -652,7 +660,7 @@ def accuracy_vs_lr(
     if diverged_seen:
         ax.plot([], [], marker="x", markersize=8, markeredgewidth=2, color="0.3",
                 linestyle="none", label="diverged (loss nan/inf)")  # fmt: skip
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     ax.axhline(0, color="0.6", linewidth=0.8)
     ax.set_xscale("log")
     every = [lr for curve in series.values() for lr, _ in curve]
@@ -682,6 +690,8 @@ def learn_forget(
     *,
     measure: str = "accuracy",
     base: float | None = None,
+    by_replay: bool = False,
+    log: bool = False,
     title: str = "What fine-tuning learned vs what it kept",
 ) -> Figure:
     """One marker per run: new-task held-out accuracy (x, %) against the pretraining skills.
@@ -691,10 +701,16 @@ def learn_forget(
     "source_loss" (the mean over copy, reverse, sort, add), which `measure` picks. LoRA ranks
     differ in colour and marker, full fine-tuning is black squares, and replay runs are hollow.
     `base` draws the base model's own level (same unit as the measure) as a reference line.
+    `by_replay` draws one panel per replay share, side by side on the same x and y ranges so
+    that the panels compare; `log` puts the loss on a log scale.
     """
     if measure not in FORGET_MEASURES:
         raise ValueError(f"measure must be one of {sorted(FORGET_MEASURES)}, got {measure!r}")
+    if log and measure != "loss":
+        raise ValueError(f"log=True needs measure='loss' (an accuracy can be 0), got {measure!r}")
     key, ylabel = FORGET_MEASURES[measure]
+    if log:
+        ylabel = ylabel.replace(")", ", log scale)")
     xlabel = "new task: held-out accuracy (%)"
     scale = 100.0 if measure == "accuracy" else 1.0
     if len(runs) == 0:
@@ -712,30 +728,55 @@ def learn_forget(
         groups.setdefault(kind, []).append(row)
     ranks = sorted({rank for is_full, rank, _ in groups if not is_full})
     markers = [m for m in MARKERS if m != "s"]  # squares are full fine-tuning's
-    fig, ax = _figure()
-    for is_full, rank, replayed in sorted(groups):
-        rows = groups[is_full, rank, replayed]
-        if is_full:
-            colour, marker, name = "#000000", "s", "full fine-tuning"
-        else:
-            i = ranks.index(rank)
-            colour, marker = OKABE_ITO[i % 7], markers[i % len(markers)]
-            name = f"LoRA r{rank}"
-        if replayed:
-            shares = sorted({row["replay"] for row in rows})
-            name += " + replay " + "/".join(f"{s:.0%}" for s in shares)
-        x = [row["learned"] * 100 for row in rows]
-        y = [row[key] * scale for row in rows]
-        ax.scatter(x, y, s=46, marker=marker, label=name, zorder=3, linewidths=1.4,
-                   edgecolors=colour, facecolors="white" if replayed else colour)  # fmt: skip
-    if base is not None:
-        ax.axhline(base * scale, label="base model, before fine-tuning", **REFERENCE_STYLE)
-    ax.set_xlim(-4, 104)
-    if measure == "accuracy":
-        ax.set_ylim(-4, 104)
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    _label(ax, title, xlabel, ylabel)
+    shares = sorted({row["replay"] for row in runs}) if by_replay else [None]
+    if by_replay:
+        fig = Figure(figsize=(4.0 * len(shares) + 2.0, 4.0), layout="constrained")
+        panels = list(np.atleast_1d(fig.subplots(1, len(shares), sharex=True, sharey=True)))
+    else:
+        fig, ax = _figure()
+        panels = [ax]
+    for ax, share in zip(panels, shares, strict=True):
+        for is_full, rank, replayed in sorted(groups):
+            rows = [r for r in groups[is_full, rank, replayed] if share in (None, r["replay"])]
+            if not rows:
+                continue
+            if is_full:
+                colour, marker, name = "#000000", "s", "full fine-tuning"
+            else:
+                i = ranks.index(rank)
+                colour, marker = OKABE_ITO[i % 7], markers[i % len(markers)]
+                name = f"LoRA r{rank}"
+            if replayed:
+                name += " + replay " + "/".join(
+                    f"{s:.0%}" for s in sorted({r["replay"] for r in rows})
+                )
+            x = [row["learned"] * 100 for row in rows]
+            y = [row[key] * scale for row in rows]
+            ax.scatter(x, y, s=46, marker=marker, label=name, zorder=3, linewidths=1.4,
+                       edgecolors=colour, facecolors="white" if replayed else colour)  # fmt: skip
+        if base is not None:
+            ax.axhline(base * scale, label="base model, before fine-tuning", **REFERENCE_STYLE)
+        ax.set_xlim(-4, 104)
+        if measure == "accuracy":
+            ax.set_ylim(-4, 104)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel(xlabel)
+    panels[0].set_ylabel(ylabel)
+    if by_replay:
+        for ax, share in zip(panels, shares, strict=True):
+            ax.set_title("no replay" if share == 0 else f"{share:.0%} replay")
+        fig.suptitle(title)
+        # One legend for all panels, outside them: every label once, in the panels' order.
+        entries: dict[str, Any] = {}
+        for ax in panels:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                entries.setdefault(label, handle)
+        fig.legend(entries.values(), entries.keys(), loc="outside right upper", fontsize=8)
+    else:
+        panels[0].set_title(title)
+        _legend_outside(panels[0])
     return fig
 
 
@@ -746,23 +787,44 @@ def timings(
     labels: Sequence[str],
     seconds: Sequence[float],
     *,
-    errors: Sequence[float] | None = None,
+    spreads: Sequence[tuple[float, float]] | None = None,
     title: str = "Inference time",
     unit: str = "ms",
 ) -> Figure:
-    """Horizontal bars of times (given in seconds, shown in `unit`), values annotated."""
+    """Horizontal bars of times (given in seconds, shown in `unit`), values annotated.
+
+    `spreads` gives each bar's (low, high) range in seconds, such as the quartiles of the
+    timings (lab.analysis.spread) around their median: drawn as they are, so a skewed spread
+    gets a longer whisker on its slow side.
+    """
     scales = {"s": 1.0, "ms": 1e3, "µs": 1e6, "us": 1e6}
     if unit not in scales:
         raise ValueError(f"unit must be one of {sorted(scales)}, got {unit!r}")
     xlabel, ylabel = f"time per call ({unit})", "configuration"
-    if errors is None:
+    if spreads is None:
         _check_lengths(labels=labels, seconds=seconds)
     else:
-        _check_lengths(labels=labels, seconds=seconds, errors=errors)
+        _check_lengths(labels=labels, seconds=seconds, spreads=spreads)
     if len(labels) == 0:
         return _empty(title, xlabel, ylabel)
     values = np.asarray(seconds, dtype=float) * scales[unit]
-    err = None if errors is None else np.asarray(errors, dtype=float) * scales[unit]
+    err = None
+    if spreads is not None:
+        bounds = []
+        for label, value, pair in zip(labels, seconds, spreads, strict=True):
+            try:
+                low, high = (float(v) for v in pair)
+            except (TypeError, ValueError):  # not a pair of numbers
+                low = high = math.nan
+            if not low <= value <= high:
+                raise ValueError(
+                    f"{label!r}: spread {pair!r} does not hold its time {value!r}: give "
+                    "(low, high) seconds with low <= time <= high, such as the quartiles"
+                )
+            bounds.append((low, high))
+        lows = np.array([low for low, _ in bounds]) * scales[unit]
+        highs = np.array([high for _, high in bounds]) * scales[unit]
+        err = np.vstack([values - lows, highs - values])  # whisker lengths below and above
     fig, ax = _figure((7.0, max(2.5, 1.2 + 0.45 * len(labels))))
     y = np.arange(len(labels))
     ax.barh(
@@ -775,7 +837,7 @@ def timings(
         linewidth=0.6,
         capsize=3,
     )
-    reach = values if err is None else values + err
+    reach = values if err is None else values + err[1]
     for yi, value, end in zip(y, values, reach, strict=True):
         ax.annotate(
             f"{value:.3g} {unit}",

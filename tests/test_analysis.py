@@ -222,3 +222,21 @@ def test_file_sizes_choose_their_unit():
     for bad in (-1, float("nan"), "3", None, True):
         with pytest.raises(ValueError, match="expected a finite number of bytes"):
             format_decimal_bytes(bad)
+
+
+def test_timing_summary_is_the_one_median_a_table_a_plot_and_the_verdict_share():
+    from lab.analysis import _stats, timing_summary, timing_verdict
+
+    # An even count, skewed: the median is the mean of the two middle timings (38.7 and 45.06
+    # ms), not the upper one, which a table picking sorted(t)[len(t) // 2] would show.
+    skewed = [0.0278, 0.030, 0.031, 0.033, 0.0387, 0.04506, 0.050, 0.090, 0.095, 0.1017]
+    low, median, high = timing_summary(skewed)
+    assert median == pytest.approx((0.0387 + 0.04506) / 2)
+    assert median != sorted(skewed)[len(skewed) // 2]
+    assert (low, high) == pytest.approx((0.0315, 0.08))  # the quartiles, not median ± IQR/2
+    assert low < median < high and high - median > median - low
+    verdict = timing_verdict("base", skewed, "merged", [0.02] * 10)
+    assert verdict.startswith(f"base {median * 1e3:.3g} ms (spread 31.5 ms-80 ms)")
+    assert _stats(skewed)["median_s"] == median
+    with pytest.raises(ValueError, match="timings must be finite seconds"):
+        timing_summary([0.1, float("nan")])

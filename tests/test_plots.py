@@ -239,13 +239,52 @@ def test_energy_captured_shows_percent_and_rejects_percent_input():
 # ---------------------------------------------------------------- deployment
 
 
-def test_timings_bars_in_milliseconds_with_values_and_errors():
-    fig = plots.timings(["base", "merged"], [0.002, 0.0025], errors=[0.0001, 0.0002])
+def test_timings_bars_in_milliseconds_with_values_and_spreads():
+    fig = plots.timings(
+        ["base", "merged"], [0.002, 0.0025], spreads=[(0.0019, 0.0021), (0.0023, 0.0027)]
+    )
     ax = main_axes(fig)
     assert ax.get_title() and "ms" in ax.get_xlabel() and ax.get_ylabel()
     assert [p.get_width() for p in ax.patches] == pytest.approx([2.0, 2.5])
     assert {"2 ms", "2.5 ms"} <= set(texts(fig))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["base", "merged"]
+
+
+def whisker_ends(ax) -> list[tuple[float, float]]:
+    """(left, right) end of each bar's error bar, in the axis' unit."""
+    from matplotlib.container import ErrorbarContainer
+
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = bars.lines[2][0].get_segments()
+    return [(float(seg[0][0]), float(seg[1][0])) for seg in segments]
+
+
+def test_timings_whiskers_end_at_the_quartiles_of_skewed_timings():
+    from lab.analysis import timing_summary
+
+    # Skewed, as a busy machine makes them: a few slow calls far above the median.
+    base = [0.0278, 0.030, 0.031, 0.033, 0.0387, 0.040, 0.045, 0.090, 0.095, 0.1017]
+    merged = [0.020, 0.021, 0.021, 0.022, 0.022, 0.023, 0.024, 0.060]
+    summary = {"base": timing_summary(base), "merged": timing_summary(merged)}
+    fig = plots.timings(
+        list(summary),
+        [median for _, median, _ in summary.values()],
+        spreads=[(low, high) for low, _, high in summary.values()],
+    )
+    ends = whisker_ends(main_axes(fig))
+    expected = [(low * 1e3, high * 1e3) for low, _, high in summary.values()]
+    assert np.ravel(ends) == pytest.approx(np.ravel(expected))
+    low, median, high = summary["base"]
+    assert high - median > 2 * (median - low)  # the slow side's whisker is the longer one
+
+
+@pytest.mark.parametrize(
+    "spread",
+    [(0.003, 0.004), (0.001, 0.0015), (float("nan"), 0.004), (0.001,), 0.001, ("a", "b")],
+)
+def test_timings_refuses_a_spread_that_does_not_hold_its_time(spread):
+    with pytest.raises(ValueError, match=r"'base': spread .* does not hold its time 0.002"):
+        plots.timings(["base"], [0.002], spreads=[spread])
 
 
 # ---------------------------------------------------------------- shared behaviour
@@ -257,7 +296,7 @@ MISMATCHED = {
     "dropout_effect": lambda: plots.dropout_effect([0.0, 0.1], [1.0, 2.0], [1.0]),
     "update_size_vs_rank": lambda: plots.update_size_vs_rank([1, 2], {"alpha/r": [1.0]}),
     "timings": lambda: plots.timings(["a"], [1.0, 2.0]),
-    "timings_errors": lambda: plots.timings(["a"], [1.0], errors=[0.1, 0.2]),
+    "timings_spreads": lambda: plots.timings(["a"], [1.0], spreads=[(0.5, 1.5), (1, 2)]),
 }
 
 
@@ -407,3 +446,152 @@ def test_learn_forget_by_loss_and_bad_rows():
     empty = plots.learn_forget([])
     assert plots.NO_RESULTS in texts(empty)
     assert plots.NO_RESULTS in texts(plots.accuracy_vs_lr({}))
+
+
+def test_learn_forget_by_replay_compares_panels_on_one_y_range_with_one_outside_legend():
+    fig = plots.learn_forget(RUNS, measure="loss", by_replay=True, log=True, title="Learn, forget")
+    first, second = fig.axes
+    assert [first.get_title(), second.get_title()] == ["no replay", "5% replay"]
+    assert fig.get_suptitle() == "Learn, forget"
+    assert first.get_ylim() == second.get_ylim() and first.get_xlim() == second.get_xlim()
+    assert first.get_yscale() == "log" and "log scale" in first.get_ylabel()
+    # The no-replay runs reach 5 nats, the replay runs only 1.5: one range shows both.
+    assert first.get_ylim()[1] >= 5.0 and second.get_ylim()[1] >= 5.0
+    assert first.get_legend() is None and len(fig.legends) == 1
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [
+        "LoRA r4", "LoRA r16", "full fine-tuning", "LoRA r4 + replay 5%",
+        "full fine-tuning + replay 5%",
+    ]  # fmt: skip
+    assert_clear_of_data(fig)
+    with pytest.raises(ValueError, match=r"log=True needs measure='loss'"):
+        plots.learn_forget(RUNS, log=True)
+
+
+# ---------------------------------------------------------------- legends, titles, units
+
+
+def drawn_points(ax) -> np.ndarray:
+    """Display coordinates of what an Axes shows: line vertices and points along each segment,
+    scatter points, and the corners and centres of bars, inside the Axes only."""
+    points = []
+    for line in ax.get_lines():
+        xy = line.get_transform().transform(np.asarray(line.get_xydata(), dtype=float))
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        points.append(xy)
+        for a, b in zip(xy[:-1], xy[1:], strict=True):  # a segment can cross with no vertex in
+            points.append(a + np.linspace(0, 1, 25)[:, None] * (b - a))
+    for collection in ax.collections:
+        offsets = np.asarray(collection.get_offsets(), dtype=float)
+        if len(offsets):
+            points.append(collection.get_offset_transform().transform(offsets))
+    for patch in ax.patches:
+        box = patch.get_window_extent()
+        xs = np.linspace(box.x0, box.x1, 5)
+        ys = np.linspace(box.y0, box.y1, 5)
+        points.append(np.array([(x, y) for x in xs for y in ys]))
+    xy = np.concatenate([p for p in points if len(p)]) if points else np.empty((0, 2))
+    inside = ax.get_window_extent()
+    keep = (
+        (xy[:, 0] >= inside.x0)
+        & (xy[:, 0] <= inside.x1)
+        & (xy[:, 1] >= inside.y0)
+        & (xy[:, 1] <= inside.y1)
+    )
+    return xy[keep]
+
+
+def assert_clear_of_data(fig: Figure) -> None:
+    """No legend covers a drawn curve, point or bar, and every legend lies inside the Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    page = fig.bbox
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    for legend in legends:
+        box = legend.get_window_extent()
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, "a legend runs off the Figure"
+        assert page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1, "a legend runs off the Figure"
+        for ax in fig.axes:
+            xy = drawn_points(ax)
+            covered = (
+                (xy[:, 0] > box.x0)
+                & (xy[:, 0] < box.x1)
+                & (xy[:, 1] > box.y0)
+                & (xy[:, 1] < box.y1)
+            )
+            assert not covered.any(), f"the legend covers {int(covered.sum())} drawn points"
+
+
+def sort_desc_curves() -> dict[str, list[float]]:
+    """Notebook 05's loss curves: seven ranks and full fine-tuning from the shipped grid."""
+    from lab.sweeps import by_rank, describe, load_grid_file, select
+
+    grid = load_grid_file()
+    lora = [r for r in select(grid, task="sort_desc", rslora=False, seed=0) if r.point.rank]
+    at16 = by_rank(select(lora, alpha=16.0))
+    curves = {describe(run.point): run.losses for run in at16.values()}
+    curves["full fine-tuning"] = select(grid, task="sort_desc", rank=None)[0].losses
+    return curves
+
+
+FIGURES = {
+    "trainable_vs_rank": lambda: plots.trainable_vs_rank(
+        [1, 2, 4, 8, 16, 32, 64], [1024 * r for r in (1, 2, 4, 8, 16, 32, 64)], full=406_784
+    ),
+    "memory_vs_rank": lambda: plots.memory_vs_rank([1, 8, 64], [LORA, LORA, FULL], full=FULL),
+    "memory_breakdown": lambda: plots.memory_breakdown({"full": FULL, "LoRA": LORA}),
+    "cost_comparison": lambda: plots.cost_comparison(["toy, full", "toy, LoRA"], [FULL, LORA]),
+    "loss_curves": lambda: plots.loss_curves(sort_desc_curves(), smooth=20),
+    "dropout_effect": lambda: plots.dropout_effect(
+        [0.0, 0.1, 0.3, 0.5], [0.0, 0.01, 0.02, 0.07], [1.08, 0.86, 0.65, 0.60]
+    ),
+    "update_size_vs_rank": lambda: plots.update_size_vs_rank(
+        [1, 4, 16, 64], {"alpha/r": [1.0, 1.2, 1.1, 1.3], "alpha/sqrt(r)": [1.0, 2.4, 4.4, 10.4]}
+    ),
+    "singular_values": lambda: plots.singular_values(
+        {"full": list(np.geomspace(3, 1e-3, 64)), "LoRA": [2, 1, 0.5, 0.3] + [1e-6] * 60}
+    ),
+    "energy_captured": lambda: plots.energy_captured(
+        {"full": list(np.linspace(0.3, 1, 40)), "random": list(np.linspace(0.02, 1, 40))}
+    ),
+    "accuracy_vs_lr": lambda: plots.accuracy_vs_lr(
+        {"r1": [(1e-3, 0.2), (1e-2, 0.9), (1e-1, None)], "r4": [(1e-3, 0.3), (1e-2, 0.95)]},
+        full=[(1e-4, 0.5), (1e-3, 0.99)],
+    ),
+    "learn_forget": lambda: plots.learn_forget(RUNS, base=0.98),
+    "learn_forget_by_replay": lambda: plots.learn_forget(RUNS, measure="loss", by_replay=True),
+    "accuracy_heatmap": lambda: plots.accuracy_heatmap([4, 8], [8, 16], [[0.5, 0.6], [0.7, 0.8]]),
+    "timings": lambda: plots.timings(["a", "b"], [0.01, 0.02]),
+}
+
+
+@pytest.mark.parametrize("make", FIGURES.values(), ids=FIGURES.keys())
+def test_no_legend_covers_the_data(make):
+    assert_clear_of_data(make())
+
+
+def test_the_overlap_check_catches_a_legend_inside_the_curves():
+    fig = plots.loss_curves(sort_desc_curves(), smooth=20)
+    ax = main_axes(fig)
+    ax.legend(loc="center")  # where the curves are
+    with pytest.raises(AssertionError, match="the legend covers"):
+        assert_clear_of_data(fig)
+
+
+# A label without a unit in brackets is a count or a pure number: these are the ones allowed.
+UNITLESS = {"rank r", "alpha", "adapter dropout p", "index i", "configuration", "training step"}
+UNITLESS |= {"model and method"}
+
+
+@pytest.mark.parametrize("make", FIGURES.values(), ids=FIGURES.keys())
+def test_every_plot_has_a_title_labelled_axes_and_units(make):
+    fig = make()
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert fig.get_suptitle() or all(ax.get_title() for ax in axes)
+    assert all(ax.get_title() for ax in axes)
+    labels = [ax.get_xlabel() for ax in axes] + [axes[0].get_ylabel()]
+    labels += [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    for label in labels:
+        assert label, f"an axis without a label in {[ax.get_title() for ax in axes]}"
+        assert "(" in label or label in UNITLESS, f"no unit in the axis label {label!r}"
