@@ -30,6 +30,7 @@ from .forgetting import MAX_REPLAY, source_summary
 from .quant import SCHEMES
 from .sweeps import (
     ALL_TARGETS,
+    CACHE_VAR,
     DEFAULT_ALPHA,
     DEFAULT_STEPS,
     DEFAULT_TARGETS,
@@ -38,6 +39,7 @@ from .sweeps import (
     SHORT_TARGETS,
     SweepCache,
     SweepFailed,
+    cache_dir,
     describe,
     full_point,
     grid,
@@ -91,6 +93,20 @@ def _float_type(
         return value
 
     return parse
+
+
+def _cache_folder(text: str) -> str:
+    """An argparse type: a non-empty folder name ('' would be the current folder)."""
+    try:
+        cache_dir(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a folder name: leave --cache out for the default "
+            f"(${CACHE_VAR}, else ~/.cache/lora-lab/sweeps)"
+            if not text.strip()
+            else str(exc)
+        ) from None
+    return text
 
 
 def _target(text: str) -> str:
@@ -165,8 +181,10 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_int_type("workers", 1, 4096), default=None,
                    help="with --ray and no address: the local Ray's CPU slots (default: every "
                         "core)")  # fmt: skip
-    p.add_argument("--cache", default=None, help="cache folder (default: $LORA_LAB_CACHE or "
-                   "~/.cache/lora-lab/sweeps)")  # fmt: skip
+    p.add_argument("--cache", default=None, type=_cache_folder, metavar="FOLDER",
+                   help="cache folder (default: $LORA_LAB_CACHE, else ~/.cache/lora-lab/sweeps); "
+                        "an empty FOLDER is refused (it would be the current folder), and an "
+                        "empty $LORA_LAB_CACHE counts as unset")  # fmt: skip
     return p
 
 

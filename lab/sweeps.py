@@ -78,6 +78,7 @@ __all__ = [
     "SweepResult",
     "accuracy_table",
     "by_rank",
+    "cache_dir",
     "default_cache_dir",
     "describe",
     "dropout_series",
@@ -781,11 +782,42 @@ def run_point(
 # ---------------------------------------------------------------------------------------------
 
 
+CACHE_VAR = "LORA_LAB_CACHE"
+
+
 def default_cache_dir() -> Path:
-    """$LORA_LAB_CACHE if set, else the user's cache folder (~/.cache/lora-lab/sweeps)."""
-    if os.environ.get("LORA_LAB_CACHE"):
-        return Path(os.environ["LORA_LAB_CACHE"]).expanduser()
+    """$LORA_LAB_CACHE if set, else the user's cache folder (~/.cache/lora-lab/sweeps).
+
+    An empty (or blank) $LORA_LAB_CACHE counts as unset, as the shell's `LORA_LAB_CACHE=`
+    means: never the current folder.
+    """
+    value = os.environ.get(CACHE_VAR, "")
+    if value.strip():
+        return Path(value).expanduser()
     return user_cache_root() / "sweeps"
+
+
+def cache_dir(directory: str | os.PathLike | None) -> Path:
+    """The sweep cache folder `directory` names (None: default_cache_dir()), `~` expanded.
+
+    An empty or blank name is refused (ValueError): Path("") is the current folder, where a
+    sweep's files do not belong.
+    """
+    if directory is None:
+        return default_cache_dir()
+    text = os.fspath(directory) if isinstance(directory, str | os.PathLike) else None
+    if not isinstance(text, str):
+        raise TypeError(
+            f"cache folder {directory!r}: expected a path (str or Path), or None for the default"
+        )
+    if not text.strip():
+        raise ValueError(
+            f"cache folder {text!r} is empty; name a folder, or give None for the default "
+            f"(${CACHE_VAR}, else {user_cache_root() / 'sweeps'})"
+        )
+    if "\0" in text:
+        raise ValueError(f"cache folder {text!r} holds a NUL character, which no path may")
+    return Path(text).expanduser()
 
 
 TORCH_CACHE_VAR = "TORCHINDUCTOR_CACHE_DIR"
@@ -867,7 +899,7 @@ class SweepCache:
     """
 
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
-        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.directory = cache_dir(directory)
         self.unsaved: list[SweepPoint] = []  # points of the last sweep() whose write failed
         # Parsed files by path, reused while (mtime, size) are unchanged: redraws stay fast.
         self._memo: dict[Path, tuple[tuple[int, int], SweepResult | None]] = {}

@@ -29,7 +29,7 @@ def run_lab(args, cache, timeout=300, env=None, **kwargs):
     environment.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "lab", *args],
-        capture_output=True, text=True, timeout=timeout, env=environment, cwd=ROOT, **kwargs,
+        capture_output=True, text=True, timeout=timeout, env=environment, **{"cwd": ROOT, **kwargs},
     )  # fmt: skip
 
 
@@ -124,6 +124,17 @@ def test_a_nested_calibration_file_warns_once_and_the_batched_sweep_runs(tmp_pat
     entries = json.loads(calibration.read_text())["entries"]  # rewritten with the measurement
     assert [(e["measured_up_to"], e["chunk"] in (1, 2)) for e in entries.values()] == [(2, True)]
     assert len(list((tmp_path / "c").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_cache_option_is_a_usage_error_and_writes_nothing_here(tmp_path, value):
+    here = tmp_path / "cwd"
+    here.mkdir()
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    proc = run_lab(["sweep", *SMALL, "--cache", value], tmp_path / "c", env=env, cwd=here)
+    assert_one_clear_line(proc, 2, ["--cache", repr(value), "not a folder name", "default"])
+    assert "usage:" in proc.stderr
+    assert os.listdir(here) == [] and not (tmp_path / "xdg").exists()
 
 
 def test_a_small_sweep_speaks_singular_and_prints_no_progress_codes(tmp_path):

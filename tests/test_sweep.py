@@ -216,6 +216,23 @@ def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
         assert default_cache_dir() == tmp_path / "xdg" / "lora-lab" / "sweeps"
 
 
+@pytest.mark.parametrize("blank", ["", "  ", "\t"])
+def test_a_blank_cache_variable_means_the_default_and_a_blank_folder_is_refused(
+    monkeypatch, tmp_path, blank
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("LORA_LAB_CACHE", blank)
+    assert SweepCache().directory == tmp_path / "xdg" / "lora-lab" / "sweeps"
+    with pytest.raises(ValueError, match=r"cache folder .* is empty; name a folder, or give None"):
+        SweepCache(blank)
+    with pytest.raises(TypeError, match=r"cache folder b'x': expected a path"):
+        SweepCache(b"x")
+    with pytest.raises(ValueError, match="NUL"):
+        SweepCache("a\0b")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "content",
     [
