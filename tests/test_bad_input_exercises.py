@@ -5,11 +5,13 @@ Each wrong answer must get "not yet" and the hint for its own mistake; the right
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
 import torch
-from test_exercises import merge_ok  # the reference merge, written once
+import torch.nn.functional as F
+from test_exercises import base_size, merge_ok  # written once
 from torch import nn
 
 import lab
@@ -81,7 +83,58 @@ FORWARD_WRONG = [
     (forward_no_grad, "carries no gradient"),
     (lambda x, base, A, B, s, d: base(x) + (d(x) @ A.detach().T @ B.T) * s, "gradient reaching A"),
     (forward_hard_coded, "use its arguments"),
+    (lambda x, base, A, B, s, d: base(x) + d(x) @ A.T @ B.T / s, "you divided by `scaling`"),
+    (lambda x, base, A, B, s, d: x @ base.weight.T + d(x) @ A.T @ B.T / s, "divided by `scaling`"),
 ]
+
+
+def forward_merged(x, base, A, B, s, d):  # the merged weight, built on every call
+    return F.linear(x, base.weight + s * B @ A, base.bias)
+
+
+def forward_outer(x, base, A, B, s, d):  # B A as a broadcast product, summed over r
+    return base(x) + s * d(x) @ (B[:, :, None] * A[None]).sum(1).T
+
+
+def forward_only_in_train(x, base, A, B, s, d):  # thin in eval mode, B A in train mode
+    if d.training:
+        return base(x) + s * d(x) @ (B @ A).T
+    return base(x) + s * d(x) @ A.T @ B.T
+
+
+BUILDS_DELTA = [
+    lambda x, base, A, B, s, d: base(x) + s * d(x) @ (B @ A).T,
+    lambda x, base, A, B, s, d: base(x) + s * d(x) @ (A.T @ B.T),
+    lambda x, base, A, B, s, d: base(x) + s * torch.einsum("...i,oi->...o", d(x), B @ A),
+    lambda x, base, A, B, s, d: base(x) + s * d(x) @ torch.einsum("or,ri->io", B, A),
+    lambda x, base, A, B, s, d: base(x) + s * d(x) @ torch.mm(B, A).t(),
+    lambda x, base, A, B, s, d: base(x) + s * F.linear(d(x), torch.matmul(B, A)),
+    forward_merged,
+    forward_outer,
+    forward_only_in_train,
+]
+
+
+@pytest.mark.parametrize("answer", BUILDS_DELTA)
+def test_forward_that_builds_b_a_is_told_it_must_not(answer):
+    assert_not_yet(ex.check_forward(answer), "builds B @ A", "(12, 16)", "Two thin matmuls")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        forward_ok,
+        lambda x, base, A, B, s, d: base(x) + s * torch.einsum("...i,ri,or->...o", d(x), A, B),
+        lambda x, base, A, B, s, d: base(x) + s * F.linear(F.linear(d(x), A), B),
+        lambda x, base, A, B, s, d: base(x) + s * ((d(x) @ A.T) @ B.T),
+        lambda x, base, A, B, s, d: base(x) + (s * d(x) @ A.T) @ B.T,
+        lambda x, base, A, B, s, d: (
+            base(x) + s * (d(x).reshape(-1, x.shape[-1]) @ A.T @ B.T).reshape(*x.shape[:-1], -1)
+        ),
+    ],
+)
+def test_forward_with_thin_matmuls_in_any_spelling_passes(answer):
+    assert_passed(ex.check_forward(answer))
 
 
 def test_forward_accepts_the_reference():
@@ -214,6 +267,10 @@ MERGE_WRONG = [
     (merge_factor(1 / ex.SCALING), "scaling is not applied"),
     (merge_factor(ex.SCALING), "scaling is applied twice"),
     (merge_factor(1 / ex.RANK), "divided by the rank again"),
+    (merge_factor(1 / ex.SCALING**2), "you divided by `scaling`"),
+    (merge_factor(float(ex.RANK)), "multiplied by the rank", "alpha, not alpha / r"),
+    (merge_factor(math.sqrt(ex.RANK)), "added twice", "rsLoRA"),  # sqrt(4) = 2: both named
+    (merge_factor(0.5), "is it W + scaling * B @ A?"),
     (merge_transposed, "W is (out, in) = (12, 16)"),
     (merge_calls_the_lab, "called the lab's layer.merge()"),
     (merge_new_linear, "replaced layer.base"),
@@ -227,9 +284,9 @@ def test_merge_accepts_the_reference_and_states_the_restore_error():
     assert "within 0.008 in bfloat16" in feedback.message
 
 
-@pytest.mark.parametrize(("answer", "phrase"), MERGE_WRONG)
-def test_merge_wrong_answers_get_their_own_hint(answer, phrase):
-    assert_not_yet(ex.check_merge(answer), phrase)
+@pytest.mark.parametrize(("answer", *["phrases"]), [(a, p) for a, *p in MERGE_WRONG])
+def test_merge_wrong_answers_get_their_own_hint(answer, phrases):
+    assert_not_yet(ex.check_merge(answer), *phrases)
 
 
 @pytest.mark.parametrize(
@@ -282,15 +339,32 @@ def no_rank(c, targets, r):
 
 
 def every_param(c, targets, r):
-    with torch.device("meta"):
-        model = lab.ToyTransformer(c)
-    return lab.count_parameters(model).total + count_ok(c, targets, r)
+    return base_size(c) + count_ok(c, targets, r)
 
 
 def base_only(c, targets, r):
+    return base_size(c)
+
+
+def builds_a_model(c, targets, r):  # the lab's own count: not by hand
     with torch.device("meta"):
         model = lab.ToyTransformer(c)
-    return lab.count_parameters(model).total
+    lab.add_lora(model, targets, rank=r)
+    return lab.count_parameters(model).trainable
+
+
+def four_times_d(c, targets, r):  # d_ff assumed to be 4 x d_model
+    d = c.d_model
+    dims = {"up_proj": 5 * d, "down_proj": 5 * d}
+    return c.n_layers * sum(r * dims.get(t, 2 * d) for t in targets)
+
+
+PAPER_TABLE = {8: 8192, 4: 10240, 2: 4096, 3: 672, 1: 4718592}  # the old fixed cases' answers
+SEEN: dict = {}
+
+
+def remembers(c, targets, r):  # a table filled from what earlier checks printed
+    return SEEN.get((c, targets, r), count_ok(c, targets, r) + 1)
 
 
 def with_biases(c, targets, r):
@@ -310,6 +384,15 @@ COUNT_WRONG = [
     (lambda c, t, r: c.n_layers * len(t) * r * 2 * c.d_model, "up_proj is d_model -> d_ff"),
     (lambda c, t, r: 2 * count_ok(c, t, r), "counted twice"),
     (lambda c, t, r: count_ok(c, t, r) + 1, "each adapted layer has A (r x in)"),
+    (builds_a_model, "builds a model", "count by hand"),
+    (four_times_d, "not 4 x d_model"),
+    (lambda c, t, r: PAPER_TABLE.get(r, 0), "each adapted layer has A (r x in)"),
+    (lambda c, t, r: PAPER_TABLE[r], "KeyError"),
+    (lambda c, t, r: 4_718_592, "you count 4,718,592"),
+    (lambda c, t, r: 0, "you count 0, fewer than the lab counts"),
+    (remembers, "more than the lab counts"),
+    (lambda c, t, r: count_ok(c, t, r) if c.d_model == 128 else 0, "fewer"),
+    (lambda c, t, r: count_ok(c, t, r) * (2 if c.bias else 1), "more than the lab"),
 ]
 
 
@@ -317,16 +400,32 @@ def test_count_accepts_the_reference():
     assert_passed(ex.check_count(count_ok))
 
 
-@pytest.mark.parametrize(("answer", "phrase"), COUNT_WRONG)
-def test_count_wrong_answers_get_their_own_hint(answer, phrase):
-    assert_not_yet(ex.check_count(answer), phrase)
+@pytest.mark.parametrize(("answer", *["phrases"]), [(a, p) for a, *p in COUNT_WRONG])
+def test_count_wrong_answers_get_their_own_hint(answer, phrases):
+    assert_not_yet(ex.check_count(answer), *phrases)
 
 
-def test_count_only_a_is_not_told_one_layer():
-    # On the first case (q, v at rank 8) A alone is 4,096: the same as one block's worth.
+def test_count_only_a_is_not_told_one_layer(monkeypatch):
+    # On q, v at rank 8 of the cpu preset A alone is 4,096: the same as one block's worth.
+    from lab.exercises import core
+
+    monkeypatch.setattr(
+        core, "_count_cases", lambda: [(lab.get_preset("cpu"), ("q_proj", "v_proj"), 8)]
+    )
     feedback = ex.check_count(only_a)
-    assert_not_yet(feedback, "you count 4,096, the lab counts 8,192", "counts only A")
+    assert_not_yet(feedback, "you count 4,096, fewer than the lab counts", "counts only A")
     assert "block" not in feedback.message and "layer's worth" not in feedback.message
+
+
+def test_count_a_lookup_table_of_any_earlier_cases_does_not_pass():
+    assert_not_yet(ex.check_count(lambda c, t, r: PAPER_TABLE.get(r, 0)))
+    # Even a table of every case the check has ever drawn: the next check draws others.
+    from lab.exercises import core
+
+    for _ in range(5):
+        for case in core._count_cases():
+            SEEN[case] = count_ok(*case)
+    assert_not_yet(ex.check_count(lambda c, t, r: SEEN.get((c, t, r), 0)), "fewer than the lab")
 
 
 @pytest.mark.parametrize(
@@ -339,6 +438,10 @@ def test_count_only_a_is_not_told_one_layer():
         (returns_nan, "whole number"),
         (lambda c, t, r: float("inf"), "whole number"),
         (lambda c, t, r: torch.ones(2), "returned a Tensor"),
+        (lambda c, t, r: torch.tensor(float("nan")), "whole number"),
+        (lambda c, t, r: 1e30, "you count"),
+        (lambda c, t, r: -count_ok(c, t, r), "fewer than the lab counts"),
+        (lambda c, t, r: 1 + 2j, "returned a complex"),
         (no_args, "The check calls it as my_count(config, targets, rank)"),
         (exits, "raised SystemExit"),
     ],
@@ -567,6 +670,18 @@ MEMORY_WRONG = [
     (12 * N_FULL, 12 * (N_FULL + N_LORA) * 1.0, "frozen base too"),
     (12 * N_FULL / 2**20, 12 * N_LORA, "looks like MiB"),
     (12 * N_FULL, 12 * N_LORA / 1024, "looks like KiB"),
+    (12 * (N_FULL + 64 * 128), 12 * N_LORA, "head is counted twice", "weight tying"),
+    (12 * (N_FULL - 64 * 128 - 32 * 128), 12 * N_LORA, "both embeddings are left out"),
+    (12 * 2 * (4 * 128 * 128 + 2 * 128 * 512), 12 * N_LORA, "only the blocks' linear layers"),
+    (12 * (N_FULL - 64 * 128), 12 * N_LORA, "token embedding", "is left out"),
+    (12 * (N_FULL - 32 * 128), 12 * N_LORA, "position embedding (32 x 128) is left out"),
+    (12 * (N_FULL - 5 * 256), 12 * N_LORA, "LayerNorms are left out"),
+    (12 * N_FULL + 1, 12 * N_LORA, "close, but not exact"),
+    (12 * N_FULL * 1.1, 12 * N_LORA, "close, but not exact"),
+    (4.7 * 2**20, 96 * 1024, "close, but not exact"),  # the rounded figures the pass prints
+    (12 * N_FULL, 12 * N_LORA - 12, "not the lab's count"),
+    (12 * N_FULL, 12 * N_FULL, "frozen base too"),
+    (1e30, 12 * N_LORA, "not the lab's count"),
 ]
 
 
@@ -606,6 +721,13 @@ def test_memory_bad_input_is_feedback(full, lora, phrase):
 
 def test_memory_accepts_a_one_element_tensor():
     assert_passed(ex.check_memory(torch.tensor(12 * N_FULL), 12 * N_LORA))
+    assert_passed(ex.check_memory(float(12 * N_FULL), 12.0 * N_LORA))
+
+
+def test_memory_never_prints_the_expected_count():
+    feedback = ex.check_memory(12 * N_FULL + 12, 12 * N_LORA)
+    assert_not_yet(feedback)
+    assert f"{12 * N_FULL:,}" not in feedback.message and "4.7 MiB" in feedback.message
 
 
 # ----------------------------------------------------------------------------- Feedback

@@ -244,10 +244,16 @@ def test_count_accepts_the_reference_and_shows_the_paper_count():
     assert "4,718,592" in feedback.message  # GPT-3 175B, q and v at rank 1: the paper's 4.7M
 
 
+def base_size(c):
+    """The frozen model's parameters, by hand: embeddings, blocks, final LayerNorm (head tied)."""
+    d, f = c.d_model, c.d_ff
+    biases = (4 * d + f + d) if c.bias else 0
+    block = 4 * d * d + 2 * d * f + 4 * d + biases  # linears, two LayerNorms (weight, bias)
+    return c.vocab_size * d + c.max_seq_len * d + c.n_layers * block + 2 * d
+
+
 def total_params(config, targets, rank):
-    with torch.device("meta"):
-        model = lab.ToyTransformer(config)
-    return lab.count_parameters(model).total + count_ok(config, targets, rank)
+    return base_size(config) + count_ok(config, targets, rank)
 
 
 def with_biases(config, targets, rank):
@@ -277,11 +283,36 @@ def test_count_names_the_mistake(answer, phrase):
     assert_not_yet(ex.check_count(answer), phrase)
 
 
-def test_count_reports_the_case_and_both_numbers():
+def test_the_base_size_by_hand_is_the_labs():
+    for preset in ("tiny", "cpu", "gpt3-175b"):
+        config = lab.get_preset(preset, bias=preset == "tiny")
+        with torch.device("meta"):
+            model = lab.ToyTransformer(config)
+        assert base_size(config) == lab.count_parameters(model).total, preset
+
+
+def test_count_names_the_case_and_the_answer_but_never_the_expected_count(monkeypatch):
+    from lab.exercises import core
+
+    case = (lab.get_preset("cpu"), ("q_proj", "v_proj"), 8)  # the lab counts 8,192
+    monkeypatch.setattr(core, "_count_cases", lambda: [case])
     feedback = ex.check_count(lambda c, t, r: 2 * count_ok(c, t, r))
-    assert "for cpu, targets q_proj, v_proj, rank 8: you count 16,384, the lab counts 8,192" in (
-        feedback.message
-    )
+    assert_not_yet(feedback, "for cpu, targets q_proj, v_proj, rank 8: you count 16,384, more")
+    assert "8,192" not in feedback.message
+
+
+def test_count_cases_are_new_every_check():
+    """No table of answers can pass: the cases are drawn afresh, from the system's entropy."""
+    from lab.exercises import core
+
+    draws = [tuple(core._count_cases()[:-1]) for _ in range(20)]
+    assert len(set(draws)) == 20
+    for cases in draws:
+        configs = [c for c, _, _ in cases]
+        assert any(c.bias for c in configs) and not all(c.bias for c in configs)
+        assert any({"up_proj", "down_proj"} & set(t) for _, t, _ in cases)
+        for config, targets, rank in cases:
+            core._lab_count(config, targets, rank)  # the lab accepts every case (rank fits)
 
 
 # ----------------------------------------------------------------------------- exercise 4
@@ -368,11 +399,17 @@ def test_sweep_answer_without_a_letter_is_feedback(answer, phrase):
 N_FULL, N_LORA = 406_784, 8_192
 
 
-def test_memory_accepts_a_close_prediction_and_reports_the_measurement():
-    feedback = ex.check_memory(12 * N_FULL, 12 * N_LORA * 1.1)
+def test_memory_accepts_the_exact_count_and_reports_the_measurement():
+    feedback = ex.check_memory(12 * N_FULL, 12 * N_LORA)
     assert feedback.passed, feedback
     assert "4.7 MiB (measured 4.7 MiB)" in feedback.message
     assert "96.0 KiB (measured 96.0 KiB)" in feedback.message
+
+
+@pytest.mark.parametrize("factor", [0.99, 1.01, 1.1, 0.9])
+def test_memory_close_is_not_enough(factor):
+    assert_not_yet(ex.check_memory(12 * N_FULL * factor, 12 * N_LORA), "not exact")
+    assert_not_yet(ex.check_memory(12 * N_FULL, round(12 * N_LORA * factor)), "not the lab's count")
 
 
 @pytest.mark.parametrize(

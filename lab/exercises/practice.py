@@ -17,6 +17,7 @@ import copy
 import functools
 import math
 import numbers
+import pickle
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -56,6 +57,7 @@ LR_RULE = 10.0  # LoRA Without Regret: best LoRA lr / best full fine-tuning lr
 LR_FACTOR = 2.0
 SHIFT_TASK = "shift"
 SHIFT_BUDGET = 18_432  # q,v at r18 on the shipped base; the grid's other sets match within 3%
+SHIFT_LEARNED = 0.9  # held-out accuracy from which a setting counts as having learned shift
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("up_proj", "down_proj")
 MLP_RANK = LAYER_SETS["MLP"][1]  # exercise 10's count: up and down at the grid's MLP rank
@@ -178,9 +180,25 @@ def _prediction_hint(ratio: float, lora_lr: float, full: float) -> str:
     return "too large a step up: the rule is about 10x"
 
 
+def _complete_bests(
+    sweeps: dict[tuple[int | None, bool], list[SweepResult]],
+) -> dict[tuple[int, bool], float]:
+    """LoRA's best lr per (rank, rslora), from every sweep the grid holds complete."""
+    rates: dict[tuple[int | None, bool], set[float]] = {}
+    for p in lr_points():  # the rates each setting was swept at
+        rates.setdefault((p.rank, p.rslora), set()).add(p.lr)
+    best = {}
+    for (rank, rslora), sweep in sweeps.items():
+        complete = {r.point.lr for r in sweep} >= rates[(rank, rslora)]  # a partial one says little
+        if rank is not None and complete and any(not r.diverged for r in sweep):
+            best[(rank, rslora)] = best_lr(sweep).point.lr
+    return best
+
+
 @_safe
 def check_lr_prediction(lora_lr: object, results: Iterable[SweepResult] | None = None) -> Feedback:
-    """Exercise 9a: LoRA's best lr predicted from full fine-tuning's, within LR_FACTOR of 10x."""
+    """Exercise 9a: LoRA's best lr, by the published rule (within LR_FACTOR of 10x full
+    fine-tuning's best) or as the grid measured it (alpha / r's best rate at every rank)."""
     if lora_lr is None:
         return _no(
             "no prediction yet: set LORA_LR to the learning rate you expect to be best for "
@@ -198,16 +216,35 @@ def check_lr_prediction(lora_lr: object, results: Iterable[SweepResult] | None =
         return problem or _no("no full fine-tuning run to compare with")
     full = best.point.lr
     ratio = lora_lr / full
+    measured = _complete_bests(_lr_sweeps(grid))
+    hits = [k for (k, rslora), lr in measured.items() if not rslora and math.isclose(lora_lr, lr)]
+    if hits:  # what the data say is a right answer too: say how it compares with the rule
+        ranks = ", ".join(str(r) for r in sorted(hits))
+        return Feedback(
+            True,
+            f"LORA_LR = {lora_lr:g} is the rate the grid measured best for LoRA (alpha / r, "
+            f"ranks {ranks}), {ratio:.3g}x full fine-tuning's best ({full:g}). The published "
+            f"rule, about {LR_RULE:g}x (LoRA Without Regret), predicts {LR_RULE * full:g}: a "
+            "round figure read off other models' curves, and this grid's rates are half a "
+            "decade apart, so a ratio is known here only to within a step of about 3. Part (b) "
+            "shows both side by side.",
+        )
     if LR_RULE / LR_FACTOR <= ratio <= LR_RULE * LR_FACTOR:
         return Feedback(
             True,
             f"LORA_LR = {lora_lr:g} is {ratio:.3g}x full fine-tuning's best ({full:g}), within "
             f"a factor {LR_FACTOR:g} of the published 10x. Part (b) finds what the grid measured.",
         )
-    return _no(
-        f"you predict {lora_lr:g}, {ratio:.3g}x full fine-tuning's best ({full:g}): "
-        + _prediction_hint(ratio, float(lora_lr), full)
+    near = [
+        lr for (_, rslora), lr in measured.items() if not rslora and lr / 1.5 < lora_lr < 1.5 * lr
+    ]
+    hint = (
+        f"near the rate the grid measured best ({near[0]:g}) but not it: give the measured rate "
+        f"itself, or the published rule's prediction, about {LR_RULE:g}x"
+        if near
+        else _prediction_hint(ratio, float(lora_lr), full)
     )
+    return _no(f"you predict {lora_lr:g}, {ratio:.3g}x full fine-tuning's best ({full:g}): {hint}")
 
 
 FIND_CALL = "find_best_lr(results)"
@@ -411,10 +448,23 @@ def _describe_run(case: Sequence[SweepResult], lr: float) -> str:
 
 
 def _run_find(fn: object, case: Sequence[SweepResult]) -> tuple[float | None, Feedback | None]:
-    """find_best_lr on a copy of the sweep (it may sort or change it): (lr, None) or feedback."""
-    out, problem = _call(fn, "find_best_lr", FIND_TODO, copy.deepcopy(list(case)), call=FIND_CALL)
+    """find_best_lr on a copy of the sweep: (lr, None), or feedback (also if it changed it)."""
+    given = copy.deepcopy(list(case))
+    kept, before = list(given), pickle.dumps(given)
+    out, problem = _call(fn, "find_best_lr", FIND_TODO, given, call=FIND_CALL)
     if problem:
         return None, problem
+    if pickle.dumps(given) != before:  # like exercises 1, 2 and 7: a caller's data stays as given
+        if len(given) != len(kept):
+            what = f"it now holds {len(given)} of the {len(kept)} runs (removed or added in place)"
+        elif sorted(map(id, given)) == sorted(map(id, kept)) and given != kept:
+            what = "its runs are in another order (sorted in place: results.sort(...))"
+        else:
+            what = "a run in it was changed"
+        return None, _no(
+            f"find_best_lr changed the list it was given: {what}. The caller's results must "
+            "stay as they were: use sorted(results, ...), max(...) or a new list instead"
+        )
     lr, why = _find_answer(out, case)
     return lr, _no(why) if why else None
 
@@ -422,14 +472,7 @@ def _run_find(fn: object, case: Sequence[SweepResult]) -> tuple[float | None, Fe
 def _ratio_report(sweeps: dict[tuple[int | None, bool], list[SweepResult]]) -> str:
     """Best LoRA lr over best full lr per rank and rule, beside the published ~10x."""
     full = best_lr(sweeps[(None, False)]).point.lr
-    best: dict[tuple[int, bool], float] = {}
-    rates: dict[tuple[int | None, bool], set[float]] = {}
-    for p in lr_points():  # the rates each setting was swept at
-        rates.setdefault((p.rank, p.rslora), set()).add(p.lr)
-    for (rank, rslora), sweep in sweeps.items():
-        complete = {r.point.lr for r in sweep} >= rates[(rank, rslora)]  # a partial one says little
-        if rank is not None and complete and any(not r.diverged for r in sweep):
-            best[(rank, rslora)] = best_lr(sweep).point.lr
+    best = _complete_bests(sweeps)
     rows = []
     for rank in sorted({rank for rank, _ in best}):
         row: dict[str, object] = {"rank": rank}
@@ -590,6 +633,7 @@ def _layer_rows(grid: Iterable[SweepResult]) -> dict[str, dict] | None:
             "rank": rank,
             "trainable": best.trainable_parameters,
             "lr": best.point.lr,
+            "steps": best.point.steps,
             "accuracy": best.heldout["accuracy"],
         }
     return rows
@@ -606,7 +650,11 @@ def _measured(rows: dict[str, dict]) -> str:
 def check_shift_targets(
     targets: object, rank: object, results: Iterable[SweepResult] | None = None
 ) -> Feedback:
-    """Exercise 10b: (targets, rank) within SHIFT_BUDGET that can learn shift: MLP included."""
+    """Exercise 10b: (targets, rank) within SHIFT_BUDGET that learns shift, as the grid measured.
+
+    Only a setting the grid trained is judged (held-out accuracy >= SHIFT_LEARNED); any other
+    is "not measured", whatever its layers: the check knows, it does not assume.
+    """
     if not targets and not rank:
         return _no(
             f"no choice yet: set TARGETS (some of q k v o up down, or 'all-linear') and RANK, "
@@ -635,40 +683,47 @@ def check_shift_targets(
             "the practice grid lacks the which-layers experiment on shift: rebuild it with "
             "scripts/make_practice_grid.py"
         )
-    attention = max(
-        (row for row in rows.values() if set(row["targets"]) <= set(ATTENTION)),
-        key=lambda row: row["accuracy"],
+    counts = sorted(row["trainable"] for row in rows.values())
+    lo, hi = counts[0], counts[-1]
+    matched = f"{lo:,}" if lo == hi else f"{lo:,} to {hi:,}"
+    grid_says = (
+        f"On shift the shipped grid measured, at matched parameters ({matched} each, "
+        f"{rows[next(iter(rows))]['steps']} steps, each at its best lr), held-out accuracy: "
+        f"{_measured(rows)}"
     )
-    if set(names) <= set(ATTENTION):
-        counts = sorted(row["trainable"] for row in rows.values())
-        lo, hi = counts[0], counts[-1]
-        matched = f"{lo:,}" if lo == hi else f"{lo:,} to {hi:,}"
+    why_mlp = (
+        "shift remaps each letter where it stands, a per-token lookup: the MLP's job; "
+        "attention mixes positions"
+    )
+    attention_only = set(names) <= set(ATTENTION)
+    # "Can learn" is known only where the grid trained that very setting: a guess from a
+    # similar one (fewer layers, another rank) can be far off.
+    row = next(
+        (r for r in rows.values() if set(r["targets"]) == set(names) and r["rank"] == rank),
+        None,
+    )
+    if row is None:
+        advice = f" It adapts attention only: {why_mlp}." if attention_only else ""
         return _no(
-            f"{plan} ({cost:,} parameters) adapts attention only. On shift the shipped grid "
-            f"measured, at matched parameters ({matched} each, each at its best lr), "
-            f"held-out accuracy: {_measured(rows)}. shift remaps each letter where it "
-            "stands, a per-token lookup: the MLP's job; attention mixes positions. Spend some "
-            "of the budget on up_proj or down_proj"
+            f"{plan} ({cost:,} parameters) was not measured, so the check cannot know whether it "
+            f"learns shift.{advice} {grid_says}. Choose one of those settings, or train yours "
+            "(lab.add_lora, then lab.train on lab.get_task('shift')) to find out"
         )
-    chosen = set(names)
-
-    def overlap(name: str) -> float:  # Jaccard similarity of the layer sets
-        theirs = set(rows[name]["targets"])
-        return len(chosen & theirs) / len(chosen | theirs)
-
-    with_mlp = [n for n in rows if set(rows[n]["targets"]) & set(MLP)]
-    name = max(with_mlp, key=overlap)
-    row = rows[name]
-    fewer = (
-        f" Yours trains {cost / row['trainable']:.0%} of its parameters: expect less."
-        if cost < row["trainable"] / 2
-        else ""
-    )
+    if row["accuracy"] < SHIFT_LEARNED:
+        advice = f" It adapts attention only: {why_mlp}." if attention_only else ""
+        return _no(
+            f"{plan} ({cost:,} parameters) reached held-out accuracy {row['accuracy']:.2f} on "
+            f"shift in the grid, short of learning it ({SHIFT_LEARNED:.2f}).{advice} "
+            f"{grid_says}. Spend some of the budget on up_proj or down_proj"
+        )
     return Feedback(
         True,
-        f"{plan}: {cost:,} trainable parameters (budget {SHIFT_BUDGET:,}), MLP layers included. "
-        f"The closest set in the shipped grid, {name} ({_short(row['targets'])} r{row['rank']}, "
-        f"{row['trainable']:,} parameters), reached held-out accuracy {row['accuracy']:.2f} on "
-        f"shift (lr {row['lr']:g}); attention-only at matched parameters at best "
-        f"{attention['accuracy']:.2f}.{fewer}",
+        f"{plan}: {cost:,} trainable parameters (budget {SHIFT_BUDGET:,}). The shipped grid "
+        f"trained this very setting on shift: held-out accuracy {row['accuracy']:.2f} (lr "
+        f"{row['lr']:g}, {row['steps']} steps); attention-only at matched parameters reached "
+        f"at best {_attention_best(rows):.2f}: {why_mlp}.",
     )
+
+
+def _attention_best(rows: dict[str, dict]) -> float:
+    return max(r["accuracy"] for r in rows.values() if set(r["targets"]) <= set(ATTENTION))
