@@ -234,3 +234,69 @@ def test_make_course_never_overwrites_an_instructors_edit(tmp_path):
     assert json.loads(target.read_text())["cells"][0]["source"] == "edited"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         make_course(tmp_path / "other", source=tmp_path / "missing.ipynb")
+
+
+# ----------------------------------------------------------------------------- the course command
+
+
+def course_command(cwd: Path, *args: str, umask: int = 0o022):
+    """`python -m lab.exercises.course ARGS` as an instructor runs it, in `cwd`, with `umask`."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "lab.exercises.course", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.umask(umask),
+    )
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_the_course_command_never_writes_into_the_current_folder_for_an_empty_name(tmp_path, name):
+    proc = course_command(tmp_path, name)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"the course directory is {name!r}: give a folder" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_course_command_refuses_what_is_in_the_way_before_writing(tmp_path):
+    (tmp_path / "c1" / "nbgrader_config.py").mkdir(parents=True)
+    proc = course_command(tmp_path, "c1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "nbgrader_config.py is a folder, so it cannot be nbgrader's settings file" in proc.stderr
+    assert [p.name for p in (tmp_path / "c1").iterdir()] == ["nbgrader_config.py"]
+
+    (tmp_path / "c2").mkdir()
+    os.mkfifo(tmp_path / "c2" / "nbgrader_config.py")
+    proc = course_command(tmp_path, "c2")
+    assert proc.returncode == 1 and "is not a regular file" in proc.stderr
+    assert [p.name for p in (tmp_path / "c2").iterdir()] == ["nbgrader_config.py"]
+
+    (tmp_path / "c3" / "source").mkdir(parents=True)
+    (tmp_path / "c3" / "source" / ASSIGNMENT).write_text("not a folder")
+    proc = course_command(tmp_path, "c3")
+    assert proc.returncode == 1 and "is in the way: the course needs a folder there" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "c3").iterdir()) == ["source"]
+
+    (tmp_path / "c4").write_text("a file")
+    proc = course_command(tmp_path, "c4")
+    assert proc.returncode == 1 and "c4 is in the way" in proc.stderr
+    assert (tmp_path / "c4").read_text() == "a file"
+
+
+def test_the_course_is_readable_by_a_co_instructor_whatever_the_umask(tmp_path):
+    proc = course_command(tmp_path, "a/b/course", umask=0o077)
+    assert proc.returncode == 0, proc.stderr
+    root = tmp_path / "a" / "b" / "course"
+    config = root / "nbgrader_config.py"
+    notebook = root / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+    for path in (config, notebook):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", root, root / "source", notebook.parent):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder
+    assert notebook.read_bytes() == SOURCE.read_bytes()
+    # "." is the current folder, given on purpose
+    proc = course_command(root, ".")
+    assert proc.returncode == 0, proc.stderr

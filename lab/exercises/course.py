@@ -20,10 +20,11 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from nbgrader.preprocessors import NbGraderPreprocessor
+
+from ..fileio import atomic_write_bytes, regular_file
 
 __all__ = [
     "ASSIGNMENT",
@@ -73,25 +74,44 @@ def configure(c) -> None:
     c.Execute.timeout = CELL_TIMEOUT_S
 
 
-def make_course(root: Path, source: Path = SOURCE) -> Path:
+def make_course(root: str | os.PathLike, source: Path = SOURCE) -> Path:
     """Write an nbgrader course directory at `root` (config + the assignment's source).
 
     Refuses a `root` that already holds a different source notebook, so an instructor's edits
-    are never overwritten. Returns the path of the source notebook in the course.
+    are never overwritten, and anything in the way (a folder named nbgrader_config.py, a file
+    where a folder goes): everything is checked before anything is written. The course is
+    meant to be shared (a co-instructor, a formgrader under another user), so what this writes
+    is readable by all, files 644 and the folders it makes 755, whatever the umask; the lab's
+    solutions are readable beside the notebooks anyway. Returns the source notebook's path.
     """
-    root, source = Path(root), Path(source)
-    if not source.is_file():
-        raise FileNotFoundError(f"the assignment's source notebook {source} does not exist")
+    if not str(root).strip():
+        raise ValueError(
+            f"the course directory is {str(root)!r}: give a folder, such as ~/lora-course "
+            "(use . explicitly for the current folder)"
+        )
+    root, source = Path(root).expanduser(), Path(source)
+    regular_file(source, "the assignment's source notebook")
+    config = root / "nbgrader_config.py"
     target = root / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+    folders = [root, root / "source", target.parent]
+    for folder in folders:
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is in the way: the course needs a folder there")
+    for path, what in ((config, "nbgrader's settings file"), (target, "the source notebook")):
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise FileExistsError(f"{path} is {kind}, so it cannot be {what}: move it away")
     if target.exists() and target.read_bytes() != source.read_bytes():
         raise FileExistsError(
             f"{target} exists and differs from {source}: move it away, or use another directory"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    config = root / "nbgrader_config.py"
+    missing = [f for f in (target.parent, *target.parent.parents) if not f.exists()]
+    for folder in reversed(missing):  # from the outermost folder in
+        folder.mkdir()
+        folder.chmod(0o755)  # mkdir's mode is cut by the umask
     if not config.exists():
-        _write_atomic(config, CONFIG.encode())
-    _write_atomic(target, source.read_bytes())
+        atomic_write_bytes(config, CONFIG.encode())
+    atomic_write_bytes(target, source.read_bytes())
     return target
 
 
@@ -127,23 +147,12 @@ def _nbgrader(root: Path, *args: str, timeout: float = 600) -> subprocess.Comple
     return proc
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lab.exercises.course",
         description="Make an nbgrader course directory holding the LoRA Lab exercises.",
     )
-    parser.add_argument("directory", type=Path, help="the course directory (created if absent)")
+    parser.add_argument("directory", help="the course directory (created if absent)")
     parser.add_argument(
         "--release", action="store_true", help="also run nbgrader generate_assignment"
     )
@@ -152,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         source = make_course(args.directory)
         print(f"source: {source}")
         if args.release:
-            print(f"release: {generate_release(args.directory)}")
-    except (OSError, RuntimeError) as exc:
+            print(f"release: {generate_release(source.parents[2])}")
+    except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"next: cd {args.directory} && nbgrader generate_assignment {ASSIGNMENT}")
