@@ -66,6 +66,7 @@ from .sweeps import (
 from .tasks import FINETUNE_TASKS
 
 __all__ = [
+    "CONFIRM_SECONDS",
     "METHODS",
     "PLOTS",
     "SHIPPED_GRIDS",
@@ -82,6 +83,7 @@ __all__ = [
     "point_label",
     "scaling_name",
     "seed_shipped",
+    "slowdown",
     "sweep_explorer",
     "targets_text",
 ]
@@ -98,6 +100,9 @@ TARGET_OPTIONS = (
     ("down", "down_proj"),
 )
 SECONDS_PER_STEP = 0.06  # a LoRA step at batch 64 on one laptop CPU core, when nothing is cached
+RECENT_RUNS = 8  # the estimate follows the pace of this many runs trained last in this kernel
+# Run asks before training more than this (an estimate): a few minutes is a pause, an hour is not.
+CONFIRM_SECONDS = 5 * 60
 SMALL_TASK = "sort_desc_small"  # where the dropout plot looks when the chosen task is not small
 LOSS_SMOOTHING = 20  # steps in the loss curves' moving average: per-batch losses are noisy
 # Tab key -> tab title, in display order.
@@ -297,11 +302,14 @@ def _problem(sel: Selection) -> str | None:
     return _select_hint(missing) if missing else conflict(sel)
 
 
-def cached_elsewhere(results: Sequence[SweepResult], sel: Selection) -> str:
+def cached_elsewhere(results: Sequence[SweepResult], sel: Selection, groups: int = 3) -> str:
     """Where the cache holds runs of the selected method (another task, steps, rank...): a hint.
 
-    '' when there are none; else, e.g., 'cached DoRA runs: sort_desc, 400 steps: r4 α16 lr 0.01,
-    r4 α16 lr 0.02' (the first six of each task and step count).
+    '' when there are none. The heading says which learning rate the listed runs used: those at
+    the selected lr if there are any ('cached DoRA runs at lr 0.02: sort_desc, 400 steps: r4
+    α16'), else every other rate, each run with its own ('cached DoRA runs, none at lr 0.08:
+    sort_desc, 400 steps: r4 α16 lr 0.005, ...'). The first six runs of each task and step
+    count, and the first `groups` of those.
     """
     fields = sel.flavour
     runs = [
@@ -311,15 +319,22 @@ def cached_elsewhere(results: Sequence[SweepResult], sel: Selection) -> str:
     ]
     if not runs:
         return ""
-    groups: dict[tuple[str, int], list[str]] = {}
+    same_lr = [p for p in runs if p.lr == sel.lr]
+    name = method_name(dataclasses.replace(sel, lr=LORA_LR))  # the method and base, no lr
+    if same_lr:
+        heading, runs = f"cached {name} runs at lr {sel.lr:g}", same_lr
+    else:
+        heading = f"cached {name} runs, none at lr {sel.lr:g}"
+    by_group: dict[tuple[str, int], list[str]] = {}
     for p in sorted(runs, key=lambda p: (p.task, p.steps, p.rank, p.alpha, p.dropout, p.lr)):
-        label = point_label(p) + f" lr {p.lr:g}"
-        groups.setdefault((p.task, p.steps), []).append(label)
+        label = point_label(p) + ("" if same_lr else f" lr {p.lr:g}")
+        by_group.setdefault((p.task, p.steps), []).append(label)
     parts = []
-    for (task, steps), labels in groups.items():
+    for (task, steps), labels in list(by_group.items())[:groups]:
         shown = ", ".join(dict.fromkeys(labels[:6])) + (", ..." if len(labels) > 6 else "")
         parts.append(f"{task}, {steps} steps: {shown}")
-    return f"cached {method_name(sel)} runs: " + "; ".join(parts)
+    more = len(by_group) - groups
+    return f"{heading}: " + "; ".join(parts) + (f"; and {more} more grids" if more > 0 else "")
 
 
 def missing_choices(sel: Selection) -> list[str]:
@@ -335,14 +350,13 @@ def _select_hint(missing: Sequence[str]) -> str:
     return f"select at least {listed}"
 
 
-def estimate_seconds(points: Sequence[SweepPoint], results: Sequence[SweepResult]) -> float:
-    """How long training `points` should take, from the cached runs' seconds per step (pure).
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
-    Each point is estimated from cached runs of the same kind (LoRA or full fine-tuning), batch
-    size and flavour (DoRA's step costs more; a 4-bit base trains one by one), else of the same
-    kind and batch size: their median seconds per step times the point's steps. Without such
-    runs, a laptop CPU's pace (SECONDS_PER_STEP) is assumed.
-    """
+
+def _cached_pace(results: Sequence[SweepResult]) -> Callable[[SweepPoint], float]:
+    """point -> seconds per step, from the median of comparable cached runs (see estimate)."""
     rates: dict[tuple, list[float]] = {}
     for r in results:
         if r.wall_seconds > 0 and r.point.steps > 0:
@@ -351,13 +365,47 @@ def estimate_seconds(points: Sequence[SweepPoint], results: Sequence[SweepResult
             rates.setdefault((*key, *_flavour_key(r.point)), []).append(
                 r.wall_seconds / r.point.steps
             )
-    total = 0.0
-    for p in points:
+
+    def pace(p: SweepPoint) -> float:
         key = (p.is_full, p.batch_size)
-        known = sorted(rates.get((*key, *_flavour_key(p))) or rates.get(key, []))
-        per_step = known[len(known) // 2] if known else SECONDS_PER_STEP * p.batch_size / 64
-        total += per_step * p.steps
-    return total
+        known = rates.get((*key, *_flavour_key(p))) or rates.get(key, [])
+        return _median(known) if known else SECONDS_PER_STEP * p.batch_size / 64
+
+    return pace
+
+
+def slowdown(results: Sequence[SweepResult], recent: Sequence[SweepResult]) -> float | None:
+    """How many times slower than the cached runs' pace the `recent` runs trained (pure).
+
+    Each recent run's seconds per step over what the other cached runs predict for it; the
+    median of the last RECENT_RUNS of them. None without a usable recent run.
+    """
+    mine = [r for r in recent[-RECENT_RUNS:] if r.wall_seconds > 0 and r.point.steps > 0]
+    if not mine:
+        return None
+    mine_points = {r.point for r in recent}
+    pace = _cached_pace([r for r in results if r.point not in mine_points])
+    return _median([r.wall_seconds / r.point.steps / pace(r.point) for r in mine])
+
+
+def estimate_seconds(
+    points: Sequence[SweepPoint],
+    results: Sequence[SweepResult],
+    recent: Sequence[SweepResult] = (),
+) -> float:
+    """How long training `points` should take, from the cached runs' seconds per step (pure).
+
+    Each point is estimated from cached runs of the same kind (LoRA or full fine-tuning), batch
+    size and flavour (DoRA's step costs more; a 4-bit base trains one by one), else of the same
+    kind and batch size: their median seconds per step times the point's steps. Without such
+    runs, a laptop CPU's pace (SECONDS_PER_STEP) is assumed. Cached runs were often measured on
+    another machine or a quieter afternoon: `recent` runs, trained here just now, scale the
+    whole estimate by how much slower (or faster) they went than that pace (`slowdown`).
+    """
+    mine = {r.point for r in recent}
+    pace = _cached_pace([r for r in results if r.point not in mine])
+    factor = slowdown(results, recent) or 1.0
+    return sum(pace(p) * factor * p.steps for p in points)
 
 
 def _flavour_key(point: SweepPoint) -> tuple:
@@ -636,42 +684,64 @@ def _method_of(point: SweepPoint) -> str:
     return name + (f", {point.quant.upper()} base" if point.quant else "")
 
 
+KEPT_NOTHING = 0.01  # pretraining skills kept below 1%: the plot says why
+
+
 def _forgetting_spec(
     results: Sequence[SweepResult], sel: Selection
 ) -> tuple[Callable[..., Figure], tuple, dict]:
-    """The learn-forget scatter of the task's cached runs that measured forgetting.
+    """The learn-forget scatter of the selected grid's cached runs that measured forgetting.
 
-    LoRA runs of the selected method, targets and scaling rule (every rank, alpha, lr, steps
-    and replay), and full fine-tuning runs when `sel.full` is set. Without any, the plot says
-    why (results cached before forgetting was measured have none) and how to get some.
+    The grid's own points at every learning rate, as the Learning rate tab reads them: LoRA
+    runs of the selected method, ranks, alphas, dropouts, targets and scaling rule, and full
+    fine-tuning when `sel.full` is set, all of the task and step count chosen (batch 64, seed 0,
+    no replay). The title counts what is shown: LoRA runs and full fine-tuning runs, and says
+    when only one kind is there. When a shown run kept almost none of its pretraining skills,
+    the title's second line says why. Without any run, the plot says where runs that measured
+    it are cached and how to get some.
     """
-    measured = [r for r in select(results, task=sel.task) if r.forgetting is not None]
-    fields = sel.flavour
-    mine = [
+    common = {"task": sel.task, "steps": sel.steps, "batch_size": 64, "seed": 0, "replay": 0.0}
+    measured = [r for r in select(results, **common) if r.forgetting is not None]
+    chosen = (set(sel.ranks), set(sel.alphas), set(sel.dropouts))
+    lora = [
         r
-        for r in measured
-        if (r.point.is_full and sel.full)
-        or (
-            not r.point.is_full
-            and set(r.point.targets) == set(sel.targets)
-            and r.point.rslora == sel.rslora
-            and all(getattr(r.point, k) == v for k, v in fields.items())
-        )
+        for r in select(measured, **sel.flavour, targets=sel.targets, rslora=sel.rslora)
+        if not r.point.is_full
+        and (r.point.rank, r.point.alpha, r.point.dropout) in _product(*chosen)
     ]
-    rows = learn_forget(mine)
-    where = f"{sel.task}, {targets_text(sel.targets)}, {scaling_name(sel.rslora)}"
+    full = [r for r in measured if r.point.is_full] if sel.full else []
+    rows = learn_forget(lora + full)
+    where = (
+        f"{_flavour_label(sel)}{sel.task}, {sel.steps} steps, {targets_text(sel.targets)}, "
+        f"{scaling_name(sel.rslora)}"
+    )
     if rows:
-        runs = f"{len(rows)} run" + ("s" if len(rows) > 1 else "")
-        title = f"Learned vs kept ({_flavour_label(sel)}{where}: {runs})"
-        return plots.learn_forget, (rows,), {"title": title}
+        n_lora = sum(r["rank"] is not None for r in rows)
+        n_full = len(rows) - n_lora
+        shown = []
+        if n_lora:
+            ranks = sorted({r["rank"] for r in rows if r["rank"] is not None})
+            shown.append(f"{n_lora} LoRA ({', '.join(f'r{k}' for k in ranks)})")
+        if n_full:
+            shown.append(f"{n_full} full fine-tuning")
+        lines = [f"Learned vs kept ({where})", f"runs at every lr: {', '.join(shown)}"]
+        if not n_lora:
+            lines[-1] += "; no LoRA run of this selection measured it"
+        if any(r["source_accuracy"] < KEPT_NOTHING for r in rows if r["rank"] is not None):
+            lines.append(
+                "LoRA at 0% kept: trained on the new task alone (no replay), it overwrote the "
+                "pretraining skills, as full fine-tuning does (notebook 9)"
+            )
+        title = "\n".join("\n".join(textwrap.wrap(line, 70)) for line in lines)
+        return _learn_forget_titled, (rows,), {"title": title}
     others: dict[str, int] = {}
-    for r in measured:
-        if not r.point.is_full and not r.diverged:
-            key = f"{_method_of(r.point)} {targets_text(r.point.targets)} "
+    for r in select(results, task=sel.task):
+        if r.forgetting is not None and not r.point.is_full and not r.diverged:
+            key = f"{_method_of(r.point)} {r.point.steps} steps {targets_text(r.point.targets)} "
             key += scaling_name(r.point.rslora)
             others[key] = others.get(key, 0) + 1
     lines = [
-        f"no cached {_flavour_label(sel)}{where} run has its forgetting measured:",
+        f"no cached {where} run of the selected ranks and alphas has its forgetting measured:",
         "results cached before forgetting was measured (the shipped default grid) have none.",
     ]
     if others:
@@ -680,6 +750,18 @@ def _forgetting_spec(
     lines.append("Run new points (every new run measures it), or in a terminal:")
     lines.append(sweep_command(sel))
     return _message_figure, (PLOTS["forgetting"], _wrap_lines(lines)), {"fontsize": 10}
+
+
+def _product(ranks: set, alphas: set, dropouts: set) -> set[tuple]:
+    return {(r, a, d) for r in ranks for a in alphas for d in dropouts}
+
+
+def _learn_forget_titled(rows, *, title: str) -> Figure:
+    """plots.learn_forget with a title of two lines in a smaller type, so that both fit."""
+    fig = plots.learn_forget(rows, title=title)
+    for ax in fig.axes:
+        ax.title.set_fontsize(9)
+    return fig
 
 
 def _trainable_of(ranks, counts, full, *, title: str, method: str) -> Figure:
@@ -728,6 +810,9 @@ class SweepExplorer:
         self.run_fn, self.device = run_fn, device
         sel = selection or Selection()
         self.message = ""  # what the last run did, shown after the counts
+        self.measured: list[SweepResult] = []  # runs trained here, newest last: their pace
+        self.pending: tuple[SweepPoint, ...] | None = None  # a large run waiting for Confirm
+        self.running = False
         self.redraw_seconds = 0.0
         self._drawn: dict[str, str] = {}  # plot -> repr of the arguments it was drawn from
         self._specs: dict[str, tuple[Callable[..., Figure], tuple, dict]] = {}
@@ -800,6 +885,10 @@ class SweepExplorer:
             layout=W.Layout(display="flex", flex_flow="row", align_items="center"),
         )
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
+        # A large run (over CONFIRM_SECONDS) waits for these: they show its count and time.
+        hidden = W.Layout(display="none")
+        self.confirm_button = W.Button(button_style="warning", icon="check", layout=hidden)
+        self.cancel_button = W.Button(description="Cancel", layout=W.Layout(display="none"))
         self.status = W.HTML()
         self.log = W.Output(layout=W.Layout(max_height="120px", overflow="auto"))
         self.images = {
@@ -819,7 +908,7 @@ class SweepExplorer:
                 self.steps,
                 W.HBox([self.lr, self.lr_sweep]),
                 self.full,
-                W.HBox([self.run_button]),
+                W.HBox([self.run_button, self.confirm_button, self.cancel_button]),
             ]
         )
         lists = W.HBox(
@@ -842,6 +931,8 @@ class SweepExplorer:
         self.lr_sweep.observe(self._on_lr_sweep, names="value")
         self.tabs.observe(lambda change: self._draw(list(PLOTS)[change["new"]]), "selected_index")
         self.run_button.on_click(self.on_run)
+        self.confirm_button.on_click(self.on_confirm)
+        self.cancel_button.on_click(self.on_cancel)
         self.refresh()
 
     # -- state ------------------------------------------------------------------------------
@@ -901,12 +992,24 @@ class SweepExplorer:
         text += f"{len(todo)} to train"
         if todo:
             results = self.cache.results()
-            seconds = estimate_seconds(todo, results)
-            text += f" (estimate: {format_duration(seconds).removeprefix('about ')})"
+            text += f" (estimate: {self.estimate_text(todo, results)})"
             if not sel.is_plain and all(p in todo for p in points if not p.is_full):
                 elsewhere = cached_elsewhere(results, sel)
                 text += f"; {elsewhere}" if elsewhere else ""
         return f"{text}. {self.message}" if self.message else text
+
+    def estimate_text(
+        self, todo: Sequence[SweepPoint], results: Sequence[SweepResult] | None = None
+    ) -> str:
+        """'21 min at the cached runs' pace' or '2 h at the pace of the last 3 runs here'."""
+        results = self.cache.results() if results is None else results
+        seconds = estimate_seconds(todo, results, self.measured)
+        duration = format_duration(seconds).removeprefix("about ")
+        used = [r for r in self.measured[-RECENT_RUNS:] if r.wall_seconds > 0]
+        if not used:
+            return f"{duration} at the cached runs' pace"
+        runs = "last run" if len(used) == 1 else f"last {len(used)} runs"
+        return f"{duration} at the pace of the {runs} here"
 
     def _on_all_linear(self, change: dict) -> None:
         """all-linear pressed: select every target; released: back to the paper's q, v."""
@@ -938,6 +1041,9 @@ class SweepExplorer:
         render, and drawing only what is seen keeps a redraw well under a second.
         """
         start = time.perf_counter()
+        if self.pending is not None and tuple(self._todo()) != self.pending:
+            self._ask(None)  # the selection changed: what Confirm would train is gone
+            self.message = "the selection changed: press Run again to train it"
         self.status.value = html.escape(self.status_text())
         self._specs = plot_specs(self.cache.results(), self.selection)
         visible = list(PLOTS)[self.tabs.selected_index or 0]
@@ -955,8 +1061,28 @@ class SweepExplorer:
 
     # -- training ---------------------------------------------------------------------------
 
+    def _todo(self) -> list[SweepPoint]:
+        return [p for p in self.selection.points() if p not in self.cache]
+
+    def _ask(self, todo: Sequence[SweepPoint] | None) -> None:
+        """Show Confirm and Cancel for `todo` (a large run), or hide them (None)."""
+        self.pending = None if todo is None else tuple(todo)
+        shown = W.Layout(display="none") if todo is None else W.Layout(width="auto")
+        if todo is not None:
+            estimate = self.estimate_text(todo).split(" at ")[0]
+            self.confirm_button.description = f"Train {_points(len(todo))} ({estimate})"
+        self.confirm_button.layout, self.cancel_button.layout = (
+            shown,
+            W.Layout(display="none" if todo is None else "inline-flex"),
+        )
+
     def run(self) -> list[SweepResult]:
-        """Train the selected points that are not cached yet (with progress bars); redraw."""
+        """Train the selected points that are not cached yet (with progress bars); redraw.
+
+        Called from code it trains at once; the Run button asks first when the run is large
+        (`on_run`). Each result is cached as it arrives, so an interrupted run (Ctrl-C, the
+        kernel's stop button) keeps what it finished; the status line says how far it got.
+        """
         points = self.selection.points()
         todo = [p for p in points if p not in self.cache]
         done: list[SweepResult] = []
@@ -964,18 +1090,30 @@ class SweepExplorer:
 
         def after_each(result: SweepResult) -> None:
             done.append(result)
+            self.measured.append(result)
+            left = todo[len(done) :]
             self.message = f"trained {len(done)} of {len(todo)}"
+            if left:
+                self.message += f"; {self.estimate_text(left)} left"
             self.refresh()
 
-        self.run_button.disabled = True
+        self._ask(None)
+        self.running, self.run_button.disabled = True, True
         try:
             with self.log:
                 sweep(
                     todo, self.cache, progress=True, device=self.device,
                     run_fn=self.run_fn, on_result=after_each,
                 )  # fmt: skip
+        except KeyboardInterrupt:
+            self.message = (
+                f"stopped after {len(done)} of {len(todo)}: the {_points(len(done))} trained "
+                f"are cached; Run trains the rest"
+            )
+            self.refresh()
+            raise
         finally:
-            self.run_button.disabled = False
+            self.running, self.run_button.disabled = False, False
         seconds = time.perf_counter() - start
         self.message = (
             f"last run trained {_points(len(todo))} in {seconds:.0f} s"
@@ -986,9 +1124,47 @@ class SweepExplorer:
         return [self.cache.get(p) for p in points]
 
     def on_run(self, _button: W.Button | None = None) -> None:
-        """The Run button's handler: run(), and show any error in the status line."""
+        """The Run button's handler: run(), asking first when it is large; errors to the status.
+
+        A run estimated at more than CONFIRM_SECONDS only shows Confirm (its point count and
+        time) and Cancel; nothing trains until Confirm is pressed for the same selection.
+        """
+        if self.running:  # a click that arrives while a run is going
+            return
+        todo = self._todo()
+        if todo and estimate_seconds(todo, self.cache.results(), self.measured) > CONFIRM_SECONDS:
+            self._ask(todo)
+            self.message = (
+                f"a large run: {_points(len(todo))}, {self.estimate_text(todo)}; press "
+                f"'{self.confirm_button.description}' to start it, or Cancel"
+            )
+            self.refresh()
+            return
+        self._guarded_run()
+
+    def on_confirm(self, _button: W.Button | None = None) -> None:
+        """Confirm: train the large run Run asked about, if the selection still names it."""
+        if self.running or self.pending is None:
+            return  # a second click, or one after the selection changed (refresh said so)
+        if tuple(self._todo()) != self.pending:
+            self._ask(None)
+            self.message = "the selection changed: press Run again to train it"
+            self.refresh()
+            return
+        self._guarded_run()
+
+    def on_cancel(self, _button: W.Button | None = None) -> None:
+        """Cancel: forget the large run Run asked about; nothing trains."""
+        if self.pending is not None:
+            self._ask(None)
+            self.message = "cancelled: nothing trained"
+            self.refresh()
+
+    def _guarded_run(self) -> None:
         try:
             self.run()
+        except KeyboardInterrupt:  # run() said how far it got; a button has no caller to tell
+            pass
         except Exception as exc:  # a widget callback has nowhere else to report to
             self.message = f"error: {type(exc).__name__}: {exc}"
             self.status.value = (

@@ -247,7 +247,9 @@ def test_status_estimates_the_time_of_the_points_to_train(seeded):
     explorer.ranks.value, explorer.alphas.value = (4, 8), (16.0,)
     explorer.steps.value = 1200  # nothing cached at 1200 steps: 2 LoRA points + full
     # fake cached runs took 0.1 s for 600 steps: 2 * 1200 / 600 * 0.1 + 1200 / 600 * 0.1
-    assert "3 to train (estimate: under a second)" in explorer.status_text()
+    assert (
+        "3 to train (estimate: under a second at the cached runs' pace)" in explorer.status_text()
+    )
     assert "estimate" in explorer.status.value
 
 
@@ -468,7 +470,7 @@ def test_a_method_cached_elsewhere_says_where_to_look(tmp_path):
         cache.put(fake_result(point))
     sel = Selection(method="DoRA")
     specs = plot_specs(cache.results(), sel)
-    where = "cached DoRA runs: sort_desc, 300 steps: r4 α16 lr 0.02, r8 α16 lr 0.02"
+    where = "cached DoRA runs at lr 0.02: sort_desc, 300 steps: r4 α16, r8 α16"
     for name in ("memory", "loss", "accuracy"):
         assert where in figure_texts(draw(specs[name])), name
     assert specs["trainable"][0] is not plots.trainable_vs_rank  # counts need no runs
@@ -568,7 +570,10 @@ def test_a_method_at_an_uncached_lr_lists_the_cached_lrs(tmp_path):
     sel = Selection(method="LoRA+", ranks=(4,), alphas=(16.0,), steps=400, full=False)
     text = figure_texts(draw(plot_specs(cache.results(), sel)["accuracy"]))
     assert "no LoRA+ λ16 run of this selection is cached" in text
-    assert "cached LoRA+ λ16 runs: sort_desc, 400 steps: r4 α16 lr 0.0025, r4 α16 lr 0.005" in text
+    assert (
+        "cached LoRA+ λ16 runs, none at lr 0.02: sort_desc, 400 steps: r4 α16 lr 0.0025, "
+        "r4 α16 lr 0.005" in text
+    )
 
 
 def test_estimates_use_runs_of_the_same_flavour_when_there_are_some():
@@ -705,41 +710,82 @@ def test_sweep_lr_makes_run_train_the_lr_axis_and_the_status_count_it(tmp_path):
     n = len(points)
     assert explorer.status_text().startswith(f"sort_desc: {n} points selected, 0 cached, {n} to")
     assert "estimate" in explorer.status_text()
-    explorer.on_run()
+    explorer.on_run()  # nothing cached: about 9 min at a laptop's pace, so Run asks first
+    assert trainer.calls == [] and explorer.pending is not None
+    explorer.on_confirm()
     assert set(trainer.calls) == set(points)
     assert explorer.facts() == {"selected": n, "cached": n, "to_train": 0}
     assert is_png(explorer.images["lr"].value)
 
 
-def test_the_forgetting_plot_shows_runs_that_measured_it(practice):
-    fn, (rows,), kwargs = plot_specs(practice.results(), PRACTICE)["forgetting"]
-    assert fn is plots.learn_forget
-    kinds = sorted((r["rank"] or 0, r["replay"], r["source_accuracy"]) for r in rows)
-    # every trained lr of r1 and r4 (0.1 diverged: no forgetting), full at 3 lrs, the replay run
-    assert kinds == [(0, 0.0, 0.1)] * 3 + [(1, 0.0, 0.5)] * 2 + [(4, 0.0, 0.5)] * 2 + [
-        (4, 0.05, 0.9)
-    ]
-    assert kwargs["title"] == "Learned vs kept (sort_desc, all-linear, α/r: 8 runs)"
+PRACTICE_SWEPT = dataclasses.replace(PRACTICE, lr_sweep=True)
+
+
+def test_the_forgetting_plot_shows_the_selected_grids_runs_at_every_lr(practice):
+    for sel in (PRACTICE, PRACTICE_SWEPT):  # the lr axis is the forgetting plot's: every lr
+        fn, (rows,), kwargs = plot_specs(practice.results(), sel)["forgetting"]
+        kinds = sorted((r["rank"] or 0, r["replay"], r["source_accuracy"]) for r in rows)
+        # every trained lr of r1 and r4 (0.1 diverged: no forgetting) and full at 3 lrs; the
+        # replay run is another experiment, left out as the Learning rate tab leaves it out
+        assert kinds == [(0, 0.0, 0.1)] * 3 + [(1, 0.0, 0.5)] * 2 + [(4, 0.0, 0.5)] * 2
+        assert kwargs["title"].splitlines() == [
+            "Learned vs kept (sort_desc, 200 steps, all-linear, α/r)",
+            "runs at every lr: 4 LoRA (r1, r4), 3 full fine-tuning",
+        ]
     text = figure_texts(draw(plot_specs(practice.results(), PRACTICE)["forgetting"]))
-    assert "LoRA r4 + replay 5%" in text and "full fine-tuning" in text
+    assert "LoRA r4" in text and "full fine-tuning" in text
     assert "new task: held-out accuracy (%)" in text
     no_full = plot_specs(practice.results(), dataclasses.replace(PRACTICE, full=False))
     assert all(r["rank"] is not None for r in no_full["forgetting"][1][0])
+    only_r1 = plot_specs(practice.results(), dataclasses.replace(PRACTICE, ranks=(1,)))
+    assert {r["rank"] for r in only_r1["forgetting"][1][0]} == {1, None}
 
 
-def test_the_forgetting_plot_says_when_runs_were_cached_without_it(seeded, practice):
-    fn, (title, message), _ = plot_specs(seeded.results(), Selection())["forgetting"]
+def test_the_forgetting_plot_never_borrows_another_grids_runs(seeded, practice):
+    """The default selection (600 steps, q,v) is not shown the practice grid's 200-step runs."""
+    both = seeded.results() + practice.results()
+    fn, (title, message), _ = plot_specs(both, Selection())["forgetting"]
     assert fn is not plots.learn_forget and title == "Forgetting"
-    assert "no cached sort_desc, q,v, α/r run has its forgetting measured" in message
+    assert "no cached sort_desc, 600 steps, q,v, α/r run of the selected ranks and alphas" in (
+        " ".join(message.split())
+    )
     assert "cached before forgetting was measured (the shipped default grid) have none" in message
     assert "Run new points" in message and "python -m lab sweep --task sort_desc" in message
-    both = seeded.results() + practice.results()
-    lora_only = Selection(full=False)  # with full fine-tuning on, its measured runs would show
-    assert plot_specs(both, Selection())["forgetting"][0] is plots.learn_forget
-    message = plot_specs(both, lora_only)["forgetting"][1][1]
-    assert "sort_desc runs with it: LoRA all-linear α/r (5): select those" in message
-    text = figure_texts(draw(plot_specs(both, lora_only)["forgetting"]))
+    assert "sort_desc runs with it: LoRA 200 steps all-linear α/r (5): select those" in message
+    text = figure_texts(draw(plot_specs(both, Selection())["forgetting"]))
     assert "shipped default grid" in text
+
+
+def test_the_forgetting_plot_says_when_it_shows_full_fine_tuning_only(practice):
+    sel = dataclasses.replace(PRACTICE, targets=("q_proj", "v_proj"))  # no q,v LoRA run cached
+    fn, (rows,), kwargs = plot_specs(practice.results(), sel)["forgetting"]
+    assert {r["rank"] for r in rows} == {None}
+    assert kwargs["title"].splitlines()[0] == "Learned vs kept (sort_desc, 200 steps, q,v, α/r)"
+    title = " ".join(kwargs["title"].split())
+    assert (
+        "runs at every lr: 3 full fine-tuning; no LoRA run of this selection measured it" in title
+    )
+
+
+def test_lora_runs_that_kept_nothing_are_explained_in_the_plot(tmp_path):
+    cache = SweepCache(tmp_path)
+    for point in grid("sort_desc", [4], [16.0], targets="all-linear", steps=200, lrs=(1e-2,)):
+        cache.put(practice_result(point, kept=0.0))
+    fn, (rows,), kwargs = plot_specs(cache.results(), PRACTICE)["forgetting"]
+    assert [r["source_accuracy"] for r in rows] == [0.0]
+    title = " ".join(kwargs["title"].split())
+    assert "LoRA at 0% kept: trained on the new task alone (no replay), it overwrote" in title
+    assert "overwrote the pretraining skills" in " ".join(
+        figure_texts(draw((fn, (rows,), kwargs))).split()
+    )
+    cache.put(practice_result(SweepPoint("sort_desc", 4, targets="all-linear", steps=200,
+                                         lr=1e-3), kept=0.4))  # fmt: skip
+    kept = plot_specs(SweepCache(tmp_path).results(), PRACTICE)["forgetting"][2]["title"]
+    assert "0% kept" in kept  # one run still kept nothing
+    alone = SweepCache(tmp_path / "kept")
+    alone.put(practice_result(SweepPoint("sort_desc", 4, targets="all-linear", steps=200,
+                                         lr=1e-3), kept=0.4))  # fmt: skip
+    assert "0% kept" not in plot_specs(alone.results(), PRACTICE)["forgetting"][2]["title"]
 
 
 def test_all_linear_is_a_targets_choice_written_all_linear(seeded):
@@ -779,3 +825,190 @@ def test_seed_shipped_includes_the_practice_grid_when_it_exists(tmp_path, monkey
     assert seed_shipped(SweepCache(tmp_path / "c")) == len(points)
     monkeypatch.setattr("lab.widgets.SHIPPED_GRIDS", (tmp_path / "absent.json",))
     assert seed_shipped(SweepCache(tmp_path / "d")) == 0  # not built yet: nothing, no error
+
+
+# -- the status line, Run's confirmation, estimates that learn, interrupted runs -------------
+
+
+def lora_at(lr: float, rank: int = 4, steps: int = 300) -> SweepPoint:
+    return SweepPoint("sort_desc", rank, 16.0, steps=steps, lr=lr)
+
+
+def test_the_status_lists_runs_at_the_rate_its_heading_names(tmp_path):
+    cache = SweepCache(tmp_path)
+    for lr in (1e-3, 1e-2, 2e-2):
+        cache.put(fake_result(lora_at(lr)))
+    explorer = SweepExplorer(cache, run_fn=FakeTrainer())
+    explorer.lr.value = 1e-2  # nothing of the 600-step grid at lr 0.01 is cached
+    text = explorer.status_text()
+    assert "cached LoRA runs at lr 0.01: sort_desc, 300 steps: r4 α16" in text
+    assert "lr 0.001" not in text and "lr 0.02" not in text  # only what the heading names
+    explorer.lr.value = 4e-2  # no run at all at lr 0.04: the heading says so, each run its lr
+    text = explorer.status_text()
+    assert "cached LoRA runs, none at lr 0.04: sort_desc, 300 steps: r4 α16 lr 0.001, " in text
+    assert "r4 α16 lr 0.01, r4 α16 lr 0.02" in text
+
+
+def test_the_status_hint_stays_short_with_many_grids_cached(tmp_path):
+    cache = SweepCache(tmp_path)
+    for steps in (100, 200, 300, 400, 500):
+        cache.put(fake_result(lora_at(1e-2, steps=steps)))
+    explorer = SweepExplorer(cache, run_fn=FakeTrainer())
+    explorer.lr.value = 1e-2
+    assert explorer.status_text().endswith("300 steps: r4 α16; and 2 more grids")
+
+
+def big_selection(explorer: SweepExplorer) -> None:
+    """153 points to train on an empty cache: hours at a laptop's pace."""
+    explorer.lr_sweep.value = True
+
+
+def test_a_large_run_waits_for_a_confirmation_that_shows_its_count_and_time(tmp_path):
+    trainer = FakeTrainer()
+    explorer = SweepExplorer(SweepCache(tmp_path), run_fn=trainer)
+    big_selection(explorer)
+    n = explorer.facts()["to_train"]
+    assert n == 175
+    explorer.on_run()
+    explorer.on_run()  # a double click on Run asks once and trains nothing
+    assert trainer.calls == []
+    assert explorer.confirm_button.layout.display != "none"
+    estimate = explorer.estimate_text(explorer._todo()).split(" at ")[0]
+    assert explorer.confirm_button.description == f"Train {n} points ({estimate})"
+    assert f"a large run: {n} points, {estimate} at the cached runs' pace" in (
+        explorer.status_text()
+    )
+    explorer.on_cancel()
+    assert explorer.pending is None and explorer.confirm_button.layout.display == "none"
+    assert "cancelled: nothing trained" in explorer.status_text()
+    explorer.on_confirm()  # a Confirm after Cancel trains nothing
+    assert trainer.calls == []
+    explorer.on_run()
+    explorer.on_confirm()
+    explorer.on_confirm()  # a double click on Confirm: the second finds nothing left to confirm
+    assert len(trainer.calls) == n and len(set(trainer.calls)) == n
+    assert explorer.confirm_button.layout.display == "none"
+
+
+def test_a_confirmation_lapses_when_the_selection_changes(tmp_path):
+    trainer = FakeTrainer()
+    explorer = SweepExplorer(SweepCache(tmp_path), run_fn=trainer)
+    big_selection(explorer)
+    explorer.on_run()
+    explorer.steps.value = 1000  # another grid: the count and time asked about no longer hold
+    assert explorer.pending is None and explorer.confirm_button.layout.display == "none"
+    assert "the selection changed: press Run again" in explorer.status_text()
+    explorer.on_confirm()
+    assert trainer.calls == []
+
+
+def test_a_small_run_trains_at_once(tmp_path):
+    trainer = FakeTrainer()
+    explorer = SweepExplorer(SweepCache(tmp_path), run_fn=trainer)
+    explorer.ranks.value, explorer.alphas.value, explorer.full.value = (4,), (16.0,), False
+    explorer.on_run()  # 600 steps at a laptop's pace: about 36 s
+    assert len(trainer.calls) == 1 and explorer.pending is None
+
+
+class SlowTrainer(FakeTrainer):
+    """Fake runs that report `seconds` of wall time each."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, point, device=None, progress=True):
+        result = super().__call__(point, device, progress)
+        result.wall_seconds = self.seconds
+        return result
+
+
+def test_the_estimate_learns_the_pace_of_the_runs_just_measured(tmp_path):
+    """Cached runs took 59 s a point; a run here took 360 s: the next estimate says 360 s."""
+    cache = SweepCache(tmp_path)
+    for rank in (1, 2, 8, 16):
+        result = fake_result(lora_at(2e-2, rank, steps=600))
+        result.wall_seconds = 59.0
+        cache.put(result)
+    explorer = SweepExplorer(cache, run_fn=SlowTrainer(360.0))
+    explorer.full.value, explorer.alphas.value = False, (16.0,)
+    explorer.ranks.value = (4,)
+    explorer.steps.value = 600
+    todo = explorer._todo()
+    assert estimate_seconds(todo, cache.results()) == pytest.approx(59.0)
+    explorer.on_run()
+    assert explorer.measured[-1].wall_seconds == 360.0
+    explorer.ranks.value = (32, 64)  # two more points of the same kind
+    assert estimate_seconds(explorer._todo(), cache.results(), explorer.measured) == (
+        pytest.approx(720.0)
+    )
+    assert "(estimate: 12 min at the pace of the last run here)" in explorer.status_text()
+    # 12 min is over the confirmation threshold now: Run asks instead of training
+    explorer.on_run()
+    assert explorer.pending is not None and len(explorer.run_fn.calls) == 1
+
+
+def test_the_pace_of_one_kind_scales_the_estimate_of_the_other():
+    cached = [fake_result(lora_at(2e-2)), fake_result(SweepPoint("sort_desc", None, steps=300))]
+    cached[0].wall_seconds, cached[1].wall_seconds = 3.0, 6.0
+    slow = fake_result(lora_at(1e-2))
+    slow.wall_seconds = 12.0  # four times the cached LoRA pace
+    full = SweepPoint("sort_desc", None, steps=600)
+    assert estimate_seconds([full], cached) == pytest.approx(12.0)
+    assert estimate_seconds([full], [*cached, slow], [slow]) == pytest.approx(48.0)
+    from lab.widgets import slowdown
+
+    assert slowdown(cached, []) is None and slowdown([*cached, slow], [slow]) == pytest.approx(4)
+
+
+class InterruptedTrainer(FakeTrainer):
+    """Trains `n` points, then the student presses the kernel's stop button (Ctrl-C)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def __call__(self, point, device=None, progress=True):
+        if len(self.calls) == self.n:
+            raise KeyboardInterrupt
+        return super().__call__(point, device, progress)
+
+
+def test_a_run_stopped_midway_keeps_what_it_trained_and_says_how_far_it_got(tmp_path):
+    cache = SweepCache(tmp_path)
+    explorer = SweepExplorer(cache, run_fn=InterruptedTrainer(2))
+    explorer.ranks.value, explorer.alphas.value, explorer.full.value = (1, 2, 4, 8), (16.0,), False
+    explorer.steps.value = 100  # a small run: no confirmation
+    with pytest.raises(KeyboardInterrupt):
+        explorer.run()  # called from code: the interrupt reaches the caller
+    assert sorted(r.point.rank for r in SweepCache(tmp_path).results()) == [1, 2]  # kept
+    assert not explorer.run_button.disabled and not explorer.running
+    assert "stopped after 2 of 4: the 2 points trained are cached; Run trains the rest" in (
+        explorer.status_text()
+    )
+    assert explorer.facts() == {"selected": 4, "cached": 2, "to_train": 2}
+    explorer.run_fn = InterruptedTrainer(1)
+    explorer.on_run()  # from the button: said in the status, nothing raised
+    assert "stopped after 1 of 2" in explorer.status_text()
+    assert sorted(r.point.rank for r in SweepCache(tmp_path).results()) == [1, 2, 4]
+
+
+def test_a_click_that_arrives_during_a_run_starts_nothing(tmp_path):
+    explorer = SweepExplorer(SweepCache(tmp_path), run_fn=FakeTrainer())
+    explorer.ranks.value, explorer.alphas.value = (4,), (16.0,)
+    explorer.running = True  # as while run() trains
+    explorer.on_run()
+    explorer.on_confirm()
+    assert explorer.run_fn.calls == []
+
+
+def test_an_empty_cache_opens_estimates_and_draws_every_tab(tmp_path):
+    explorer = SweepExplorer(SweepCache(tmp_path / "empty"), run_fn=FakeTrainer())
+    assert explorer.facts() == {"selected": 22, "cached": 0, "to_train": 22}
+    assert "22 to train (estimate: " in explorer.status_text()
+    explorer.refresh(all_tabs=True)
+    assert all(is_png(image.value) for image in explorer.images.values())
+    explorer.ranks.value, explorer.alphas.value, explorer.dropouts.value = (), (), ()
+    assert explorer.status_text() == "select at least one rank, one alpha and one dropout"
+    explorer.on_run()
+    assert explorer.run_fn.calls == [] and explorer.pending is None
