@@ -86,7 +86,8 @@ def _assert_unchanged(model: nn.Module, snapshot: tuple[dict, list]) -> None:
     state, types = snapshot
     now = model.state_dict()
     assert now.keys() == state.keys()
-    assert all(torch.equal(now[k], state[k]) for k in state)
+    for k in state:  # exactly equal, a nan where a nan was
+        torch.testing.assert_close(now[k], state[k], rtol=0, atol=0, equal_nan=True)
     assert [(n, type(m)) for n, m in model.named_modules()] == types
 
 
@@ -407,6 +408,7 @@ def test_state_dict_round_trip_into_a_fresh_layer():
         "absmax_scale",
         "absmax_offset",
         "bias",
+        "_extra_state",  # the format: scheme, block size, double quant, shape
     }
 
 
@@ -579,7 +581,7 @@ def test_quantize_base_twice_raises_and_changes_nothing():
     model = _tiny()
     quantize_base(model)
     snap = _snapshot(model)
-    with pytest.raises(ValueError, match=r"already quantised \(6 Linear4bit"):
+    with pytest.raises(ValueError, match=r"already quantised: 6 Linear4bit layers.*nf4"):
         quantize_base(model, "int4")
     _assert_unchanged(model, snap)
 
@@ -637,3 +639,184 @@ def test_count_parameters_counts_the_packed_4bit_weights():
     a, b = lab.count_parameters(fp32), lab.count_parameters(nf4)
     assert a == b and b.trainable == 2 * 6 * 2 * (128 + 128) + 2 * 2 * 2 * (512 - 128)
     assert sum(p.numel() for p in nf4.parameters()) < b.total  # the naive count misses them
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing silently wrong: huge weights, another format's codes, half-quantised models
+# ---------------------------------------------------------------------------------------------
+
+
+def test_double_quantisation_of_huge_finite_weights_stays_finite():
+    """The mean of block scales near fp32's limit overflowed in fp32: every weight became nan."""
+    model = _tiny()
+    with torch.no_grad():
+        w = model.blocks[0].attn.q_proj.weight
+        w.copy_(torch.sign(torch.randn_like(w)) * 2e38)
+        original = w.detach().clone()
+    quantize_base(model, scheme="nf4", double_quant=True)
+    back = model.blocks[0].attn.q_proj.dequantize()
+    assert torch.isfinite(back).all()
+    assert torch.allclose(back, original, rtol=1e-3)  # ±2e38 are levels ±1 of their block
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_one_weight_at_fp32s_limit_among_small_ones_dequantises_finite(scheme):
+    w = torch.randn(64, 64)
+    w[5, 7] = torch.finfo(torch.float32).max
+    layer = Linear4bit.from_linear(_linear_with(w), scheme, 64, True)
+    back = layer.dequantize()
+    assert torch.isfinite(back).all() and back[5, 7] == pytest.approx(w[5, 7].item(), rel=1e-3)
+
+
+def _linear_with(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return linear
+
+
+def test_a_float64_weight_beyond_fp32s_range_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(8, 8).double(), nn.Linear(8, 8).double())
+    with torch.no_grad():
+        model[1].weight[2, 3] = 1e300
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"1\.weight holds values up to 1e\+300.*float32"):
+        quantize_base(model)
+    _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_a_non_finite_first_layer_is_refused_by_name_and_nothing_changes(bad):
+    model = _tiny()
+    with torch.no_grad():
+        model.blocks[0].attn.q_proj.weight[1, 2] = bad
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj\.weight holds inf or nan"):
+        quantize_base(model, "fp4")
+    _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"scheme": "int4"}, ["nf4 codes", "decodes int4", "scheme='nf4'"]),
+        ({"scheme": "fp4"}, ["nf4 codes", "decodes fp4"]),
+        ({"block_size": 32}, ["block_size 64", "block_size 32"]),
+        ({"double_quant": False}, ["with double", "without double"]),
+        ({"shape": (40, 24)}, ["(24, 40) weight", "(40, 24) weight"]),
+    ],
+)
+def test_a_layer_refuses_another_formats_codes_and_keeps_its_own(settings, words):
+    source = _layer("nf4", True)
+    settings = {"scheme": "nf4", "block_size": 64, "double_quant": True, **settings}
+    out_f, in_f = settings.pop("shape", (24, 40))
+    torch.manual_seed(9)
+    target = Linear4bit.from_linear(nn.Linear(in_f, out_f), **settings)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError) as info:
+        target.load_state_dict(source.state_dict())
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+
+
+def test_an_int4_model_refuses_an_nf4_models_state_dict_naming_the_layers():
+    a, b = _tiny(0), _tiny(1)
+    quantize_base(a, "nf4")
+    quantize_base(b, "int4")
+    codes = b.blocks[0].attn.q_proj.packed_weight.clone()
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.q_proj: the state dict holds nf4"):
+        b.load_state_dict(a.state_dict())
+    assert torch.equal(b.blocks[0].attn.q_proj.packed_weight, codes)
+    c = _tiny(2)
+    quantize_base(c, "nf4")
+    c.load_state_dict(a.state_dict())  # the same format loads
+    x = torch.randint(0, 60, (2, 6))
+    assert torch.equal(c(x), a(x))
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda sd: sd.__setitem__("_extra_state", torch.tensor([7, 64, 1, 24, 40])), "format"),
+        (lambda sd: sd.__setitem__("_extra_state", {"scheme": "nf4"}), "format record"),
+        (lambda sd: sd["absmax_scale"].fill_(float("nan")), "absmax_scale is not finite"),
+        (lambda sd: sd.pop("_extra_state"), "_extra_state"),
+    ],
+)
+def test_a_crafted_state_dict_is_refused(change, words):
+    source, target = _layer("nf4", True), _layer("nf4", True)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    change(state)
+    with pytest.raises(RuntimeError, match=words):
+        target.load_state_dict(state)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_negative_absmax_in_a_state_dict_is_refused():
+    source, target = _layer("int4", False), _layer("int4", False)
+    state = source.state_dict()
+    state["absmax"] = -state["absmax"]
+    with pytest.raises(RuntimeError, match="negative block scales"):
+        target.load_state_dict(state)
+
+
+@pytest.mark.parametrize("other", ["int4", "nf4"])
+def test_quantize_base_refuses_a_half_quantised_model_naming_the_layers(other):
+    model = _tiny()
+    model.blocks[0].attn.q_proj = Linear4bit.from_linear(model.blocks[0].attn.q_proj, other)
+    snap = _snapshot(model)
+    with pytest.raises(
+        ValueError, match=rf"1 Linear4bit layer \(blocks\.0\.attn\.q_proj \({other}"
+    ):
+        quantize_base(model, "nf4")
+    _assert_unchanged(model, snap)
+
+
+def test_dequantize_base_gives_plain_linears_with_the_4bit_weights():
+    model = _tiny()
+    quantize_base(model, "fp4")
+    x = torch.randint(0, 60, (2, 6))
+    expected = model(x)
+    weights = {n: m.dequantize() for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert quant.dequantize_base(model) == list(weights)
+    for name, w in weights.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.Linear and torch.equal(layer.weight, w)
+        assert not layer.weight.requires_grad
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    quantize_base(model, "int4")  # a dense model again: it quantises
+    lab.add_lora(model, targets=("q_proj",), rank=2, alpha=4)
+    with pytest.raises(ValueError, match="remove_lora"):
+        quant.dequantize_base(model)
+    with pytest.raises(ValueError, match="no Linear4bit"):
+        quant.dequantize_base(_tiny())
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "words"),
+    [
+        (lambda c, a: dequantize_blockwise(c, a, dtype=torch.int64), TypeError, "floating-point"),
+        (lambda c, a: dequantize_blockwise(c, a.tolist()), TypeError, "absmax"),
+        (lambda c, a: dequantize_blockwise(c, a * float("nan")), ValueError, "finite"),
+        (lambda c, a: dequantize_blockwise(c, -a - 1), ValueError, ">= 0"),
+        (lambda c, a: dequantize_blockwise(c + 16, a), ValueError, "0..15"),
+        (lambda c, a: dequantize_blockwise(c, a, shape=(-1, 8)), ValueError, "shape="),
+        (lambda c, a: dequantize_blockwise(c, a, shape=(99, 99)), ValueError, "needs 9801"),
+    ],
+)
+def test_dequantize_blockwise_refuses_bad_input(call, exc, words):
+    codes, absmax = quantize_blockwise(torch.randn(128))
+    with pytest.raises(exc, match=words):
+        call(codes, absmax)
+
+
+def test_layer_refuses_an_integer_dtype_and_a_wrong_input_width():
+    layer = _layer()
+    with pytest.raises(TypeError, match="floating-point torch.dtype"):
+        layer.dequantize(torch.int64)
+    with pytest.raises(ValueError, match=r"inputs \(\.\.\., 40\), got shape \(3, 41\)"):
+        layer(torch.randn(3, 41))
+    codes, scale, offset = quantize_scales(torch.rand(300))
+    with pytest.raises(ValueError, match="scale of shape"):
+        dequantize_scales(codes, scale[:1], offset)
