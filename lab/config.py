@@ -22,6 +22,7 @@ __all__ = [
     "INITS",
     "MAX_LR_RATIO",
     "MAX_SCALING",
+    "MIN_SCALING",
     "VARIANTS",
     "Init",
     "LoRAConfig",
@@ -36,6 +37,9 @@ __all__ = [
 # inf * (B = 0) = nan, so a fresh adapter would already output nan. Ordinary settings use
 # scaling 0.25 to 64; 1e4 leaves ample room while keeping every intermediate far from overflow.
 MAX_SCALING = 1e4
+# The smallest: below it the update x A^T B^T * scaling is rounded away next to the base output
+# (alpha = 1e-320 makes it exactly 0 in float32), so the adapter would train without effect.
+MIN_SCALING = 1e-4
 # LoRA+'s ratio of B's learning rate to A's: the paper uses 2 to 2^8 (16 by default).
 MAX_LR_RATIO = 1e4
 
@@ -92,33 +96,58 @@ def _is_bool(value: object) -> bool:
     return isinstance(value, bool | np.bool_)
 
 
+def _short(value: object, limit: int = 40) -> str:
+    """repr(value), cut short: a 400-digit int must not flood an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _as_float(name: str, value: numbers.Real, valid: str) -> float:
+    """float(value), or a ValueError naming the field for an int too large for a float."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}={_short(value)} is too large; expected {valid}") from None
+
+
 def check_hparams(rank: object, alpha: object, dropout: object, rslora: object) -> None:
     """Raise TypeError/ValueError for a bad rank, alpha, dropout or rslora.
 
     Python and numpy numbers are accepted (np.int64(8), np.float64(16)); bools are not numbers
     here (rank=True is a mistake), and rslora must be a real bool, never a string like 'False'.
-    The scaling alpha/rank (alpha/sqrt(rank) with rslora) must be at most MAX_SCALING.
+    The scaling alpha/rank (alpha/sqrt(rank) with rslora) must lie in [MIN_SCALING, MAX_SCALING].
     """
     if not isinstance(rank, numbers.Integral) or _is_bool(rank):
-        raise TypeError(f"rank must be an int >= 1, got {rank!r} ({type(rank).__name__})")
+        raise TypeError(f"rank must be an int >= 1, got {_short(rank)} ({type(rank).__name__})")
     if rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank}")
+        raise ValueError(f"rank must be an int >= 1, got {_short(rank)}")
     if not isinstance(alpha, numbers.Real) or _is_bool(alpha):
-        raise TypeError(f"alpha must be a real number > 0, got {alpha!r} ({type(alpha).__name__})")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        raise TypeError(
+            f"alpha must be a real number > 0, got {_short(alpha)} ({type(alpha).__name__})"
+        )
+    alpha_f = _as_float("alpha", alpha, "a finite number > 0, typically 1 to 4 times the rank")
+    if not math.isfinite(alpha_f) or alpha_f <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {_short(alpha)}")
     if not isinstance(dropout, numbers.Real) or _is_bool(dropout):
-        raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        raise TypeError(f"dropout must be a number in [0, 1), got {_short(dropout)}")
     if not 0.0 <= dropout < 1.0:  # also rejects nan, for which every comparison is False
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        raise ValueError(f"dropout must be a number in [0, 1), got {_short(dropout)}")
     if not _is_bool(rslora):
         raise TypeError(f"rslora must be True or False, got {rslora!r} ({type(rslora).__name__})")
-    scaling = float(alpha) / (math.sqrt(int(rank)) if rslora else int(rank))
-    if scaling > MAX_SCALING:
+    try:
+        scaling = alpha_f / (math.sqrt(int(rank)) if rslora else int(rank))
+    except OverflowError:  # a rank beyond float range (10**400): the scaling is 0 in effect
+        scaling = 0.0
+    if not MIN_SCALING <= scaling <= MAX_SCALING:
         rule = "alpha/sqrt(rank)" if rslora else "alpha/rank"
+        why = (
+            "the adapter's output would overflow to inf/nan"
+            if scaling > MAX_SCALING
+            else "the update would be rounded away and the adapter would train without effect"
+        )
         raise ValueError(
-            f"alpha={alpha!r} with rank={rank} gives scaling {rule} = {scaling:.3g}, above the "
-            f"bound {MAX_SCALING:g}: the adapter's output would overflow to inf/nan; "
+            f"alpha={_short(alpha)} with rank={_short(rank)} gives scaling {rule} = "
+            f"{scaling:.3g}, outside the bounds [{MIN_SCALING:g}, {MAX_SCALING:g}]: {why}; "
             "typical alpha is 1 to 4 times the rank"
         )
 
@@ -175,17 +204,18 @@ class LoRAConfig:
 
         put("rank", int(self.rank))
         put("alpha", float(self.alpha))
-        put("dropout", float(self.dropout))
+        put("dropout", float(self.dropout) + 0.0)  # + 0.0 turns -0.0 into 0.0
         put("rslora", bool(self.rslora))
         put("targets", normalize_targets(self.targets))
         _choice("variant", self.variant, VARIANTS)
         _choice("init", self.init, INITS)
         ratio = self.lr_ratio
         if not isinstance(ratio, numbers.Real) or _is_bool(ratio):
-            raise TypeError(f"lr_ratio must be a number > 0 (LoRA+'s lambda), got {ratio!r}")
+            raise TypeError(f"lr_ratio must be a number > 0 (LoRA+'s lambda), got {_short(ratio)}")
+        ratio = _as_float("lr_ratio", ratio, f"a number in (0, {MAX_LR_RATIO:g}]")
         if not math.isfinite(ratio) or not 0 < ratio <= MAX_LR_RATIO:
             raise ValueError(
-                f"lr_ratio={ratio!r}: expected a number in (0, {MAX_LR_RATIO:g}]; "
+                f"lr_ratio={_short(ratio)}: expected a number in (0, {MAX_LR_RATIO:g}]; "
                 "1 is plain LoRA, LoRA+ uses 16"
             )
         put("lr_ratio", float(ratio))
@@ -209,18 +239,47 @@ class LoRAConfig:
         return {**dataclasses.asdict(self), "targets": list(self.targets)}
 
     @classmethod
-    def from_dict(cls, data: object) -> LoRAConfig:
-        """Inverse of to_dict: exactly the fields, each validated by the constructor."""
+    def from_dict(cls, data: object, what: str = "the LoRAConfig dict") -> LoRAConfig:
+        """Inverse of to_dict: exactly the fields, each of its JSON type, validated as usual.
+
+        A stored config (an adapter file's) states every field: a missing one is an error, never
+        a default, since a default alpha would load the adapter at the wrong scale. `what` names
+        the source in messages ("adapter file a.safetensors").
+        """
         if not isinstance(data, Mapping):
-            raise TypeError(f"a LoRAConfig is a dict of its fields, got {type(data).__name__}")
+            raise TypeError(
+                f"{what} must be a dict of LoRAConfig fields, got {type(data).__name__}"
+            )
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(map(str, set(data) - set(names)))
+        unknown = sorted(map(repr, set(data) - set(names)))
         if unknown:
-            raise ValueError(f"unknown LoRAConfig fields {unknown}; fields are {names}")
-        fields = dict(data)
-        if isinstance(fields.get("targets"), list):
-            fields["targets"] = tuple(fields["targets"])
-        return cls(**fields)
+            raise ValueError(f"{what} has unknown fields {', '.join(unknown)}; fields are {names}")
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(
+                f"{what} has no {', '.join(map(repr, missing))}: a stored config states every "
+                f"field ({', '.join(names)})"
+            )
+        # The JSON type of each field, as to_dict writes it; bools are not numbers here.
+        for name, kinds, valid in (
+            ("rank", (int,), "an int"),
+            ("alpha", (int, float), "a number"),
+            ("dropout", (int, float), "a number"),
+            ("targets", (list,), "a list of layer names"),
+            ("rslora", (bool,), "true or false"),
+            ("variant", (str,), "a str"),
+            ("init", (str,), "a str"),
+            ("lr_ratio", (int, float), "a number"),
+        ):
+            value = data[name]
+            if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+                raise TypeError(
+                    f"{what}: {name} must be {valid}, got {_short(value)} ({type(value).__name__})"
+                )
+        try:
+            return cls(**{**data, "targets": tuple(data["targets"])})
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{what}: {exc}") from None
 
     def describe(self) -> str:
         """A short human-readable summary, e.g. 'r=8, alpha=16 (alpha/r), q_proj+v_proj'."""

@@ -226,8 +226,13 @@ def test_lora_config_round_trips_through_its_dict():
     config = LoRAConfig(rank=4, alpha=10, targets="q_proj", variant="dora", lr_ratio=16)
     assert config.targets == ("q_proj",) and config.alpha == 10.0
     assert LoRAConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown LoRAConfig fields"):
+    with pytest.raises(ValueError, match="unknown fields 'ranks'"):
         LoRAConfig.from_dict({**config.to_dict(), "ranks": 4})
+    # A stored config states every field: none is filled with its default.
+    for field in config.to_dict():
+        partial = {k: v for k, v in config.to_dict().items() if k != field}
+        with pytest.raises(ValueError, match=f"has no '{field}'"):
+            LoRAConfig.from_dict(partial)
 
 
 def test_pissa_on_a_4bit_base_is_refused_with_the_model_unchanged():
@@ -431,7 +436,7 @@ def test_remove_lora_on_a_4bit_base_says_the_weights_become_full_precision():
     [
         ({"variant": "qlora"}, ["variant='qlora'", "expected one of"]),
         ({"lr_ratio": -1}, ["lr_ratio=-1"]),
-        ({"ranks": 4}, ["unknown LoRAConfig fields", "ranks"]),
+        ({"ranks": 4}, ["unknown fields", "ranks"]),
         ({"rank": "4"}, ["rank must be an int"]),
     ],
 )
@@ -452,6 +457,93 @@ def test_an_adapter_file_with_a_bad_config_is_refused_through_the_constructor(
     with pytest.raises(ValueError) as info:
         lab.load_adapter(model, path)
     message = str(info.value)
-    assert str(path) in message and "not valid" in message
+    assert f"adapter file {path}" in message
     assert all(w in message for w in words), message
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+# ----------------------------------------------------------------------------- DoRA's zero rows
+# A row whose W + ΔW is all zero has no direction: m / ||W + ΔW|| would be 0/0. PEFT 0.21
+# outputs NaN there (and NaN gradients); the lab uses the scale 1, so the row computes W + ΔW.
+
+
+def _zero_row_base(quant: str | None, bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 8, bias=bias)
+    with torch.no_grad():
+        lin.weight[0] = 0
+        lin.weight[5] = 0
+    if quant:
+        from lab.quant import Linear4bit
+
+        return Linear4bit.from_linear(lin, scheme=quant)
+    return lin
+
+
+@pytest.mark.parametrize("quant", [None, "nf4", "int4"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fresh_dora_on_a_zero_row_computes_w_with_finite_gradients(quant, bias):
+    base = _zero_row_base(quant, bias)
+    layer = lab.DoRALinear(base, 2, 4.0)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    out = layer(x)
+    assert torch.equal(out, base(x)), (out - base(x)).abs().max()
+    out.square().sum().backward()
+    for name, p in layer.adapter_parameters().items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # One step later the zero row has a direction: still finite, and merge agrees with forward.
+    with torch.no_grad():
+        for p in layer.adapter_parameters().values():
+            p -= 0.1 * p.grad
+        expected = layer(x)
+    assert torch.isfinite(expected).all()
+    layer.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+
+
+@pytest.mark.parametrize("magnitude", [0.0, 1e-30, -1e-38])
+def test_dora_unmerge_with_a_vanishing_magnitude_restores_w_bit_for_bit(magnitude):
+    torch.manual_seed(0)
+    layer = lab.DoRALinear(nn.Linear(8, 4), 2, 4.0)
+    w = layer.base.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude[1] = magnitude
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = layer(x)
+    layer.merge()
+    assert torch.isfinite(layer.base.weight).all()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, w)
+
+
+def test_dora_merge_on_a_4bit_base_with_a_zero_magnitude_gives_the_4bit_base_back():
+    base = _zero_row_base("nf4", bias=True)
+    layer = lab.DoRALinear(base, 2, 4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude[3] = 0
+    layer.merge()
+    assert torch.isfinite(layer.base.weight).all()
+    layer.unmerge()
+    assert layer.base is base
+    layer.merge(requantize=True)
+    assert torch.isfinite(layer.base.dequantize()).all()
+    layer.unmerge()
+    assert layer.base is base
+
+
+def test_dora_merge_refuses_a_diverged_magnitude():
+    torch.manual_seed(0)
+    layer = lab.DoRALinear(nn.Linear(8, 4), 2, 4.0)
+    w = layer.base.weight.detach().clone()
+    with torch.no_grad():
+        layer.magnitude[2] = float("nan")
+    with pytest.raises(ValueError, match="magnitude has 1 NaN"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base.weight, w)
