@@ -27,7 +27,6 @@ LLMs-from-scratch users report them:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -37,21 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .base import load_base_config, load_base_model
 from .config import LoRAConfig
 from .lora import (
-    _CONFIG_KEY,
-    _FORMAT,
-    _FORMAT_KEY,
-    _LAYERS_KEY,
-    _VERSION,
-    _VERSION_KEY,
     LoRALinear,
     _adapter_config,
+    _adapter_description,
     _check_path,
+    _read_adapter_file,
     _summary,
     count_parameters,
     is_frozen_linear,
@@ -608,6 +602,16 @@ def _packed_4bit(model: nn.Module) -> list[Finding]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _why(exc: Exception, path: Path) -> str:
+    """An error's message for a finding's detail, which already starts with the path."""
+    text = str(exc)
+    for prefix in (f"adapter file {path} ", f"{path}: ", f"{path} "):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+            break
+    return text[:300]
+
+
 def _file_finding(code: str, path: Path, why: str, advice: str | None = None) -> Finding:
     advice = (
         advice or "save the adapter again with lab.save_adapter(model, path) and check the path"
@@ -616,19 +620,12 @@ def _file_finding(code: str, path: Path, why: str, advice: str | None = None) ->
 
 
 def _adapter_file(model: nn.Module, layers: dict[str, LoRALinear], path: Path) -> list[Finding]:
-    """adapter-file-*: the file read as load_adapter would, without loading it."""
+    """adapter-file-*: the file read as load_adapter reads it, without loading it."""
     unreadable = "adapter-file-unreadable"
-    if path.is_dir():
-        return [_file_finding(unreadable, path, "is a directory, not a .safetensors file")]
-    if not path.is_file():
-        return [_file_finding(unreadable, path, "does not exist")]
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        why = f"not a readable safetensors file (truncated or corrupt?): {str(exc)[:160]}"
-        return [_file_finding(unreadable, path, why)]
+    try:  # a missing path, a folder, a FIFO or a device is named here, never opened
+        metadata, tensors = _read_adapter_file(path)
+    except (OSError, ValueError) as exc:
+        return [_file_finding(unreadable, path, _why(exc, path))]
     adapter_keys = [k for k in tensors if k.rpartition(".")[2] in ("lora_A", "lora_B")]
     if not adapter_keys:
         held = (
@@ -645,32 +642,10 @@ def _adapter_file(model: nn.Module, layers: dict[str, LoRALinear], path: Path) -
                 "training (a base model file or an empty state dict has no adapter tensors)",
             )
         ]
-    problem = None
-    if _CONFIG_KEY not in metadata:
-        problem = f"has no {_CONFIG_KEY!r} metadata (not written by lab.save_adapter)"
-    elif metadata.get(_FORMAT_KEY) != _FORMAT or metadata.get(_VERSION_KEY) != str(_VERSION):
-        problem = (
-            f"format {metadata.get(_FORMAT_KEY)!r} version {metadata.get(_VERSION_KEY)!r}, "
-            f"expected {_FORMAT!r} version {_VERSION}"
-        )
-    stored = None
-    if problem is None:
-        try:
-            config = json.loads(metadata[_CONFIG_KEY])
-            names = json.loads(metadata.get(_LAYERS_KEY, "null"))
-            if config is not None:
-                config = LoRAConfig.from_dict(config).to_dict()
-                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                    raise ValueError(f"{_LAYERS_KEY} must be a list of layer names")
-            else:
-                if not isinstance(names, dict) or not names:
-                    raise ValueError(f"{_LAYERS_KEY} must map layer names to configs")
-                names = {str(n): LoRAConfig.from_dict(c).to_dict() for n, c in names.items()}
-            stored = {"config": config, "layers": names}
-        except (TypeError, ValueError, RecursionError) as exc:
-            problem = f"its settings metadata is not valid: {str(exc)[:160]}"
-    if problem is not None:
-        return [_file_finding(unreadable, path, problem)]
+    try:  # the settings as load_adapter validates them: every field present and valid
+        stored = _adapter_description(metadata, path)
+    except (TypeError, ValueError) as exc:
+        return [_file_finding(unreadable, path, _why(exc, path))]
     findings = []
     nonfinite = [
         k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())

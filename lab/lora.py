@@ -36,7 +36,7 @@ from .config import (
     register_init,
     register_variant,
 )
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, regular_file
 
 __all__ = [
     "LoRALinear",
@@ -83,6 +83,33 @@ def _check_rank_fits(rank: int, linear: nn.Linear, where: str) -> None:
             f"rank={rank} is too large for {where} (in_features={linear.in_features}, "
             f"out_features={linear.out_features}): rank must be <= min(in, out) = {bound}"
         )
+
+
+def _nonfinite(tensor: torch.Tensor) -> str | None:
+    """'1 NaN', '2 inf', '1 NaN and 2 inf' for a tensor holding them; None if all finite."""
+    if tensor.is_meta or not tensor.is_floating_point():
+        return None
+    t = tensor.detach()
+    n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    parts = [f"{n_nan} NaN" if n_nan else "", f"{n_inf} inf" if n_inf else ""]
+    return " and ".join(p for p in parts if p) or None
+
+
+def _check_finite_base(base: nn.Module, where: str) -> None:
+    """ValueError naming the tensor if a frozen linear's weight or bias holds NaN or inf.
+
+    An adapter on such a base outputs NaN from its first step, and the divergence guard would
+    then blame the learning rate; PiSSA's SVD would fail on it. A 4-bit base is checked through
+    its dequantised weight.
+    """
+    tensors = {"weight": frozen_weight(base), "bias": getattr(base, "bias", None)}
+    for key, tensor in tensors.items():
+        bad = None if tensor is None else _nonfinite(tensor)
+        if bad:
+            raise ValueError(
+                f"{where}.{key} has {bad}: the frozen base is broken, so an adapter on it would "
+                "output NaN; reload the base model (lab.load_base_model) before add_lora"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +198,7 @@ class LoRALinear(nn.Module):
         elif rank is not None or alpha is not None or dropout or rslora:
             raise TypeError("give either config=LoRAConfig(...) or rank/alpha/..., not both")
         _check_rank_fits(config.rank, base, "this layer")
+        _check_finite_base(base, "base")
         variant_cls = VARIANTS[config.variant].layer
         if type(self) is not variant_cls:
             raise TypeError(
@@ -282,9 +310,18 @@ class LoRALinear(nn.Module):
         """The merged weight, or ValueError if it would contain inf/nan (e.g. fp16 overflow)."""
         new = self.merged_weight()
         if not new.is_meta and not bool(torch.isfinite(new).all()):
+            broken = [
+                f"{key} has {bad}"
+                for key, p in self.adapter_parameters().items()
+                if (bad := _nonfinite(p))
+            ]
+            why = (
+                f"{'; '.join(broken)} (a diverged run: retrain with a lower lr)"
+                if broken
+                else f"W + ΔW overflows {new.dtype}"
+            )
             raise ValueError(
-                f"merging would produce non-finite weights in {name} "
-                f"(dtype {new.dtype}); weights left unchanged"
+                f"merging would produce non-finite weights in {name}: {why}; weights left unchanged"
             )
         return new
 
@@ -345,6 +382,23 @@ class LoRALinear(nn.Module):
             return self._folded_weight(-1)
         return self._folded_weight(-1, self._merged_A, self._merged_B, self._merged_scaling)
 
+    def _check_unmergeable(self, name: str = "this layer") -> torch.Tensor | None:
+        """The W that unmerge writes back (None on a 4-bit base, which was kept whole), or a
+        ValueError naming the rows if it would hold NaN or inf: a merged weight edited by hand,
+        say. Nothing is written either way."""
+        if self._quantized_base is not None:
+            return None
+        restored = self._unfolded_weight()
+        if not restored.is_meta:
+            rows = (~torch.isfinite(restored)).any(dim=1).nonzero().flatten().tolist()
+            if rows:
+                raise ValueError(
+                    f"unmerging {name} would write NaN or inf into rows {_describe(rows)} of its "
+                    "frozen weight (was the merged weight edited?); W is left unchanged and "
+                    "the layer stays merged"
+                )
+        return restored
+
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract from the base weight the ΔW that merge() added (exact up to rounding).
@@ -357,11 +411,12 @@ class LoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("LoRALinear is not merged; unmerge() did nothing", stacklevel=2)
             return
+        restored = self._check_unmergeable()
         changed = self.adapter_changed_since_merge()
         if self._quantized_base is not None:
             self.base, self._quantized_base = self._quantized_base, None
         else:
-            self.base.weight.copy_(self._unfolded_weight())
+            self.base.weight.copy_(restored)
         self._merged_A = self._merged_B = None
         self.merged = False
         if changed:
@@ -664,16 +719,36 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None, *args, **fields
                 "merging LoRA into it would change both, so it cannot be a target"
             )
         _check_rank_fits(rank, module, name)
+    init = INITS[config.init]
+    for name, module in matches:
+        if init.check is not None:  # PiSSA refuses a 4-bit base
+            init.check(module, config)
+        _check_finite_base(module, name)
 
-    # All checks passed: build every new layer, then swap them in, then freeze.
-    new_layers = {n: build_layer(m, config) for n, m in matches}
-    for name, layer in new_layers.items():
-        _replace_module(model, name, layer)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in lora_layers(model).values():  # includes adapters added by earlier calls
-        for p in layer.adapter_parameters().values():
-            p.requires_grad_(True)
+    # All checks passed: build every new layer, then swap them in, then freeze. Building already
+    # touches the targets (their requires_grad goes off; PiSSA writes its residual into W), so
+    # what it changes is kept first and put back if anything stops the build or the swap half
+    # way: an error, or Ctrl-C during PiSSA's SVDs. (The copies cost less than those SVDs.)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    weights = {n: m.weight.detach().clone() for n, m in matches if init.changes_base}
+    try:
+        new_layers = {n: build_layer(m, config) for n, m in matches}
+        for name, layer in new_layers.items():
+            _replace_module(model, name, layer)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in lora_layers(model).values():  # includes adapters added by earlier calls
+            for p in layer.adapter_parameters().values():
+                p.requires_grad_(True)
+    except BaseException:
+        with torch.no_grad():
+            for name, module in matches:
+                _replace_module(model, name, module)
+                if name in weights:
+                    module.weight.copy_(weights[name])
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        raise
     return list(new_layers)
 
 
@@ -734,10 +809,12 @@ def merge_lora(model: nn.Module, requantize: bool = False) -> None:
 
 def unmerge_lora(model: nn.Module) -> None:
     """Unmerge every merged LoRA layer."""
-    todo = [layer for layer in _require_lora(model).values() if layer.merged]
+    todo = {name: layer for name, layer in _require_lora(model).items() if layer.merged}
     if not todo:
         warnings.warn("no LoRA layer is merged; unmerge_lora did nothing", stacklevel=2)
-    for layer in todo:
+    for name, layer in todo.items():  # all-or-nothing: check every layer before writing
+        layer._check_unmergeable(name)
+    for layer in todo.values():
         layer.unmerge()
 
 
@@ -748,10 +825,11 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
     Returns the replaced names; a model without LoRA is left alone and [] is returned.
     """
     layers = lora_layers(model)
-    if merge:
-        for name, layer in layers.items():  # all-or-nothing, as in merge_lora
-            if not layer.merged:
-                layer._check_mergeable(name)
+    for name, layer in layers.items():  # all-or-nothing, as in merge_lora
+        if merge and not layer.merged:
+            layer._check_mergeable(name)
+        elif not merge and layer.merged:
+            layer._check_unmergeable(name)
     quantized = [n for n, layer in layers.items() if merge and is_quantized(layer.base)]
     if quantized:
         warnings.warn(
@@ -879,6 +957,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     state = lora_state_dict(model)
     if any(t.is_meta for t in state.values()):
         raise ValueError("the model is on the meta device: its adapters hold no values to save")
+    broken = [f"{key} has {bad}" for key, t in state.items() if (bad := _nonfinite(t))]
+    if broken:  # load_adapter would refuse the file: a diverged run is not kept as a result
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise ValueError(
+            f"not saved: {'; '.join(broken[:3])}{more} (a diverged run: retrain with a lower lr "
+            "or alpha)"
+        )
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     description = _adapter_config(layers)
     metadata = {
@@ -904,19 +989,14 @@ def _describe(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
-    """Load a file written by save_adapter into the model's LoRA layers; returns its config.
+def _read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a .safetensors file, read without touching any model.
 
-    The model must already have LoRA with the same settings: call add_lora(model, targets=...,
-    rank=..., alpha=..., dropout=..., rslora=...) as when training, then load_adapter. Any
-    mismatch raises ValueError and leaves the model unchanged.
+    OSError (FileNotFoundError, IsADirectoryError, ...) for a path that is not an ordinary file
+    (a FIFO or a device such as /dev/zero is refused before it is opened); ValueError for a
+    file safetensors cannot read.
     """
-    _check_model(model)
-    path = _check_path(path, "adapter file")
-    if path.is_dir():
-        raise IsADirectoryError(f"adapter file {path} is a directory, not a .safetensors file")
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} does not exist")
+    path = regular_file(_check_path(path, "adapter file"), "adapter file")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -925,6 +1005,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         raise ValueError(
             f"{path} is not a readable adapter file (truncated or corrupt?): {exc}"
         ) from exc
+    return metadata, tensors
+
+
+def _adapter_description(metadata: Mapping[str, str], path: str | os.PathLike) -> dict:
+    """The adapter settings an adapter file's metadata states, each validated.
+
+    {"config": LoRAConfig.to_dict() or None, "layers": [names] or {name: to_dict()}}, as
+    _adapter_config describes a model. ValueError (or TypeError) naming what is wrong: a
+    missing or foreign format, a missing field ("adapter file a.safetensors has no 'alpha'"),
+    a field of the wrong type or value.
+    """
     if _CONFIG_KEY not in metadata:
         raise ValueError(f"{path} has no {_CONFIG_KEY!r} metadata: not written by save_adapter?")
     if metadata.get(_FORMAT_KEY) != _FORMAT:
@@ -942,23 +1033,36 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
             raise ValueError(
                 f"{path}: the {key!r} metadata is not valid JSON: {_describe(str(exc))}"
             ) from exc
-    # Every config in the file is validated by LoRAConfig's own constructor.
+    # Every config in the file is validated by LoRAConfig.from_dict: all fields, each checked.
+    layer_names, what = raw[_LAYERS_KEY], f"adapter file {path}"
+    if raw[_CONFIG_KEY] is not None:
+        config = LoRAConfig.from_dict(raw[_CONFIG_KEY], what).to_dict()
+        if not isinstance(layer_names, list) or not all(isinstance(n, str) for n in layer_names):
+            raise ValueError(f"{what}: {_LAYERS_KEY} must be a list of layer names")
+        return {"config": config, "layers": layer_names}
+    if not isinstance(layer_names, dict) or not layer_names:
+        raise ValueError(f"{what}: {_LAYERS_KEY} must map layer names to configs")
+    per_layer = {
+        name: LoRAConfig.from_dict(c, f"{what}, layer {name},").to_dict()
+        for name, c in layer_names.items()
+    }
+    return {"config": None, "layers": per_layer}
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Load a file written by save_adapter into the model's LoRA layers; returns its config.
+
+    The model must already have LoRA with the same settings: call add_lora(model, targets=...,
+    rank=..., alpha=..., dropout=..., rslora=...) as when training, then load_adapter. Any
+    mismatch raises ValueError and leaves the model unchanged.
+    """
+    _check_model(model)
+    metadata, tensors = _read_adapter_file(path)
+    path = Path(path)
     try:
-        layer_names = raw[_LAYERS_KEY]
-        if raw[_CONFIG_KEY] is not None:
-            file_config = LoRAConfig.from_dict(raw[_CONFIG_KEY])
-            if not isinstance(layer_names, list) or not all(
-                isinstance(n, str) for n in layer_names
-            ):
-                raise ValueError(f"{_LAYERS_KEY} must be a list of layer names")
-            stored = {"config": file_config.to_dict(), "layers": layer_names}
-        else:
-            if not isinstance(layer_names, dict) or not layer_names:
-                raise ValueError(f"{_LAYERS_KEY} must map layer names to configs")
-            per_layer = {str(n): LoRAConfig.from_dict(c).to_dict() for n, c in layer_names.items()}
-            stored = {"config": None, "layers": per_layer}
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: the adapter's settings are not valid: {exc}") from exc
+        stored = _adapter_description(metadata, path)
+    except TypeError as exc:  # a field of the wrong type: a bad file, not a bad call
+        raise ValueError(str(exc)) from exc
     layers = lora_layers(model)
     if not layers:
         hint = stored["config"] or {}

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -286,7 +288,7 @@ def test_adapter_file_non_float_refused(lora_model, tmp_path, dtype):
 
 def test_adapter_path_is_directory(lora_model, tmp_path):
     before = snapshot(lora_model)
-    with pytest.raises(IsADirectoryError, match="directory"):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
         load_adapter(lora_model, tmp_path)
     assert same(lora_model, before)
 
@@ -469,3 +471,423 @@ def test_deepcopy_merged_keeps_record(lora_model):
     other = copy.deepcopy(lora_model)
     unmerge_lora(other)
     assert not other[0].merged
+
+
+# --- add_lora is all-or-nothing -------------------------------------------------------------
+
+
+def full_snapshot(model: nn.Module) -> tuple:
+    """Every tensor bit for bit, every requires_grad flag and every module's type."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    return snapshot(model), flags, [(n, type(m)) for n, m in model.named_modules()]
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (torch.equal calls NaN unequal to itself)."""
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+def unchanged(model: nn.Module, before: tuple) -> bool:
+    state, flags, kinds = before
+    now = model.state_dict()
+    now_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    return (
+        now.keys() == state.keys()
+        and all(bitwise_equal(now[k], state[k]) for k in state)
+        and now_flags == flags
+        and kinds == [(n, type(m)) for n, m in model.named_modules()]
+    )
+
+
+def test_pissa_on_a_nan_weight_changes_nothing():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with torch.no_grad():
+        m[2].weight[0, 0] = float("nan")
+    before = full_snapshot(m)
+    with pytest.raises(ValueError, match=r"2\.weight has 1 NaN"):
+        add_lora(m, targets=("0", "2"), rank=2, init="pissa")
+    assert type(m[0]) is nn.Linear and unchanged(m, before)
+
+
+@pytest.mark.parametrize("init", ["default", "pissa"])
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize(
+    ("where", "value", "words"),
+    [
+        ("weight", float("nan"), r"blocks\.0\.attn\.v_proj\.weight has 1 NaN"),
+        ("weight", float("inf"), r"blocks\.0\.attn\.v_proj\.weight has 1 inf"),
+        ("weight", -float("inf"), r"blocks\.0\.attn\.v_proj\.weight has 1 inf"),
+    ],
+)
+def test_non_finite_target_weight_is_named_and_refused(init, variant, where, value, words):
+    torch.manual_seed(0)
+    model = ToyTransformer(get_preset("tiny"))
+    with torch.no_grad():
+        getattr(model.blocks[0].attn.v_proj, where)[2, 3] = value
+    before = full_snapshot(model)
+    with pytest.raises(ValueError, match=words):
+        add_lora(model, targets=("q_proj", "v_proj"), rank=2, init=init, variant=variant)
+    assert unchanged(model, before)
+
+
+def test_non_finite_bias_is_named():
+    m = nn.Sequential(nn.Linear(4, 4))
+    with torch.no_grad():
+        m[0].bias[:2] = float("nan")
+        m[0].bias[3] = float("inf")
+    before = full_snapshot(m)
+    with pytest.raises(ValueError, match=r"0\.bias has 2 NaN and 1 inf"):
+        add_lora(m, targets="0", rank=2)
+    assert unchanged(m, before)
+
+
+def test_non_finite_4bit_base_is_named():
+    from lab.quant import quantize_base
+
+    torch.manual_seed(0)
+    model = ToyTransformer(get_preset("tiny"))
+    quantize_base(model)
+    layer = model.blocks[0].attn.q_proj
+    name = next(n for n, b in layer.named_buffers() if b.is_floating_point())
+    with torch.no_grad():
+        getattr(layer, name).view(-1)[0] = float("nan")  # a block scale
+    before = full_snapshot(model)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj\.weight has \d+ NaN"):
+        add_lora(model, targets="q_proj", rank=2)
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("stop", [ValueError("boom"), KeyboardInterrupt()])
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_a_build_stopped_half_way_puts_everything_back(monkeypatch, stop, init):
+    # The third layer's build fails after PiSSA has rewritten the first two weights.
+    import lab.lora as lora_module
+
+    torch.manual_seed(0)
+    model = ToyTransformer(get_preset("tiny"))
+    before = full_snapshot(model)
+    real, built = lora_module.build_layer, []
+
+    def failing(base, config):
+        if len(built) == 2:
+            raise stop
+        built.append(real(base, config))
+        return built[-1]
+
+    monkeypatch.setattr(lora_module, "build_layer", failing)
+    with pytest.raises(type(stop)):
+        add_lora(model, targets=("q_proj", "k_proj", "v_proj"), rank=2, init=init)
+    assert unchanged(model, before)
+
+
+def test_a_swap_stopped_half_way_puts_everything_back(monkeypatch):
+    import lab.lora as lora_module
+
+    torch.manual_seed(0)
+    model = ToyTransformer(get_preset("tiny"))
+    before = full_snapshot(model)
+    real, calls = lora_module._replace_module, []
+
+    def failing(model_, name, new):
+        calls.append(name)
+        if len(calls) == 3:  # two layers already swapped in
+            raise KeyboardInterrupt
+        real(model_, name, new)
+
+    monkeypatch.setattr(lora_module, "_replace_module", failing)
+    with pytest.raises(KeyboardInterrupt):
+        add_lora(model, targets=("q_proj", "k_proj", "v_proj"), rank=2, init="pissa")
+    monkeypatch.setattr(lora_module, "_replace_module", real)
+    assert unchanged(model, before)
+
+
+# A real SIGINT, sent by the process to itself at a known point: while PiSSA decomposes the
+# third weight, or while the second new layer is being swapped in. Python's own handler turns
+# it into KeyboardInterrupt, exactly as Ctrl-C in a terminal or a notebook's interrupt does.
+_CTRL_C = """
+import os, signal, sys, torch
+import lab, lab.lora
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Linear(96, 96) for _ in range(6)])
+before = {k: v.clone() for k, v in model.state_dict().items()}
+flags = [p.requires_grad for p in model.parameters()]
+where, count, sent = sys.argv[1], [0], []
+def interrupt_on_third(real):
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        if count[0] == 3:
+            sent.append(count[0])
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    return wrapped
+if where == "svd":
+    torch.linalg.svd = interrupt_on_third(torch.linalg.svd)
+else:
+    lab.lora._replace_module = interrupt_on_third(lab.lora._replace_module)
+try:
+    lab.add_lora(model, targets=[str(i) for i in range(6)], rank=4, init="pissa")
+except KeyboardInterrupt:
+    print("interrupted at call", *sent)
+else:
+    sys.exit("add_lora finished: the interrupt never came")
+assert all(type(m) is nn.Linear for m in model), [type(m).__name__ for m in model]
+now = model.state_dict()
+assert now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+assert [p.requires_grad for p in model.parameters()] == flags
+print("model as it was")
+"""
+
+
+@pytest.mark.parametrize("where", ["svd", "swap"])
+def test_ctrl_c_during_add_lora_leaves_the_model_as_it_was(where):
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C, where],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.getcwd(),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "interrupted at call 3\n" in done.stdout and "model as it was" in done.stdout
+
+
+def test_pissa_rank_above_the_layer_is_refused_before_any_svd():
+    m = nn.Sequential(nn.Linear(8, 3), nn.Linear(3, 8))
+    before = full_snapshot(m)
+    with pytest.raises(ValueError, match=r"rank=4 is too large for 0 .*min\(in, out\) = 3"):
+        add_lora(m, targets=("0", "1"), rank=4, init="pissa")
+    assert unchanged(m, before)
+
+
+def test_pissa_on_a_4bit_base_is_refused_before_anything():
+    from lab.quant import quantize_base
+
+    torch.manual_seed(0)
+    model = ToyTransformer(get_preset("tiny"))
+    quantize_base(model)
+    before = full_snapshot(model)
+    with pytest.raises(ValueError, match="full-precision W"):
+        add_lora(model, targets=("q_proj", "v_proj"), rank=2, init="pissa")
+    assert unchanged(model, before)
+
+
+# --- merge, unmerge and remove never write NaN into W ---------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("action", ["merge_lora", "remove_lora"])
+def test_a_diverged_adapter_is_never_merged(variant, action):
+    from lab.lora import remove_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    add_lora(model, ["0", "2"], rank=2, alpha=4, variant=variant)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        model[2].lora_B[1, 0] = float("nan")
+    before = full_snapshot(model)
+    act = merge_lora if action == "merge_lora" else remove_lora
+    with pytest.raises(ValueError, match=r"non-finite weights in 2: lora_B has 1 NaN \(a diverged"):
+        act(model)
+    assert unchanged(model, before) and not model[0].merged
+
+
+@pytest.mark.parametrize("action", ["unmerge_lora", "remove_lora"])
+def test_unmerge_refuses_to_write_nan_and_changes_nothing(action):
+    # (DoRA's unmerge puts back the W it kept at merge: tests/test_variants.py.)
+    from lab.lora import remove_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    add_lora(model, ["0", "2"], rank=2, alpha=4)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_()
+    merge_lora(model)
+    with torch.no_grad():
+        model[2].base.weight[3, 1] = float("inf")  # a merged weight edited by hand
+    before = full_snapshot(model)
+    with pytest.raises(ValueError, match=r"unmerging 2 would write NaN or inf into rows \[3\]"):
+        if action == "unmerge_lora":
+            unmerge_lora(model)
+        else:
+            remove_lora(model, merge=False)
+    assert unchanged(model, before) and model[0].merged and model[2].merged
+
+
+def test_save_adapter_refuses_a_diverged_adapter(lora_model, tmp_path):
+    with torch.no_grad():
+        lora_model[2].lora_A[0, 0] = float("inf")
+    path = tmp_path / "diverged.safetensors"
+    with pytest.raises(ValueError, match=r"not saved: 2\.lora_A has 1 inf"):
+        save_adapter(lora_model, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- adapter files state every field --------------------------------------------------------
+
+
+def _file_with_config(model, path, change) -> None:
+    """Save model's adapter to path with its stored config changed by change(dict)."""
+    from safetensors import safe_open
+
+    save_adapter(model, path)
+    with safe_open(path, "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    config = json.loads(meta["lora_lab_config"])
+    change(config)
+    meta["lora_lab_config"] = json.dumps(config)
+    save_file(tensors, path, metadata=meta)
+
+
+FIELDS = ("rank", "alpha", "dropout", "targets", "rslora", "variant", "init", "lr_ratio")
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_adapter_file_missing_a_field_is_refused_naming_it(lora_model, tmp_path, field):
+    path = tmp_path / "a.safetensors"
+    _file_with_config(lora_model, path, lambda c: c.pop(field))
+    before = snapshot(lora_model)
+    with pytest.raises(ValueError, match=f"adapter file {path} has no '{field}'"):
+        load_adapter(lora_model, path)
+    assert same(lora_model, before)
+
+
+def test_adapter_file_without_alpha_never_loads_at_the_default_scale(tmp_path):
+    # Saved at alpha 8; without its alpha the file must not load into an alpha-16 model (the
+    # default) nor claim to hold 16 when refused by an alpha-8 one.
+    torch.manual_seed(0)
+    saved = ToyTransformer(get_preset("tiny"))
+    add_lora(saved, targets=("q_proj", "v_proj"), rank=4, alpha=8)
+    path = tmp_path / "noalpha.safetensors"
+    _file_with_config(saved, path, lambda c: c.pop("alpha"))
+    for alpha in (16, 8):
+        model = ToyTransformer(get_preset("tiny"))
+        add_lora(model, targets=("q_proj", "v_proj"), rank=4, alpha=alpha)
+        with pytest.raises(ValueError, match="has no 'alpha'") as info:
+            load_adapter(model, path)
+        assert "16.0" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("rank", "2", "rank must be an int"),
+        ("rank", 2.0, "rank must be an int"),
+        ("rank", True, "rank must be an int"),
+        ("rank", 0, "rank must be an int >= 1"),
+        ("rank", 10**400, "rank="),
+        ("alpha", "4", "alpha must be a number"),
+        ("alpha", True, "alpha must be a number"),
+        ("alpha", float("nan"), "alpha must be a finite number"),
+        ("alpha", float("inf"), "alpha must be a finite number"),
+        ("alpha", -0.0, "alpha must be a finite number > 0"),
+        ("alpha", None, "alpha must be a number"),
+        ("dropout", -0.5, "dropout must be a number in"),
+        ("dropout", False, "dropout must be a number"),
+        ("targets", "0", "targets must be a list"),
+        ("targets", [1], "every target must be a non-empty str"),
+        ("targets", [], "targets is empty"),
+        ("targets", {"0": 1}, "targets must be a list"),
+        ("rslora", "false", "rslora must be true or false"),
+        ("rslora", 0, "rslora must be true or false"),
+        ("variant", "lorax", "variant='lorax'"),
+        ("variant", 3, "variant must be a str"),
+        ("init", None, "init must be a str"),
+        ("lr_ratio", True, "lr_ratio must be a number"),
+        ("lr_ratio", 0, "lr_ratio=0"),
+        ("lr_ratio", float("nan"), "lr_ratio=nan"),
+        ("ranks", 4, "unknown fields 'ranks'"),
+    ],
+)
+def test_adapter_file_field_of_the_wrong_type_or_value(lora_model, tmp_path, field, value, words):
+    path = tmp_path / "bad.safetensors"
+    _file_with_config(lora_model, path, lambda c: c.__setitem__(field, value))
+    before = snapshot(lora_model)
+    with pytest.raises(ValueError, match=f"adapter file {path}.*{re.escape(words)}"):
+        load_adapter(lora_model, path)
+    assert same(lora_model, before)
+
+
+def test_adapter_file_config_that_is_not_a_dict(lora_model, tmp_path):
+    from safetensors import safe_open
+
+    path = save_adapter(lora_model, tmp_path / "list.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = {**f.metadata(), "lora_lab_config": "[4, 8]"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="must be a dict of LoRAConfig fields, got list"):
+        load_adapter(lora_model, path)
+
+
+# A FIFO and /dev/zero are named for what they are, and nothing blocks on them: both are tried
+# in a child process with a deadline, by load_adapter and by the doctor.
+_SPECIAL_PATHS = """
+import os, sys, torch, lab
+from torch import nn
+fifo = os.path.join(sys.argv[1], "adapter.fifo")
+os.mkfifo(fifo)
+model = nn.Sequential(nn.Linear(8, 8))
+lab.add_lora(model, targets="0", rank=2)
+for path, kind in ((fifo, "named pipe"), ("/dev/zero", "a device")):
+    try:
+        lab.load_adapter(model, path)
+    except OSError as exc:
+        assert kind in str(exc) and path in str(exc), exc
+    else:
+        sys.exit(f"load_adapter accepted {path}")
+    (finding,) = lab.doctor(model, path)[-1:]
+    assert finding.code == "adapter-file-unreadable" and kind in finding.detail, finding
+    print("named", kind)
+"""
+
+
+def test_fifo_and_device_adapter_paths_are_named_and_never_block(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _SPECIAL_PATHS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.getcwd(),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "named named pipe" in done.stdout and "named a device" in done.stdout
+
+
+# --- LoRAConfig's edges ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"rank": 10**400}, "rank=1000"),
+        ({"alpha": 10**400}, "alpha=1000"),
+        ({"lr_ratio": 10**400}, "lr_ratio=1000"),
+        ({"alpha": 1e-320}, "rounded away"),
+        ({"rank": 2**63}, "rounded away"),
+        ({"rank": 10**400, "rslora": True}, "alpha/sqrt(rank)"),
+        ({"dropout": 10**400}, "dropout must be a number in [0, 1)"),
+    ],
+)
+def test_config_extremes_refused_with_short_messages(kwargs, words):
+    from lab.config import LoRAConfig
+
+    with pytest.raises(ValueError, match=re.escape(words)) as info:
+        LoRAConfig(**kwargs)
+    assert len(str(info.value)) < 400
+
+
+def test_config_negative_zero_dropout_is_zero():
+    from lab.config import LoRAConfig
+
+    config = LoRAConfig(dropout=-0.0)
+    assert math.copysign(1, config.dropout) == 1 and config.to_dict()["dropout"] == 0.0
+    assert json.dumps(config.to_dict()) == json.dumps(LoRAConfig(dropout=0.0).to_dict())

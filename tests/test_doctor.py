@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import json
 import math
 import re
 
@@ -331,14 +332,14 @@ def test_file_problems_are_findings_never_exceptions(healthy, tmp_path):
     before = snapshot(healthy)
     cases = {
         tmp_path / "missing.safetensors": "does not exist",
-        tmp_path: "is a directory",
+        tmp_path: "is a folder",
     }
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 not a safetensors file")
-    cases[garbage] = "not a readable safetensors file"
+    cases[garbage] = "not a readable adapter file"
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(save_adapter(healthy, tmp_path / "t.safetensors").read_bytes()[:300])
-    cases[truncated] = "not a readable safetensors file"
+    cases[truncated] = "not a readable adapter file"
     bare = tmp_path / "bare.safetensors"  # adapter tensors, but not written by save_adapter
     save_file({k: v.contiguous() for k, v in lora_state_dict(healthy).items()}, bare)
     cases[bare] = "lora_lab_config"
@@ -384,9 +385,14 @@ def test_file_saved_untrained_or_diverged(sick, tmp_path):
     untrained = save_adapter(fresh(), tmp_path / "fresh.safetensors")
     finding = only(doctor(sick, untrained), "adapter-file-untrained")
     assert "all 12 lora_B tensors are exactly zero" in finding.detail
-    with torch.no_grad():
-        lora_layers(sick)["blocks.0.attn.q_proj"].lora_A[0, 0] = math.inf
-    diverged = save_adapter(sick, tmp_path / "inf.safetensors")
+    # save_adapter refuses a diverged adapter, so this file is written the way another tool
+    # (or an older lab) would have written it: the adapter file's own metadata, an inf tensor.
+    with safe_open(untrained, framework="pt") as f:
+        metadata = f.metadata()
+    state = {k: v.contiguous() for k, v in lora_state_dict(sick).items()}
+    state["blocks.0.attn.q_proj.lora_A"][0, 0] = math.inf
+    diverged = tmp_path / "inf.safetensors"
+    save_file(state, diverged, metadata=metadata)
     finding = only(doctor(fresh(), diverged), "adapter-file-nonfinite")
     assert "blocks.0.attn.q_proj.lora_A" in finding.detail
 
@@ -403,6 +409,21 @@ def test_file_that_load_adapter_refuses_for_another_reason(healthy, adapter_file
     finding = only(doctor(healthy, path), "adapter-file-mismatch")
     assert "floating point" in finding.detail
     assert_unchanged(before, healthy)
+
+
+def test_file_missing_a_field_is_named_never_read_with_a_default(healthy, adapter_file, tmp_path):
+    # Without its alpha the file must not pass as alpha 16 (the default), nor as the model's 8.
+    with safe_open(adapter_file, framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    config = json.loads(metadata["lora_lab_config"])
+    del config["alpha"]
+    metadata["lora_lab_config"] = json.dumps(config)
+    path = tmp_path / "noalpha.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    finding = only(doctor(healthy, path), "adapter-file-unreadable")
+    assert "has no 'alpha'" in finding.detail
+    assert "16.0" not in finding.detail.replace(str(path), "")
 
 
 def test_adapter_path_of_the_wrong_type_raises(healthy):

@@ -7,6 +7,11 @@ The adapted weight is split into a direction and a magnitude:
 m (one number per output feature) is trained next to A and B; it starts at ||W|| (B = 0), so a
 fresh DoRA layer computes exactly W. As in the paper (section 4.3) and PEFT, the norm is treated
 as a constant in the backward pass (detached): it saves memory and barely changes training.
+
+A row whose W + ΔW is all zero has no direction to rescale: m / ||W + ΔW|| would be 0/0. There
+the layer uses a scale of 1 (the row computes W + ΔW, zero; m gets no gradient from it), so a
+fresh layer on a weight with a zero row, common after 4-bit quantisation, still computes exactly
+W. (PEFT 0.21 divides regardless and outputs NaN there.)
 """
 
 from __future__ import annotations
@@ -16,9 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Variant, register_variant
-from ..lora import LoRALinear
+from ..lora import LoRALinear, is_quantized
 
-__all__ = ["DoRALinear"]
+__all__ = ["DoRALinear", "row_scale"]
+
+
+def row_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """m / ||W + ΔW|| per output row, and 1 where the row's norm is 0 (no direction to scale)."""
+    zero = norm == 0
+    one = torch.ones_like(norm)
+    # The divisor is made safe too: where() would otherwise send 0 * inf = NaN back as m's grad.
+    return torch.where(zero, one, magnitude / torch.where(zero, one, norm))
 
 
 class DoRALinear(LoRALinear):
@@ -31,8 +44,9 @@ class DoRALinear(LoRALinear):
         with torch.no_grad():
             norm = self.weight_norm()
         self.magnitude = nn.Parameter(norm.clone())
-        self.register_buffer("_merged_scale", None, persistent=False)
         self.register_buffer("_merged_m", None, persistent=False)
+        # W as it was before merge(): see merge() for why it is kept.
+        self.register_buffer("_pre_merge_weight", None, persistent=False)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {**super().adapter_parameters(), "magnitude": self.magnitude}
@@ -48,7 +62,7 @@ class DoRALinear(LoRALinear):
         if self.merged:
             return out
         h = self.dropout(x.to(self.lora_A.dtype))
-        scale = self.magnitude / self.weight_norm().detach()  # (out,)
+        scale = row_scale(self.magnitude, self.weight_norm().detach())  # (out,)
         lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
         if self.training and isinstance(self.dropout, nn.Dropout):
             # The base part of the rescaling sees the same dropped input as the adapter.
@@ -68,21 +82,27 @@ class DoRALinear(LoRALinear):
     def merged_weight(self) -> torch.Tensor:
         w = self.base_weight()
         folded = w.to(self.lora_A.dtype) + (self.lora_B @ self.lora_A) * self.scaling
-        scale = self.magnitude / folded.norm(dim=1)
+        scale = row_scale(self.magnitude, folded.norm(dim=1))
         return (scale[:, None] * folded).to(w.dtype)
 
     def _record_merge(self) -> None:
         super()._record_merge()
         self._merged_m = self.magnitude.detach().clone()
-        with torch.no_grad():
-            # The scale m / ||W + ΔW|| of the W before the merge (base already holds W').
-            self._merged_scale = self._merged_m / self._pre_merge_norm
 
     @torch.no_grad()
     def merge(self, requantize: bool = False) -> None:
-        if not self.merged:
-            self._pre_merge_norm = self.weight_norm()
+        """Write m / ||W + ΔW|| * (W + ΔW) into W, keeping a copy of W for unmerge.
+
+        Unlike LoRA's W + ΔW, this cannot always be undone by arithmetic: a row with m = 0 is
+        written as zeros (W's row is gone, and dividing by the scale gives 0/0), and a tiny m
+        leaves too few digits to divide back. So the W from before the merge is kept, and
+        unmerge puts it back bit for bit (a 4-bit base is kept whole in any case).
+        """
+        keep = not self.merged and not is_quantized(self.base)
+        before = self.base.weight.detach().clone() if keep else None
         super().merge(requantize)
+        if keep and self.merged:
+            self._pre_merge_weight = before
 
     def adapter_changed_since_merge(self) -> bool:
         changed = super().adapter_changed_since_merge()
@@ -92,17 +112,16 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def _unfolded_weight(self) -> torch.Tensor:
-        """W = W' / (m / ||W + ΔW||) - ΔW, from what merge() recorded."""
-        w = self.base_weight()
-        if self._merged_scale is None:  # merged flag set by hand: nothing recorded
+        """The W kept by merge()."""
+        if self._pre_merge_weight is None:  # merged flag set by hand: nothing recorded
             raise RuntimeError("this DoRA layer has no record of its merge; cannot unmerge")
-        delta = (self._merged_B @ self._merged_A) * self._merged_scaling
-        return (w.to(delta.dtype) / self._merged_scale[:, None] - delta).to(w.dtype)
+        return self._pre_merge_weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
         super().unmerge()
-        self._merged_scale = self._merged_m = None
+        if not self.merged:
+            self._pre_merge_weight = self._merged_m = None
 
 
 register_variant(
