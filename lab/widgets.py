@@ -1118,7 +1118,7 @@ class SweepExplorer:
         self.message = (
             f"last run trained {_points(len(todo))} in {seconds:.0f} s"
             if todo
-            else "nothing to train: every selected point is cached"
+            else "the last Run had nothing to train: every point it selected was cached"
         )
         self.refresh()
         return [self.cache.get(p) for p in points]
@@ -1129,8 +1129,8 @@ class SweepExplorer:
         A run estimated at more than CONFIRM_SECONDS only shows Confirm (its point count and
         time) and Cancel; nothing trains until Confirm is pressed for the same selection.
         """
-        if self.running:  # a click that arrives while a run is going
-            return
+        if self.running or _problem(self.selection):  # a click during a run, or nothing to name
+            return  # (the status line already says what to select)
         todo = self._todo()
         if todo and estimate_seconds(todo, self.cache.results(), self.measured) > CONFIRM_SECONDS:
             self._ask(todo)

@@ -1012,3 +1012,12 @@ def test_an_empty_cache_opens_estimates_and_draws_every_tab(tmp_path):
     assert explorer.status_text() == "select at least one rank, one alpha and one dropout"
     explorer.on_run()
     assert explorer.run_fn.calls == [] and explorer.pending is None
+
+
+def test_run_on_a_selection_that_names_no_point_leaves_no_message_behind(tmp_path):
+    explorer = SweepExplorer(SweepCache(tmp_path), run_fn=FakeTrainer())
+    explorer.method.value, explorer.quant.value = "PiSSA", "nf4"  # PiSSA needs the fp32 base
+    explorer.on_run()
+    explorer.quant.value = "fp32"
+    assert explorer.message == "" and "nothing to train" not in explorer.status_text()
+    assert explorer.run_fn.calls == []
