@@ -442,6 +442,7 @@ def test_count_a_lookup_table_of_any_earlier_cases_does_not_pass():
         (lambda c, t, r: 1e30, "you count"),
         (lambda c, t, r: -count_ok(c, t, r), "fewer than the lab counts"),
         (lambda c, t, r: 1 + 2j, "returned a complex"),
+        (lambda c, t, r: object.__setattr__(c, "d_model", 1) or 5, "changed the config"),
         (no_args, "The check calls it as my_count(config, targets, rank)"),
         (exits, "raised SystemExit"),
     ],

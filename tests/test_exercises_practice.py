@@ -416,6 +416,13 @@ def test_a_setting_the_grid_never_trained_is_not_measured_not_assumed(targets, r
         assert f"{name} r{r} {SHIFT_ACCURACY[name]:.2f}" in feedback.message
 
 
+def test_a_numpy_rank_is_a_whole_number():
+    import numpy as np
+
+    assert_passed(ex.check_shift_targets(("up", "down"), np.int64(7), results=GRID))
+    assert_not_yet(ex.check_shift_targets(("down",), np.int64(14), results=GRID), "not measured")
+
+
 def test_the_count_is_the_labs_own():
     model = lab.load_base_model("cpu")
     lab.add_lora(model, targets=("q_proj", "v_proj", "up_proj"), rank=8)

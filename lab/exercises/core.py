@@ -644,10 +644,13 @@ def check_count(fn: Callable) -> Feedback:
     answers, first_wrong = [], None
     for config, targets, rank in cases:
         expected, _ = _lab_count(config, targets, rank)
+        given = copy.deepcopy(config)  # the student's own copy: the check keeps its case
         with _BuildsModules() as built:
-            answer, problem = _call(fn, "my_count", todo, config, targets, rank, call=call)
+            answer, problem = _call(fn, "my_count", todo, given, targets, rank, call=call)
         if problem:
             return problem
+        if given != config:
+            return _no("my_count changed the config it was given: read it, do not change it")
         if built.count:
             return _no(
                 "my_count builds a model (its layers registered parameters): count by hand, "
@@ -724,8 +727,9 @@ def train_budget(targets: object, rank: object, steps: object = 150) -> object:
     names, problem = _budget_targets(targets)
     if problem:
         return problem
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 128:
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or not 1 <= rank <= 128:
         return _no(f"RANK should be a whole number from 1 to 128 (d_model), got {rank!r}")
+    rank = int(rank)  # a numpy integer is a whole number too
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= BUDGET_STEPS:
         return _no(f"STEPS should be a whole number from 1 to {BUDGET_STEPS}, got {steps!r}")
     cost, _ = _lab_count(PRESETS["cpu"], names, rank)

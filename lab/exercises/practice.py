@@ -663,8 +663,9 @@ def check_shift_targets(
     names, problem = _shift_targets(targets)
     if problem:
         return problem
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 128:
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or not 1 <= rank <= 128:
         return _no(f"RANK should be a whole number from 1 to 128 (d_model), got {rank!r}")
+    rank = int(rank)  # a numpy integer is a whole number too
     cost, _ = _lab_count(PRESETS["cpu"], names, rank)
     plan = f"rank {rank} on {_short(names)}"
     if cost > SHIFT_BUDGET:
