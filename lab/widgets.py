@@ -36,7 +36,7 @@ import ipywidgets as W
 import torch
 from matplotlib.figure import Figure
 
-from . import plots
+from . import plots, threads
 from .analysis import ATTENTION, canonical_targets, describe_counts, lora_counts
 from .config import ALL_LINEAR, INITS, VARIANTS, LoRAConfig
 from .lora import add_lora, count_parameters
@@ -1101,6 +1101,7 @@ class SweepExplorer:
         self.running, self.run_button.disabled = True, True
         try:
             with self.log:
+                threads.training_threads()  # the lab's thread rule; a busy machine is said here
                 sweep(
                     todo, self.cache, progress=True, device=self.device,
                     run_fn=self.run_fn, on_result=after_each,

@@ -1021,3 +1021,17 @@ def test_run_on_a_selection_that_names_no_point_leaves_no_message_behind(tmp_pat
     explorer.quant.value = "fp32"
     assert explorer.message == "" and "nothing to train" not in explorer.status_text()
     assert explorer.run_fn.calls == []
+
+
+def test_run_says_in_its_log_when_the_machine_is_busy(tmp_path, monkeypatch, capsys):
+    """A batched run too (no lab.train call): the line goes where the run's progress goes (the
+    log, in a kernel; stderr here)."""
+    from lab import threads
+
+    monkeypatch.setattr(threads, "_busy_said", False)
+    monkeypatch.delenv(threads.BUSY_ENV_VAR, raising=False)
+    monkeypatch.setattr(threads, "load_average", lambda: 50.0)
+    explorer = SweepExplorer(SweepCache(tmp_path), run_fn=FakeTrainer())
+    explorer.ranks.value, explorer.alphas.value, explorer.full.value = (4,), (16.0,), False
+    explorer.on_run()
+    assert "the machine is busy (load average 50.0" in capsys.readouterr().err
