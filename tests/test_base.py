@@ -1,9 +1,32 @@
 """The shipped pretrained base: loads, knows its pretraining skills, fails the new tasks."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from lab import BASE_MODEL_PATH, add_lora, get_task, load_base_model, save_base_model, train
+import lab
+from lab import (
+    BASE_MODEL_PATH,
+    ToyTransformer,
+    add_lora,
+    get_preset,
+    get_task,
+    load_base_model,
+    merge_lora,
+    quantize_base,
+    remove_lora,
+    save_base_model,
+    train,
+)
+from lab.base import load_base_config, model_from_state
+from lab.quant import dequantize_base
 from lab.tasks import FINETUNE_TASKS, PRETRAIN_TASKS
 
 
@@ -62,3 +85,159 @@ def test_config_is_read_from_the_metadata_alone(base, tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable base model file"):
         load_base_config(junk)
+
+
+# ---------------------------------------------------------------------------------------------
+# What save_base_model refuses to write, and crafted base files
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_model(seed: int = 0) -> ToyTransformer:
+    torch.manual_seed(seed)
+    return ToyTransformer(get_preset("tiny"))
+
+
+def test_a_quantised_model_is_refused_before_writing_and_dequantize_base_saves(tmp_path):
+    model = _tiny_model()
+    quantize_base(model)
+    path = tmp_path / "q.safetensors"
+    with pytest.raises(ValueError, match=r"4-bit layers \(blocks\.0\.attn\.q_proj.*dequantize"):
+        save_base_model(model, path)
+    assert not path.exists()
+    dequantize_base(model)
+    again = load_base_model("cpu", save_base_model(model, path))
+    x = get_task("copy").heldout_inputs[:4]
+    assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_model_with_lora_layers_is_refused_before_writing(tmp_path, merged):
+    model = _tiny_model()
+    add_lora(model, rank=2, alpha=4)
+    if merged:
+        merge_lora(model)
+    path = tmp_path / "l.safetensors"
+    with pytest.raises(ValueError, match=r"LoRA layers \(blocks\.0\.attn\.q_proj.*remove_lora"):
+        save_base_model(model, path)
+    assert not path.exists()
+    remove_lora(model)
+    assert load_base_model("cpu", save_base_model(model, path)).config == model.config
+
+
+def test_a_meta_or_non_finite_model_is_refused_before_writing(tmp_path):
+    path = tmp_path / "m.safetensors"
+    with torch.device("meta"):
+        meta = ToyTransformer(get_preset("tiny"))
+    with pytest.raises(ValueError, match="meta device"):
+        save_base_model(meta, path)
+    broken = _tiny_model()
+    with torch.no_grad():
+        broken.ln_f.weight[0] = float("nan")
+    with pytest.raises(ValueError, match=r"ln_f\.weight contains non-finite"):
+        save_base_model(broken, path)
+    with pytest.raises(TypeError, match="JSON values"):
+        save_base_model(_tiny_model(), path, info={"when": object()})
+    assert not path.exists()
+
+
+def _crafted(tmp_path, change_config=None, change_tensors=None, name="crafted.safetensors"):
+    """A base file written straight with safetensors, its config or tensors changed."""
+    model = _tiny_model()
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    config = model.config.to_dict()
+    if change_config:
+        config.update(change_config)
+    if change_tensors:
+        change_tensors(tensors)
+    path = tmp_path / name
+    save_file(tensors, path, metadata={"lora_lab_model_config": json.dumps(config)})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ({"n_layers": 10**6}, r"n_layers=1000000.*it holds 14\): missing tensors \['blocks\.1\."),
+        (
+            {"d_model": 2**20, "n_heads": 1},
+            r"has shape \(32, 32\), but its config needs \(1048576, 1048576\)",
+        ),
+        ({"vocab_size": 10**9}, r"tok_emb\.weight has shape \(64, 32\).*\(1000000000, 32\)"),
+        ({"max_seq_len": 10**9}, r"pos_emb\.weight has shape \(32, 32\)"),
+    ],
+)
+def test_a_crafted_config_is_refused_before_anything_is_built(tmp_path, config, words):
+    path = _crafted(tmp_path, change_config=config)
+    for read in (load_base_config, lambda p: load_base_model("cpu", p)):
+        with pytest.raises(ValueError, match=words) as info:
+            read(path)
+        assert str(path) in str(info.value)
+
+
+def test_mixed_dtypes_are_refused_naming_both_and_one_dtype_loads(tmp_path):
+    def one_double(t):
+        t["blocks.0.attn.q_proj.weight"] = t["blocks.0.attn.q_proj.weight"].double()
+
+    path = _crafted(tmp_path, change_tensors=one_double)
+    with pytest.raises(ValueError, match=r"mixes dtypes: 13 float32.*1 float64 \(e\.g\. blocks\.0"):
+        load_base_model("cpu", path)
+
+    def all_double(t):
+        t.update({k: v.double() for k, v in t.items()})
+
+    model = load_base_model("cpu", _crafted(tmp_path, change_tensors=all_double, name="f64.st"))
+    logits = model(get_task("copy").heldout_inputs[:2])  # consistent: the forward works
+    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "name"),
+    [
+        (torch.float8_e4m3fn, "float8_e4m3fn"),
+        (torch.float8_e5m2, "float8_e5m2"),
+        (torch.int8, "int8"),
+    ],
+)
+def test_a_float8_or_integer_tensor_is_refused_clearly(tmp_path, dtype, name):
+    def cast(t):
+        t["ln_f.weight"] = t["ln_f.weight"].to(dtype)
+
+    path = _crafted(tmp_path, change_tensors=cast)
+    with pytest.raises(ValueError, match=rf"ln_f\.weight has dtype {name}; .*float32"):
+        load_base_model("cpu", path)
+    model = _tiny_model()
+    state = dict(model.state_dict())
+    state["ln_f.weight"] = state["ln_f.weight"].to(dtype)
+    with pytest.raises(ValueError, match=rf"ln_f\.weight has dtype torch\.{name}"):
+        model_from_state(model.config, state)
+
+
+def test_a_fifo_or_a_device_is_named_as_such(tmp_path):
+    fifo = tmp_path / "base.safetensors"
+    os.mkfifo(fifo)  # reading it would block forever
+    for read in (load_base_config, lambda p: load_base_model("cpu", p)):
+        with pytest.raises(OSError, match=r"is a named pipe \(FIFO\), not an ordinary file"):
+            read(fifo)
+        with pytest.raises(OSError, match="/dev/zero is a device"):
+            read("/dev/zero")
+
+
+def test_an_unavailable_device_is_named_before_the_file_is_read():
+    with pytest.raises(ValueError, match=r"device='cuda:99' is not available"):
+        load_base_model("cuda:99")
+
+
+def test_the_cli_refuses_a_crafted_base_file_at_once_without_a_traceback(tmp_path):
+    """A copy of the lab whose shipped base file claims a million layers: `python -m lab sweep`
+    names the file and the config, exits with an error, trains nothing."""
+    root = Path(lab.__file__).parent
+    shutil.copytree(root, tmp_path / "lab", ignore=shutil.ignore_patterns("__pycache__"))
+    crafted = _crafted(tmp_path, change_config={"n_layers": 10**6})
+    shutil.copy(crafted, tmp_path / "lab" / "data" / "base_model.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    cmd = [sys.executable, "-m", "lab", "sweep", "--task", "sort_desc_small", "--ranks", "1"]
+    cmd += ["--steps", "3", "--cache", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out[-2000:]
+    assert "base_model.safetensors does not match its config (n_layers=1000000" in out, out[-2000:]
