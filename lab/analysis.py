@@ -126,9 +126,15 @@ def time_calls(
 
 def spread(seconds: Sequence[float]) -> tuple[float, float]:
     """The range most timings fall in: the quartiles from 4 timings on, else min and max."""
-    values = sorted(float(s) for s in seconds)
+    problem = ValueError(f"timings must be finite seconds >= 0, at least one; got {seconds!r}")
+    if isinstance(seconds, str | bytes | Mapping) or any(isinstance(s, bool) for s in seconds):
+        raise problem
+    try:
+        values = sorted(float(s) for s in seconds)
+    except (TypeError, ValueError):  # not numbers
+        raise problem from None
     if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise ValueError(f"timings must be finite seconds >= 0, at least one; got {seconds!r}")
+        raise problem
     if len(values) < 4:
         return values[0], values[-1]
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")

@@ -722,6 +722,13 @@ def learn_forget(
                 f"a run lacks {', '.join(missing)}: give rows as lab.practice.learn_forget "
                 f"makes them (keys learned, rank, replay, {key}), got {dict(row)!r:.120}"
             )
+    if log:
+        flat = [row for row in runs if not row[key] > 0]  # a log axis cannot show them
+        if flat:
+            raise ValueError(
+                f"log=True cannot show a loss <= 0 (or nan): {flat[0][key]!r} in "
+                f"{dict(flat[0])!r:.120}; give log=False"
+            )
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in runs:
         kind = (row["rank"] is None, row["rank"] or 0, row["replay"] > 0)
@@ -801,6 +808,8 @@ def timings(
     if unit not in scales:
         raise ValueError(f"unit must be one of {sorted(scales)}, got {unit!r}")
     xlabel, ylabel = f"time per call ({unit})", "configuration"
+    if spreads is not None and not hasattr(spreads, "__len__"):
+        raise ValueError(f"spreads must be one (low, high) pair per label, got {spreads!r}")
     if spreads is None:
         _check_lengths(labels=labels, seconds=seconds)
     else:
@@ -816,7 +825,7 @@ def timings(
                 low, high = (float(v) for v in pair)
             except (TypeError, ValueError):  # not a pair of numbers
                 low = high = math.nan
-            if not low <= value <= high:
+            if not (math.isfinite(low) and math.isfinite(high) and low <= value <= high):
                 raise ValueError(
                     f"{label!r}: spread {pair!r} does not hold its time {value!r}: give "
                     "(low, high) seconds with low <= time <= high, such as the quartiles"

@@ -238,5 +238,6 @@ def test_timing_summary_is_the_one_median_a_table_a_plot_and_the_verdict_share()
     verdict = timing_verdict("base", skewed, "merged", [0.02] * 10)
     assert verdict.startswith(f"base {median * 1e3:.3g} ms (spread 31.5 ms-80 ms)")
     assert _stats(skewed)["median_s"] == median
-    with pytest.raises(ValueError, match="timings must be finite seconds"):
-        timing_summary([0.1, float("nan")])
+    for bad in ([0.1, float("nan")], ["a", "b"], {"a": 1}, [True, False], "0.1", [None], []):
+        with pytest.raises(ValueError, match="timings must be finite seconds"):
+            timing_summary(bad)

@@ -280,7 +280,16 @@ def test_timings_whiskers_end_at_the_quartiles_of_skewed_timings():
 
 @pytest.mark.parametrize(
     "spread",
-    [(0.003, 0.004), (0.001, 0.0015), (float("nan"), 0.004), (0.001,), 0.001, ("a", "b")],
+    [
+        (0.003, 0.004),
+        (0.001, 0.0015),
+        (float("nan"), 0.004),
+        (0.001, float("inf")),
+        (0.001,),
+        0.001,
+        None,
+        ("a", "b"),
+    ],
 )
 def test_timings_refuses_a_spread_that_does_not_hold_its_time(spread):
     with pytest.raises(ValueError, match=r"'base': spread .* does not hold its time 0.002"):
@@ -466,6 +475,10 @@ def test_learn_forget_by_replay_compares_panels_on_one_y_range_with_one_outside_
     assert_clear_of_data(fig)
     with pytest.raises(ValueError, match=r"log=True needs measure='loss'"):
         plots.learn_forget(RUNS, log=True)
+    with pytest.raises(ValueError, match=r"log=True cannot show a loss <= 0 \(or nan\): 0.0"):
+        plots.learn_forget([RUNS[0] | {"source_loss": 0.0}], measure="loss", log=True)
+    with pytest.raises(ValueError, match=r"spreads must be one \(low, high\) pair per label"):
+        plots.timings(["a"], [0.01], spreads=5)
 
 
 # ---------------------------------------------------------------- legends, titles, units
