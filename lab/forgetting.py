@@ -22,7 +22,7 @@ import numbers
 import torch
 from torch import nn
 
-from .tasks import PRETRAIN_TASKS, Task, get_task
+from .tasks import PRETRAIN_TASKS, VOCAB, Task, get_task
 
 __all__ = ["MAX_REPLAY", "check_replay", "forgetting", "source_summary", "with_replay"]
 
@@ -86,13 +86,60 @@ def forgetting(model: nn.Module) -> dict[str, dict[str, float]]:
 
     The shipped base scores 97-100% on each. The model's train/eval mode is kept.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    _check_language_model(model)
     out = {}
     for name in PRETRAIN_TASKS:
         result = get_task(name).evaluate(model)
         out[name] = {"accuracy": float(result["accuracy"]), "loss": float(result["loss"])}
     return out
+
+
+_WANTED = (
+    "a language model like lab.ToyTransformer: token ids (batch, seq) -> logits "
+    f"(batch, seq, vocab >= {len(VOCAB)})"
+)
+
+
+def _check_language_model(model: object) -> None:
+    """TypeError/ValueError unless `model` scores the lab's token sequences, tried on two."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module ({_WANTED}), got {type(model).__name__}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError(f"model ({type(model).__name__}) has no parameters: expected {_WANTED}")
+    if any(p.is_meta for p in params):
+        raise ValueError(
+            "model is on the meta device (shapes only, no weights to measure): load or build "
+            "it with weights, e.g. lab.load_base_model()"
+        )
+    probe = get_task(PRETRAIN_TASKS[0]).heldout_inputs[:2].to(params[0].device)
+    was_training = model.training
+    try:
+        model.eval()
+        logits = model(probe)
+    except Exception as exc:  # whatever the model raised, say what it was asked to do
+        raise ValueError(
+            f"model ({type(model).__name__}) could not score the pretraining skills' token ids "
+            f"{tuple(probe.shape)}: {type(exc).__name__}: {exc}. Expected {_WANTED}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if not (
+        isinstance(logits, torch.Tensor)
+        and logits.is_floating_point()
+        and logits.ndim == 3
+        and logits.shape[:2] == probe.shape
+        and logits.shape[2] >= len(VOCAB)
+    ):
+        got = (
+            f"a {tuple(logits.shape)} {logits.dtype} tensor"
+            if isinstance(logits, torch.Tensor)
+            else type(logits).__name__
+        )
+        raise ValueError(
+            f"model ({type(model).__name__}) returned {got} for token ids {tuple(probe.shape)}: "
+            f"expected {_WANTED}"
+        )
 
 
 def source_summary(measured: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -102,6 +149,17 @@ def source_summary(measured: dict[str, dict[str, float]]) -> dict[str, float]:
             f"expected a forgetting dict with the skills {', '.join(PRETRAIN_TASKS)}, "
             f"got {measured!r:.120}"
         )
+    for t in PRETRAIN_TASKS:
+        entry = measured[t]
+        ok = isinstance(entry, dict) and all(
+            isinstance(entry.get(key), numbers.Real) and not isinstance(entry.get(key), bool)
+            for key in ("accuracy", "loss")
+        )
+        if not ok:
+            raise ValueError(
+                f"measured[{t!r}] must be a dict with numbers 'accuracy' and 'loss', as "
+                f"forgetting(model) gives, got {entry!r:.120}"
+            )
     return {
         key: sum(float(measured[t][key]) for t in PRETRAIN_TASKS) / len(PRETRAIN_TASKS)
         for key in ("accuracy", "loss")

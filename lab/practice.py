@@ -20,8 +20,9 @@ The helpers below pick the best learning rate per setting and lay results out fo
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from .forgetting import source_summary
@@ -144,13 +145,43 @@ def _score(r: SweepResult) -> tuple[float, float]:
     return (r.heldout["accuracy"], -r.heldout["loss"])
 
 
+def _results(results: object, where: str) -> list[SweepResult]:
+    """`results` as a list of SweepResults, or a TypeError naming the first thing that is not."""
+    if isinstance(results, str | bytes | Mapping) or not isinstance(results, Iterable):
+        raise TypeError(
+            f"{where}: results must be a list of SweepResults (lab.practice.load_practice_grid()"
+            f" or lab.sweep(...)), got {type(results).__name__}"
+        )
+    results = list(results)
+    for i, r in enumerate(results):
+        if not isinstance(r, SweepResult):
+            hint = ": pass the results, not their points" if isinstance(r, SweepPoint) else ""
+            raise TypeError(
+                f"{where}: results[{i}] is of type {type(r).__name__}, not a SweepResult{hint}"
+            )
+    return results
+
+
+def _differing_fields(results: list[SweepResult]) -> list[str]:
+    """The point fields other than lr in which `results` differ (empty: one setting)."""
+    settings = [dict(_setting(r.point)) for r in results]
+    return sorted({k for s in settings[1:] for k, v in s.items() if v != settings[0][k]})
+
+
 def best_lr(results: Iterable[SweepResult]) -> SweepResult:
     """The result with the best held-out accuracy (ties: lower loss) among `results`.
 
-    They should differ only in learning rate (one setting's lr sweep). ValueError when every
-    run diverged or there are none.
+    They must differ only in learning rate (one setting's lr sweep): ValueError naming the
+    fields that differ otherwise, and when every run diverged or there are none.
     """
-    results = list(results)
+    results = _results(results, "best_lr")
+    differ = _differing_fields(results)
+    if differ:
+        raise ValueError(
+            f"best_lr compares one setting's learning rates, but these {len(results)} results "
+            f"also differ in {', '.join(differ)}: pick one setting first (lab.practice."
+            "best_by_lr gives each setting's best)"
+        )
     trained = [r for r in results if not r.diverged]
     if not trained:
         raise ValueError(
@@ -170,7 +201,7 @@ def _setting(point: SweepPoint) -> tuple:
 def best_by_lr(results: Iterable[SweepResult]) -> dict[tuple, SweepResult]:
     """For each setting (every field but lr), its best result over the learning rates."""
     groups: dict[tuple, list[SweepResult]] = {}
-    for r in results:
+    for r in _results(results, "best_by_lr"):
         groups.setdefault(_setting(r.point), []).append(r)
     out = {}
     for key, group in groups.items():
@@ -184,9 +215,26 @@ def best_by_lr(results: Iterable[SweepResult]) -> dict[tuple, SweepResult]:
 def lr_curve(results: Iterable[SweepResult], **fields: object) -> list[tuple[float, float | None]]:
     """(lr, held-out accuracy or None if diverged) for results matching `fields`, lr ascending.
 
-    Example: lr_curve(results, task="sort_desc", rank=4, rslora=False, replay=0.0).
+    Example: lr_curve(results, task="sort_desc", rank=4, rslora=False, replay=0.0). A field
+    that is not a SweepPoint field, or values that no result has, raise a ValueError naming
+    the values the results hold.
     """
+    results = _results(results, "lr_curve")
+    valid = [f.name for f in dataclasses.fields(SweepPoint)]
+    unknown = sorted(set(fields) - set(valid))
+    if unknown:
+        raise ValueError(f"lr_curve: {unknown} are not SweepPoint fields; valid: {valid}")
     chosen = [r for r in results if all(getattr(r.point, k) == v for k, v in fields.items())]
+    if results and not chosen:
+        have = {k: sorted({getattr(r.point, k) for r in results}, key=str) for k in fields}
+        held = "; ".join(f"{k}={v!r} (the results have {have[k]})" for k, v in fields.items())
+        raise ValueError(f"lr_curve: no result matches {held}")
+    differ = _differing_fields(chosen)
+    if differ:  # one curve is one setting: mixed ones would zigzag between settings
+        raise ValueError(
+            f"lr_curve: the {len(chosen)} matching results differ in {', '.join(differ)}, not "
+            "only in lr: give those fields too, e.g. lr_curve(results, rank=4, ...)"
+        )
     return sorted((r.point.lr, None if r.diverged else r.heldout["accuracy"]) for r in chosen)
 
 
@@ -198,7 +246,7 @@ def learn_forget(results: Sequence[SweepResult]) -> list[dict]:
     over copy, reverse, sort, add). Results without `forgetting` are left out.
     """
     rows = []
-    for r in results:
+    for r in _results(results, "learn_forget"):
         if r.diverged or r.forgetting is None:
             continue
         source = source_summary(r.forgetting)

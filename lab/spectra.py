@@ -333,6 +333,11 @@ def _paired_weights(
                 "tuned_model: expected the same architecture"
             )
         for what, w in (("base_model", wb), ("tuned_model", wt)):
+            if w.is_meta:
+                raise ValueError(
+                    f"{name} of {what} is on the meta device (shapes only): expected a model "
+                    "with weights (lab.load_base_model(), or one trained)"
+                )
             if not bool(torch.isfinite(w).all()):
                 raise ValueError(f"{name} of {what} has non-finite weights (nan or inf)")
         pairs[name] = (wb, wt)
@@ -404,26 +409,34 @@ def layer_spectra(
     rank: int | None = None,
     fraction: float = 0.9,
 ) -> list[dict]:
-    """One row per block linear: ΔW's size, energy rank and amplification, for a table.
+    """One row per compared block linear: ΔW's size, energy rank and amplification.
 
     Each row: layer, shape (out, in), weight_norm ‖W‖_F (the base), delta_norm ‖ΔW‖_F
     (ΔW = effective tuned weight - base weight), energy_rank (`energy_rank(ΔW, fraction)`),
     rank (the r used below), projected_norm ‖Uᵀ W V‖_F and amplification (see
-    `amplification_factor`). rank=None takes each LoRA layer's own rank; a plain (fully
-    fine-tuned) layer then needs `rank` given. An unchanged layer (ΔW = 0) gets energy_rank 0
-    and nan for projected_norm and amplification. Print with `lab.analysis.format_table`.
+    `amplification_factor`). An unchanged layer (ΔW = 0) gets energy_rank 0 and nan for
+    projected_norm and amplification.
+
+    rank=None takes each LoRA layer's own rank, and compares the layers that carry an adapter:
+    a plain layer left untouched (k_proj beside a q,v adapter) has no row. A plain layer that
+    did change (full fine-tuning) needs `rank` given; then every block linear gets a row.
+    Print with `lab.analysis.format_table`.
     """
     pairs = _paired_weights(base_model, tuned_model)
     _check_fraction(fraction)
     tuned = _block_linears(tuned_model, "tuned_model")
     ranks = {}
-    for name, (_, wt) in pairs.items():
-        r = tuned[name].rank if rank is None and isinstance(tuned[name], LoRALinear) else rank
-        if r is None:
+    for name, (wb, wt) in pairs.items():
+        adapter = isinstance(tuned[name], LoRALinear)
+        if rank is None and not adapter:
+            if torch.equal(wb.to("cpu", torch.float64), wt.to("cpu", torch.float64)):
+                continue  # untouched, no adapter: nothing to compare
             raise ValueError(
                 f"rank=None takes each LoRA layer's own rank, but {name} is a plain "
-                f"{type(tuned[name]).__name__} (full fine-tuning): give rank=, e.g. rank=8"
+                f"{type(tuned[name]).__name__} whose weight changed (full fine-tuning): give "
+                "rank=, e.g. rank=8"
             )
+        r = tuned[name].rank if rank is None else rank
         if isinstance(r, bool) or not isinstance(r, numbers.Integral):
             raise TypeError(f"rank must be an int or None, got {r!r}")
         if not 1 <= r <= min(wt.shape):
@@ -431,8 +444,14 @@ def layer_spectra(
                 f"rank={r}: expected an int in [1, {min(wt.shape)}] (min(out, in) of {name})"
             )
         ranks[name] = int(r)
+    if not ranks:
+        raise ValueError(
+            "tuned_model has no LoRA layer and no block linear differs from base_model: there "
+            "is no update to compare (pass the fine-tuned model)"
+        )
     rows = []
-    for name, (wb, wt) in pairs.items():
+    for name in ranks:
+        wb, wt = pairs[name]
         w64 = wb.to("cpu", torch.float64)
         delta = wt.to("cpu", torch.float64) - w64
         row = {

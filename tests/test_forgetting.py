@@ -173,3 +173,42 @@ def test_cli_bad_rates_and_replay_are_usage_errors(capsys, tmp_path, fake_sweep,
     last = usage_error(capsys, ["sweep", *SMALL, *extra, "--cache", str(tmp_path / "c")])
     assert all(w in last for w in words), last
     assert fake_sweep.points == [] and not (tmp_path / "c").exists()
+
+
+def test_a_model_that_cannot_be_measured_is_refused_clearly():
+    with torch.device("meta"):
+        meta = lab.ToyTransformer(lab.get_preset("tiny"))
+    with pytest.raises(ValueError, match="meta device"):
+        forgetting(meta)
+    with pytest.raises(ValueError, match=r"Linear\) could not score.*token ids \(2, 19\)"):
+        forgetting(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="has no parameters"):
+        forgetting(torch.nn.ReLU())
+    small = lab.ToyTransformer(lab.get_preset("tiny", vocab_size=16))
+    with pytest.raises(ValueError, match=r"IndexError.*vocab >= 51"):
+        forgetting(small)
+    short = lab.ToyTransformer(lab.get_preset("tiny", max_seq_len=8)).train()
+    with pytest.raises(ValueError, match="sequence length 19 exceeds max_seq_len=8"):
+        forgetting(short)
+    assert short.training  # its mode is kept, also on failure
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(64, 8)
+
+        def forward(self, idx):
+            return self.emb(idx).sum(1)
+
+    with pytest.raises(ValueError, match=r"returned a \(2, 8\) torch.float32 tensor"):
+        forgetting(Flat())
+
+
+@pytest.mark.parametrize(
+    "entry", [{}, {"accuracy": "x", "loss": 1.0}, {"accuracy": True, "loss": 1.0}, 0.5]
+)
+def test_source_summary_refuses_a_malformed_entry(entry):
+    measured = {t: {"accuracy": 1.0, "loss": 0.1} for t in PRETRAIN_TASKS}
+    measured["sort"] = entry
+    with pytest.raises(ValueError, match=r"measured\['sort'\] must be a dict with numbers"):
+        source_summary(measured)

@@ -128,3 +128,33 @@ def test_every_setting_of_the_shipped_grid_has_a_best_lr_that_trains(shipped):
              if b.point.task == practice.LR_TASK and b.point.replay == 0
              and b.point.targets in (ALL_TARGETS_SORTED, ())}  # fmt: skip
     assert lr_settings <= found
+
+
+@pytest.mark.parametrize(
+    ("results", "exc", "words"),
+    [
+        (None, TypeError, "results must be a list of SweepResults"),
+        ("abc", TypeError, "got str"),
+        ({"a": 1}, TypeError, "got dict"),
+        ([1, 2], TypeError, r"results\[0\] is of type int, not a SweepResult"),
+        ([SweepPoint("rotate", 4)], TypeError, "pass the results, not their points"),
+    ],
+)
+def test_the_helpers_refuse_what_is_not_a_list_of_results(results, exc, words):
+    for helper in (practice.best_lr, practice.lr_curve, practice.best_by_lr, practice.learn_forget):
+        with pytest.raises(exc, match=words):
+            helper(results)
+
+
+def test_best_lr_and_lr_curve_refuse_mixed_settings_and_name_what_differs():
+    runs = [fake(SweepPoint("rotate", r, lr=lr), 0.5) for r in (1, 4) for lr in (1e-3, 1e-2)]
+    with pytest.raises(ValueError, match=r"also differ in rank: pick one setting"):
+        practice.best_lr(runs)
+    with pytest.raises(ValueError, match=r"matching results differ in rank, not only in lr"):
+        practice.lr_curve(runs)
+    assert practice.lr_curve(runs, rank=4) == [(1e-3, 0.5), (1e-2, 0.5)]
+    with pytest.raises(ValueError, match=r"\['colour'\] are not SweepPoint fields; valid: \["):
+        practice.lr_curve(runs, colour="red")
+    with pytest.raises(ValueError, match=r"no result matches rank='4' \(the results have \[1, 4\]"):
+        practice.lr_curve(runs, rank="4")
+    assert practice.lr_curve([], rank=4) == []  # nothing to plot

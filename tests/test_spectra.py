@@ -437,3 +437,36 @@ def test_models_are_refused_with_clear_errors(models):
         intruder_counts(base, wider)
     with pytest.raises(TypeError, match="expected a linear layer"):
         effective_weight(torch.nn.ReLU())
+
+
+def test_layer_spectra_by_default_compares_the_layers_of_a_q_v_adapter_only():
+    """The lab's default adapter (q, v): the untouched k, o, up, down are not full fine-tuning."""
+    base = lab.load_base_model("cpu")
+    tuned = copy.deepcopy(base)
+    lab.add_lora(tuned, targets=("q_proj", "v_proj"), rank=4, alpha=16)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lab.lora_layers(tuned).values():
+            layer.lora_B.normal_(0, 0.05, generator=g)
+    rows = layer_spectra(base, tuned)
+    adapted = [f"blocks.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert [r["layer"] for r in rows] == adapted
+    assert all(r["rank"] == 4 and r["delta_norm"] > 0 for r in rows)
+    assert len(layer_spectra(base, tuned, rank=2)) == 12  # a rank given: every block linear
+    with torch.no_grad():  # a plain layer that did change needs a rank
+        tuned.blocks[1].mlp.up_proj.weight.add_(0.01)
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.up_proj is a plain Linear whose weigh"):
+        layer_spectra(base, tuned)
+    with pytest.raises(ValueError, match="no LoRA layer and no block linear differs"):
+        layer_spectra(base, copy.deepcopy(base))
+
+
+def test_meta_models_are_refused_by_name():
+    base = lab.load_base_model("cpu")
+    with torch.device("meta"):
+        meta = lab.ToyTransformer(base.config)
+    for call in (intruder_counts, layer_spectra, lambda a, b: scale_model_intruders(a, b, 0.5)):
+        with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj of base_model is on the me"):
+            call(meta, base)
+        with pytest.raises(ValueError, match=r"of tuned_model is on the meta device"):
+            call(base, meta)
