@@ -558,6 +558,11 @@ def test_budget_bad_input_is_feedback(answer, phrase):
     assert_not_yet(ex.check_budget(answer), phrase)
 
 
+def test_budget_a_passing_feedback_made_by_hand_is_no_model():
+    forged = Feedback(True, "rank 4 on q_proj, v_proj: 4,096 adapter parameters")
+    assert_not_yet(ex.check_budget(forged), "wants the trained model")
+
+
 def test_budget_a_model_whose_forward_exits_is_feedback(monkeypatch):
     model = lora_model()
     monkeypatch.setattr(lab.Task, "evaluate", exits)

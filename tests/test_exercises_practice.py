@@ -285,6 +285,13 @@ def test_a_wrong_find_best_lr_gets_the_hint_for_its_mistake(fn, phrases):
     assert_not_yet(ex.check_find_best_lr(fn, results=GRID), *phrases)
 
 
+def test_a_wrong_find_best_lr_is_not_shown_which_run_is_best():
+    # lr 0.1 (diverged) is returned; the best, lr 0.001, must not be named
+    feedback = ex.check_find_best_lr(lambda rs: rs[0].point.lr, results=GRID)
+    assert_not_yet(feedback, "you return lr 0.1 (diverged), not the best run")
+    assert "0.001" not in feedback.message
+
+
 def test_a_find_best_lr_right_on_the_traps_but_wrong_on_the_grid_is_caught():
     def traps_only(results):  # every trap sweep has 4 or 5 runs; the grid's have 7
         if len(results) < 6:
@@ -370,7 +377,16 @@ def test_the_mlp_count_by_hand():
     ],
 )
 def test_a_wrong_mlp_count_gets_its_hint(count, phrase):
-    assert_not_yet(ex.check_mlp_count(count), phrase)
+    feedback = ex.check_mlp_count(count)
+    assert_not_yet(feedback, phrase)
+    assert "17,920" not in feedback.message  # the one answer is never handed over
+
+
+@pytest.mark.parametrize("count", [0, 1, 10**9, -1])
+def test_a_wrong_mlp_count_never_shows_the_answer(count):
+    feedback = ex.check_mlp_count(count)
+    assert_not_yet(feedback, "than the lab counts")
+    assert "17,920" not in feedback.message and "17920" not in feedback.message
 
 
 # ----------------------------------------------------------------------------- 10b: choose

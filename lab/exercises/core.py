@@ -168,7 +168,7 @@ class _BuildsDelta(TorchDispatchMode):
         self.alive: list[torch.Tensor] = [A, B]  # keeps ids unique while the call runs
         self.built = False
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if any(id(t) in self.derived for t in inputs):
@@ -798,7 +798,9 @@ def check_budget(model: object) -> Feedback:
         f">= {BUDGET_ACCURACY:.2f}. Exercise 3's count gives the cost before you train."
     )
     if isinstance(model, Feedback):  # train_budget's word on a choice it did not train
-        return model
+        if not model.passed:  # train_budget never returns a passing one: that is no model
+            return model
+        return _no(f"check_budget wants the trained model that train_budget returns. {todo}")
     if model is None:
         return _no(f"no trained model yet. {todo}")
     if not isinstance(model, ToyTransformer) or model.config != PRESETS["cpu"]:

@@ -521,11 +521,11 @@ def check_find_best_lr(fn: Callable, results: Iterable[SweepResult] | None = Non
         answers.append(lr)
         if wrong is None and not math.isclose(lr, best_lr(case).point.lr):
             wrong = len(answers) - 1
-    if wrong is not None:
-        case, want = cases[wrong], best_lr(cases[wrong]).point.lr
+    if wrong is not None:  # which run is best is not shown: the traps are the same every time
+        case = cases[wrong]
         return _no(
-            f"on {TRAPS[wrong][0]}, you return {_describe_run(case, answers[wrong])}; the best "
-            f"is {_describe_run(case, want)}: {_find_hint(answers, cases, wrong)}"
+            f"on {TRAPS[wrong][0]}, you return {_describe_run(case, answers[wrong])}, not the "
+            f"best run: {_find_hint(answers, cases, wrong)}"
         )
     grid, problem = _grid(results)
     if problem:
@@ -547,8 +547,8 @@ def check_find_best_lr(fn: Callable, results: Iterable[SweepResult] | None = Non
             name = "full fine-tuning" if rank is None else f"rank {rank}"
             name += " rsLoRA" if rslora else ""
             return _no(
-                f"on the shipped grid's {name} sweep you return {_describe_run(sweep, lr)}; "
-                f"the best is {_describe_run(sweep, want)}: {_find_hint([lr], [sweep], 0)}"
+                f"on the shipped grid's {name} sweep you return {_describe_run(sweep, lr)}, not "
+                f"the best run: {_find_hint([lr], [sweep], 0)}"
             )
     return Feedback(
         True,
@@ -601,7 +601,9 @@ def check_mlp_count(count: object) -> Feedback:
         f"each adapted layer has A (r x in) and B (out x r), r * (in + out) numbers, in each of "
         f"the {n} blocks"
     )
-    return _no(f"you count {int(count):,}, the lab counts {want:,}: {hint}")
+    # The lab's count is not shown: it is the one answer, and a message must not hand it over.
+    side = "more" if int(count) > want else "fewer"
+    return _no(f"you count {int(count):,}, {side} than the lab counts: {hint}")
 
 
 def _shift_targets(targets: object) -> tuple[tuple[str, ...], Feedback | None]:
