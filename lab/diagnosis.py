@@ -40,6 +40,7 @@ from torch import nn
 
 from .base import load_base_config, load_base_model
 from .config import LoRAConfig
+from .fileio import regular_file
 from .lora import (
     LoRALinear,
     _adapter_config,
@@ -605,7 +606,8 @@ def _packed_4bit(model: nn.Module) -> list[Finding]:
 def _why(exc: Exception, path: Path) -> str:
     """An error's message for a finding's detail, which already starts with the path."""
     text = str(exc)
-    for prefix in (f"adapter file {path} ", f"{path}: ", f"{path} "):
+    prefixes = (f"cannot read adapter file {path}: ", f"adapter file {path} ", f"{path}: ")
+    for prefix in (*prefixes, f"{path} "):
         if text.startswith(prefix):
             text = text[len(prefix) :]
             break
@@ -772,6 +774,10 @@ class LrEvidence:
 def _grid_results(directory: Path) -> list[tuple[str, SweepResult]]:
     out = []
     for path in sorted(directory.glob("*_grid.json")):
+        try:  # a FIFO would block the read, a link to /dev/zero would never end it
+            regular_file(path, "grid file")
+        except OSError:
+            continue
         with warnings.catch_warnings():  # a stale grid warns and gives []: nothing to use
             warnings.simplefilter("ignore")
             try:
@@ -791,9 +797,15 @@ def lr_evidence(kind: str, directory: str | os.PathLike | None = None) -> LrEvid
     kinds = ("LoRA", "LoRA+", "full fine-tuning")
     if kind not in kinds:
         raise ValueError(f"kind={kind!r}: expected one of {', '.join(map(repr, kinds))}")
-    results = [
-        (f, r) for f, r in _grid_results(Path(directory or GRID_DIR)) if _kind(r.point) == kind
-    ]
+    if directory is None:
+        directory = GRID_DIR
+    else:  # a mistyped folder must not read as "no evidence"
+        directory = _check_path(directory, "directory")
+        if not directory.is_dir():
+            raise NotADirectoryError(
+                f"directory {directory} is not a folder (of the lab's *_grid.json sweep files)"
+            )
+    results = [(f, r) for f, r in _grid_results(directory) if _kind(r.point) == kind]
     if not results:
         return None
 

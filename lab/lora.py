@@ -732,7 +732,12 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None, *args, **fields
     flags = [(p, p.requires_grad) for p in model.parameters()]
     weights = {n: m.weight.detach().clone() for n, m in matches if init.changes_base}
     try:
-        new_layers = {n: build_layer(m, config) for n, m in matches}
+        new_layers = {}
+        for name, module in matches:
+            try:
+                new_layers[name] = build_layer(module, config)
+            except ValueError as exc:  # a layer's own refusal (PiSSA's rank): name the layer
+                raise ValueError(f"{name}: {exc}") from exc
         for name, layer in new_layers.items():
             _replace_module(model, name, layer)
         for p in model.parameters():
@@ -824,6 +829,8 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
     The returned bases keep requires_grad=False (they stay frozen, as they were under LoRA).
     Returns the replaced names; a model without LoRA is left alone and [] is returned.
     """
+    if not isinstance(merge, bool):  # merge="False" is truthy: it would merge
+        raise TypeError(f"merge must be True or False, got {merge!r}")
     layers = lora_layers(model)
     for name, layer in layers.items():  # all-or-nothing, as in merge_lora
         if merge and not layer.merged:
@@ -953,6 +960,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     the config is JSON in the safetensors metadata under "lora_lab_config".
     """
     path = _check_path(path, "adapter path")
+    if path.exists() and not path.is_dir():  # (a folder is refused by atomic_write_bytes)
+        # Saving renames a new file over the path: a FIFO or a device there would be replaced.
+        regular_file(path, "adapter path")
     layers = _require_lora(model)
     state = lora_state_dict(model)
     if any(t.is_meta for t in state.values()):
@@ -1016,8 +1026,9 @@ def _adapter_description(metadata: Mapping[str, str], path: str | os.PathLike) -
     missing or foreign format, a missing field ("adapter file a.safetensors has no 'alpha'"),
     a field of the wrong type or value.
     """
-    if _CONFIG_KEY not in metadata:
-        raise ValueError(f"{path} has no {_CONFIG_KEY!r} metadata: not written by save_adapter?")
+    for key in (_CONFIG_KEY, _LAYERS_KEY):
+        if key not in metadata:
+            raise ValueError(f"{path} has no {key!r} metadata: not written by save_adapter?")
     if metadata.get(_FORMAT_KEY) != _FORMAT:
         raise ValueError(f"{path}: metadata is not a {_FORMAT!r} file")
     if metadata.get(_VERSION_KEY) != str(_VERSION):
@@ -1028,7 +1039,7 @@ def _adapter_description(metadata: Mapping[str, str], path: str | os.PathLike) -
     raw = {}
     for key in (_CONFIG_KEY, _LAYERS_KEY):
         try:
-            raw[key] = json.loads(metadata.get(key, "null"))
+            raw[key] = json.loads(metadata[key])
         except (json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(
                 f"{path}: the {key!r} metadata is not valid JSON: {_describe(str(exc))}"

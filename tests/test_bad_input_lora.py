@@ -11,6 +11,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -295,7 +296,11 @@ def test_adapter_path_is_directory(lora_model, tmp_path):
 
 def test_adapter_deeply_nested_config(lora_model, tmp_path):
     path = tmp_path / "deep.safetensors"
-    meta = {"lora_lab_format": "lora-lab-adapter", "lora_lab_version": "2"}
+    meta = {
+        "lora_lab_format": "lora-lab-adapter",
+        "lora_lab_version": "2",
+        "lora_lab_layers": '["0", "2"]',
+    }
     save_file(
         lora_state_dict(lora_model), path, metadata={**meta, "lora_lab_config": "[" * 100_000}
     )
@@ -891,3 +896,88 @@ def test_config_negative_zero_dropout_is_zero():
     config = LoRAConfig(dropout=-0.0)
     assert math.copysign(1, config.dropout) == 1 and config.to_dict()["dropout"] == 0.0
     assert json.dumps(config.to_dict()) == json.dumps(LoRAConfig(dropout=0.0).to_dict())
+
+
+# --- found by hunting -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("merge", ["False", None, 0, 1])
+def test_remove_lora_merge_must_be_a_bool(lora_model, merge):
+    from lab.lora import remove_lora
+
+    before = full_snapshot(lora_model)
+    with pytest.raises(TypeError, match=f"merge must be True or False, got {merge!r}"):
+        remove_lora(lora_model, merge=merge)  # "False" is truthy: it used to merge
+    assert unchanged(lora_model, before)
+
+
+@pytest.mark.parametrize(
+    ("make_w", "words"),
+    [
+        (lambda: torch.zeros(8, 8), "all-zero weight"),
+        (lambda: torch.zeros(8, 8).index_fill_(0, torch.tensor([0]), 0.5), "only 1 nonzero"),
+    ],
+)
+def test_pissa_refuses_directions_that_could_never_train(make_w, words):
+    # A zero singular value gives a zero row of A and a zero column of B: zero gradients.
+    # (The second weight has one nonzero row: rank 1, its other singular values exactly 0.)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        m[1].weight.copy_(make_w())
+    before = full_snapshot(m)
+    with pytest.raises(ValueError, match=f"^1: init='pissa'.*{words}"):
+        add_lora(m, targets=("0", "1"), rank=2, init="pissa")
+    assert unchanged(m, before)
+
+
+def test_save_adapter_never_replaces_a_fifo_or_a_device_link(lora_model, tmp_path):
+    fifo = tmp_path / "adapter.fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "zero.safetensors"
+    link.symlink_to("/dev/zero")
+    for path, kind in ((fifo, "a named pipe"), (link, "a device")):
+        with pytest.raises(OSError, match=f"adapter path {path} is {kind}"):
+            save_adapter(lora_model, path)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.islink(link)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.fifo", "zero.safetensors"]
+
+
+def test_adapter_symlink_loop_and_device_link_are_named(lora_model, tmp_path):
+    from lab.diagnosis import doctor
+
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    link = tmp_path / "zero.safetensors"
+    link.symlink_to("/dev/zero")
+    for path, words in ((loop, "symbolic links"), (link, "is a device")):
+        before = snapshot(lora_model)
+        with pytest.raises(OSError, match=words):
+            load_adapter(lora_model, path)
+        assert same(lora_model, before)
+        (finding,) = [f for f in doctor(lora_model, path) if f.code == "adapter-file-unreadable"]
+        assert words in finding.detail and finding.detail.count(str(path)) == 1
+
+
+def test_adapter_file_without_its_layer_list(lora_model, tmp_path):
+    from safetensors import safe_open
+
+    path = save_adapter(lora_model, tmp_path / "a.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "lora_lab_layers"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="has no 'lora_lab_layers' metadata"):
+        load_adapter(lora_model, path)
+
+
+def test_dora_on_a_weight_whose_row_norm_overflows_is_refused():
+    # Every entry is finite, but ||row|| = inf in float32: m / ||W|| would be inf / inf.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        m[1].weight[3] = 3e38
+    before = full_snapshot(m)
+    with pytest.raises(ValueError, match=r"^1: .*row 3 of W has norm inf"):
+        add_lora(m, targets=("0", "1"), rank=2, variant="dora")
+    assert unchanged(m, before)

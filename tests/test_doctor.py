@@ -7,7 +7,10 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -479,6 +482,10 @@ def test_lr_range_from_every_grid_file_with_failed_lrs(tmp_path, monkeypatch):
     assert evidence.trained == (1e-2, 2e-2) and evidence.failed == (1e-3, 4e-2)
     assert evidence.sources == ("practice_grid.json",) and evidence.runs == 4
     assert lr_evidence("LoRA+", tmp_path) is None
+    # A folder that is not there is an error, not "no evidence".
+    for missing in (tmp_path / "nope", tmp_path / "notes.json"):
+        with pytest.raises(NotADirectoryError, match=f"directory {missing} is not a folder"):
+            lr_evidence("LoRA", missing)
     monkeypatch.setattr(doctor_module, "GRID_DIR", tmp_path)
     model = fresh()
     assert "lr-too-high" not in codes(doctor(model, lr=3e-2))  # between 0.02 and the failed 0.04
@@ -490,6 +497,32 @@ def test_lr_range_from_every_grid_file_with_failed_lrs(tmp_path, monkeypatch):
     assert "0.001 failed" in low.detail and "where full fine-tuning trained" in low.detail
     full = lab.load_base_model("cpu")
     assert "about 0.001" in only(doctor(full, lr=2e-2), "lr-too-high").advice
+
+
+# A FIFO or a link to /dev/zero named like a grid file is skipped, never read: reading would
+# block, or never end. Run in a child process with a deadline, so a regression fails, not hangs.
+_SPECIAL_GRIDS = """
+import os, pathlib, shutil, sys
+from lab.diagnosis import GRID_DIR, lr_evidence
+folder = pathlib.Path(sys.argv[1])
+shutil.copy(GRID_DIR / "default_grid.json", folder / "default_grid.json")
+expected = lr_evidence("LoRA", folder)
+os.mkfifo(folder / "pipe_grid.json")
+(folder / "zero_grid.json").symlink_to("/dev/zero")
+assert expected is not None and lr_evidence("LoRA", folder) == expected
+print("skipped both")
+"""
+
+
+def test_grid_files_that_are_not_files_are_skipped_never_read(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _SPECIAL_GRIDS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.getcwd(),
+    )
+    assert done.returncode == 0 and "skipped both" in done.stdout, done.stdout + done.stderr
 
 
 def test_bad_lr_raises_naming_it(healthy):

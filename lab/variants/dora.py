@@ -43,6 +43,13 @@ class DoRALinear(LoRALinear):
         """m = ||W + ΔW|| per output row, so the layer starts out computing W + ΔW."""
         with torch.no_grad():
             norm = self.weight_norm()
+        rows = (~torch.isfinite(norm)).nonzero().flatten().tolist() if not norm.is_meta else []
+        if rows:  # finite entries whose squares overflow: m / ||W|| would be inf / inf
+            raise ValueError(
+                f"DoRA: row {rows[0]} of W has norm inf in {norm.dtype} ({len(rows)} rows in "
+                "all): its entries are too large to take a norm of; rescale the base or use "
+                "variant='lora'"
+            )
         self.magnitude = nn.Parameter(norm.clone())
         self.register_buffer("_merged_m", None, persistent=False)
         # W as it was before merge(): see merge() for why it is kept.

@@ -37,6 +37,21 @@ def pissa_init(layer: LoRALinear) -> None:
         return
     u, s, vh = torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
     r, scaling = layer.rank, layer.scaling
+    # A direction whose singular value is exactly zero gives a zero row of A and a zero column
+    # of B: both factors' gradients are then zero, and it can never train. (A tiny nonzero one,
+    # rounding noise, still trains: Adam's steps do not shrink with the gradient.)
+    k = int((s > 0).sum())
+    if k == 0:
+        raise ValueError(
+            "init='pissa' on an all-zero weight: it has no singular direction to start from, "
+            "and A and B would both start at zero and never train; use init='default'"
+        )
+    if k < r:
+        raise ValueError(
+            f"init='pissa' with rank={r}: this weight has only {k} nonzero singular values, so "
+            f"{r - k} of PiSSA's directions would start with A and B both zero and never train; "
+            f"use rank <= {k} here, or init='default'"
+        )
     root = (s[:r] / scaling).sqrt()
     b = u[:, :r] * root  # (out, r)
     a = root[:, None] * vh[:r]  # (r, in)
