@@ -54,6 +54,12 @@ def save_base_model(
             "Save the base before lab.quantize_base, or replace them by their dequantised "
             "weights with lab.quant.dequantize_base(model)"
         )
+    if model.head.weight is not model.tok_emb.weight:
+        raise ValueError(
+            "the model's head is not tied to its token embedding (model.head.weight is not "
+            "model.tok_emb.weight): a base file stores that matrix once, so the head would load "
+            "as the embedding. Re-tie them (model.head.weight = model.tok_emb.weight) to save"
+        )
     if any(t.is_meta for t in model.state_dict().values()):
         raise ValueError("the model is on the meta device (shapes only): it has no weights to save")
     if not isinstance(info, dict | None):

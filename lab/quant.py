@@ -363,6 +363,8 @@ def quantize_scales(
     max|c| / 254, on a scale) is far below the 4-bit rounding it scales.
     """
     _check_weight(absmax, "absmax")
+    if bool((absmax < 0).any()):
+        raise ValueError("absmax holds negative values: each block scale is a largest |w|, >= 0")
     # In float64: the mean of fp32 scales near fp32's limit (weights of 2e38, say) overflows
     # to inf in fp32, and every dequantised weight would be nan. Their mean and their distances
     # from it both fit fp32 again (each is at most the largest scale).
@@ -790,7 +792,7 @@ def quantize_base(
     already = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     if already:
         listed = ", ".join(
-            f"{n} ({m.scheme}, block_size {m.block_size}"
+            f"{n or 'the model itself'} ({m.scheme}, block_size {m.block_size}"
             f"{', double quant' if m.double_quant else ''})"
             for n, m in list(already.items())[:3]
         )

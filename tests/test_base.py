@@ -137,6 +137,10 @@ def test_a_meta_or_non_finite_model_is_refused_before_writing(tmp_path):
         save_base_model(broken, path)
     with pytest.raises(TypeError, match="JSON values"):
         save_base_model(_tiny_model(), path, info={"when": object()})
+    untied = _tiny_model()  # the file stores the tied matrix once: this head would be lost
+    untied.head.weight = torch.nn.Parameter(untied.tok_emb.weight.detach() + 1)
+    with pytest.raises(ValueError, match="head is not tied to its token embedding"):
+        save_base_model(untied, path)
     assert not path.exists()
 
 

@@ -820,3 +820,13 @@ def test_layer_refuses_an_integer_dtype_and_a_wrong_input_width():
     codes, scale, offset = quantize_scales(torch.rand(300))
     with pytest.raises(ValueError, match="scale of shape"):
         dequantize_scales(codes, scale[:1], offset)
+
+
+def test_quantize_scales_refuses_negative_block_scales():
+    with pytest.raises(ValueError, match="absmax holds negative values"):
+        quantize_scales(torch.tensor([1.0, -1.0]))
+
+
+def test_quantize_base_on_a_linear4bit_names_it_as_the_model_itself():
+    with pytest.raises(ValueError, match=r"1 Linear4bit layer \(the model itself \(nf4"):
+        quantize_base(Linear4bit.from_linear(nn.Linear(8, 8)))
