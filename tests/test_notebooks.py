@@ -227,3 +227,98 @@ print("CALIBRATE", os.environ.get("LORA_LAB_CALIBRATE"))
     assert Path(seen.get("SANITIZE", "")).resolve() == SANITIZE.resolve(), out[-2000:]
     assert "lora-lab-nbval-cache-" in seen.get("CACHE", ""), out[-2000:]
     assert seen.get("CALIBRATE") == "0", out[-2000:]
+
+
+# Numbers a benchmark produces live in its results file: a notebook reads and prints them, and
+# its prose states none (a speedup written in prose goes stale when the benchmark is rerun).
+MEASURED_RATIO = re.compile(r"\d+\.\d+\s?(?:×|x\b)")  # 1.05×, 2.2x: arithmetic gives whole ones
+RATIO_AT_BATCH = re.compile(r"\d+(?:\.\d+)?\s?(?:×|x\b)[^.\n]{0,80}?\bbatch(?: size)? \d+")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=IDS)
+def test_prose_states_no_measured_speedup(path):
+    found = [
+        f"cell {i}: {m.group(0)!r}"
+        for i, source in sources(path, "markdown")
+        for regex in (MEASURED_RATIO, RATIO_AT_BATCH)
+        for m in regex.finditer(source)
+    ]
+    hint = "read it from benchmarks/results/*.json in a code cell and print it"
+    assert not found, f"{path.name} quotes measured speedups in prose ({hint}): {found}"
+
+
+def test_the_speedup_check_catches_the_old_sweep_sentence():
+    old = "about 1.05× at batch 64, where a sweep stacks two per step, and about 2× at batch 8"
+    assert MEASURED_RATIO.findall(old) == ["1.05×"]
+    assert len(RATIO_AT_BATCH.findall(old)) == 2
+    assert not MEASURED_RATIO.search("gradients + Adam are 3× the fp32 weights; 128 × 128")
+
+
+def benchmark_cells():
+    """(notebook, cell) of every code cell that reads a benchmark's results file."""
+    return [
+        (path, i, source)
+        for path in PATHS
+        for i, source in sources(path, "code")
+        if "benchmarks" in source and "results" in source and ".json" in source
+    ]
+
+
+def test_05_reads_the_sweep_speedups_from_the_results_file():
+    cells = [(path.name, i) for path, i, source in benchmark_cells() if "sweep" in source]
+    assert [name for name, _ in cells] == ["05_sweeps.ipynb"], cells
+
+
+BENCHMARK_CELLS = benchmark_cells()
+
+
+@pytest.mark.parametrize(
+    ("path", "index", "source"),
+    BENCHMARK_CELLS,
+    ids=[f"{path.name}-cell-{i}" for path, i, _ in BENCHMARK_CELLS],
+)
+def test_a_benchmark_cell_stored_what_the_results_file_holds_now(path, index, source, monkeypatch):
+    """The stored output is what the cell prints from today's results file: rerun the notebook
+    (scripts/run_notebooks.py) after rerunning a benchmark."""
+    import contextlib
+    import io
+
+    monkeypatch.chdir(path.parent)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(source, f"{path.name} cell {index}", "exec"), {})
+    cell = load(path)["cells"][index]
+    stored = "".join(
+        "".join(o.get("text", "")) for o in cell["outputs"] if o["output_type"] == "stream"
+    )
+    assert stored == printed.getvalue()
+    numbers = re.findall(r"\d+\.\d+x", stored)
+    assert numbers, f"{path.name} cell {index} prints no speedup: {stored!r}"
+
+
+# A promise of how long something runs names the machine it was measured on.
+PROMISE = re.compile(
+    r"\b(?:runs?|takes?|trains?|took|training)\b[^.;]*?"
+    r"(?:\d+\s?(?:s|min)\b|\bseconds?\b|\bminutes?\b|\ba minute\b)"
+)
+SENTENCES = re.compile(r"(?<=[.;!?])\s+|\n\s*-\s+|\n\n")
+MACHINE = re.compile(r"\b\d+-core\b")
+
+
+@pytest.mark.parametrize("path", [p for p in LESSONS if int(p.name[:2]) <= 7], ids=lambda p: p.name)
+def test_a_time_promise_says_what_machine_it_was_measured_on(path):
+    vague = [
+        sentence
+        for _, source in sources(path, "markdown")
+        for sentence in SENTENCES.split(source)
+        if PROMISE.search(sentence) and not MACHINE.search(sentence)
+    ]
+    assert not vague, f"{path.name}: say what machine these were measured on: {vague}"
+
+
+def test_the_promise_check_reads_the_old_promises():
+    assert PROMISE.search("the two trainings take about half a minute on a laptop CPU")
+    assert PROMISE.search("the code runs in seconds on a laptop CPU")
+    assert not MACHINE.search("the code runs in seconds on a laptop CPU")
+    assert MACHINE.search("the two trainings take about 20 s on a quiet 2-core CPU")
+    assert not PROMISE.search("**Time:** about 15 minutes")  # the reader's time, not the CPU's
