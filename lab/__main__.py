@@ -24,8 +24,9 @@ import warnings
 
 import torch
 
+from . import calibrate
 from .config import INITS, MAX_LR_RATIO, VARIANTS
-from .executors import RAY_INSTALL, RaySession
+from .executors import RAY_INSTALL, RaySession, split_address
 from .forgetting import MAX_REPLAY, source_summary
 from .quant import SCHEMES
 from .sweeps import (
@@ -206,6 +207,16 @@ def sweep_points(args: argparse.Namespace) -> list:
     if args.workers is not None and args.ray != LOCAL_RAY:
         raise ValueError(f"--workers sizes the local Ray of --ray (no address); the cluster at "
                          f"{args.ray} has its own")  # fmt: skip
+    if args.ray not in (None, LOCAL_RAY):
+        try:
+            if not args.ray.strip():
+                raise ValueError
+            split_address(args.ray)
+        except ValueError:
+            raise ValueError(
+                f"--ray {args.ray!r}: expected HOST:PORT of a running `ray start --head` (a port "
+                "from 1 to 65535), ray://HOST:PORT, or --ray alone for a local Ray"
+            ) from None
     if args.full_lr and not args.full:
         raise ValueError("--full-lr sets the full fine-tuning reference's rates: add --full")
     points = grid(args.task, args.ranks, args.alphas, args.dropouts, tuple(args.targets),
@@ -319,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         sweep_points(args)
     except (TypeError, ValueError) as exc:
         sweep_parser.error(str(exc))
+    try:  # the lab's environment variables, before anything is read or written
+        calibrate.mode()
+        SweepCache(args.cache)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     warnings.showwarning = _one_line_warning
     try:
         return run_sweep(args)

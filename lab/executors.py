@@ -123,6 +123,8 @@ class RaySession:
                 f"ray address={address!r}: expected 'HOST:PORT' of a running `ray start --head`, "
                 "'ray://HOST:PORT', or None for a local Ray started for the run"
             )
+        if address is not None:
+            split_address(address)  # a port out of range, or no host, is refused here
         if workers is not None:  # None: every core
             check_count("workers", workers)
         if address is not None and workers is not None:
@@ -330,20 +332,37 @@ def _loopback_only(local: bool) -> Iterator[None]:
         constants.ENABLE_RAY_CLUSTER = saved
 
 
-def check_reachable(address: str, seconds: float = 5.0) -> None:
-    """ConnectionError in seconds if nothing answers at a 'HOST:PORT' or 'ray://HOST:PORT'.
+def split_address(address: str) -> tuple[str, str, str] | None:
+    """(scheme, host, port) of 'HOST:PORT' or 'SCHEME://HOST:PORT'; None for other forms.
 
-    Ray itself waits minutes for a head that is not there; other forms ('auto') are left to
-    Ray. Only a TCP connection is tried: whether it is a Ray head, Ray finds out.
+    ValueError when the port part is there but no port (1 to 65535) or no host is.
     """
     rest = address.strip()
     scheme = ""
     if "://" in rest:
         scheme, rest = rest.split("://", 1)
     host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        return
+    if not sep or (not scheme and "]" in port):  # 'auto', a bare host, '[::1]'
+        return None
     host = host.strip("[]")  # [::1]:6379
+    if not (port.isdigit() and 1 <= int(port) <= 65535) or not host:
+        raise ValueError(
+            f"ray address={address!r}: expected HOST:PORT with a port from 1 to 65535 "
+            "(e.g. 10.0.0.5:6379 of `ray start --head --port 6379`)"
+        )
+    return scheme, host, port
+
+
+def check_reachable(address: str, seconds: float = 5.0) -> None:
+    """ConnectionError in seconds if nothing answers at a 'HOST:PORT' or 'ray://HOST:PORT'.
+
+    Ray itself waits minutes for a head that is not there; other forms ('auto') are left to
+    Ray. Only a TCP connection is tried: whether it is a Ray head, Ray finds out.
+    """
+    parts = split_address(address)
+    if parts is None:
+        return
+    scheme, host, port = parts
     try:
         socket.create_connection((host, int(port)), timeout=seconds).close()
     except OSError as exc:

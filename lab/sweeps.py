@@ -22,6 +22,7 @@ import numbers
 import os
 import platform
 import socket
+import stat
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -46,9 +47,10 @@ from .batched import (
 from .calibrate import calibrated_chunk_size
 from .config import ALL_LINEAR, LoRAConfig
 from .executors import RaySession, check_executor, task_error
-from .fileio import atomic_write_bytes, user_cache_root
+from .fileio import atomic_write_bytes, regular_file, user_cache_root
 from .forgetting import check_replay, forgetting, with_replay
 from .lora import add_lora, count_parameters
+from .memory import CATEGORIES as MEMORY_CATEGORIES
 from .memory import measure_step_memory
 from .model import ModelConfig, ToyTransformer, default_device
 from .quant import SCHEMES, quantize_base
@@ -119,6 +121,10 @@ FULL_LR = 1e-3  # full fine-tuning at 2e-2 would wreck the pretrained weights
 DEFAULT_GRID_PATH = Path(__file__).parent / "data" / "default_grid.json"
 DEFAULT_STEPS = 600  # enough for rank to matter on sort_desc, ~30 s a point on a laptop CPU
 MAX_RESULT_BYTES = 64 << 20  # a result is tens of KiB; a bigger *.json is not one
+MAX_GRID_BYTES = 256 << 20  # the shipped grids are under 200 KiB
+# A sweep waiting for points another sweep trains says so after this long (a lock held from
+# another machine is never judged stale: only its own host can tell whether it still runs).
+WAIT_NOTICE_SECONDS = 10.0
 SMALL_DATA_LIMIT = 1000  # tasks with at most this many training examples also get a train eval
 
 
@@ -330,10 +336,10 @@ def _fingerprint(path: str, mtime_ns: int, size: int) -> str:
 def base_fingerprint(path: Path = BASE_MODEL_PATH) -> str:
     """A short hash of the base model file: results of another base are other cache entries."""
     try:
-        stat = path.stat()
+        info = path.stat()
     except OSError:
         return "missing"
-    return _fingerprint(str(path), stat.st_mtime_ns, stat.st_size)
+    return _fingerprint(str(path), info.st_mtime_ns, info.st_size)
 
 
 def grid(
@@ -542,6 +548,8 @@ def _result_problem(r: SweepResult) -> str | None:
         return f"diverged={r.diverged!r} is not true/false"
     if not isinstance(r.losses, list) or not all(_is_number(x) for x in r.losses):
         return "losses must be a list of finite numbers"
+    if len(r.losses) > r.point.steps:  # one loss per step, fewer if it diverged
+        return f"{len(r.losses):,} losses for a run of {r.point.steps:,} steps"
     for name in ("heldout", "train_eval"):
         value = getattr(r, name)
         if value is None and name == "train_eval":
@@ -559,11 +567,17 @@ def _result_problem(r: SweepResult) -> str | None:
         value = getattr(r, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return f"{name}={value!r} is not a count"
+    if r.trainable_parameters > r.total_parameters:
+        return f"{r.trainable_parameters:,} trainable of only {r.total_parameters:,} parameters"
     for name in ("wall_seconds", "tokens_per_second"):
-        if not _is_number(getattr(r, name)):
-            return f"{name}={getattr(r, name)!r} is not a finite number"
-    if r.memory is not None and not isinstance(r.memory, dict):
-        return "memory must be a dict or null"
+        if not (_is_number(getattr(r, name)) and getattr(r, name) >= 0):
+            return f"{name}={getattr(r, name)!r} is not a finite number >= 0"
+    if r.memory is not None:
+        if not isinstance(r.memory, dict):
+            return "memory must be a dict or null"
+        for name in (*MEMORY_CATEGORIES, "peak", "total"):  # what the memory plots add up
+            if name in r.memory and not (_is_number(r.memory[name]) and r.memory[name] >= 0):
+                return f"memory[{name!r}]={r.memory[name]!r} is not a byte count"
     if r.forgetting is not None:
         if not isinstance(r.forgetting, dict) or set(r.forgetting) != set(PRETRAIN_TASKS):
             return f"forgetting must be null or a dict of the skills {', '.join(PRETRAIN_TASKS)}"
@@ -793,8 +807,18 @@ def default_cache_dir() -> Path:
     """
     value = os.environ.get(CACHE_VAR, "")
     if value.strip():
-        return Path(value).expanduser()
+        return _expand(value, f"${CACHE_VAR}")
     return user_cache_root() / "sweeps"
+
+
+def _expand(text: str, what: str) -> Path:
+    """Path(text) with a leading ~ or ~user expanded; ValueError if that home is unknown."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~nosuchuser
+        raise ValueError(
+            f"{what} {text!r}: {text.split('/')[0]!r} names no home folder here"
+        ) from None
 
 
 def cache_dir(directory: str | os.PathLike | None) -> Path:
@@ -817,7 +841,7 @@ def cache_dir(directory: str | os.PathLike | None) -> Path:
         )
     if "\0" in text:
         raise ValueError(f"cache folder {text!r} holds a NUL character, which no path may")
-    return Path(text).expanduser()
+    return _expand(text, "cache folder")
 
 
 TORCH_CACHE_VAR = "TORCHINDUCTOR_CACHE_DIR"
@@ -870,6 +894,11 @@ def check_writable_dir(d: Path, what: str, hint: str, probe_bytes: int = 64 << 1
     try:
         d.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
+        if d.is_symlink() and not d.exists():
+            raise SweepCacheError(
+                f"{what} {d} is a symlink to {os.readlink(d)}, which does not exist or loops; "
+                f"{hint}"
+            ) from None
         raise SweepCacheError(f"{what} {d} is a file, not a folder; {hint}") from None
     except OSError as exc:
         raise SweepCacheError(f"cannot create {what} {d}: {exc.strerror}; {hint}") from None
@@ -914,22 +943,31 @@ class SweepCache:
     def _read(self, path: Path) -> SweepResult | None:
         """The result in `path`, or None (with a warning) if it is unreadable or not a result."""
         try:
-            stat = path.stat()
+            info = path.stat()
         except OSError:
             return None
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = (info.st_mtime_ns, info.st_size)
         if path in self._memo and self._memo[path][0] == stamp:
             return self._memo[path][1]
         try:
-            if stat.st_size > MAX_RESULT_BYTES:
-                raise ValueError(f"{stat.st_size:,} bytes, more than a result ever takes")
-            result = SweepResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            # A FIFO would block the read for ever and /dev/zero never end: only a regular
+            # file is opened, and no more of it than a result can take.
+            regular_file(path, "sweep cache file")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_RESULT_BYTES + 1)
+            if len(raw) > MAX_RESULT_BYTES:
+                raise ValueError(f"over {MAX_RESULT_BYTES:,} bytes, more than a result takes")
+            data = json.loads(raw.decode("utf-8"))
+            result = SweepResult.from_dict(data)
             if result.point.key != path.stem:
+                if data.get("key") != path.stem:  # copied or renamed from another point's
+                    raise ValueError(f"it holds the result of {describe(result.point)}")
                 # Written by another format version or for another base model: stale, not
                 # corrupt; it is never looked up, so skip it quietly.
                 result = None
         except (OSError, ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
             why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            why = why.removeprefix(f"sweep cache file {path} ")
             warnings.warn(
                 f"ignoring unreadable sweep cache file {path} (it will be retrained): {why}",
                 stacklevel=3,
@@ -967,7 +1005,11 @@ class SweepCache:
         return self.directory / f"{point.key}.lock"
 
     def claim(self, point: SweepPoint) -> bool:
-        """Take the point's lock (True), or False while another live process holds it."""
+        """Take the point's lock (True), or False while another live process holds it.
+
+        A stale lock (its process gone, or junk) is taken over; SweepCacheError if it cannot
+        be removed (a folder in its place).
+        """
         path = self._lock_path(point)
         for _ in range(3):
             try:
@@ -975,7 +1017,13 @@ class SweepCache:
             except FileExistsError:
                 if self._holder_alive(path):
                     return False
-                path.unlink(missing_ok=True)  # stale: its process is gone
+                try:
+                    path.unlink(missing_ok=True)  # stale: its process is gone
+                except OSError as exc:
+                    raise SweepCacheError(
+                        f"cannot take over the stale lock {path} ({exc.strerror}); remove it, "
+                        "or choose another folder with LORA_LAB_CACHE or --cache"
+                    ) from None
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()} {socket.gethostname()}\n")
@@ -992,26 +1040,39 @@ class SweepCache:
         """True while another live process holds the point's lock."""
         path = self._lock_path(point)
         return (
-            path.exists()
+            os.path.lexists(path)
             and self._holder(path) != (os.getpid(), socket.gethostname())
             and (self._holder_alive(path))
         )
 
+    def holder(self, point: SweepPoint) -> str:
+        """Who holds the point's lock, in words ('pid 123 on host h'), for a waiting sweep."""
+        holder = self._holder(self._lock_path(point))
+        return "an unreadable lock" if holder is None else f"pid {holder[0]} on {holder[1]}"
+
     @staticmethod
     def _holder(path: Path) -> tuple[int, str] | None:
+        """(pid, host) in a lock this lab wrote; None for anything else (junk, a FIFO, ...)."""
         try:
-            pid, host = path.read_text(encoding="utf-8").split()[:2]
-            return int(pid), host
-        except (OSError, ValueError, UnicodeDecodeError):
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # never open a FIFO or a device
+                return None
+            with open(path, "rb") as f:
+                pid, host = f.read(256).decode("utf-8").split()[:2]
+            pid = int(pid)
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
             return None
+        # 0 and negative pids name process groups (os.kill(0, 0) always succeeds): junk.
+        return (pid, host) if 0 < pid < 2**31 else None
 
     def _holder_alive(self, path: Path) -> bool:
         holder = self._holder(path)
-        if holder is None:  # being written this instant, or junk: junk once it is old
+        if holder is None:  # empty: being written this instant, or junk once a minute old
             try:
-                return time.time() - path.stat().st_mtime < 60
+                info = os.lstat(path)
             except OSError:
                 return False
+            fresh = time.time() - info.st_mtime < 60
+            return stat.S_ISREG(info.st_mode) and info.st_size == 0 and fresh
         pid, host = holder
         return host != socket.gethostname() or _pid_alive(pid)
 
@@ -1089,9 +1150,15 @@ def load_grid_file(path: str | os.PathLike = DEFAULT_GRID_PATH) -> list[SweepRes
     that is not a valid result is skipped with a warning (the others are kept).
     """
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        regular_file(path, "grid file")  # never a FIFO (blocks) or /dev/zero (never ends)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_GRID_BYTES + 1)
+        if len(raw) > MAX_GRID_BYTES:
+            raise ValueError(f"over {MAX_GRID_BYTES:,} bytes, more than a grid file takes")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        why = why.removeprefix(f"grid file {path} ")
         raise ValueError(f"{path}: cannot read the grid file ({why})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -1263,8 +1330,17 @@ def sweep(
                     held.discard(point)
                     bar.update(1)
             train_these(mine)
+            since = time.monotonic()
             while waiting and all(cache.claimed(p) for p in waiting):
                 time.sleep(0.5)  # another sweep is training these: wait for its results
+                if since is not None and time.monotonic() - since > WAIT_NOTICE_SECONDS:
+                    since = None  # said once: a lock whose sweep died elsewhere stays
+                    tqdm.write(
+                        f"waiting for {_plural(len(waiting), 'point')} that another sweep is "
+                        f"training into {cache.directory} ({describe(waiting[0])}: "
+                        f"{cache.holder(waiting[0])}); if that sweep is gone, delete "
+                        f"{cache.directory / '*.lock'} and run again"
+                    )
             pending = []
             for point in waiting:
                 found = cache.get(point)
@@ -1570,6 +1646,8 @@ def resolve_device(device: object) -> torch.device:
             raise ValueError(f"device={device!r}: MPS is not available here; use 'cpu'")
     elif parsed.type != "cpu":
         raise ValueError(f"device={device!r}: the lab trains on 'cpu', 'cuda' or 'mps'")
+    if parsed.type != "cuda" and parsed.index not in (None, 0):
+        raise ValueError(f"device={device!r}: there is one {parsed.type}; use {parsed.type!r}")
     return parsed
 
 

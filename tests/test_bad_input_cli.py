@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab.sweeps import SweepResult
+from lab.sweeps import SweepCache, SweepPoint, SweepResult
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--task", "sort_desc_small", "--ranks", "1", "--steps", "3", "--batch-size", "8"]
@@ -59,6 +60,11 @@ def assert_one_clear_line(proc, rc, words):
         (["--max-configs", "0"], ["--max-configs", "out of range"]),
         (["--workers", "2"], ["--workers", "add --ray"]),
         (["--ray", "10.0.0.5:6379", "--workers", "2"], ["--workers", "10.0.0.5:6379 has its own"]),
+        (["--ray", "127.0.0.1:99999"], ["--ray '127.0.0.1:99999'", "1 to 65535"]),
+        (["--ray", ":6379"], ["--ray ':6379'", "HOST:PORT"]),
+        (["--ray", "ray://h:-1"], ["--ray 'ray://h:-1'", "HOST:PORT"]),
+        (["--ray", " "], ["--ray ' '", "--ray alone for a local Ray"]),
+        (["--cache", "~no-such-user-here/x"], ["--cache", "'~no-such-user-here'", "no home"]),
     ],
 )
 def test_bad_arguments_are_usage_errors(tmp_path, extra, words):
@@ -72,6 +78,8 @@ def test_bad_arguments_are_usage_errors(tmp_path, extra, words):
     [
         ("banana", ["device='banana'", "not a device", "cpu"]),
         ("tpu", ["device='tpu'", "cpu"]),
+        ("cpu:5", ["device='cpu:5'", "there is one cpu"]),
+        ("", ["device=''", "not a device"]),
         pytest.param(
             "cuda",
             ["CUDA is not available"],
@@ -135,6 +143,36 @@ def test_an_empty_cache_option_is_a_usage_error_and_writes_nothing_here(tmp_path
     assert_one_clear_line(proc, 2, ["--cache", repr(value), "not a folder name", "default"])
     assert "usage:" in proc.stderr
     assert os.listdir(here) == [] and not (tmp_path / "xdg").exists()
+
+
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({"LORA_LAB_CALIBRATE": "sometimes"}, ["LORA_LAB_CALIBRATE='sometimes'", "always"]),
+        ({"LORA_LAB_CACHE": "~no-such-user-here/c"}, ["$LORA_LAB_CACHE", "no home folder"]),
+    ],
+)
+def test_a_bad_lab_variable_is_one_line_before_anything_runs(tmp_path, env, words):
+    proc = run_lab(["sweep", *SMALL, "--no-batch"], tmp_path / "c", env=env, cwd=tmp_path)
+    assert_one_clear_line(proc, 2, ["error:", *words])
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_crafted_cache_entries_are_retrained_by_the_cli_with_one_warning_each(tmp_path):
+    cache = tmp_path / "c"
+    cache.mkdir()
+    point = SweepPoint("sort_desc_small", 1, steps=3, batch_size=8)  # what SMALL trains
+    os.mkfifo(cache / f"{point.key}.json")  # reading it would block for ever
+    (cache / "junk.json").symlink_to("/dev/zero")  # reading it would never end
+    (cache / f"{point.key}.lock").write_text(f"0 {socket.gethostname()}\n")  # pid 0: junk
+    proc = run_lab(["sweep", *SMALL], cache, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "ignoring unreadable" in line]
+    assert len(said) == 1 and "named pipe (FIFO)" in said[0], proc.stderr  # junk.json: unread
+    assert "1 point on sort_desc_small, 1 to train" in proc.stdout
+    assert SweepCache(cache).get(point) is not None
+    assert (cache / "junk.json").is_symlink() and not (cache / f"{point.key}.lock").exists()
 
 
 def test_a_small_sweep_speaks_singular_and_prints_no_progress_codes(tmp_path):

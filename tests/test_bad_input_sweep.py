@@ -10,12 +10,16 @@ import dataclasses
 import json
 import math
 import os
+import socket
+import threading
+import time
 import warnings
 
 import pytest
 import torch
 
 import lab
+import lab.sweeps
 from lab.batched import AdapterSpec, BatchedTrainer, train_batched
 from lab.config import LoRAConfig
 from lab.sweeps import (
@@ -341,6 +345,131 @@ def test_junk_json_files_never_break_the_other_entries(tmp_path, content):
     with pytest.warns(UserWarning, match="junk.json"):
         found = cache.results()
     assert [r.point for r in found] == [point] and junk.exists()
+
+
+def _other_point(p) -> dict:
+    return fake_result(SweepPoint(**TINY, seed=3)).to_dict()
+
+
+CRAFTED = {  # what is put at the point's cache file; each is retrained, nothing hangs
+    "a FIFO": lambda path, p: os.mkfifo(path),
+    "a link to /dev/zero": lambda path, p: path.symlink_to("/dev/zero"),
+    "a link to /dev/urandom": lambda path, p: path.symlink_to("/dev/urandom"),
+    "another point's result": lambda path, p: path.write_text(json.dumps(_other_point(p))),
+    "a million losses": lambda path, p: path.write_text(
+        json.dumps({**_good(p), "losses": [1.0] * 1_000_000})
+    ),
+    "negative seconds": lambda path, p: path.write_text(
+        json.dumps({**_good(p), "wall_seconds": -5})
+    ),
+    "more trainable than total": lambda path, p: path.write_text(
+        json.dumps({**_good(p), "trainable_parameters": 10**12})
+    ),
+    "memory junk": lambda path, p: path.write_text(
+        json.dumps({**_good(p), "memory": {"parameters": "x"}})
+    ),
+    "NaN literal": lambda path, p: path.write_text(
+        json.dumps(_good(p)).replace('"losses": [2.0', '"losses": [NaN')
+    ),
+    "Infinity literal": lambda path, p: path.write_text(
+        json.dumps({**_good(p), "tokens_per_second": math.inf})
+    ),
+    "a 5,000-digit count": lambda path, p: path.write_text(
+        json.dumps(_good(p)).replace(
+            '"total_parameters": 415000', '"total_parameters": ' + "9" * 5000
+        )
+    ),
+    "over 64 MiB": lambda path, p: path.write_bytes(b" " * ((64 << 20) + 1)),
+}
+
+
+@pytest.mark.parametrize("what", list(CRAFTED))
+def test_a_crafted_cache_entry_is_retrained_with_a_warning(tmp_path, what):
+    cache, point = SweepCache(tmp_path), SweepPoint(**TINY)
+    CRAFTED[what](cache.path(point), point)
+    trainer = CountingTrainer()
+    with pytest.warns(UserWarning, match=r"ignoring unreadable sweep cache file .*: \w"):
+        results = sweep([point], cache, progress=False, run_fn=trainer)
+    assert trainer.calls == [point] and results[0].point == point
+    assert cache.path(point).is_file() and not cache.path(point).is_symlink()
+    assert SweepCache(tmp_path).get(point) == results[0]  # replaced by the valid result
+
+
+@pytest.mark.parametrize("what", ["a link loop", "a dangling link"])
+def test_a_broken_link_as_an_entry_is_retrained_and_replaced(tmp_path, what):
+    cache, point = SweepCache(tmp_path), SweepPoint(**TINY)
+    path = cache.path(point)
+    path.symlink_to(path.name if what == "a link loop" else tmp_path / "gone.json")
+    results = sweep([point], cache, progress=False, run_fn=CountingTrainer())
+    assert cache.get(point) == results[0] and not path.is_symlink()
+
+
+LOCKS = {  # what is at the point's lock; all of them junk, taken over at once
+    "a FIFO": lambda path: os.mkfifo(path),
+    "a link to /dev/zero": lambda path: path.symlink_to("/dev/zero"),
+    "text": lambda path: path.write_text("junk"),
+    "pid 0": lambda path: path.write_text(f"0 {socket.gethostname()}\n"),
+    "pid -1": lambda path: path.write_text(f"-1 {socket.gethostname()}\n"),
+    "pid 10**30": lambda path: path.write_text(f"{10**30} {socket.gethostname()}\n"),
+    "binary": lambda path: path.write_bytes(b"\xff\xfe\x00"),
+}
+
+
+@pytest.mark.parametrize("what", list(LOCKS))
+def test_a_junk_lock_is_taken_over_at_once(tmp_path, what):
+    cache, point = SweepCache(tmp_path), SweepPoint(**TINY)
+    lock = tmp_path / f"{point.key}.lock"
+    LOCKS[what](lock)
+    start = time.monotonic()
+    results = sweep([point], cache, progress=False, run_fn=CountingTrainer())
+    assert time.monotonic() - start < 10 and results[0].point == point
+    assert not os.path.lexists(lock) and cache.get(point) == results[0]
+
+
+def test_a_folder_in_a_locks_place_is_a_clear_error(tmp_path):
+    cache, point = SweepCache(tmp_path), SweepPoint(**TINY)
+    (tmp_path / f"{point.key}.lock").mkdir()
+    with pytest.raises(SweepCacheError, match=r"cannot take over the stale lock .*Is a directory"):
+        sweep([point], cache, progress=False, run_fn=CountingTrainer())
+    assert not cache.path(point).exists()
+
+
+def test_a_sweep_waiting_on_another_machines_lock_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lab.sweeps, "WAIT_NOTICE_SECONDS", 0.5)
+    cache, point = SweepCache(tmp_path), SweepPoint(**TINY)
+    lock = tmp_path / f"{point.key}.lock"
+    lock.write_text("4242 another-machine\n")  # never judged stale from here
+    remover = threading.Timer(3.0, lock.unlink)  # that sweep's user deletes it, as told
+    remover.start()
+    try:
+        results = sweep([point], cache, progress=False, run_fn=CountingTrainer())
+    finally:
+        remover.cancel()
+    said = capsys.readouterr().out
+    assert "waiting for 1 point that another sweep is training" in said
+    assert "pid 4242 on another-machine" in said and f"delete {tmp_path}" in said
+    assert results[0].point == point and cache.get(point) == results[0]
+
+
+@pytest.mark.parametrize("what", ["a link loop", "a dangling link"])
+def test_a_cache_folder_that_is_a_broken_link_is_refused(tmp_path, what):
+    folder = tmp_path / "c"
+    folder.symlink_to("c" if what == "a link loop" else tmp_path / "gone" / "x")
+    with pytest.raises(SweepCacheError, match=r"is a symlink to .* does not exist or loops"):
+        sweep([SweepPoint(**TINY)], SweepCache(folder), progress=False, run_fn=CountingTrainer())
+
+
+@pytest.mark.parametrize("what", ["a FIFO", "/dev/zero", "a folder"])
+def test_a_grid_file_that_is_not_a_file_is_a_clear_error(tmp_path, what):
+    path = tmp_path / "grid.json"
+    if what == "a FIFO":
+        os.mkfifo(path)
+    elif what == "a folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=r"grid\.json: cannot read the grid file \(is a"):
+        load_grid_file(path)
 
 
 def test_a_directory_named_like_an_entry_is_skipped(tmp_path):
