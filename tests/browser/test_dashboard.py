@@ -13,6 +13,7 @@ import pytest
 from pages import (
     FAST_STEPS,
     Explorer,
+    PlaywrightTimeoutError,
     expect,
     find_errors,
     font_sizes,
@@ -74,3 +75,53 @@ def test_dashboard_run_trains_one_point_and_redraws(voila_server, page, shots, t
     assert not problems, problems  # the longer status line still fits
     text = page.locator("body").inner_text()
     assert not stray_reprs(text), stray_reprs(text)  # no placeholder left by the progress bars
+
+
+# Whether an element's text can be read whole at this screen: it lies inside the viewport, and
+# either all its text fits its box or the box scrolls (overflow auto or scroll) in that direction.
+READABLE = """el => {
+  const r = el.getBoundingClientRect(), cs = getComputedStyle(el);
+  const scrolls = v => v === 'auto' || v === 'scroll';
+  const inner = el.querySelector('.widget-html-content') || el;
+  return {
+    top: r.top, bottom: r.bottom, left: r.left, right: r.right,
+    fitsY: el.scrollHeight <= el.clientHeight + 1 || scrolls(cs.overflowY),
+    fitsX: el.scrollWidth <= el.clientWidth + 1 || scrolls(cs.overflowX),
+    innerFitsX: inner.scrollWidth <= inner.clientWidth + 1,
+  };
+}"""
+
+
+def assert_readable(locator, viewport: dict, what: str) -> None:
+    facts = locator.evaluate(READABLE)
+    assert facts["top"] >= 0 and facts["bottom"] <= viewport["height"], (what, facts)
+    assert facts["left"] >= 0 and facts["right"] <= viewport["width"], (what, facts)
+    assert facts["fitsY"] and facts["fitsX"] and facts["innerFitsX"], (what, facts)
+
+
+def test_the_status_and_progress_lines_are_whole_or_scroll_at_1280x800(voila_server, page, shots):
+    """A long status line (runs cached at another lr) and the progress lines of a run stay on
+    the screen, and what does not fit their box scrolls inside it instead of being cut off."""
+    explorer, _ = open_dashboard(page, voila_server)
+    viewport = page.viewport_size
+    assert (viewport["width"], viewport["height"]) == (1280, 800)
+    lr = explorer.root.locator("select:not([multiple])").filter(has_text="0.0025")
+    lr.select_option(label="0.01")  # nothing of the 600-step grid at 0.01: the longest status
+    expect(explorer.status).to_contain_text("cached LoRA runs at lr 0.01", timeout=60_000)
+    page.screenshot(path=shots / "voila-dashboard-long-status.png")
+    assert_readable(explorer.status, viewport, "status")
+
+    explorer.open_tab("Loss")
+    explorer.choose_one_fast_point()
+    explorer.run.click()
+    log = explorer.root.locator(".widget-output").first
+    bar = explorer.root.locator(".widget-output .widget-hprogress")
+    try:
+        bar.first.wait_for(timeout=30_000)
+        page.screenshot(path=shots / "voila-dashboard-progress.png")
+        assert_readable(log, viewport, "progress lines")
+    except PlaywrightTimeoutError:  # the run ended before a bar was drawn: nothing to see
+        pass
+    expect(explorer.status).to_contain_text("last run trained 1 point", timeout=240_000)
+    assert_readable(explorer.status, viewport, "status after the run")
+    assert not find_errors(page)
