@@ -365,19 +365,21 @@ def quantize_scales(
     _check_weight(absmax, "absmax")
     if bool((absmax < 0).any()):
         raise ValueError("absmax holds negative values: each block scale is a largest |w|, >= 0")
-    # In float64: the mean of fp32 scales near fp32's limit (weights of 2e38, say) overflows
-    # to inf in fp32, and every dequantised weight would be nan. Their mean and their distances
-    # from it both fit fp32 again (each is at most the largest scale).
-    flat = absmax.detach().reshape(-1).to(torch.float64)
+    flat = absmax.detach().reshape(-1).to(torch.float32)
     offset = flat.mean()
-    centred = flat - offset
+    if not torch.isfinite(offset):
+        # Scales near fp32's limit (weights of 2e38, say): their sum overflows fp32, the mean
+        # is inf and every dequantised weight would be nan. The mean itself fits fp32, so it is
+        # summed in float64. (Ordinary weights keep the fp32 mean, and their codes as they were.)
+        offset = flat.to(torch.float64).mean().to(torch.float32)
+    centred = flat - offset  # each in [-max, max]: no overflow
     n_groups = math.ceil(flat.numel() / block_size)
     groups = F.pad(centred, (0, n_groups * block_size - flat.numel())).view(n_groups, block_size)
     scale = groups.abs().amax(dim=1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(groups / safe[:, None] * 127).clamp(-127, 127)
     codes = (q + 128).to(torch.uint8).reshape(-1)[: flat.numel()].clone()  # own storage only
-    return codes, scale.to(torch.float32), offset.to(torch.float32)
+    return codes, scale, offset
 
 
 def dequantize_scales(
@@ -388,8 +390,8 @@ def dequantize_scales(
 ) -> torch.Tensor:
     """The fp32 absmax that `quantize_scales` encoded, (n,); clamped to [0, fp32's largest].
 
-    Computed in float64: offset + c can pass fp32's limit by a rounding step when the scales
-    are near it, and an absmax of inf would make its whole block nan.
+    The upper clamp matters for scales near fp32's limit: offset + c can pass it by a rounding
+    step, and an absmax of inf would make its whole block nan.
     """
     _check_codes(codes)
     n = codes.numel()
@@ -400,10 +402,9 @@ def dequantize_scales(
             raise ValueError(
                 f"{n} scale codes need {name} of shape {shape} (one per {block_size}), got {got}"
             )
-    q = F.pad(codes.to(torch.float64) - 128, (0, n_groups * block_size - n))
-    values = q.view(n_groups, block_size) / 127 * scale.to(torch.float64)[:, None]
-    values = values + offset.to(torch.float64)
-    return values.reshape(-1)[:n].clamp(0, _FP32_MAX).to(torch.float32)
+    q = F.pad(codes.to(torch.float32) - 128, (0, n_groups * block_size - n))
+    values = q.view(n_groups, block_size) / 127 * scale[:, None] + offset
+    return values.reshape(-1)[:n].clamp(0, _FP32_MAX)
 
 
 def _encode(
