@@ -70,6 +70,8 @@ def _matrix(name: str, value: object) -> torch.Tensor:
         raise ValueError(f"{name} is on the meta device (shapes only): expected values")
     if value.is_complex():
         raise ValueError(f"{name} is complex ({value.dtype}): expected a real matrix")
+    if not value.is_floating_point():  # a result cast back to it would be truncated
+        raise TypeError(f"{name} has dtype {value.dtype}: expected a floating-point weight matrix")
     m = value.detach().to("cpu", torch.float64)
     bad = int((~torch.isfinite(m)).sum())
     if bad:

@@ -470,3 +470,14 @@ def test_meta_models_are_refused_by_name():
             call(meta, base)
         with pytest.raises(ValueError, match=r"of tuned_model is on the meta device"):
             call(base, meta)
+
+
+def test_integer_matrices_are_refused_not_truncated():
+    w = torch.arange(16).reshape(4, 4)
+    for call in (
+        lambda: scale_intruders(w, w + 1, 0.5, top_k=2),
+        lambda: intruder_dimensions(w, w, top_k=2),
+        lambda: energy_rank(w),
+    ):
+        with pytest.raises(TypeError, match=r"has dtype torch\.int64: expected a floating-point"):
+            call()
