@@ -164,8 +164,9 @@ def _results(results: object, where: str) -> list[SweepResult]:
 
 def _differing_fields(results: list[SweepResult]) -> list[str]:
     """The point fields other than lr in which `results` differ (empty: one setting)."""
-    settings = [dict(_setting(r.point)) for r in results]
-    return sorted({k for s in settings[1:] for k, v in s.items() if v != settings[0][k]})
+    settings = [dict(_setting(r.point)) for r in results]  # a field at its default may be absent
+    keys = {k for s in settings for k in s}
+    return sorted({k for k in keys for s in settings[1:] if s.get(k) != settings[0].get(k)})
 
 
 def best_lr(results: Iterable[SweepResult]) -> SweepResult:

@@ -158,3 +158,6 @@ def test_best_lr_and_lr_curve_refuse_mixed_settings_and_name_what_differs():
     with pytest.raises(ValueError, match=r"no result matches rank='4' \(the results have \[1, 4\]"):
         practice.lr_curve(runs, rank="4")
     assert practice.lr_curve([], rank=4) == []  # nothing to plot
+    replayed = [*runs[:2], fake(SweepPoint("rotate", 1, lr=3e-3, replay=0.05), 0.5)]
+    with pytest.raises(ValueError, match=r"also differ in replay: pick"):
+        practice.best_lr(replayed)  # a field left at its default is absent from to_dict
