@@ -47,16 +47,16 @@ def regular_file(path: str | os.PathLike, what: str) -> Path:
         return path
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{what} {path} is a folder, not a file")
-    kind = (
-        "a named pipe (FIFO)"
-        if stat.S_ISFIFO(mode)
-        else "a device"
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-        else "a socket"
-        if stat.S_ISSOCK(mode)
-        else "not an ordinary file"
-    )
-    raise OSError(f"{what} {path} is {kind}, not an ordinary file")
+    raise OSError(f"{what} {path} is {_kind(mode)}, not an ordinary file")
+
+
+def _kind(mode: int) -> str:
+    """What a path that is neither a file nor a folder is, in words."""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "a special file"
 
 
 def _temp_prefix(path: Path) -> str:
@@ -117,13 +117,21 @@ def _error(exc: OSError, path: Path, why: str) -> OSError:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a temp file beside `path`, fsync it, then rename it over `path`.
 
-    Missing parent folders are created. An interrupted save leaves at most a temp file named
+    Missing parent folders are created; a FIFO, a device or a socket at `path` is refused, never
+    replaced. An interrupted save leaves at most a temp file named
     .<name>.pid<PID>.<random>.tmp, which the next save to the same path removes once that
     process is gone. Errors are OSError subclasses whose message names the path.
     """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(21, f"cannot save {path}: it is a directory", str(path))
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = None  # nothing there yet: the rename creates the file
+    if mode is not None and not stat.S_ISREG(mode):
+        # The rename would replace a FIFO or a device (as root, /dev/null itself) with a file.
+        raise OSError(f"cannot save {path}: it is {_kind(mode)}, not an ordinary file")
     parent = path.parent
     for folder in (parent, *parent.parents):
         if folder.exists() or folder.is_symlink():

@@ -960,9 +960,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     the config is JSON in the safetensors metadata under "lora_lab_config".
     """
     path = _check_path(path, "adapter path")
-    if path.exists() and not path.is_dir():  # (a folder is refused by atomic_write_bytes)
-        # Saving renames a new file over the path: a FIFO or a device there would be replaced.
-        regular_file(path, "adapter path")
     layers = _require_lora(model)
     state = lora_state_dict(model)
     if any(t.is_meta for t in state.values()):

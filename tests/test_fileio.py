@@ -1,0 +1,61 @@
+"""lab.fileio: reading only ordinary files, and atomic writes that never replace a special file."""
+
+import os
+import re
+import stat
+
+import pytest
+
+from lab.fileio import atomic_write_bytes, regular_file
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def test_regular_file_returns_an_ordinary_file_and_follows_links(tmp_path):
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"x")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    assert regular_file(target, "adapter file") == target
+    assert regular_file(link, "adapter file") == link
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda tmp, fifo: fifo, OSError, "is a named pipe (FIFO), not an ordinary file"),
+        (lambda tmp, fifo: "/dev/zero", OSError, "is a device, not an ordinary file"),
+        (lambda tmp, fifo: tmp, IsADirectoryError, "is a folder, not a file"),
+        (lambda tmp, fifo: tmp / "missing.bin", FileNotFoundError, "does not exist"),
+        (lambda tmp, fifo: fifo / "below", FileNotFoundError, "does not exist"),
+    ],
+    ids=["fifo", "device", "folder", "missing", "below-a-file"],
+)
+def test_regular_file_names_what_the_path_is_instead(tmp_path, fifo, make, error, words):
+    path = make(tmp_path, fifo)
+    with pytest.raises(error) as info:
+        regular_file(path, "base model file")
+    assert f"base model file {path} " in str(info.value) and words in str(info.value)
+
+
+def test_atomic_write_replaces_a_file_whole(tmp_path):
+    target = tmp_path / "sub" / "out.bin"
+    atomic_write_bytes(target, b"old")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.bin"]
+
+
+def test_atomic_write_never_replaces_a_fifo_or_a_link_to_a_device(tmp_path, fifo):
+    link = tmp_path / "null"
+    link.symlink_to("/dev/null")
+    for path, kind in ((fifo, "a named pipe (FIFO)"), (link, "a device")):
+        with pytest.raises(OSError, match=re.escape(f"cannot save {path}: it is {kind}")):
+            atomic_write_bytes(path, b"data")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.readlink(link) == "/dev/null"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null", "pipe"]  # no temp file left
