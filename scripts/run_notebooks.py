@@ -45,6 +45,9 @@ def main() -> None:
     # Like the tests, never read or write the user's own sweep cache: the stored outputs must
     # come from the shipped default grid alone.
     os.environ["LORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="lora-lab-run-notebooks-")
+    # The stored outputs are what nbval compares: no "the machine is busy" line in them, as in
+    # the tests (conftest.py).
+    os.environ["LORA_LAB_BUSY_NOTICE"] = "0"
     paths = [Path(p) for p in sys.argv[1:]] or sorted((ROOT / "notebooks").rglob("*.ipynb"))
     for path in paths:
         if ".ipynb_checkpoints" in path.parts:
