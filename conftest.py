@@ -3,8 +3,9 @@
 pytest loads this file whatever is collected under the repository root, so nbval's kernels,
 which inherit this process's environment, never read or write a user's sweep cache (they see
 only the lab's shipped default grid) and never spend time measuring batched chunk sizes
-(lab.calibrate), which would also write the user's cache folder. The sanitizer nbval compares
-stored outputs through is tests/nbval/sanitize.cfg (named in pyproject.toml).
+(lab.calibrate), which would also write the user's cache folder, and print no line about a
+busy machine (lab.threads), which would differ from the stored outputs. The sanitizer nbval
+compares stored outputs through is tests/nbval/sanitize.cfg (named in pyproject.toml).
 """
 
 import atexit
@@ -15,6 +16,8 @@ import tempfile
 os.environ["LORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="lora-lab-nbval-cache-")
 atexit.register(shutil.rmtree, os.environ["LORA_LAB_CACHE"], ignore_errors=True)
 os.environ["LORA_LAB_CALIBRATE"] = "0"
+# The "machine is busy" line (lab.threads) would enter the outputs nbval compares.
+os.environ["LORA_LAB_BUSY_NOTICE"] = "0"
 
 
 def pytest_configure(config):
