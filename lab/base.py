@@ -264,6 +264,12 @@ def check_state(config: ModelConfig, tensors: object, source: str = "the state d
     for name, value in tensors.items():
         if not value.is_meta and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{source}: {name} contains non-finite values (inf or nan)")
+    head, emb = tensors.get(_TIED), tensors["tok_emb.weight"]
+    if head is not None and not head.is_meta and not emb.is_meta and not torch.equal(head, emb):
+        raise ValueError(
+            f"{source}: {_TIED} differs from tok_emb.weight, but the model ties them (one "
+            "matrix): loading would silently replace the head by the embedding"
+        )
 
 
 def load_base_config(path: str | os.PathLike = BASE_MODEL_PATH) -> ModelConfig:

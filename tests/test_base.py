@@ -245,3 +245,17 @@ def test_the_cli_refuses_a_crafted_base_file_at_once_without_a_traceback(tmp_pat
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" not in out, out[-2000:]
     assert "base_model.safetensors does not match its config (n_layers=1000000" in out, out[-2000:]
+
+
+def test_a_file_whose_head_differs_from_the_tied_embedding_is_refused(tmp_path):
+    def other_head(t):
+        t["head.weight"] = t["tok_emb.weight"] + 1  # loading would drop it for the embedding
+
+    path = _crafted(tmp_path, change_tensors=other_head)
+    with pytest.raises(ValueError, match="head.weight differs from tok_emb.weight"):
+        load_base_model("cpu", path)
+
+    def same_head(t):
+        t["head.weight"] = t["tok_emb.weight"].clone()
+
+    load_base_model("cpu", _crafted(tmp_path, change_tensors=same_head, name="same.st"))
