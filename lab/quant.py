@@ -589,7 +589,12 @@ class Linear4bit(nn.Module):
             )
         dtype = x.dtype
         device_type = x.device.type
-        if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        # The meta device has no autocast (torch raises when asked): shapes only, x's dtype.
+        if (
+            x.dtype != torch.float64
+            and device_type != "meta"
+            and torch.is_autocast_enabled(device_type)
+        ):
             dtype = torch.get_autocast_dtype(device_type)
         return _Linear4bitFunction.apply(x, self, dtype)
 

@@ -830,3 +830,13 @@ def test_quantize_scales_refuses_negative_block_scales():
 def test_quantize_base_on_a_linear4bit_names_it_as_the_model_itself():
     with pytest.raises(ValueError, match=r"1 Linear4bit layer \(the model itself \(nf4"):
         quantize_base(Linear4bit.from_linear(nn.Linear(8, 8)))
+
+
+def test_a_meta_layer_and_model_run_forward_for_shapes():
+    layer = _layer().to("meta")
+    out = layer(torch.zeros(3, 40, device="meta"))
+    assert out.is_meta and out.shape == (3, 24)
+    with torch.device("meta"):
+        model = lab.ToyTransformer(lab.get_preset("tiny"))
+    model.blocks[0].attn.q_proj = Linear4bit(32, 32, bias=False, device="meta")
+    assert model(torch.zeros(2, 5, dtype=torch.long, device="meta")).shape == (2, 5, 64)
