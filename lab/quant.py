@@ -641,6 +641,11 @@ class Linear4bit(nn.Module):
         problem = None
         if key in state_dict:
             problem = _format_mismatch(state_dict[key], self.quant_format())
+        elif prefix + "packed_weight" in state_dict:  # codes whose format is unknown, even
+            problem = (  # under strict=False: their scheme cannot be checked
+                "the state dict holds 4-bit codes but no _extra_state (their scheme, block "
+                "size, double quant and shape): their format cannot be checked"
+            )
         if problem is None:
             problem = _scale_problem(state_dict, prefix)
         if problem:

@@ -753,6 +753,15 @@ def test_a_crafted_state_dict_is_refused(change, words):
     assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
 
 
+def test_codes_without_their_format_are_refused_even_when_not_strict():
+    source, target = _layer("nf4", True), _layer("nf4", True)
+    state = {k: v.clone() for k, v in source.state_dict().items() if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match="4-bit codes but no _extra_state"):
+        target.load_state_dict(state, strict=False)
+    target.load_state_dict({"bias": source.bias.detach()}, strict=False)  # no codes: fine
+    assert torch.equal(target.bias, source.bias)
+
+
 def test_a_negative_absmax_in_a_state_dict_is_refused():
     source, target = _layer("int4", False), _layer("int4", False)
     state = source.state_dict()
