@@ -63,9 +63,9 @@ NOTEBOOKS = (
     "notebooks/05_sweeps.ipynb",
     "notebooks/06_merge_and_deploy.ipynb",
 )
-SANITIZE = "notebooks/sanitize.cfg"
+SANITIZE = "tests/nbval/sanitize.cfg"
 RUN_TIMEOUT = 1500  # seconds for each run; (a) takes a few minutes on 2 busy cores
-# notebooks/conftest.py gives nbval a throwaway sweep cache with tempfile.mkdtemp: test machinery,
+# conftest.py (the repository root's) gives nbval a throwaway sweep cache with tempfile.mkdtemp: test machinery,
 # not the lab. It is allowed in /tmp during run (a), checked for stray files and removed after.
 NBVAL_CACHE = re.compile(r"^/tmp/lora-lab-nbval-cache-[^/]+(/|$)")
 # Where a user's tools keep their files, relative to HOME: the README's list. A file anywhere else
@@ -553,7 +553,7 @@ def course() -> Iterator[Course]:
                 subprocess.run(["umount", "-l", str(ro)], capture_output=True)
         if not os.path.ismount(ro):
             shutil.rmtree(base, ignore_errors=True)
-        # nbval's throwaway cache (notebooks/conftest.py), also when the test failed before
+        # nbval's throwaway cache (the root conftest.py), also when the test failed before
         # checking and removing it: only those `nobody` made since this fixture began.
         for cache in Path("/tmp").glob("lora-lab-nbval-cache-*"):
             with contextlib.suppress(OSError):
@@ -685,7 +685,7 @@ def test_the_lab_runs_from_a_read_only_copy_writing_only_under_home(readonly_ven
     report["nbval"] = summary
     report["run a"] = check_run("a (nbval)", nbval, course, NBVAL_CACHE)
 
-    # nbval's throwaway cache (notebooks/conftest.py) is removed when pytest exits: run (a) leaves
+    # nbval's throwaway cache (the root conftest.py) is removed when pytest exits: run (a) leaves
     # nothing in /tmp at all.
     new = sorted(set(owned_by(nobody, world_writable, course.base)) - already)
     assert not new, f"run a left files in {world_writable}: {new[:20]}"
