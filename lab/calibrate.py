@@ -20,6 +20,11 @@ else lab.batched.default_max_configs's static rule. Set LORA_LAB_CALIBRATE=0 to 
 static rule, no file read or written), or LORA_LAB_CALIBRATE=always to measure whenever nothing
 is remembered, however short the group. Chunking never changes a configuration's numbers (each
 trains as it would alone), and measuring leaves the global random state as it found it.
+
+The file lives in a folder the user (or anyone with their account) can write, so nothing in it
+is trusted: anything but a calibration file as this module writes it (not JSON, nested too
+deeply for the parser, a FIFO, impossible numbers) is warned of once, ignored, and replaced by a
+valid file; a sweep never fails because of it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import math
 import os
 import platform
+import stat
 import statistics
 import time
 import warnings
@@ -342,6 +348,22 @@ def _stamp(path: Path) -> tuple:
         return (str(path),)
 
 
+def remove_non_file(path: Path) -> None:
+    """Remove a FIFO, socket or device node at `path`, or a link to one: never a file or folder.
+
+    The lab's own file names (a cache entry, calibration.json) are the only paths given here:
+    whatever else sits there holds nothing (a link's target is never touched), and
+    atomic_write_bytes refuses to rename a file over it.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # nothing there, or a dangling link, which the rename replaces
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def _read(path: Path, warn: bool = True) -> tuple[dict, bool]:
     """The remembered answers in `path` ({} if none) and whether the file is corrupt.
 
@@ -378,6 +400,7 @@ def _remember(path: Path, key: str, entry: dict | None) -> None:
     data = {"format": FORMAT, "entries": dict(sorted(entries.items()))}
     # A read-only home (or a folder in the file's place): the answer stays in memory.
     with contextlib.suppress(OSError):
+        remove_non_file(path)  # a FIFO or a link to /dev/zero holds nothing
         atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 

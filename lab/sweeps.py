@@ -44,7 +44,7 @@ from .batched import (
     max_configs_for_memory,
     train_batched,
 )
-from .calibrate import calibrated_chunk_size
+from .calibrate import calibrated_chunk_size, remove_non_file
 from .config import ALL_LINEAR, LoRAConfig
 from .executors import RaySession, check_executor, task_error
 from .fileio import atomic_write_bytes, regular_file, user_cache_root
@@ -986,7 +986,9 @@ class SweepCache:
     def put(self, result: SweepResult) -> Path:
         """Store a result (replacing any earlier one for the same point); returns its path."""
         data = json.dumps(result.to_dict(), indent=1, allow_nan=False).encode("utf-8")
-        return atomic_write_bytes(self.path(result.point), data)
+        path = self.path(result.point)
+        remove_non_file(path)
+        return atomic_write_bytes(path, data)
 
     def check_writable(self, probe_bytes: int = 64 << 10) -> None:
         """SweepCacheError unless results can be written here (creating the folder if needed).
