@@ -780,7 +780,7 @@ def learn_forget(
         for ax in panels:
             for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 entries.setdefault(label, handle)
-        fig.legend(entries.values(), entries.keys(), loc="outside right upper", fontsize=8)
+        fig.legend(entries.values(), entries.keys(), loc="outside right center", fontsize=8)
     else:
         panels[0].set_title(title)
         _legend_outside(panels[0])
