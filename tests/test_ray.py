@@ -228,7 +228,8 @@ def listening_sockets(pids: list[int]) -> list[tuple[str, str, int]]:
     found = []
     for pid in pids:
         try:
-            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            # The command line (Ray's processes retitle themselves: 'ray::IDLE', ...).
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             fds = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:  # gone meanwhile
             continue
@@ -238,7 +239,7 @@ def listening_sockets(pids: list[int]) -> list[tuple[str, str, int]]:
                 inode = target.removeprefix("socket:[").removesuffix("]")
                 if target.startswith("socket:[") and inode in listening:
                     address, port = listening[inode]
-                    found.append((Path(name).name, str(address), port))
+                    found.append((name.strip()[:120], str(address), port))
     return sorted(set(found))
 
 
@@ -247,11 +248,11 @@ def test_a_local_ray_listens_on_127_0_0_1_only(local_ray):
 
     assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker is up and serving
     found = listening_sockets([os.getpid(), *marked_processes(local_ray)])
-    names = {name for name, _, _ in found}
-    # GCS, raylet (node manager and object manager), the runtime-env agent, the autoscaler's
-    # metrics, this driver's and each worker's gRPC server: seven sockets with one worker.
-    assert {"gcs_server", "raylet", "ray::RuntimeEnvAgent"} <= names, found
-    assert len(found) >= 7, found
+    # GCS, raylet (node manager and object manager), the runtime-env agent (while it runs),
+    # the autoscaler's metrics, this driver's and each worker's gRPC server.
+    for part in ("gcs_server", "raylet", "ray::IDLE"):
+        assert any(part in name for name, _, _ in found), (part, found)
+    assert len(found) >= 6, found
     exposed = [s for s in found if not ipaddress.ip_address(s[1]).is_loopback]
     assert exposed == [], f"listening beyond 127.0.0.1: {exposed}"
 
