@@ -257,11 +257,17 @@ def test_corrupt_cache_file_is_ignored_with_a_warning(tmp_path, content):
 
 def test_a_file_for_another_key_is_skipped_quietly(tmp_path):
     cache = SweepCache(tmp_path)
-    data = fake_result(SweepPoint("rotate", 1)).to_dict()
-    (tmp_path / "0000stale.json").write_text(json.dumps(data))  # e.g. an older format
+    # Written under its own key by another format version or base model: stale, not corrupt.
+    data = {**fake_result(SweepPoint("rotate", 1)).to_dict(), "key": "0000stale"}
+    (tmp_path / "0000stale.json").write_text(json.dumps(data))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cache.results() == []
+    # Copied or renamed from another point's file: said, and never used as this point's.
+    point = SweepPoint("rotate", 2)
+    cache.path(point).write_text(json.dumps(fake_result(SweepPoint("rotate", 1)).to_dict()))
+    with pytest.warns(UserWarning, match=r"it holds the result of r1 α16"):
+        assert cache.get(point) is None
 
 
 # -- sweeping ----------------------------------------------------------------------------------
