@@ -3,6 +3,8 @@
 The public API that notebooks, tests and users rely on is listed in `__all__`.
 """
 
+import warnings
+
 from . import threads
 from .base import BASE_MODEL_PATH, load_base_model, save_base_model
 from .config import INITS, VARIANTS, LoRAConfig
@@ -57,7 +59,10 @@ from .tasks import TASKS, Task, get_task
 from .training import TrainingDiverged, TrainResult, train
 from .variants.dora import DoRALinear  # importing lab.variants registers every flavour
 
-threads.apply()  # torch's thread count for this kernel: lab.threads.describe() says why
+try:
+    threads.apply()  # torch's thread count for this kernel: lab.threads.describe() says why
+except ValueError as exc:  # a bad LORA_LAB_THREADS: said now; training refuses to start with it
+    warnings.warn(str(exc), stacklevel=2)
 keep_torch_cache_at_home()  # torch's compiler cache under the user's cache folder, not /tmp
 
 __all__ = [

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import threads
 from .base import model_from_state
 from .config import ALL_LINEAR, INITS, VARIANTS, LoRAConfig
 from .lora import _check_rank_fits, add_lora, build_layer
@@ -59,6 +60,7 @@ from .training import (
     check_weight_decay,
     diverged_message,
 )
+from .variants.dora import row_scale
 
 __all__ = [
     "AdapterSpec",
@@ -309,7 +311,8 @@ class BatchedLoRALinear(nn.Module):
         k = self.n_configs
         w_k = self._frozen_weights()
         norm = (w_k + self.scaling * (b @ a)).norm(dim=2).detach()  # (K, out)
-        scale = torch.where(self.dora_mask, self.magnitude / norm, torch.ones_like(norm))
+        # m / n, and 1 on a row with no direction (n = 0), as DoRALinear does: never 0/0.
+        scale = torch.where(self.dora_mask, row_scale(self.magnitude, norm), torch.ones_like(norm))
         scale = scale[:, None, :]  # (K, 1, out)
         out3 = out.reshape(k, -1, self.out_features)
         bias = self.base.bias
@@ -715,6 +718,7 @@ def train_batched(
     """
     trainer = BatchedTrainer(base, task, specs, steps, batch_size, device, weight_decay,
                              dropout_draw)  # fmt: skip
+    threads.training_threads()  # the lab's one thread rule; says once if the machine is busy
     device, k = trainer.device, len(trainer.specs)
     losses = torch.zeros(steps, k, device=device)
     bar = tqdm(

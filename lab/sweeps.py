@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import threads
 from .analysis import canonical_targets, count_full, count_lora
 from .base import BASE_MODEL_PATH, load_base_config, load_base_model
 from .batched import (
@@ -1263,6 +1264,8 @@ def sweep(
         for p in [] if on_ray else todo:  # Ray workers check their own device's memory
             what = f"{describe(p)} with batch_size={p.batch_size:,} for steps={p.steps:,}"
             check_fits(run_bytes(config, p.batch_size, p.steps), device, what)
+        if not on_ray:  # trains here: the lab's thread rule, before chunk sizes are measured
+            threads.training_threads()
     bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress or not todo)
     held: set[SweepPoint] = set()
     errors: list[OSError] = []

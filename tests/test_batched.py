@@ -157,6 +157,30 @@ def test_fresh_batched_layer_changes_nothing_and_matches_loralinear():
         layer(x[:14])
 
 
+def test_a_dora_configuration_on_an_all_zero_weight_row_stays_exact_and_finite():
+    """A zero row of W has norm 0: the fresh batched layer must still compute W (not 0/0 = NaN)
+    and give finite gradients, as DoRALinear alone does."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        base.weight[2] = 0
+    layer = BatchedLoRALinear(
+        base, [2, 2], [2.0, 2.0], [0.0, 0.0], [None, None], dora=[True, False]
+    )
+    with torch.no_grad():
+        layer.magnitude[0] = base.weight.norm(dim=1)  # a fresh DoRA magnitude: ||W|| per row
+        layer.lora_A.normal_()
+    x = torch.randn(2 * 3, 5, 8)
+    out = layer(x)
+    torch.testing.assert_close(out, base(x), rtol=1e-6, atol=1e-6)  # B = 0: exactly W
+    out.square().sum().backward()
+    for name in ("lora_A", "lora_B", "magnitude"):
+        grad = getattr(layer, name).grad
+        assert torch.isfinite(grad).all(), (
+            f"{name}'s gradient has {(~torch.isfinite(grad)).sum()} NaN"
+        )
+
+
 def _dropout_layer(dropout_draw: str, ranks=(4, 4, 4, 0), dropouts=(0.0, 0.1, 0.5, 0.3)):
     """A batched layer over one base whose configurations draw from generators seeded 0, 1, ..."""
     torch.manual_seed(0)
