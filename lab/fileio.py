@@ -19,10 +19,14 @@ STALE_TEMP_SECONDS = 3600.0
 
 
 def user_cache_root() -> Path:
-    """The lab's folder in the user's cache: $XDG_CACHE_HOME/lora-lab, else ~/.cache/lora-lab."""
+    """The lab's folder in the user's cache: $XDG_CACHE_HOME/lora-lab (an absolute path), else
+    ~/.cache/lora-lab."""
     if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
         return Path(os.environ["LOCALAPPDATA"]) / "lora-lab"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-lab"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec: a relative path is invalid and ignored (it would put the cache in the cwd).
+    root = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return root / "lora-lab"
 
 
 def regular_file(path: str | os.PathLike, what: str) -> Path:

@@ -3,10 +3,11 @@
 import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 
-from lab.fileio import atomic_write_bytes, regular_file
+from lab.fileio import atomic_write_bytes, regular_file, user_cache_root
 
 
 @pytest.fixture
@@ -59,3 +60,14 @@ def test_atomic_write_never_replaces_a_fifo_or_a_link_to_a_device(tmp_path, fifo
             atomic_write_bytes(path, b"data")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.readlink(link) == "/dev/null"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["null", "pipe"]  # no temp file left
+
+
+@pytest.mark.parametrize("xdg", ["", "cache", "./cache", "~/cache"])
+def test_a_relative_or_empty_xdg_cache_home_is_ignored(monkeypatch, xdg):
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert user_cache_root() == Path.home() / ".cache" / "lora-lab"
+
+
+def test_an_absolute_xdg_cache_home_is_used(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert user_cache_root() == tmp_path / "lora-lab"
