@@ -37,6 +37,7 @@ from .config import (
     register_variant,
 )
 from .fileio import atomic_write_bytes, regular_file
+from .quant import dense_linear
 
 __all__ = [
     "LoRALinear",
@@ -348,7 +349,7 @@ class LoRALinear(nn.Module):
         new = self._check_mergeable()
         if is_quantized(self.base):
             self._quantized_base = self.base
-            dense = _dense_linear(self.base, new)
+            dense = dense_linear(self.base, new)
             if requantize:
                 from .quant import Linear4bit
 
@@ -452,20 +453,6 @@ class LoRALinear(nn.Module):
             f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
             f"dropout={self.dropout_p:g}, rslora={self.rslora}{extra}, merged={self.merged}"
         )
-
-
-def _dense_linear(base: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """A frozen nn.Linear with `weight` and the base's bias (for merging into a quantised base)."""
-    dense = nn.Linear(
-        base.in_features, base.out_features, bias=base.bias is not None,
-        device=weight.device, dtype=weight.dtype,
-    )  # fmt: skip
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-        if base.bias is not None:
-            dense.bias.copy_(base.bias)
-    dense.requires_grad_(False)
-    return dense
 
 
 def _default_init(layer: LoRALinear) -> None:

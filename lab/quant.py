@@ -471,6 +471,19 @@ class _Linear4bitFunction(torch.autograd.Function):
         return grad_x, None, None
 
 
+def dense_linear(base: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A frozen nn.Linear with `weight` (out, in) and `base`'s bias: a full-precision stand-in."""
+    dense = nn.Linear(
+        base.in_features, base.out_features, bias=base.bias is not None,
+        device=weight.device, dtype=weight.dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if base.bias is not None:
+            dense.bias.copy_(base.bias)
+    return dense.requires_grad_(False)
+
+
 class Linear4bit(nn.Module):
     """A frozen linear layer whose weight is stored as packed 4-bit codes (QLoRA's base).
 
@@ -600,16 +613,7 @@ class Linear4bit(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A frozen nn.Linear holding the dequantised weight and the bias (in compute_dtype)."""
-        weight = self.dequantize()
-        dense = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None,
-            device=weight.device, dtype=weight.dtype,
-        )  # fmt: skip
-        with torch.no_grad():
-            dense.weight.copy_(weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense.requires_grad_(False)
+        return dense_linear(self, self.dequantize())
 
     # The format travels with the codes. Without it an int4 layer would load nf4 codes and
     # decode them with the wrong table, silently: every weight moves, nothing fails.

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .analysis import rank_for_energy, singular_values
-from .lora import LoRALinear, _dense_linear, frozen_weight, is_frozen_linear
+from .lora import LoRALinear, frozen_weight, is_frozen_linear
+from .quant import dense_linear
 
 __all__ = [
     "BLOCK_LINEARS",
@@ -391,7 +392,7 @@ def scale_model_intruders(
     model = copy.deepcopy(tuned_model)
     # Fold every LoRA layer (inside the blocks or not) into a plain linear.
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
-        dense = _dense_linear(layer.base, effective_weight(layer))
+        dense = dense_linear(layer.base, effective_weight(layer))
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, dense)
     for name, (wb, wt) in pairs.items():
@@ -401,7 +402,7 @@ def scale_model_intruders(
             module.weight.copy_(scaled.to(module.weight.dtype))
         else:  # a 4-bit linear has no weight to write into: a full-precision one takes its place
             parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), leaf, _dense_linear(module, scaled))
+            setattr(model.get_submodule(parent_name), leaf, dense_linear(module, scaled))
     return model
 
 
