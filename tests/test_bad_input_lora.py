@@ -649,15 +649,15 @@ print("model as it was")
 """
 
 
+def run_script(code: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """`code` run by this Python in a process of its own, with `args`; its output captured."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=os.getcwd())  # fmt: skip
+
+
 @pytest.mark.parametrize("where", ["svd", "swap"])
 def test_ctrl_c_during_add_lora_leaves_the_model_as_it_was(where):
-    done = subprocess.run(
-        [sys.executable, "-c", _CTRL_C, where],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=os.getcwd(),
-    )
+    done = run_script(_CTRL_C, where, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "interrupted at call 3\n" in done.stdout and "model as it was" in done.stdout
 
@@ -856,13 +856,7 @@ for path, kind in ((fifo, "named pipe"), ("/dev/zero", "a device")):
 
 
 def test_fifo_and_device_adapter_paths_are_named_and_never_block(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-c", _SPECIAL_PATHS, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=os.getcwd(),
-    )
+    done = run_script(_SPECIAL_PATHS, str(tmp_path), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "named named pipe" in done.stdout and "named a device" in done.stdout
 
