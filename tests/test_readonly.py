@@ -45,13 +45,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from system_venv import chmod_readable, project_packages, system_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = "nobody"
-SYSTEM_PYTHON = Path("/usr/bin/python3")  # root's own Python may sit where others cannot run it
-VENV_PARENT = Path("/var/tmp")  # the cached venv, keyed by what went into it
 VENV_PREFIX = "lora-lab-readonly-venv-"
-STALE_VENV_SECONDS = 3600.0  # a venv for other inputs, unused this long, is removed (1.3 GB)
 # Besides the lab's runtime dependencies (pyproject.toml): what runs the notebooks headless, with
 # the specs requirements.txt or requirements-dev.txt give them.
 TOOLS = ("nbval", "pytest", "nbclient", "ipykernel")
@@ -65,8 +63,9 @@ NOTEBOOKS = (
 )
 SANITIZE = "tests/nbval/sanitize.cfg"
 RUN_TIMEOUT = 1500  # seconds for each run; (a) takes a few minutes on 2 busy cores
-# conftest.py (the repository root's) gives nbval a throwaway sweep cache with tempfile.mkdtemp: test machinery,
-# not the lab. It is allowed in /tmp during run (a), checked for stray files and removed after.
+# The repository root's conftest.py gives nbval a throwaway sweep cache (tempfile.mkdtemp): test
+# machinery, not the lab. It is allowed in /tmp during run (a), checked for stray files and
+# removed after.
 NBVAL_CACHE = re.compile(r"^/tmp/lora-lab-nbval-cache-[^/]+(/|$)")
 # Where a user's tools keep their files, relative to HOME: the README's list. A file anywhere else
 # under HOME fails the test, so that every file the lab makes has a place the README names.
@@ -108,95 +107,6 @@ def _tail(text: str, chars: int = 4000) -> str:
     return text if len(text) <= chars else "..." + text[-chars:]
 
 
-# ---------------------------------------------------------------------------------------------
-# The venv that `nobody` runs (cached under /var/tmp, built atomically)
-# ---------------------------------------------------------------------------------------------
-
-
-def _name(spec: str) -> str:
-    return re.split(r"[<>=!~\[; ]", spec.strip(), maxsplit=1)[0].lower()
-
-
-def venv_packages() -> list[str]:
-    """pip requirements: the lab's runtime dependencies (pyproject.toml), then the tools, each
-    with the spec the project gives it (requirements.txt, requirements-dev.txt) if any."""
-    code = (
-        "import json, sys, tomllib; "
-        "print(json.dumps(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']))"
-    )
-    out = subprocess.run(
-        [str(SYSTEM_PYTHON), "-c", code, str(ROOT / "pyproject.toml")],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    deps = json.loads(out.stdout)
-    assert "torch==2.13.0" in deps, f"pyproject.toml no longer pins torch==2.13.0: {deps}"
-    lines = [
-        ln.split("#")[0].strip()
-        for req in ("requirements.txt", "requirements-dev.txt")
-        for ln in (ROOT / req).read_text().splitlines()
-    ]
-    specs: dict[str, str] = {}
-    for spec in (ln for ln in lines if ln and not ln.startswith("-")):
-        specs.setdefault(_name(spec), spec)
-    named = {_name(d) for d in deps}
-    return deps + [specs.get(t, t) for t in TOOLS if t not in named]
-
-
-def _chmod_readable(top: Path) -> None:
-    """Everything under `top` readable by all, folders and executables enterable by all."""
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            add = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
-            if stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR:
-                add |= stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
-            if st.st_mode & add != add:
-                os.chmod(p, st.st_mode | add)
-    os.chmod(top, 0o755)
-
-
-def build_venv(final: Path, packages: list[str]) -> None:
-    """Make the venv in a temp folder beside `final`, then rename it there (another session
-    that got there first wins; this build is then dropped)."""
-    build = Path(tempfile.mkdtemp(prefix=f".{final.name}.build-", dir=final.parent))
-    try:
-        subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(build)], check=True, timeout=300)
-        pip = [str(build / "bin" / "python"), "-m", "pip", "install", "-q", "--no-input",
-               "--disable-pip-version-check", "--no-warn-script-location"]  # fmt: skip
-        done = subprocess.run([*pip, *packages], capture_output=True, text=True, timeout=1800)
-        if done.returncode != 0:
-            pytest.fail(
-                f"pip install into a venv of {SYSTEM_PYTHON} failed ({packages}):\n"
-                + _tail(done.stdout + done.stderr),
-                pytrace=False,
-            )
-        _chmod_readable(build)
-        (build / "lora-lab-complete").write_text("\n".join(packages) + "\n")
-        try:
-            os.rename(build, final)
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-    finally:
-        if build.exists():
-            shutil.rmtree(build, ignore_errors=True)
-
-
-def drop_stale_venvs(keep: Path) -> None:
-    """Remove this test's venvs (and half-built ones) for other inputs, unused for an hour."""
-    for other in VENV_PARENT.glob(f"*{VENV_PREFIX}*"):
-        marker = other / "lora-lab-complete"
-        try:
-            used = (marker if marker.exists() else other).stat().st_mtime
-        except OSError:
-            continue
-        if other != keep and time.time() - used > STALE_VENV_SECONDS:
-            shutil.rmtree(other, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def readonly_venv() -> Path:
     """A venv of /usr/bin/python3 with the lab's runtime dependencies, nbval and pytest (not the
@@ -206,25 +116,11 @@ def readonly_venv() -> Path:
     for tool in ("mount", "umount", "setpriv", "strace"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing (Debian: apt-get install util-linux strace)")
-    if not SYSTEM_PYTHON.exists():
-        pytest.fail(f"{SYSTEM_PYTHON} is missing: it makes the venv another user can run")
     try:
         pwd.getpwnam(USER)
     except KeyError:
         pytest.fail(f"there is no user {USER!r} to run the read-only copy as")
-    packages = venv_packages()
-    version = subprocess.run(
-        [str(SYSTEM_PYTHON), "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    key = hashlib.sha256(
-        (ROOT / "pyproject.toml").read_bytes() + "\n".join([version, *packages]).encode()
-    ).hexdigest()[:16]
-    final = VENV_PARENT / f"{VENV_PREFIX}{key}"
-    if not (final / "lora-lab-complete").exists():
-        build_venv(final, packages)
-    assert (final / "lora-lab-complete").exists(), f"{final} was not built"
-    os.utime(final / "lora-lab-complete")  # in use: the clean-up below keeps it
-    drop_stale_venvs(keep=final)
+    final = system_venv(VENV_PREFIX, project_packages(TOOLS))
     imports = "import torch, nbval, ipykernel; print(torch.__version__)"
     check = as_user(
         [str(final / "bin" / "python"), "-c", imports],
@@ -521,7 +417,7 @@ def course() -> Iterator[Course]:
             dest = src / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest, follow_symlinks=False)
-        _chmod_readable(src)
+        chmod_readable(src)
         ro.mkdir()
         home.mkdir(mode=0o700)
         os.chown(home, entry.pw_uid, entry.pw_gid)
