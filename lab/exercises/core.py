@@ -30,7 +30,7 @@ from ..sweeps import ALL_TARGETS, load_grid_file, select
 from ..tasks import get_task
 from ..training import train
 from ..variants.dora import DoRALinear
-from .feedback import Feedback, _call, _no, _safe
+from .feedback import ACTIVE_WATCHES, Feedback, _call, _no, _safe
 
 __all__ = [
     "BUDGET",
@@ -161,6 +161,8 @@ class _BuildsDelta(TorchDispatchMode):
     code calls it (B @ A, einsum, a broadcast product summed).
     """
 
+    kind = "builds_delta"
+
     def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
         super().__init__()
         self.weight_dims = sorted((B.shape[0], A.shape[1]))
@@ -179,6 +181,14 @@ class _BuildsDelta(TorchDispatchMode):
                     if sorted(d for d in t.shape if d != 1) == self.weight_dims:
                         self.built = True
         return out
+
+    def __enter__(self) -> _BuildsDelta:
+        ACTIVE_WATCHES.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        ACTIVE_WATCHES.remove(self)
+        super().__exit__(*exc)
 
 
 def _forward_hint(
@@ -622,8 +632,11 @@ def _describe_case(config: ModelConfig, targets: Sequence[str], rank: int) -> st
 class _BuildsModules:
     """Counts the parameters any nn.Module registers while it is active (a model being built)."""
 
+    kind = "builds_modules"
+
     def __enter__(self) -> _BuildsModules:
         self.count = 0
+        ACTIVE_WATCHES.append(self)
 
         def hook(module: nn.Module, name: str, param: object) -> None:
             self.count += 1
@@ -632,6 +645,7 @@ class _BuildsModules:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        ACTIVE_WATCHES.remove(self)
         self.handle.remove()
 
 

@@ -42,6 +42,12 @@ class Feedback:
         return f'<div class="lab-feedback" style="{style}">{html.escape(str(self))}</div>'
 
 
+# The watches a check has running (a forward building B @ A, a count building a model). When the
+# grader calls a student's function in another process (lab.exercises.autograde), it asks that
+# process to run the same watches there and reports what they saw back into these.
+ACTIVE_WATCHES: list = []
+
+
 def _no(message: str) -> Feedback:
     return Feedback(False, message)
 
