@@ -29,6 +29,7 @@ import io
 import os
 import pickle
 import re
+import secrets
 import select
 import signal
 import subprocess
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import torch
 from nbgrader.preprocessors import NbGraderPreprocessor
 from torch.utils._python_dispatch import _disable_current_modes
@@ -59,6 +61,7 @@ __all__ = [
 CELL_TIMEOUT_S = 600.0  # one notebook cell (exercise 4 trains for a few seconds)
 CALL_TIMEOUT_S = 60.0  # one call of a student's function by a check
 START_TIMEOUT_S = 120.0  # the worker's start (Python, torch, the lab)
+MAX_SKIPPED_FRAMES = 100  # frames without the request's id, skipped before giving up
 
 
 class WorkerLost(RuntimeError):
@@ -83,7 +86,9 @@ class Submission:
         argv = [sys.executable, "-m", "lab.exercises.worker", str(req_r), str(rep_w)]
         env = _worker_env(self.env)
         if sandbox_mode() == "bwrap":
-            argv = sandbox_command(argv, hide=self.hide, env=env)
+            from .course import SOURCE  # the lab's answer key: never visible to a submission
+
+            argv = sandbox_command(argv, hide=[*self.hide, str(SOURCE.parent)], env=env)
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         err_r, err_w = os.pipe()
         self.proc = subprocess.Popen(
@@ -133,13 +138,22 @@ class Submission:
         """Send one request and wait for its reply; WorkerLost (worker killed) past `timeout`."""
         if not self.alive:
             raise WorkerLost("the submission's process is not running")
+        # Each request carries a random id that its reply must repeat: a frame the submission
+        # wrote into the channel itself is skipped, not taken for the answer.
+        request = {**request, "id": secrets.randbits(62)}
+        deadline = time.monotonic() + timeout
         try:
             remote.write_frame(self.requests, request)
-            ready, _, _ = select.select([self.replies], [], [], timeout)
-            if not ready:
-                self._kill()
-                raise WorkerLost(f"it did not finish within {timeout:g} s")
-            return remote.read_frame(self.replies)
+            for _ in range(MAX_SKIPPED_FRAMES):
+                left = deadline - time.monotonic()
+                ready, _, _ = select.select([self.replies], [], [], max(left, 0))
+                if not ready:
+                    self._kill()
+                    raise WorkerLost(f"it did not finish within {timeout:g} s")
+                reply = remote.read_frame(self.replies)
+                if reply.get("id") == request["id"]:
+                    return reply
+            raise remote.FrameError("too many frames that answer nothing")
         except (OSError, remote.FrameError) as exc:
             self._kill()
             code = self.proc.returncode if self.proc else None
@@ -477,7 +491,8 @@ def grade_notebook(nb, hide: list[str] | None = None, log=None) -> list[str]:
                 _restart(submission, ran, log)
             if i in titles:
                 passed, text = run_hidden_test(cell.source, submission)
-                cell.outputs = _graded_outputs(titles[i], passed, text, submission.changed)
+                outputs = _graded_outputs(titles[i], passed, text, submission.changed)
+                cell.outputs = [nbformat.from_dict(o) for o in outputs]
                 cell.execution_count = count
                 if log and submission.changed:
                     log.warning("the submission changed %s", ", ".join(submission.changed))
@@ -489,7 +504,7 @@ def grade_notebook(nb, hide: list[str] | None = None, log=None) -> list[str]:
                 outputs = [_error(kind, str(exc))]
             else:
                 ran.append(cell.source)
-            cell.outputs = outputs
+            cell.outputs = [nbformat.from_dict(o) for o in outputs]
             cell.execution_count = count
     finally:
         submission.stop()

@@ -104,6 +104,11 @@ def configure(c) -> None:
     defaults = GenerateAssignment.class_traits()["preprocessors"].default()
     c.GenerateAssignment.preprocessors = [DropInstructorCells, *defaults]
     c.Execute.timeout = CELL_TIMEOUT_S
+    # Autograde runs each submission in a sandboxed process of its own and its graded cells'
+    # hidden tests in nbgrader's, so that no submission can decide its own grade.
+    from .autograde import configure_autograde
+
+    configure_autograde(c)
 
 
 class RestoreHiddenTests(NbGraderPreprocessor):

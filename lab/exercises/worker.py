@@ -32,6 +32,8 @@ from typing import Any
 __all__ = ["main"]
 
 WATCHED = ("builtins", "torch", "torch.nn", "torch.nn.functional")  # and every lab module
+# Besides those, what this file itself relies on: put back (not reported) while it works.
+RELIED_ON = ("json", "pickle", "base64", "struct", "os", "io", "types", "traceback", "select")
 MAX_TEXT = 200_000  # characters of one cell's text output sent back
 KEEP_CALLS = 8  # results kept for gradients (a check asks right after its call)
 
@@ -43,6 +45,44 @@ def _watched_modules() -> dict[str, object]:
 
 def _snapshot(modules: dict[str, object]) -> dict[str, dict[str, object]]:
     return {name: dict(vars(m)) for name, m in modules.items()}
+
+
+class _World:
+    """The modules this process relies on, as they were before the submission ran.
+
+    The submission's code runs in the world it made (a rebound torch.allclose is its own
+    business); this file's own work (reading a request, describing a result) runs with the
+    modules put back as they were, so a submission that rebinds builtins or json cannot garble
+    what the grader is told, only what its own functions compute.
+    """
+
+    def __init__(self, modules: dict[str, object]) -> None:
+        self.modules = modules
+        self.clean = _snapshot(modules)
+
+    def put_back(self) -> dict[str, object]:
+        """Restore the clean modules; what the submission had made, to restore it after."""
+        saved: dict[str, object] = {"sys.modules": {n: sys.modules.get(n) for n in self.modules}}
+        for name, module in self.modules.items():
+            now = vars(module)
+            saved[name] = dict(now)
+            for key, value in self.clean[name].items():
+                if now.get(key, self) is not value:
+                    now[key] = value
+            sys.modules[name] = module
+        return saved
+
+    def give_back(self, saved: dict[str, object]) -> None:
+        for name, module in self.modules.items():
+            now = vars(module)
+            now.update(saved[name])
+            for key in [k for k in now if k not in saved[name]]:
+                del now[key]
+        for name, module in saved["sys.modules"].items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
 
 
 def _changes(modules: dict[str, object], before: dict[str, dict[str, object]]) -> list[str]:
@@ -155,7 +195,7 @@ def main() -> int:
     builds_delta, builds_modules = core._BuildsDelta, core._BuildsModules
     write, read, encode = remote.write_frame, remote.read_frame, remote.encode
     walk, describe = remote.walk, remote.describe_state
-    loads, b64decode, format_exc = pickle.loads, base64.b64decode, traceback.format_exc
+    loads, b64decode = pickle.loads, base64.b64decode
 
     sink: list[_Outputs] = []
     sys.stdout, sys.stderr = _Stream("stdout", sink), _Stream("stderr", sink)
@@ -178,6 +218,17 @@ def main() -> int:
             return {"callable": id(value), "type": type(value).__name__}
         return encode(value)
 
+    world = _World({**modules, **{n: sys.modules[n] for n in RELIED_ON if n in sys.modules}})
+
+    def student(code: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the submission's code in the world it made, then put the clean one back."""
+        world.give_back(saved)
+        try:
+            return code(*args, **kwargs)
+        finally:
+            saved.update(world.put_back())
+
+    saved = world.put_back()
     while True:
         try:
             request = read(requests)
@@ -189,14 +240,26 @@ def main() -> int:
         if op == "run":
             sink[:] = [_Outputs()]
             count += 1
-            result = shell.run_cell(request["source"], store_history=True)
+            result = student(shell.run_cell, request["source"], store_history=True)
             outputs = sink[0].items
             sink.clear()
-            sys.stdout.flush()
-            ok = bool(result.success)
-            write(replies, {"outputs": outputs, "ok": ok, "changed": _changes(modules, snapshot)})
+            world.give_back(saved)
+            changed = _changes(modules, snapshot)
+            saved.update(world.put_back())
+            write(
+                replies,
+                {
+                    "id": request.get("id"),
+                    "outputs": outputs,
+                    "ok": bool(result.success),
+                    "changed": changed,
+                },
+            )
         elif op == "names":
-            write(replies, {"values": {n: value_of(n) for n in request["names"]}})
+            write(
+                replies,
+                {"id": request.get("id"), "values": {n: value_of(n) for n in request["names"]}},
+            )
         elif op == "call":
             fn = handles.get(request["handle"])
             args, kwargs = loads(b64decode(request["payload"]))
@@ -216,7 +279,7 @@ def main() -> int:
                     ctx.__enter__()
                 try:
                     sink[:] = [_Outputs()]  # what the function prints is not sent
-                    out = fn(*args, **kwargs)
+                    out = student(fn, *args, **kwargs)
                 finally:
                     sink.clear()
                     for kind, ctx in reversed(contexts):
@@ -232,29 +295,49 @@ def main() -> int:
                 reply["result"] = describe(out, before)
             except BaseException as exc:  # the student's exception is the answer's behaviour
                 reply["raised"] = {
-                    "type": type(exc).__name__,
-                    "bases": [c.__name__ for c in type(exc).__mro__],
-                    "message": str(exc)[:2000],
+                    "type": str(getattr(type(exc), "__name__", "Exception")),
+                    "bases": [str(getattr(c, "__name__", "")) for c in type(exc).__mro__],
+                    "message": _text(exc),
                 }
-                if not isinstance(exc, Exception):
-                    reply["raised"]["trace"] = format_exc()[-2000:]
             reply["args"] = describe((args, kwargs), before)
             torch.set_grad_enabled(True)
-            write(replies, reply)
+            write(replies, {"id": request.get("id"), **reply})
         elif op == "vjp":
             out, before = calls.get(request.get("call"), (None, []))
             try:
                 outputs = [out if p is None else out[p] for p in request["outputs"]]
                 grads_out = [remote.decode(g) for g in request["grads"]]
                 inputs = [before[i] for i in request["inputs"]]
-                grads = torch.autograd.grad(
-                    outputs, inputs, grads_out, allow_unused=True, retain_graph=True
+                grads = student(
+                    torch.autograd.grad,
+                    outputs,
+                    inputs,
+                    grads_out,
+                    allow_unused=True,
+                    retain_graph=True,
                 )
-                write(replies, {"grads": [None if g is None else encode(g) for g in grads]})
+                write(
+                    replies,
+                    {
+                        "id": request.get("id"),
+                        "grads": [None if g is None else encode(g) for g in grads],
+                    },
+                )
             except BaseException as exc:
-                write(replies, {"error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+                write(
+                    replies,
+                    {"id": request.get("id"), "error": f"{type(exc).__name__}: {_text(exc)[:500]}"},
+                )
         else:
-            write(replies, {"error": f"unknown request {op!r}"})
+            write(replies, {"id": request.get("id"), "error": f"unknown request {op!r}"})
+
+
+def _text(exc: BaseException) -> str:
+    """An exception's message, even one whose __str__ is broken on purpose."""
+    try:
+        return str(exc)[:2000]
+    except BaseException:  # noqa: BLE001 (a student's exception class may raise here)
+        return "(its message could not be read)"
 
 
 if __name__ == "__main__":
