@@ -187,7 +187,7 @@ def voila_server(chromium, tmp_path_factory, timings):
 def configurable_http_proxy() -> str:
     """JupyterHub's proxy (configurable-http-proxy, from npm) on the PATH; skips (fails in CI)
     when it is missing."""
-    from servers import PROXY_HINT, find_proxy
+    from hub import PROXY_HINT, find_proxy
 
     path = find_proxy()
     if path is None:
