@@ -225,6 +225,18 @@ CHEATS = {
         )
         for gid in ANSWER_IDS
     },
+    "a cell that never ends": {"ex6_memory_answer": "while True:\n    pass\n"},
+    "asks for all the memory there is": {
+        "ex6_memory_answer": "import torch\n_hog = torch.ones(2**40, dtype=torch.uint8)\n"
+    },
+    "fills its disk": {
+        "ex6_memory_answer": (
+            "import os\n"
+            "with open(os.path.expanduser('~/fill'), 'wb') as _f:\n"
+            "    for _ in range(2048):\n"
+            "        _f.write(b'0' * 2**20)\n"
+        )
+    },
     "writes the lab's grading code": {
         "imports": (
             "import lab.exercises.grading as g\n"
@@ -235,11 +247,10 @@ CHEATS = {
 
 
 @pytest.mark.parametrize("name", list(CHEATS))
-def test_a_cheat_scores_what_the_honest_answer_scores(name, half, monkeypatch):
-    monkeypatch.setattr(autograde, "CALL_TIMEOUT_S", 5.0)  # the function that never returns
+def test_a_cheat_scores_what_the_honest_answer_scores(name, half):
     grading_code = hashlib.sha256(Path(lab.exercises.grading.__file__).read_bytes()).hexdigest()
     nb = submission(HALF, CHEATS[name])
-    grade_notebook(nb)
+    grade_notebook(nb, call_timeout=5, cell_timeout=30)  # short, for the ones that never end
     assert points(nb) == points(half), {g: graded_text(nb, g)[:300] for g in points(nb)}
     after = hashlib.sha256(Path(lab.exercises.grading.__file__).read_bytes()).hexdigest()
     assert after == grading_code, "a submission changed the lab's grading code"
@@ -255,10 +266,9 @@ def test_the_feedback_says_what_a_submission_rebound():
     assert "changes no grade" in text
 
 
-def test_a_function_that_never_returns_is_stopped_and_named(monkeypatch):
-    monkeypatch.setattr(autograde, "CALL_TIMEOUT_S", 3.0)
+def test_a_function_that_never_returns_is_stopped_and_named():
     nb = submission(HALF, CHEATS["a function that never returns"])
-    grade_notebook(nb)
+    grade_notebook(nb, call_timeout=3)
     text = graded_text(nb, "ex2_merge")
     assert "TimeoutError" in text and "did not finish within 3 s" in text
 

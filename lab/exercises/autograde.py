@@ -29,6 +29,7 @@ import io
 import os
 import pickle
 import re
+import resource
 import secrets
 import select
 import signal
@@ -43,6 +44,7 @@ import nbformat
 import torch
 from nbgrader.preprocessors import NbGraderPreprocessor
 from torch.utils._python_dispatch import _disable_current_modes
+from traitlets import Float, Integer
 
 from . import feedback as feedback_module
 from . import remote
@@ -58,8 +60,9 @@ __all__ = [
     "grade_notebook",
 ]
 
-CELL_TIMEOUT_S = 600.0  # one notebook cell (exercise 4 trains for a few seconds)
+CELL_TIMEOUT_S = 120.0  # one notebook cell (exercise 4 trains for a few seconds)
 CALL_TIMEOUT_S = 60.0  # one call of a student's function by a check
+MEMORY_LIMIT = 4 * 2**30  # bytes of address space for a submission's process (torch takes ~1)
 START_TIMEOUT_S = 120.0  # the worker's start (Python, torch, the lab)
 MAX_SKIPPED_FRAMES = 100  # frames without the request's id, skipped before giving up
 
@@ -71,9 +74,26 @@ class WorkerLost(RuntimeError):
 class Submission:
     """One submission's worker process: start it, run cells, read names, call its functions."""
 
-    def __init__(self, hide: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        hide: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        cell_timeout: float = CELL_TIMEOUT_S,
+        call_timeout: float = CALL_TIMEOUT_S,
+        memory_limit: int = MEMORY_LIMIT,
+    ) -> None:
+        for name, value in (("cell_timeout", cell_timeout), ("call_timeout", call_timeout)):
+            if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise ValueError(f"{name} is {value!r}: give a number of seconds above 0")
+        if not (isinstance(memory_limit, int) and memory_limit >= 2**30):
+            raise ValueError(
+                f"memory_limit is {memory_limit!r}: give bytes, at least 2**30 (1 GiB; torch "
+                "alone takes about 0.8)"
+            )
         self.hide = list(hide or [])
         self.env = env
+        self.cell_timeout, self.call_timeout = float(cell_timeout), float(call_timeout)
+        self.memory_limit = memory_limit
         self.proc: subprocess.Popen | None = None
         self.changed: list[str] = []  # module attributes the submission rebound, in order seen
         self.stderr = b""
@@ -91,8 +111,15 @@ class Submission:
             argv = sandbox_command(argv, hide=[*self.hide, str(SOURCE.parent)], env=env)
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         err_r, err_w = os.pipe()
+        limit = self.memory_limit
+
+        def limits() -> None:  # in the child, before bwrap: inherited by the submission
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
         self.proc = subprocess.Popen(
             argv,
+            preexec_fn=limits,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err_w,
@@ -171,15 +198,15 @@ class Submission:
 
     # -- what the grader asks -----------------------------------------------------------------
 
-    def run(self, source: str, timeout: float = CELL_TIMEOUT_S) -> tuple[list[dict], bool]:
-        reply = self.ask({"op": "run", "source": source}, timeout)
+    def run(self, source: str) -> tuple[list[dict], bool]:
+        reply = self.ask({"op": "run", "source": source}, self.cell_timeout)
         outputs = reply.get("outputs")
         self._note(reply.get("changed"))
         return (_valid_outputs(outputs), bool(reply.get("ok")))
 
     def names(self, names: list[str]) -> dict[str, Any]:
         """Each name's value in the notebook: plain data, a RemoteFunction, or NameError."""
-        reply = self.ask({"op": "names", "names": names}, CALL_TIMEOUT_S)
+        reply = self.ask({"op": "names", "names": names}, self.call_timeout)
         values = reply.get("values")
         if not isinstance(values, dict):
             raise remote.FrameError("names: no values")
@@ -291,7 +318,7 @@ class RemoteFunction:
                 "watch": asked,
             }
             try:
-                reply = self.submission.ask(request, CALL_TIMEOUT_S)
+                reply = self.submission.ask(request, self.submission.call_timeout)
             except WorkerLost as exc:
                 raise TimeoutError(f"{self.__name__}: {exc}") from None
             remote.apply_state(reply.get("args"), before)
@@ -350,7 +377,7 @@ class _RemoteGrad(torch.autograd.Function):
             "inputs": leaves,
         }
         try:
-            reply = submission.ask(request, CALL_TIMEOUT_S)
+            reply = submission.ask(request, submission.call_timeout)
             grads = reply.get("grads")
             if not isinstance(grads, list) or len(grads) != len(leaves):
                 raise RuntimeError(reply.get("error", "no gradients came back"))
@@ -473,12 +500,13 @@ def _graded_outputs(title: str, passed: bool, text: str, changed: list[str]) -> 
     ]
 
 
-def grade_notebook(nb, hide: list[str] | None = None, log=None) -> list[str]:
+def grade_notebook(nb, hide: list[str] | None = None, log=None, **limits: Any) -> list[str]:
     """Run a submission's cells in a sandboxed worker and its graded cells' hidden tests here;
     write every cell's outputs into `nb`. Returns what the submission rebound (tamper notes).
+    `limits`: Submission's cell_timeout, call_timeout and memory_limit.
     """
     titles = _titles(nb.cells)
-    submission = Submission(hide)
+    submission = Submission(hide, **limits)
     ran: list[str] = []  # cells run so far: replayed after a restart
     count = 0
     try:
@@ -554,11 +582,26 @@ def _hidden_paths(resources: dict) -> list[str]:
 
 
 class LabExecute(NbGraderPreprocessor):
-    """Run the submission in a sandboxed worker; grade its graded cells in this process."""
+    """Run the submission in a sandboxed worker; grade its graded cells in this process.
+
+    Settings (an nbgrader_config.py's ``c.LabExecute.<name>``): how long one cell and one call
+    of a student's function may run, and how much memory a submission may take.
+    """
+
+    cell_timeout = Float(CELL_TIMEOUT_S, help="seconds one cell may run").tag(config=True)
+    call_timeout = Float(CALL_TIMEOUT_S, help="seconds one call by a check").tag(config=True)
+    memory_limit = Integer(MEMORY_LIMIT, help="bytes of address space").tag(config=True)
 
     def preprocess(self, nb, resources):
         start = time.perf_counter()
-        changed = grade_notebook(nb, _hidden_paths(resources), self.log)
+        changed = grade_notebook(
+            nb,
+            _hidden_paths(resources),
+            self.log,
+            cell_timeout=self.cell_timeout,
+            call_timeout=self.call_timeout,
+            memory_limit=self.memory_limit,
+        )
         self.log.info(
             "graded outside the submission's process in %.1f s%s",
             time.perf_counter() - start,

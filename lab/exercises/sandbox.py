@@ -37,6 +37,7 @@ HIDDEN = ("/home", "/root", "/srv", "/mnt", "/media", "/run", "/tmp", "/var/tmp"
 # Files a submission may never read, even where their folder stays visible.
 SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/sudoers")
 HOME = "/tmp/home"  # the submission's home, inside its private /tmp
+SCRATCH_BYTES = 512 * 2**20  # the private /tmp's size (in memory): a full one is ENOSPC
 
 
 class SandboxUnavailable(RuntimeError):
@@ -90,8 +91,8 @@ def sandbox_command(
     shown = needed_paths()
     hidden = [p for p in HIDDEN if os.path.isdir(p)]
     extra = [str(Path(p).resolve()) for p in hide if os.path.exists(p)]
-    for folder in hidden:
-        cmd += ["--tmpfs", folder]
+    for folder in hidden:  # /tmp is the submission's scratch; the others only mount points
+        cmd += ["--size", str(SCRATCH_BYTES if folder == "/tmp" else 2**20), "--tmpfs", folder]
     # A folder that holds a hidden one (/, say, or /tmp itself from sys.path) is never shown
     # again whole: that would undo the hiding.
     shown = [p for p in shown if not any(_under(h, p) for h in [*hidden, *extra])]
@@ -101,7 +102,8 @@ def sandbox_command(
     for path in extra:
         if any(_under(path, h) for h in hidden) and not any(_under(s, path) for s in shown):
             continue  # already covered by an empty folder
-        cmd += ["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
+        hidden_as = ["--size", str(2**20), "--tmpfs", path]
+        cmd += hidden_as if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
     for secret in SECRETS:
         if os.path.exists(secret):
             cmd += ["--ro-bind", "/dev/null", secret]
