@@ -7,8 +7,12 @@ feedback a student saw can never disagree. A passing check prints its verdict an
 its points; a failing one raises `NotPassed`, whose message is the checker's hint ("the scaling
 is not applied: ..."), and nbgrader shows it in the graded notebook's feedback.
 
-The check is looked up here by name, in `lab.exercises`, so a student who redefines
-``check_forward`` in their notebook changes nothing the grader runs.
+When nbgrader autogrades, this line does not run in the student's kernel at all:
+lab.exercises.autograde runs the submission's cells in a sandboxed process of their own and runs
+each hidden test in the grader's process, where `lab.exercises` is the lab's own, untouched by
+anything the notebook did. In a student's notebook (the answer key run by nbval, say) it looks
+the check up by name in `lab.exercises`, so a function the notebook named ``check_forward``
+changes nothing it runs.
 """
 
 from __future__ import annotations
