@@ -419,10 +419,18 @@ def rss_mb(pids: Sequence[int]) -> float:
     return total / 1e6
 
 
-# A probe run as a student (runuser, the class venv's Python): each (what, path, action) is
-# tried and reported as "allowed" or the error's name.
+# A probe run as a student (runuser, the class venv's Python): each (what, target, action) is
+# tried and reported as "allowed" or what refused it. "http" GETs a URL without following
+# redirects: "allowed" only when it answers 200 with a body that names FINE_TUNING's notebook.
 PROBE = r"""
-import json, os, sys
+import json, os, sys, urllib.error, urllib.request
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None
+
+
 results = []
 for what, path, action in json.loads(sys.argv[1]):
     try:
@@ -434,9 +442,17 @@ for what, path, action in json.loads(sys.argv[1]):
         elif action == "write":
             with open(path, "ab") as f:
                 f.write(b"")
+        elif action == "http":
+            opener = urllib.request.build_opener(NoRedirect)
+            with opener.open(path, timeout=30) as response:
+                body = response.read().decode(errors="replace")
+            if "04_fine_tuning" not in body:
+                raise OSError(0, f"HTTP {response.status} without the files")
         results.append([what, path, action, "allowed"])
+    except urllib.error.HTTPError as exc:
+        results.append([what, path, action, f"HTTP {exc.code} {exc.reason}"])
     except OSError as exc:
-        results.append([what, path, action, type(exc).__name__ + ": " + exc.strerror])
+        results.append([what, path, action, type(exc).__name__ + ": " + str(exc.strerror)])
 print(json.dumps(results))
 """
 

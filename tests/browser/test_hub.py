@@ -332,6 +332,10 @@ def test_two_students_log_in_and_fine_tune_at_once(hub, students, tabs, shots, t
         assert env["JUPYTER_CONFIG_PATH"] == str(hub.copy / "docs" / "hub" / "student-jupyter")
         check_no_instructor_ui(hub, pages[a.name], a.name)
         pages[a.name].screenshot(path=shots / f"hub-{a.name}-assignment-list.png")
+    # Logged in as one student, the other's JupyterLab is refused (the hub's OAuth says no).
+    for me, other in (names, names[::-1]):
+        answer = pages[me].request.get(f"{hub.user_url(other)}/api/contents/notebooks")
+        assert answer.status == 403 and FINE_TUNING not in answer.text(), (me, answer.status)
     time.sleep(5)  # the page settled: the server idle, no kernel yet
     CAPACITY["idle student server, MB (RSS)"] = [
         round(rss_mb([p.pid for p in user_processes(hub, who, "server")])) for who in names
@@ -425,7 +429,8 @@ def test_two_students_log_in_and_fine_tune_at_once(hub, students, tabs, shots, t
 
 
 def test_students_cannot_read_each_other_nor_the_answer_key(hub):
-    """As each student (runuser, the class venv's Python): everything of the other student's,
+    """As each student (runuser, the class venv's Python): everything of the other student's
+    (their files, their server's environment, their JupyterLab directly or through the proxy),
     the hub's state, the dashboard's home and the answer key are refused; so is writing into the
     lab's copy. Their own notebook opens (the probe itself works)."""
     accounts = hub.accounts
@@ -443,6 +448,12 @@ def test_students_cannot_read_each_other_nor_the_answer_key(hub):
         cache = hub.cache(other)
         results = sorted(cache.glob("*.json"))
         servers = user_processes(hub, other.name, "server")
+        own_server, other_server = (
+            environ(user_processes(hub, a.name, "server")[0].pid)["JUPYTERHUB_SERVICE_URL"].rstrip(
+                "/"
+            )
+            for a in (me, other)
+        )
         attempts = [
             ("own notebook", str(me.home / "notebooks" / FINE_TUNING), "read"),
             ("other's home", str(other.home), "list"),
@@ -453,6 +464,12 @@ def test_students_cannot_read_each_other_nor_the_answer_key(hub):
              str(other.home / ".ipython" / "profile_default" / "history.sqlite"), "read"),
             ("other's server environment (its hub API token)",
              f"/proc/{servers[0].pid}/environ" if servers else "/proc/1/environ", "read"),
+            ("other's JupyterLab, directly on its port",
+             f"{other_server}/api/contents/notebooks", "http"),
+            ("other's JupyterLab, through the hub's proxy",
+             f"{hub.user_url(other.name)}/api/contents/notebooks", "http"),
+            ("own JupyterLab without a token, directly on its port",
+             f"{own_server}/api/contents/notebooks", "http"),
             ("the hub's database", str(hub.state / "jupyterhub.sqlite"), "read"),
             ("the hub's cookie secret", str(hub.state / "jupyterhub_cookie_secret"), "read"),
             ("the dashboard user's home", str(accounts.dashboard.home), "list"),
