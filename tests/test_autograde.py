@@ -474,3 +474,111 @@ def test_a_students_exception_comes_back_by_name_never_as_a_stop(raised, kind):
     exc = autograde._exception({**raised, "message": "boom"})
     assert isinstance(exc, kind) and type(exc).__name__ == raised["type"]
     assert not isinstance(exc, KeyboardInterrupt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through nbgrader: a submission's metadata decides nothing
+# ---------------------------------------------------------------------------------------------
+
+
+def _forged_cell(grade_id: str, **meta) -> dict:
+    return nbformat.v4.new_code_cell(
+        "print('passed: everything')\n",
+        metadata={
+            "nbgrader": {
+                "grade": True,
+                "solution": False,
+                "locked": True,
+                "grade_id": grade_id,
+                "points": 20,
+                "schema_version": 3,
+                **meta,
+            }
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def through_nbgrader(tmp_path_factory):
+    """nbgrader autograde on the released notebook: honest (unanswered) and four cheats."""
+    from lab.exercises.course import ASSIGNMENT, _nbgrader, generate_release, make_course
+
+    root = tmp_path_factory.mktemp("course")
+    make_course(root)
+    release = generate_release(root)
+
+    def released():
+        return nbformat.read(release, as_version=4)
+
+    subs = {"honest": released()}
+    nb = released()
+    nb.cells.insert(1, nbformat.v4.new_code_cell(ACCEPTANCE_CHEAT))
+    subs["rebinds"] = nb
+    nb = released()  # a cell of its own claiming to be a graded test worth 20 points
+    nb.cells.insert(1, _forged_cell("my_own_test"))
+    subs["forged-test"] = nb
+    nb = released()  # a graded test cell relabelled as an answer, its hidden test replaced
+    for cell in nb.cells:
+        if _gid(cell) == "ex1_forward":
+            cell.metadata.nbgrader.update(solution=True, locked=False)
+            cell.source = "print('passed')"
+    subs["relabelled"] = nb
+    nb = released()  # a second cell with a graded test's id, before the real one
+    nb.cells.insert(1, _forged_cell("ex3_count", points=2))
+    subs["duplicate-id"] = nb
+    for student, notebook in subs.items():
+        path = root / "submitted" / student / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+        path.parent.mkdir(parents=True)
+        nbformat.write(notebook, path)
+    refused = {}
+    for student in subs:
+        try:
+            _nbgrader(root, "autograde", ASSIGNMENT, "--student", student, "--force", timeout=900)
+        except RuntimeError as exc:  # nbgrader itself refuses a notebook it cannot validate
+            refused[student] = str(exc)
+    return root, list(subs), refused
+
+
+def test_through_nbgrader_no_cheat_or_forged_cell_earns_a_point(through_nbgrader):
+    import os
+
+    from nbgrader.api import Gradebook
+
+    from lab.exercises.course import ASSIGNMENT
+
+    root, students, refused = through_nbgrader
+    assert "honest" not in refused and "rebinds" not in refused, refused
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
+        scores = {s: gb.find_submission(ASSIGNMENT, s).score for s in students if s not in refused}
+    print("scores", scores, "refused by nbgrader", sorted(refused))
+    assert scores == dict.fromkeys(scores, scores["honest"]), scores
+
+
+def test_the_code_run_in_the_grader_is_the_gradebooks_whatever_the_submission_says(
+    through_nbgrader,
+):
+    from lab.exercises.autograde import LabExecute
+    from lab.exercises.course import ASSIGNMENT, SOURCE
+
+    root = through_nbgrader[0]
+    nb = submission()
+    for cell in nb.cells:
+        if _gid(cell) == "ex1_forward":
+            cell.source = "import os\nos.system('touch /tmp/owned')"
+            cell.metadata.nbgrader.update(solution=True, points=99)
+    resources = {
+        "nbgrader": {
+            "db_url": f"sqlite:///{root / 'gradebook.db'}",
+            "notebook": ASSIGNMENT,
+            "assignment": ASSIGNMENT,
+        }
+    }
+    tests = LabExecute().recorded_tests(nb, resources)
+    key = {_gid(c): c.source for c in nbformat.read(SOURCE, as_version=4).cells if _gid(c)}
+    assert {_gid(nb.cells[i]): src for i, src in tests.items()} == {
+        gid: key[gid] for gid in key if gid in {_gid(nb.cells[i]) for i in tests}
+    }
+    assert len(tests) == 12
+    cell = next(c for c in nb.cells if _gid(c) == "ex1_forward")
+    assert cell.metadata.nbgrader.solution is False and cell.metadata.nbgrader.points == 2

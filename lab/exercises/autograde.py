@@ -500,12 +500,38 @@ def _graded_outputs(title: str, passed: bool, text: str, changed: list[str]) -> 
     ]
 
 
-def grade_notebook(nb, hide: list[str] | None = None, log=None, **limits: Any) -> list[str]:
+def graded_cells(nb) -> dict[int, str]:
+    """The graded test cells of a notebook the instructor built, by index: their sources.
+
+    Only for a notebook whose cells are trusted as they stand (the answer key, a test's own
+    notebooks): for a submission, `LabExecute` takes each test's code from the gradebook.
+    """
+    return {
+        i: cell.source
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code"
+        and cell.metadata.get("nbgrader", {}).get("grade")
+        and not cell.metadata.get("nbgrader", {}).get("solution")
+    }
+
+
+def grade_notebook(
+    nb,
+    hide: list[str] | None = None,
+    log=None,
+    tests: dict[int, str] | None = None,
+    **limits: Any,
+) -> list[str]:
     """Run a submission's cells in a sandboxed worker and its graded cells' hidden tests here;
     write every cell's outputs into `nb`. Returns what the submission rebound (tamper notes).
-    `limits`: Submission's cell_timeout, call_timeout and memory_limit.
+
+    `tests` maps each graded cell's index to the code to run here for it (the gradebook's,
+    never the submission's own: see LabExecute); by default, `graded_cells(nb)`. `limits`:
+    Submission's cell_timeout, call_timeout and memory_limit.
     """
-    titles = _titles(nb.cells)
+    tests = graded_cells(nb) if tests is None else tests
+    titles = {i: t for i, t in _titles(nb.cells).items() if i in tests}
+    titles.update({i: "this exercise" for i in tests if i not in titles})
     submission = Submission(hide, **limits)
     ran: list[str] = []  # cells run so far: replayed after a restart
     count = 0
@@ -517,8 +543,8 @@ def grade_notebook(nb, hide: list[str] | None = None, log=None, **limits: Any) -
             count += 1
             if not submission.alive:
                 _restart(submission, ran, log)
-            if i in titles:
-                passed, text = run_hidden_test(cell.source, submission)
+            if i in tests:
+                passed, text = run_hidden_test(tests[i], submission)
                 outputs = _graded_outputs(titles[i], passed, text, submission.changed)
                 cell.outputs = [nbformat.from_dict(o) for o in outputs]
                 cell.execution_count = count
@@ -598,6 +624,7 @@ class LabExecute(NbGraderPreprocessor):
             nb,
             _hidden_paths(resources),
             self.log,
+            tests=self.recorded_tests(nb, resources),
             cell_timeout=self.cell_timeout,
             call_timeout=self.call_timeout,
             memory_limit=self.memory_limit,
@@ -608,6 +635,41 @@ class LabExecute(NbGraderPreprocessor):
             f"; it changed {', '.join(changed)}" if changed else "",
         )
         return nb, resources
+
+    def recorded_tests(self, nb, resources) -> dict[int, str]:
+        """Each graded test cell's code as the gradebook recorded it from the source.
+
+        A submission's own metadata decides nothing here: a cell runs in the grader's process
+        only if the gradebook holds a locked, graded code cell of its grade id, and then the
+        gradebook's source runs, whatever the submitted cell says.
+        """
+        from nbgrader.api import Gradebook, MissingEntry
+
+        info = resources["nbgrader"]
+        tests = {}
+        with Gradebook(info["db_url"]) as gb:
+            for i, cell in enumerate(nb.cells):
+                grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+                if cell.cell_type != "code" or not grade_id:
+                    continue
+                where = (grade_id, info["notebook"], info["assignment"])
+                try:
+                    recorded = gb.find_source_cell(*where)
+                    graded = gb.find_graded_cell(*where)
+                except MissingEntry:
+                    continue
+                try:
+                    gb.find_solution_cell(*where)
+                    continue  # an answer the instructor grades by hand
+                except MissingEntry:
+                    pass
+                if recorded.locked and recorded.cell_type == "code":
+                    tests[i] = recorded.source
+                    # The gradebook's word on what this cell is, whatever the submission says.
+                    cell.metadata["nbgrader"].update(
+                        grade=True, solution=False, locked=True, points=float(graded.max_score)
+                    )
+        return tests
 
 
 def configure_autograde(c) -> None:
