@@ -42,7 +42,7 @@ __all__ = [
     "write_frame",
 ]
 
-MAX_FRAME = 256 * 2**20  # bytes: a reply larger than this is refused, not read
+MAX_FRAME = 64 * 2**20  # bytes: a reply larger than this is refused, not read
 MAX_DEPTH = 64  # nesting of lists, dicts and objects in one value
 DTYPES = {
     str(d): d
