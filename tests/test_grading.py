@@ -1,10 +1,14 @@
 """The exercises as an nbgrader assignment: generated, released, autograded with no server.
 
-notebooks/exercises/solutions.ipynb is the source; student.ipynb must be exactly what
-`nbgrader generate_assignment` releases from it (outputs aside: the committed copy is executed for
-nbval). Autograding the solutions gives full marks; a submission with typical mistakes gets the
-points of the exercises it got right, and the checker's own hint for each one it got wrong shows
-in the graded notebook's feedback.
+course/lora_by_hand.ipynb (the answer key, outside the students' notebooks/) is the source;
+notebooks/exercises/student.ipynb must be exactly what `nbgrader generate_assignment` releases
+from it (outputs aside: the committed copy is executed for nbval), and mentions no solutions.
+Autograding the answer key gives full marks; a submission with typical mistakes gets the points
+of the exercises it got right, and the checker's own hint for each one it got wrong shows in the
+graded notebook's feedback. Only a graded cell the student edited logs "checksum has changed".
+The course folder is private, nbgrader works there without an activated venv, the exchange set-up
+refuses bad input, and the export for a learning platform has one row per student.
+tests/test_class_roundtrip.py runs the whole round trip with real accounts.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import pwd
 import re
 import sys
 from pathlib import Path
@@ -23,12 +28,14 @@ from lab.exercises import SWEEP_CHOICES, grade
 from lab.exercises.course import (
     ASSIGNMENT,
     CODE_STUB,
+    COURSE_ID,
     INSTRUCTOR_TAG,
     SOURCE,
     STUDENT,
     _nbgrader,
     generate_release,
     make_course,
+    setup_exchange,
 )
 
 BIN = str(Path(sys.executable).parent)  # nbgrader's Gradebook runs `alembic` from PATH
@@ -78,11 +85,16 @@ def graded(course):
             cell.source = answers[gid]
         elif gid == "ex3_count":  # tampering with a graded cell: nbgrader restores it
             cell.source = "pass"
+    logs = {}
     for student, nb in (("ada", solved), ("ben", mistakes)):
         path = root / "submitted" / student / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
         path.parent.mkdir(parents=True)
         nbformat.write(nb, path)
-    _nbgrader(root, "autograde", ASSIGNMENT, "--force", timeout=900)
+        done = _nbgrader(
+            root, "autograde", ASSIGNMENT, "--student", student, "--force", timeout=900
+        )
+        logs[student] = done.stdout + done.stderr
+    (root / "autograde-logs.json").write_text(json.dumps(logs))
     _nbgrader(root, "generate_feedback", ASSIGNMENT, "--force", timeout=300)
     return root
 
@@ -143,8 +155,8 @@ def test_the_committed_student_notebook_is_nbgraders_release(course):
     released = nbformat.read(release, as_version=4)
     committed = nbformat.read(STUDENT, as_version=4)
     assert without_outputs(committed) == without_outputs(released), (
-        "notebooks/exercises/student.ipynb is not nbgrader's release of solutions.ipynb: "
-        "run python scripts/release_exercises.py"
+        "notebooks/exercises/student.ipynb is not nbgrader's release of "
+        "course/lora_by_hand.ipynb: run python scripts/release_exercises.py"
     )
     assert released.metadata == committed.metadata
 
@@ -152,10 +164,11 @@ def test_the_committed_student_notebook_is_nbgraders_release(course):
 def test_the_release_holds_no_solution_no_hidden_test_and_no_instructor_cell(course):
     _, release = course
     text = release.read_text()
-    for marker in ("BEGIN SOLUTION", "END SOLUTION", "HIDDEN TESTS", "grade(", INSTRUCTOR_TAG):
+    for marker in ("BEGIN SOLUTION", "END SOLUTION", "HIDDEN TESTS", "grade("):
         assert marker not in text, marker
     source = nbformat.read(SOURCE, as_version=4)
     released = nbformat.read(release, as_version=4)
+    assert not [c for c in released.cells if INSTRUCTOR_TAG in c.metadata.get("tags", [])]
     for gid, cell in cells_by_id(released).items():
         body = cells_by_id(source)[gid].source
         solution = re.findall(r"### BEGIN SOLUTION\n(.*?)\n\s*### END SOLUTION", body, re.S)
@@ -188,7 +201,7 @@ def test_every_exercise_heading_states_the_points_its_graded_cells_carry():
     assert sum(points.values()) == 20
 
 
-def test_the_solutions_get_full_marks(graded):
+def test_the_answer_key_gets_full_marks(graded):
     result = scores(graded, "ada")
     assert result["max"] == 20
     assert result["total"] == 20, {k: v for k, v in result.items() if v == 0}
@@ -286,17 +299,189 @@ def test_the_course_command_refuses_what_is_in_the_way_before_writing(tmp_path):
     assert (tmp_path / "c4").read_text() == "a file"
 
 
-def test_the_course_is_readable_by_a_co_instructor_whatever_the_umask(tmp_path):
-    proc = course_command(tmp_path, "a/b/course", umask=0o077)
+def test_the_course_is_private_to_its_instructor_whatever_the_umask(tmp_path):
+    proc = course_command(tmp_path, "a/b/course", umask=0o000)
     assert proc.returncode == 0, proc.stderr
     root = tmp_path / "a" / "b" / "course"
-    config = root / "nbgrader_config.py"
     notebook = root / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
-    for path in (config, notebook):
-        assert path.stat().st_mode & 0o777 == 0o644, path
     for folder in (tmp_path / "a", tmp_path / "a" / "b", root, root / "source", notebook.parent):
-        assert folder.stat().st_mode & 0o777 == 0o755, folder
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
     assert notebook.read_bytes() == SOURCE.read_bytes()
-    # "." is the current folder, given on purpose
-    proc = course_command(root, ".")
+    # "." is the current folder, given on purpose; an existing folder is made private too
+    (tmp_path / "open").mkdir(mode=0o755)
+    proc = course_command(tmp_path / "open", ".")
     assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "open").stat().st_mode & 0o777 == 0o700
+
+
+def test_the_course_command_refuses_a_folder_of_another_user(tmp_path):
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)  # nobody's
+    else:
+        theirs = Path("/usr")  # root's
+    before = sorted(p.name for p in theirs.iterdir())
+    proc = course_command(tmp_path, str(theirs))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{theirs} belongs to " in proc.stderr and "must be a folder of the instructor" in (
+        proc.stderr
+    )
+    assert sorted(p.name for p in theirs.iterdir()) == before
+
+
+def test_the_course_command_says_where_the_answer_key_is_when_it_is_missing(tmp_path):
+    proc = course_command(tmp_path, "course", "--source", str(tmp_path / "nowhere.ipynb"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "does not exist: it is course/lora_by_hand.ipynb in a checkout" in proc.stderr
+    assert "give its path with --source" in proc.stderr
+    assert not (tmp_path / "course").exists()
+
+
+@pytest.mark.parametrize("which", ["the student's release", "a text file"])
+def test_the_course_command_refuses_a_source_that_is_not_the_answer_key(tmp_path, which):
+    """The release as the source would grade every submission right: it has no hidden tests."""
+    source = STUDENT if which == "the student's release" else tmp_path / "notes.ipynb"
+    if which == "a text file":
+        source.write_text("# not a notebook")
+    proc = course_command(tmp_path, "course", "--source", str(source))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    expected = "graded cells without hidden tests" if source == STUDENT else "is not a notebook"
+    assert expected in proc.stderr, proc.stderr
+    assert not (tmp_path / "course").exists()
+
+
+# ------------------------------------------------------------------------ the answer key's place
+
+
+def test_no_answer_key_among_the_students_notebooks():
+    notebooks = SOURCE.parents[1] / "notebooks"
+    assert notebooks not in SOURCE.parents
+    holding = [p for p in notebooks.rglob("*.ipynb") if "BEGIN SOLUTION" in p.read_text()]
+    assert not holding, f"answers in the students' folder: {holding}"
+    released = nbformat.read(STUDENT, as_version=4)
+    mentions = [c.source for c in released.cells if "solution" in c.source.lower()]
+    assert not mentions, mentions
+
+
+# ------------------------------------------------------------- nbgrader without an activated venv
+
+
+def test_nbgrader_by_its_full_path_works_in_a_course_without_the_venv_on_path(course):
+    """nbgrader runs `alembic` from PATH: the course's config puts the venv's folder there."""
+    import subprocess
+
+    root, _ = course
+    env = {k: v for k, v in os.environ.items() if k not in ("PATH", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"
+    proc = subprocess.run(
+        [str(Path(BIN) / "nbgrader"), "db", "student", "list"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "alembic" not in proc.stderr
+
+
+# ----------------------------------------------------------------------- the checksum warnings
+
+
+def test_only_an_edited_graded_cell_logs_that_its_checksum_changed(graded):
+    logs = json.loads((graded / "autograde-logs.json").read_text())
+    changed = {
+        who: re.findall(r"Attribute 'checksum' for cell (\w+) has changed", log)
+        for who, log in logs.items()
+    }
+    assert changed == {"ada": [], "ben": ["ex3_count"]}, changed
+    assert "Autograding" in logs["ada"]  # the log was captured
+
+
+# ------------------------------------------------------------------------------ the export
+
+
+def test_the_lms_export_has_one_row_per_student_with_names_quoted(graded):
+    import csv
+
+    (graded / "students.csv").write_text(
+        'id,first_name,last_name,email\nada,Ada,"Lovelace, Countess",ada@example.org\n'
+        "cy,Cy,Unsubmitted,cy@example.org\n"
+    )
+    _nbgrader(graded, "db", "student", "import", "students.csv")
+    out = graded / "lms" / "grades.csv"
+    _nbgrader(graded, "export", "--exporter=lab.exercises.course.LmsExport", f"--to={out}")
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["Username"] for r in rows] == ["ada", "ben", "cy"]
+    by = {r["Username"]: r for r in rows}
+    assert by["ada"][ASSIGNMENT] == "20" and by["ben"][ASSIGNMENT] == "8"
+    assert by["cy"][ASSIGNMENT] == ""  # never submitted: the platform keeps what it has
+    assert by["ada"]["Last name"] == "Lovelace, Countess"
+    assert by["ada"]["Email address"] == "ada@example.org" and by["ben"]["Email address"] == ""
+    # a folder where the file goes is refused, and nothing is left half-written
+    (graded / "lms" / "taken").mkdir()
+    with pytest.raises(RuntimeError, match="it is a directory"):
+        _nbgrader(graded, "export", "--exporter=lab.exercises.course.LmsExport",
+                  f"--to={graded / 'lms' / 'taken'}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the exchange
+
+
+def test_the_exchange_set_up_refuses_bad_input_before_changing_anything(tmp_path, monkeypatch):
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    other = "nobody" if me != "nobody" else "root"
+    exchange, config = tmp_path / "ex", tmp_path / "etc" / "nbgrader_config.py"
+    cases = [
+        (("relative/ex", "someone", config), ValueError, "is not an absolute path"),
+        ((exchange, "no-such-user-here", config), ValueError, "there is no user 'no-such-user-"),
+        ((exchange, "root", config), ValueError, "the instructor must not be root"),
+        ((tmp_path / "file" / "ex", other, config), NotADirectoryError, "is in the way"),
+        ((exchange, other, tmp_path / "etc"), FileExistsError, "cannot be nbgrader's shared"),
+    ]
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "etc" / "nbgrader_config.py").mkdir(parents=True)
+    for args, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            setup_exchange(*args)
+    (tmp_path / "etc" / "nbgrader_config.py").rmdir()
+    config.write_text("c.Something.else = 1\n")
+    with pytest.raises(FileExistsError, match="exists with other settings: add these lines"):
+        setup_exchange(exchange, other, config)
+    assert config.read_text() == "c.Something.else = 1\n"
+    config.unlink()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(PermissionError, match="needs root"):
+        setup_exchange(exchange, other, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["etc", "file"]
+    assert not config.exists() and not exchange.exists()
+
+
+def test_the_exchange_set_up_makes_what_nbgrader_and_students_need(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("making a folder another user owns needs root")
+    exchange, config = tmp_path / "srv" / "exchange", tmp_path / "etc" / "nbgrader_config.py"
+    setup_exchange(exchange, "nobody", config)
+    assert exchange.stat().st_mode & 0o7777 == 0o1777
+    course = exchange / COURSE_ID
+    assert course.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    assert course.stat().st_mode & 0o777 == 0o755
+    from traitlets.config import Config
+
+    c = Config()
+    exec(config.read_text(), {"get_config": lambda: c})  # as nbgrader reads it
+    assert c.CourseDirectory.course_id == COURSE_ID and c.Exchange.root == str(exchange)
+    assert config.stat().st_mode & 0o777 == 0o644
+    setup_exchange(exchange, "nobody", config)  # a second run changes nothing and passes
+    # a course folder someone else made first (a student posing as the course) is refused
+    os.chown(course, 0, 0)
+    with pytest.raises(PermissionError, match="someone made it before the instructor"):
+        setup_exchange(exchange, "nobody", config)
+
+
+def test_the_course_command_needs_a_folder_or_the_exchange(tmp_path):
+    proc = course_command(tmp_path)
+    assert proc.returncode == 2 and "give the course directory, or --exchange" in proc.stderr
+    proc = course_command(tmp_path, "--exchange", str(tmp_path / "ex"))
+    assert proc.returncode == 2 and "--exchange needs --instructor NAME" in proc.stderr
+    proc = course_command(tmp_path, "c", "--exchange", str(tmp_path / "ex"), "--instructor", "x")
+    assert proc.returncode == 2 and "sets up the exchange alone" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -168,7 +168,9 @@ def _refuse_in_the_way(folders: list[Path], files: list[tuple[Path, str]]) -> No
     for path, what in files:
         if (path.exists() or path.is_symlink()) and not path.is_file():
             kind = "a folder" if path.is_dir() else "not a regular file"
-            raise FileExistsError(f"{path} is {kind}, so it cannot be {what}: move it away")
+            raise FileExistsError(
+                f"{path} is {kind}, so it cannot be {what}: move it away, or give another path"
+            )
 
 
 def make_course(root: str | os.PathLike, source: Path = SOURCE) -> Path:
@@ -195,6 +197,7 @@ def make_course(root: str | os.PathLike, source: Path = SOURCE) -> Path:
             f"{exc}: it is course/{ASSIGNMENT}.ipynb in a checkout of the lab (a copy made for "
             "students leaves it out); give its path with --source"
         ) from None
+    _check_answer_key(source)
     config = root / "nbgrader_config.py"
     target = root / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
     _refuse_in_the_way(
@@ -222,6 +225,36 @@ def make_course(root: str | os.PathLike, source: Path = SOURCE) -> Path:
     return target
 
 
+def _check_answer_key(source: Path) -> None:
+    """Refuse a source that is not an nbgrader answer key: not a notebook, no graded cells, or
+    graded cells without their hidden tests (a student's release given by mistake, which would
+    grade every submission as right)."""
+    import nbformat
+
+    try:
+        nb = nbformat.reads(source.read_text(encoding="utf-8"), as_version=4)
+    except Exception as exc:  # nbformat raises several kinds for a file that is not a notebook
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise ValueError(f"{source} is not a notebook ({reason})") from None
+    graded = [
+        c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade") and c.cell_type == "code"
+    ]
+    if not graded:
+        raise ValueError(
+            f"{source} has no graded cells: it is not the assignment's nbgrader source"
+        )
+    bare = [
+        c.metadata.nbgrader.get("grade_id", "?")
+        for c in graded
+        if "BEGIN HIDDEN TESTS" not in c.source
+    ]
+    if bare:
+        raise ValueError(
+            f"{source} has graded cells without hidden tests ({', '.join(bare)}): it looks like a "
+            f"student's release, not the answer key (course/{ASSIGNMENT}.ipynb)"
+        )
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -246,9 +279,12 @@ def setup_exchange(
     content (it may hold the machine's own settings: merge the lines by hand).
     """
     root, shared_config = Path(root), Path(shared_config)
-    for path, what in ((root, "the exchange's root"), (shared_config, "the shared config")):
+    for path, what, example in (
+        (root, "the exchange's root", EXCHANGE),
+        (shared_config, "the shared config", SHARED_CONFIG),
+    ):
         if not path.is_absolute():
-            raise ValueError(f"{what} {str(path)!r} is not an absolute path, such as {EXCHANGE}")
+            raise ValueError(f"{what} {str(path)!r} is not an absolute path, such as {example}")
     try:
         user = pwd.getpwnam(instructor)
     except KeyError:
