@@ -179,16 +179,41 @@ def remove_accounts(accounts: ClassAccounts) -> list[str]:
     return left
 
 
+# Jupyter configuration a student writes into their own ~/.jupyter to turn nbgrader's
+# instructor pieces back on; the recipe's servers must ignore it.
+HOSTILE_CONFIG = {
+    "jupyter_server_config.json": {
+        "ServerApp": {
+            "jpserver_extensions": {
+                "nbgrader.server_extensions.formgrader": True,
+                "nbgrader.server_extensions.course_list": True,
+            }
+        }
+    },
+    "labconfig/page_config.json": {
+        "disabledExtensions": {
+            f"@jupyter/nbgrader:{plugin}": False
+            for plugin in ("menu", "formgrader", "create-assignment", "course-list")
+        }
+    },
+}
+
+
 def give_home(account: Account, notebooks: Sequence[Path]) -> None:
     """What a student has in their home before class: their own copy of `notebooks` (outputs
-    stripped) under ~/notebooks, and the tests' JupyterLab user settings (no autosave, every
-    cell in the page), all theirs."""
+    stripped) under ~/notebooks, the tests' JupyterLab user settings (no autosave, every cell
+    in the page), and a Jupyter configuration of their own that asks for the formgrader and
+    nbgrader's menus back (HOSTILE_CONFIG), all theirs."""
     home = account.home
     for nb in notebooks:
         copy_notebook(nb, home / "notebooks" / nb.name)
     settings = home / ".jupyter" / "lab" / "user-settings"
     for rel, value in LAB_SETTINGS.items():
         path = settings / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    for rel, value in HOSTILE_CONFIG.items():
+        path = home / ".jupyter" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(value))
     for folder in (home / "notebooks", home / ".jupyter"):

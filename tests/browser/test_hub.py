@@ -9,7 +9,8 @@ through a venv of /usr/bin/python3 that every account can run.
 1. Logging in: a wrong password and an account outside the group are refused; both students log
    in through the hub's login page at once and each gets JupyterLab running as their own OS user.
    Neither sees nbgrader's instructor UI (no Nbgrader menu, no Create Assignment panel, the
-   formgrader answers 404); the Assignment List is in the File menu. Both run the fine-tuning
+   formgrader answers 404), though each has a ~/.jupyter configuration asking for it back; the
+   Assignment List is in the File menu. Both run the fine-tuning
    walkthrough (04) and the sweeps notebook (05) at once and press Run in the explorer on the same
    point at the same moment: the same numbers, each in the sweep cache under their own home.
 2. Privacy: as each student (runuser), the other's home, notebooks, sweep cache, IPython history
@@ -278,8 +279,9 @@ def environ(pid: int) -> dict[str, str]:
 
 
 def check_no_instructor_ui(hub, page, who: str) -> None:
-    """No Nbgrader menu, no Create Assignment panel, no formgrader; the Assignment List is in
-    the File menu and opens."""
+    """No Nbgrader menu, no Create Assignment panel, no formgrader (though the student's own
+    ~/.jupyter asks for them: hub.HOSTILE_CONFIG); the Assignment List is in the File menu and
+    opens."""
     menus = page.locator("#jp-menu-panel .lm-MenuBar-itemLabel").all_inner_texts()
     assert "File" in menus and not [m for m in menus if "grader" in m.lower()], menus
     sidebars = page.locator(".jp-SideBar .lm-TabBar-tab").evaluate_all(
