@@ -92,6 +92,7 @@ def build_venv(final: Path, packages: list[str]) -> None:
                 + _tail(done.stdout + done.stderr),
                 pytrace=False,
             )
+        _point_scripts_at(build, final)
         chmod_readable(build)
         (build / "lora-lab-complete").write_text("\n".join(packages) + "\n")
         try:
@@ -102,6 +103,17 @@ def build_venv(final: Path, packages: list[str]) -> None:
     finally:
         if build.exists():
             shutil.rmtree(build, ignore_errors=True)
+
+
+def _point_scripts_at(build: Path, final: Path) -> None:
+    """pip writes the venv's own path into its scripts' first line (bin/nbgrader, bin/pip...):
+    make it the path the venv will have once renamed, so that the scripts run there."""
+    old, new = f"#!{build}/bin/".encode(), f"#!{final}/bin/".encode()
+    for script in (build / "bin").iterdir():
+        if script.is_file() and not script.is_symlink():
+            head = script.read_bytes()
+            if head.startswith(old):
+                script.write_bytes(new + head[len(old) :])
 
 
 def drop_stale_venvs(prefix: str, keep: Path) -> None:
@@ -128,8 +140,9 @@ def system_venv(prefix: str, packages: list[str]) -> Path:
     version = subprocess.run(
         [str(SYSTEM_PYTHON), "--version"], capture_output=True, text=True, check=True
     ).stdout
+    layout = "scripts-point-at-the-final-path"  # venvs built before that are built again
     key = hashlib.sha256(
-        (ROOT / "pyproject.toml").read_bytes() + "\n".join([version, *packages]).encode()
+        (ROOT / "pyproject.toml").read_bytes() + "\n".join([version, layout, *packages]).encode()
     ).hexdigest()[:16]
     final = VENV_PARENT / f"{prefix}{key}"
     if not (final / "lora-lab-complete").exists():
