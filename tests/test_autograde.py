@@ -582,3 +582,22 @@ def test_the_code_run_in_the_grader_is_the_gradebooks_whatever_the_submission_sa
     assert len(tests) == 12
     cell = next(c for c in nb.cells if _gid(c) == "ex1_forward")
     assert cell.metadata.nbgrader.solution is False and cell.metadata.nbgrader.points == 2
+
+
+def test_the_feedback_page_names_each_exercise_and_shows_each_hint_whole(through_nbgrader):
+    from lab.exercises.course import ASSIGNMENT, _nbgrader
+
+    root = through_nbgrader[0]
+    _nbgrader(root, "generate_feedback", ASSIGNMENT, "--student", "honest", "--force")
+    page = (root / "feedback" / "honest" / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text()
+    toc = page[page.index('id="toc"') : page.index("</ol>", page.index('id="toc"'))]
+    names = re.findall(r'<a href="#(ex\w+)">([^<]+)</a>: 0.0 of', toc)
+    assert [n for _, n in names][:2] == ["Exercise 1: the forward pass", "Exercise 2: merge"]
+    assert (
+        "ex9b_find_best_lr",
+        "Exercise 9(b): the best learning rate, predicted then found",
+    ) in names
+    assert len(names) == 12 and "Test cell" not in page
+    # Each hint in a block that wraps, whole; the error line only points at it.
+    assert "Exercise 3: count trainable parameters: not yet:" in page
+    assert page.count("white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere") == 12

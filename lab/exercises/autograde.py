@@ -672,10 +672,20 @@ class LabExecute(NbGraderPreprocessor):
         return tests
 
 
+TEMPLATES = Path(__file__).parent / "templates"  # the feedback page's contents (feedback/)
+
+
 def configure_autograde(c) -> None:
-    """Put LabExecute where nbgrader's Execute runs in autograde (an nbgrader_config's `c`)."""
+    """Put LabExecute where nbgrader's Execute runs in autograde, and the lab's feedback page
+    (its contents name each exercise) in generate_feedback (an nbgrader_config's `c`)."""
+    import nbgrader
     from nbgrader.converters import Autograde
     from nbgrader.preprocessors import Execute
 
     defaults = Autograde.class_traits()["autograde_preprocessors"].default()
     c.Autograde.autograde_preprocessors = [LabExecute if p is Execute else p for p in defaults]
+    pages = Path(nbgrader.__file__).parent / "server_extensions" / "formgrader" / "templates"
+    # nbgrader's "feedback" template, with one file of the lab's beside it (templates/feedback/)
+    # that extends its page: both generate_feedback and the formgrader's button use it.
+    c.HTMLExporter.extra_template_basedirs = [str(TEMPLATES), str(pages)]
+    c.HTMLExporter.template_file = "lora_lab_feedback.html.j2"
