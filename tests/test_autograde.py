@@ -601,3 +601,18 @@ def test_the_feedback_page_names_each_exercise_and_shows_each_hint_whole(through
     # Each hint in a block that wraps, whole; the error line only points at it.
     assert "Exercise 3: count trainable parameters: not yet:" in page
     assert page.count("white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere") == 12
+
+
+def test_a_course_folder_that_holds_the_venv_is_hidden_all_but_the_venv(tmp_path, monkeypatch):
+    """The folders to hide may hold what Python needs (a venv kept in the course folder, the
+    grader started from /): those stay visible, read-only, and nothing else there."""
+    venv_like = tmp_path / "course" / ".venv"
+    venv_like.mkdir(parents=True)
+    (tmp_path / "course" / "gradebook.db").write_text("grades")
+    real = sandbox.needed_paths
+
+    monkeypatch.setattr(sandbox, "needed_paths", lambda: [*real(), str(venv_like)])
+    cmd = sandbox.sandbox_command(["true"], hide=["/", str(tmp_path / "course")])
+    assert "/" not in [cmd[i + 1] for i, a in enumerate(cmd) if a == "--tmpfs"]
+    binds = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--ro-bind"]
+    assert str(venv_like) in binds

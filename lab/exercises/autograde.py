@@ -132,7 +132,15 @@ class Submission:
             os.close(fd)
         self.requests, self.replies = req_w, rep_r
         threading.Thread(target=self._drain, args=(err_r,), daemon=True).start()
-        self.ask({"op": "names", "names": []}, START_TIMEOUT_S)  # up and listening
+        try:
+            self.ask({"op": "names", "names": []}, START_TIMEOUT_S)  # up and listening
+        except WorkerLost as exc:
+            where = "the sandbox (bwrap)" if sandbox_mode() == "bwrap" else "Python"
+            raise WorkerLost(
+                f"the grader could not start a submission's process in {where}: {exc}. Where "
+                "a system forbids unprivileged user namespaces (Ubuntu 24.04's AppArmor, a "
+                "container), see docs/grading.md"
+            ) from None
 
     def _drain(self, fd: int) -> None:
         """Keep the last few KB of what the worker writes to stderr (for a crash's message)."""

@@ -88,22 +88,22 @@ def sandbox_command(
             f"for notebooks you trust only, set {SANDBOX_ENV}=off"
         )
     cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    shown = needed_paths()
     hidden = [p for p in HIDDEN if os.path.isdir(p)]
     extra = [str(Path(p).resolve()) for p in hide if os.path.exists(p)]
+    extra = [p for p in extra if p != "/"]  # the whole machine cannot be hidden
+    # What Python needs, unless it holds something hidden (/, say, or /tmp itself from
+    # sys.path): showing that again whole would undo the hiding.
+    shown = [p for p in needed_paths() if not any(_under(h, p) for h in [*hidden, *extra])]
     for folder in hidden:  # /tmp is the submission's scratch; the others only mount points
         cmd += ["--size", str(SCRATCH_BYTES if folder == "/tmp" else 2**20), "--tmpfs", folder]
-    # A folder that holds a hidden one (/, say, or /tmp itself from sys.path) is never shown
-    # again whole: that would undo the hiding.
-    shown = [p for p in shown if not any(_under(h, p) for h in [*hidden, *extra])]
-    for path in shown:  # shown again (read-only) where a hidden folder covered them
-        if any(_under(path, h) for h in hidden) and not any(_under(path, x) for x in extra):
-            cmd += ["--ro-bind", path, path]
     for path in extra:
-        if any(_under(path, h) for h in hidden) and not any(_under(s, path) for s in shown):
-            continue  # already covered by an empty folder
+        if any(_under(path, h) for h in hidden):
+            continue  # already behind an empty folder
         hidden_as = ["--size", str(2**20), "--tmpfs", path]
         cmd += hidden_as if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
+    for path in shown:  # shown again, read-only, where a hidden folder covered it
+        if any(_under(path, h) for h in [*hidden, *extra]):
+            cmd += ["--ro-bind", path, path]
     for secret in SECRETS:
         if os.path.exists(secret):
             cmd += ["--ro-bind", "/dev/null", secret]
