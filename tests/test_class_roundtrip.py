@@ -308,6 +308,20 @@ def answers_into(path: Path, owner: str, honest_all: bool) -> None:
     os.chown(path, user.pw_uid, user.pw_gid)
 
 
+def failed_cells(course: Path, student: str) -> dict[str, str]:
+    """Each graded cell of the autograded submission that ended in an error, with its error
+    (for the failure message only: the test compares scores, never this text)."""
+    path = course / "autograded" / student / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+    if not path.exists():
+        return {"": f"{path} is missing"}
+    found = {}
+    for gid, cell in cells_by_id(nbformat.read(path, as_version=4)).items():
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                found[gid] = f"{out.get('ename')}: {out.get('evalue', '')[:300]}"
+    return found
+
+
 def test_the_round_trip_as_the_docs_give_it(machine: Machine):
     m, blocks = machine, doc_blocks(DOCS.read_text())
     ins, alice, bob = m.users["instructor"], m.users["alice"], m.users["bob"]
@@ -354,7 +368,9 @@ def test_the_round_trip_as_the_docs_give_it(machine: Machine):
     # and 10b wrong: 12 points lost).
     with open(course / "grades-lms.csv", newline="") as f:
         rows = {r["Username"]: r for r in csv.DictReader(f)}
-    assert rows[alice][ASSIGNMENT] == "20" and rows[bob][ASSIGNMENT] == "8", rows
+    assert rows[alice][ASSIGNMENT] == "20" and rows[bob][ASSIGNMENT] == "8", (
+        rows, failed_cells(course, alice), failed_cells(course, bob), log[-3000:]
+    )  # fmt: skip
     assert rows[bob]["Last name"] == "Smith, Jr." and rows[alice]["Email address"].startswith(alice)
     with open(course / "grades.csv", newline="") as f:
         nbgrader_rows = {r["student_id"]: r for r in csv.DictReader(f)}

@@ -485,3 +485,39 @@ def test_the_course_command_needs_a_folder_or_the_exchange(tmp_path):
     proc = course_command(tmp_path, "c", "--exchange", str(tmp_path / "ex"), "--instructor", "x")
     assert proc.returncode == 2 and "sets up the exchange alone" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def errors_in(root: Path, student: str) -> dict[str, str]:
+    """The graded cells of an autograded submission that ended in an error, with the error."""
+    nb = nbformat.read(root / "autograded" / student / ASSIGNMENT / f"{ASSIGNMENT}.ipynb", 4)
+    return {
+        gid: f"{out.get('ename')}: {out.get('evalue', '')[:300]}"
+        for gid, cell in cells_by_id(nb).items()
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
+    }
+
+
+def test_two_autogrades_at_once_share_the_gradebook(graded):
+    """docs/grading.md's way to grade a class in parallel: one `autograde --student` each."""
+    import subprocess
+
+    env = dict(os.environ, PATH=os.pathsep.join([BIN, os.environ.get("PATH", "")]))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "nbgrader", "autograde", ASSIGNMENT, "--student", s, "--force"],
+            cwd=graded,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for s in ("ada", "ben")
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-3000:]
+    ada, ben = scores(graded, "ada"), scores(graded, "ben")
+    load = os.getloadavg()
+    assert ada["total"] == 20, (load, errors_in(graded, "ada"))
+    assert ben["total"] == 8, (load, errors_in(graded, "ben"))
