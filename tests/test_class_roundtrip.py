@@ -181,12 +181,13 @@ class Machine:
 
 
 def relocate(venv: Path) -> None:
-    """Make the venv's activate scripts and console scripts name the folder it is in.
+    """Make the venv's activate scripts (and any script still naming the build folder) name
+    the folder the venv is in.
 
-    tests/system_venv.py builds a venv in a temp folder and renames it into place, so its
-    bin/activate and the `#!` line of bin/nbgrader, bin/alembic, ... still name the build
-    folder, which is gone: the docs' `. bin/activate` then finds no `python`. Rewritten once,
-    in place (only this test uses this venv's prefix)."""
+    tests/system_venv.py builds a venv in a temp folder and renames it into place. It points the
+    scripts' `#!` lines at the final folder, but bin/activate's VIRTUAL_ENV still names the build
+    folder, which is gone: the docs' `. bin/activate` then puts a missing folder on PATH and finds
+    no `python`. Rewritten once, in place (only this test uses this venv's prefix)."""
     activate = (venv / "bin" / "activate").read_text()
     built = re.search(r"^VIRTUAL_ENV=['\"]?([^'\"\n]+)", activate, re.M).group(1)
     if built == str(venv):
