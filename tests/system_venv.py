@@ -1,9 +1,11 @@
 """A venv other users can run, built once from Debian's Python and cached in /var/tmp.
 
-Tests that switch to another user (`nobody` in the read-only run, students and a grader on a hub)
-cannot run this checkout's venv: its Python may live under /root (mode 700). They use a venv of
-/usr/bin/python3 instead, built here atomically and keyed by what went into it (pyproject.toml,
-the Python version, the package list), so it is built once per set of inputs and reused.
+Tests that switch to another user (`nobody` in the read-only run, students, an instructor and a
+dashboard on a hub, the nbgrader round trip) cannot run this checkout's venv: its Python may live
+under /root (mode 700). They share one venv of /usr/bin/python3 instead (`class_venv`): the lab's
+runtime dependencies and what a class runs beside them, not the lab itself (each test gives its
+accounts the lab as a copy). It is built here atomically and keyed by what went into it
+(pyproject.toml, the Python version, the package list), so it is built once and reused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_PYTHON = Path("/usr/bin/python3")  # root's own Python may sit where others cannot run it
 VENV_PARENT = Path("/var/tmp")  # the cached venvs, keyed by what went into them
 STALE_VENV_SECONDS = 3600.0  # a venv for other inputs, unused this long, is removed (1.3 GB)
+# What every account in the class tests runs besides the lab's dependencies, with the specs
+# requirements.txt and requirements-dev.txt give them.
+CLASS_TOOLS = (
+    "jupyterhub",
+    "jupyterlab",
+    "jupyterhub-idle-culler",
+    "nbgrader",
+    "ipykernel",
+    "nbclient",
+    "nbval",
+    "pytest",
+)
+CLASS_VENV_PREFIX = "lora-lab-class-venv-"
 
 
 def _tail(text: str, chars: int = 4000) -> str:
@@ -106,14 +121,17 @@ def build_venv(final: Path, packages: list[str]) -> None:
 
 
 def _point_scripts_at(build: Path, final: Path) -> None:
-    """pip writes the venv's own path into its scripts' first line (bin/nbgrader, bin/pip...):
-    make it the path the venv will have once renamed, so that the scripts run there."""
-    old, new = f"#!{build}/bin/".encode(), f"#!{final}/bin/".encode()
+    """venv and pip write the venv's own path into its scripts (the `#!` line of bin/nbgrader
+    and the rest, VIRTUAL_ENV in bin/activate): make it the path the venv will have once
+    renamed, so that the scripts run, and `. bin/activate` works, there."""
+    old, new = str(build).encode(), str(final).encode()
     for script in (build / "bin").iterdir():
         if script.is_file() and not script.is_symlink():
-            head = script.read_bytes()
-            if head.startswith(old):
-                script.write_bytes(new + head[len(old) :])
+            data = script.read_bytes()
+            if old in data:
+                mode = script.stat().st_mode
+                script.write_bytes(data.replace(old, new))
+                script.chmod(mode)
 
 
 def drop_stale_venvs(prefix: str, keep: Path) -> None:
@@ -140,7 +158,7 @@ def system_venv(prefix: str, packages: list[str]) -> Path:
     version = subprocess.run(
         [str(SYSTEM_PYTHON), "--version"], capture_output=True, text=True, check=True
     ).stdout
-    layout = "scripts-point-at-the-final-path"  # venvs built before that are built again
+    layout = "scripts-and-activate-name-the-final-path"  # older venvs are built again
     key = hashlib.sha256(
         (ROOT / "pyproject.toml").read_bytes() + "\n".join([version, layout, *packages]).encode()
     ).hexdigest()[:16]
@@ -151,3 +169,8 @@ def system_venv(prefix: str, packages: list[str]) -> Path:
     os.utime(final / "lora-lab-complete")  # in use: the clean-up below keeps it
     drop_stale_venvs(prefix, keep=final)
     return final
+
+
+def class_venv() -> Path:
+    """The one venv every class test's accounts run (built if missing): its folder."""
+    return system_venv(CLASS_VENV_PREFIX, project_packages(CLASS_TOOLS))

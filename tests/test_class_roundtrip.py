@@ -37,7 +37,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from system_venv import project_packages, system_venv
+from system_venv import class_venv
 from test_grading import MISTAKES, answer, cells_by_id
 
 from lab.exercises.course import ASSIGNMENT, SOURCE
@@ -45,8 +45,6 @@ from lab.exercises.course import ASSIGNMENT, SOURCE
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "grading.md"
 ARTIFACTS = ROOT / "test-artifacts" / "class-roundtrip"
-VENV_PREFIX = "lora-lab-class-venv-"
-TOOLS = ("nbgrader", "ipykernel", "nbclient")
 # What docs/grading.md names on a real machine, and what stands in for it here.
 DOC_VENV = "/opt/lora-lab/.venv"
 DOC_SHARED_COPY = "/opt/lora-lab"
@@ -180,28 +178,6 @@ class Machine:
         return proc.returncode != 0 and "Permission denied" in proc.stderr
 
 
-def relocate(venv: Path) -> None:
-    """Make the venv's activate scripts (and any script still naming the build folder) name
-    the folder the venv is in.
-
-    tests/system_venv.py builds a venv in a temp folder and renames it into place. It points the
-    scripts' `#!` lines at the final folder, but bin/activate's VIRTUAL_ENV still names the build
-    folder, which is gone: the docs' `. bin/activate` then puts a missing folder on PATH and finds
-    no `python`. Rewritten once, in place (only this test uses this venv's prefix)."""
-    activate = (venv / "bin" / "activate").read_text()
-    built = re.search(r"^VIRTUAL_ENV=['\"]?([^'\"\n]+)", activate, re.M).group(1)
-    if built == str(venv):
-        return
-    for path in (venv / "bin").iterdir():
-        if path.is_symlink() or not path.is_file():
-            continue
-        data = path.read_bytes()
-        if built.encode() in data:
-            mode = path.stat().st_mode
-            path.write_bytes(data.replace(built.encode(), str(venv).encode()))
-            path.chmod(mode)
-
-
 def kill_and_remove(user: str) -> None:
     """Stop every process of `user` (by PID), then remove the account and its home."""
     try:
@@ -256,8 +232,7 @@ def machine():
     for tool in ("useradd", "userdel", "runuser", "git"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing (Debian: apt-get install passwd util-linux git)")
-    venv = system_venv(VENV_PREFIX, project_packages(TOOLS))
-    relocate(venv)
+    venv = class_venv()
     tag = secrets.token_hex(3)
     base = Path(tempfile.mkdtemp(prefix=f"llt-class-{tag}-", dir="/tmp"))
     base.chmod(0o755)

@@ -45,14 +45,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from system_venv import chmod_readable, project_packages, system_venv
+from system_venv import chmod_readable, class_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = "nobody"
-VENV_PREFIX = "lora-lab-readonly-venv-"
-# Besides the lab's runtime dependencies (pyproject.toml): what runs the notebooks headless, with
-# the specs requirements.txt or requirements-dev.txt give them.
-TOOLS = ("nbval", "pytest", "nbclient", "ipykernel")
 # Run (a): the fine-tuning and explorer notebooks, and 06, the one notebook that writes files (its
 # adapters, into a scratch folder that is watched too). The others write nothing (read for it);
 # the dashboard runs the same explorer as 05.
@@ -109,8 +105,8 @@ def _tail(text: str, chars: int = 4000) -> str:
 
 @pytest.fixture(scope="session")
 def readonly_venv() -> Path:
-    """A venv of /usr/bin/python3 with the lab's runtime dependencies, nbval and pytest (not the
-    lab itself), that user `nobody` can run; reused while pyproject.toml and the list hold."""
+    """The class tests' venv of /usr/bin/python3 (the lab's runtime dependencies, nbval, pytest
+    and what a class runs beside them; not the lab itself), which user `nobody` can run."""
     if sys.platform != "linux" or os.geteuid() != 0:
         skip_or_fail("the read-only run needs root on Linux (to bind-mount and switch users)")
     for tool in ("mount", "umount", "setpriv", "strace"):
@@ -120,7 +116,7 @@ def readonly_venv() -> Path:
         pwd.getpwnam(USER)
     except KeyError:
         pytest.fail(f"there is no user {USER!r} to run the read-only copy as")
-    final = system_venv(VENV_PREFIX, project_packages(TOOLS))
+    final = class_venv()
     imports = "import torch, nbval, ipykernel; print(torch.__version__)"
     check = as_user(
         [str(final / "bin" / "python"), "-c", imports],

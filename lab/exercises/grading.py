@@ -1,7 +1,7 @@
 """Grades from the same checks that give a student instant feedback.
 
-The exercises notebook is also an nbgrader assignment (notebooks/exercises/solutions.ipynb is its
-source). Each exercise is followed by a graded cell whose hidden test is one line,
+The exercises notebook is also an nbgrader assignment (course/lora_by_hand.ipynb, the answer key,
+is its source). Each exercise is followed by a graded cell whose hidden test is one line,
 ``grade("check_forward", my_forward)``: it reruns the exercise's own check, so the grade and the
 feedback a student saw can never disagree. A passing check prints its verdict and the cell earns
 its points; a failing one raises `NotPassed`, whose message is the checker's hint ("the scaling

@@ -7,9 +7,9 @@ the docs say, with real local accounts.
   processes stopped by PID first.
 - The lab's shared copy (make_copy): the checkout's files, without the answer key's folder,
   copied to a folder everyone may read, as the docs make it.
-- The venv every account runs: tests/system_venv.py's venv of /usr/bin/python3 with the lab's
-  dependencies, JupyterHub, nbgrader and jupyterhub-idle-culler (the lab itself is imported from
-  the copy, through the recipe's PYTHONPATH).
+- The venv every account runs: tests/system_venv.py's class venv of /usr/bin/python3 with the
+  lab's dependencies, JupyterHub, nbgrader and jupyterhub-idle-culler (the lab itself is imported
+  from the copy, through the recipe's PYTHONPATH).
 - The hub (start_hub): `python -m jupyterhub -f docs/hub/jupyterhub_config.py` as root, with the
   recipe's environment variables set to free ports on 127.0.0.1, a state folder of the test's
   own, the test's group and dashboard user. Every process it starts is found (below the hub in
@@ -51,8 +51,6 @@ from tests.system_venv import chmod_readable
 
 RECIPE = ROOT / "docs" / "hub" / "jupyterhub_config.py"
 # What the class venv holds besides the lab's runtime dependencies (pyproject.toml).
-TOOLS = ("jupyterhub", "jupyterlab", "nbgrader", "ipykernel", "jupyterhub-idle-culler==2.0.0")
-VENV_PREFIX = "lora-lab-hub-venv-"
 PROXY_HINT = (
     "configurable-http-proxy (JupyterHub's proxy, from npm): `npm install -g "
     "configurable-http-proxy` (Node and npm from Debian: `apt-get install -y nodejs npm`); "

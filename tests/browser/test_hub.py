@@ -42,8 +42,6 @@ import pytest
 from hub import (
     ACCOUNT_TOOLS,
     RECIPE,
-    TOOLS,
-    VENV_PREFIX,
     make_accounts,
     make_copy,
     remove_accounts,
@@ -75,7 +73,7 @@ from pages import (
 )
 from servers import NOTEBOOKS, ROOT
 
-from tests.system_venv import project_packages, system_venv
+from tests import system_venv
 
 pytestmark = pytest.mark.browser
 
@@ -153,7 +151,7 @@ def class_venv() -> Path:
     missing = [tool for tool in ACCOUNT_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"the hub test needs {missing} (Debian: passwd and util-linux)")
-    return system_venv(VENV_PREFIX, project_packages(TOOLS))
+    return system_venv.class_venv()
 
 
 @pytest.fixture(scope="module")
