@@ -37,6 +37,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from needs import skip_or_fail
 from system_venv import class_venv
 from test_grading import MISTAKES, answer, cells_by_id
 
@@ -56,17 +57,6 @@ STUDENTS_CSV = (  # nbgrader's columns; a name with a comma must stay one cell i
     "{a},Alice,Liddell,{a}@example.org\n"
     '{b},Bob,"Smith, Jr.",{b}@example.org\n'
 )
-
-
-def in_ci() -> bool:
-    """The house rule (tests/browser/conftest.py): under CI a missing need fails, never skips."""
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
-def skip_or_fail(message: str) -> None:
-    if in_ci():
-        pytest.fail(f"CI=true: {message}", pytrace=False)
-    pytest.skip(message)
 
 
 # ------------------------------------------------------------------ the commands, from the docs

@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from needs import skip_or_fail
 from system_venv import chmod_readable, class_venv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,17 +87,6 @@ WRITE_TROUBLE = (
     "cannot save",
     "cannot write",
 )
-
-
-def in_ci() -> bool:
-    """The house rule (tests/browser/conftest.py): under CI a missing need fails, never skips."""
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
-def skip_or_fail(message: str) -> None:
-    if in_ci():
-        pytest.fail(f"CI=true: {message}", pytrace=False)
-    pytest.skip(message)
 
 
 def _tail(text: str, chars: int = 4000) -> str:

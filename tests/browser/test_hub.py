@@ -74,6 +74,7 @@ from pages import (
 from servers import NOTEBOOKS, ROOT
 
 from tests import system_venv
+from tests.needs import skip_or_fail
 
 pytestmark = pytest.mark.browser
 
@@ -84,16 +85,6 @@ SWEEPS = "05_sweeps.ipynb"
 RUN_FIELDS = {"date", "wall_seconds", "tokens_per_second", "device"}
 CAPACITY: dict[str, object] = {}  # memory figures, written to capacity.json at the end
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
-def skip_or_fail(message: str) -> None:
-    if in_ci():
-        pytest.fail(f"CI=true: {message}", pytrace=False)
-    pytest.skip(message)
 
 
 def answer_key() -> Path:
