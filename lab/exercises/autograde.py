@@ -7,11 +7,11 @@ grade. Here the two are apart:
 - the submission's cells run in a worker process (lab.exercises.worker) inside a sandbox
   (lab.exercises.sandbox): files read-only, the course folder and the answer key hidden, no
   network, a time limit on every cell and every call;
-- each graded cell's hidden test (``grade("check_forward", my_forward)``, restored by nbgrader
-  from the gradebook, so the instructor's own) runs here, in the grader's process, with the lab
-  this process imported itself. The names it uses come from the worker as plain data, or, for a
-  function, as a stand-in that calls the student's function in the worker
-  (`RemoteFunction`). The check itself never runs where the submission's code runs.
+- each graded cell's hidden test (``grade("check_forward", my_forward)``, as the gradebook
+  recorded it from the instructor's source, whatever the submitted cell holds) runs here, in the
+  grader's process, with the lab this process imported itself. The names it uses come from the
+  worker as plain data, or, for a function, as a stand-in that calls the student's function in
+  the worker (`RemoteFunction`). The check itself never runs where the submission's code runs.
 
 So nothing a submission does in its own process changes a grade except its answers. What it
 rebound in the lab's, torch's or builtins' modules is still reported, in the graded cells'
@@ -487,8 +487,7 @@ def _graded_outputs(title: str, passed: bool, text: str, changed: list[str]) -> 
             f"\n\nNote: this notebook changed {shown}. Grading runs the checks in a separate "
             "process, so that changes no grade; your instructor sees this note."
         )
-    verdict = text if text.startswith(("passed", "not yet")) else text
-    message = f"{title}: {verdict}{note}"
+    message = f"{title}: {text}{note}"
     if passed:
         return [{"output_type": "stream", "name": "stdout", "text": message + "\n"}]
     style = "white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere"
