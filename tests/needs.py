@@ -5,6 +5,7 @@ skipping what it was meant to run."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -17,3 +18,10 @@ def skip_or_fail(message: str) -> None:
     if in_ci():
         pytest.fail(f"CI=true: {message}", pytrace=False)
     pytest.skip(message)
+
+
+def interruptible() -> None:
+    """A `preexec_fn` for a child process a test interrupts (Ctrl-C, SIGINT): SIGINT back to its
+    default, so that Python there raises KeyboardInterrupt as at a terminal. A test run started
+    in the background inherits SIGINT ignored, and Python then never installs its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

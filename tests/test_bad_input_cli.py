@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs import interruptible
 
 from lab.sweeps import SweepCache, SweepPoint, SweepResult
 
@@ -210,7 +211,8 @@ def test_ctrl_c_keeps_finished_points_and_exits_130(tmp_path):
             "400", "--batch-size", "16", "--no-batch"]  # fmt: skip
     env = {**os.environ, "LORA_LAB_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "lab", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=interruptible)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while not list(cache.glob("*.json")) and time.monotonic() < deadline:

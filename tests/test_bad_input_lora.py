@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from needs import interruptible
 from safetensors.torch import save_file
 from torch import nn
 
@@ -652,7 +653,7 @@ print("model as it was")
 def run_script(code: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
     """`code` run by this Python in a process of its own, with `args`; its output captured."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=os.getcwd())  # fmt: skip
+                          timeout=timeout, cwd=os.getcwd(), preexec_fn=interruptible)  # fmt: skip
 
 
 @pytest.mark.parametrize("where", ["svd", "swap"])

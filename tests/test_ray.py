@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs import interruptible
 
 from lab.executors import RAY_INSTALL, RaySession, check_executor, import_ray
 from lab.sweeps import (
@@ -460,7 +461,8 @@ def test_cli_ctrl_c_cancels_the_ray_tasks_and_exits_with_one_line(tmp_path):
             "16", "--no-batch", "--ray", "--workers", "2"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "lab", "sweep", *args],
                             env=cli_env(tmp_path, mark), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=interruptible)  # fmt: skip
     try:
         lines = []
         for line in proc.stdout:  # one line per finished point (no terminal, no bars)
