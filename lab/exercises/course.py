@@ -54,7 +54,6 @@ ASSIGNMENT = "lora_by_hand"  # nbgrader's assignment id (and the notebook's name
 COURSE_ID = "lora-lab"
 INSTRUCTOR_TAG = "instructor"  # cells with this tag are in the answer key only
 CODE_STUB = "# your code here"  # what replaces a solution: a function body then returns None
-CELL_TIMEOUT_S = 600  # per cell when autograding; exercise 4 trains for a few seconds
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "course" / f"{ASSIGNMENT}.ipynb"  # the answer key: never in the students' copy
 STUDENT = REPO / "notebooks" / "exercises" / "student.ipynb"
@@ -103,12 +102,12 @@ def configure(c) -> None:
     c.ClearSolutions.code_stub = {"python": CODE_STUB}
     defaults = GenerateAssignment.class_traits()["preprocessors"].default()
     c.GenerateAssignment.preprocessors = [DropInstructorCells, *defaults]
-    c.Execute.timeout = CELL_TIMEOUT_S
     # Autograde runs each submission in a sandboxed process of its own and its graded cells'
     # hidden tests in nbgrader's, so that no submission can decide its own grade.
-    from .autograde import configure_autograde
+    from .autograde import CELL_TIMEOUT_S, configure_autograde
 
     configure_autograde(c)
+    c.Execute.timeout = int(CELL_TIMEOUT_S)  # nbgrader validate's kernel: the autograder's limit
 
 
 class RestoreHiddenTests(NbGraderPreprocessor):
