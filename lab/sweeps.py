@@ -564,6 +564,11 @@ def _result_problem(r: SweepResult) -> str | None:
             return f"{name} loss/accuracy {value['loss']!r}/{value['accuracy']!r} not finite"
         if not (_is_number(value["accuracy"]) and 0 <= value["accuracy"] <= 1):
             return f"{name} accuracy {value['accuracy']!r} is not in [0, 1]"
+        if _is_number(value["loss"]) and value["loss"] < 0:  # a cross-entropy is never negative
+            return f"{name} loss {value['loss']!r} is negative"
+        n = value.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            return f"{name} n={n!r} is not a count of examples"
     for name in ("trainable_parameters", "total_parameters"):
         value = getattr(r, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

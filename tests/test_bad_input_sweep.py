@@ -380,6 +380,15 @@ CRAFTED = {  # what is put at the point's cache file; each is retrained, nothing
         )
     ),
     "over 64 MiB": lambda path, p: path.write_bytes(b" " * ((64 << 20) + 1)),
+    "a held-out count of -1": lambda path, p: path.write_text(
+        json.dumps({**_good(p), "heldout": {"loss": 1.0, "accuracy": 0.5, "n": -1}})
+    ),
+    "a held-out count of 0.5": lambda path, p: path.write_text(
+        json.dumps({**_good(p), "heldout": {"loss": 1.0, "accuracy": 0.5, "n": 0.5}})
+    ),
+    "a negative held-out loss": lambda path, p: path.write_text(
+        json.dumps({**_good(p), "heldout": {"loss": -1.0, "accuracy": 0.5, "n": 64}})
+    ),
 }
 
 
