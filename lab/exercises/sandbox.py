@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import sys
+import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -65,7 +67,9 @@ def needed_paths() -> list[str]:
     paths.add(str(Path(sys.executable).resolve().parent.parent))
     lab_dir = str(Path(lab.__file__).resolve().parent)
     paths.add(lab_dir)
-    for entry in sys.path:
+    # Where this interpreter imports from: its standard library and site-packages (an editable
+    # install's .pth file adds the checkout, shown above as lab/ alone).
+    for entry in [*sysconfig.get_paths().values(), *site.getsitepackages()]:
         if not entry or not os.path.isdir(entry):
             continue
         entry = str(Path(entry).resolve())
@@ -92,7 +96,7 @@ def sandbox_command(
     extra = [str(Path(p).resolve()) for p in hide if os.path.exists(p)]
     extra = [p for p in extra if p != "/"]  # the whole machine cannot be hidden
     # What Python needs, unless it holds something hidden (/, say, or /tmp itself from
-    # sys.path): showing that again whole would undo the hiding.
+    # the import path): showing that again whole would undo the hiding.
     shown = [p for p in needed_paths() if not any(_under(h, p) for h in [*hidden, *extra])]
     for folder in hidden:  # /tmp is the submission's scratch; the others only mount points
         cmd += ["--size", str(SCRATCH_BYTES if folder == "/tmp" else 2**20), "--tmpfs", folder]
