@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.bench import _positive_int, _table
 from benchmarks.common import describe_machine, machine
-from lab.executors import RaySession
+from lab.engine.executors import RaySession
 from lab.fileio import atomic_write_bytes
 from lab.sweeps import SweepCache, SweepPoint, check_writable_dir, grid, plan_chunks, sweep
 

@@ -24,9 +24,10 @@ import warnings
 
 import torch
 
-from . import calibrate
 from .config import INITS, MAX_LR_RATIO, VARIANTS
-from .executors import RAY_INSTALL, RaySession, split_address
+from .engine import calibrate
+from .engine.devices import ray_device, resolve_device
+from .engine.executors import RAY_INSTALL, RaySession, split_address
 from .forgetting import MAX_REPLAY, source_summary
 from .quant import SCHEMES
 from .sweeps import (
@@ -44,11 +45,10 @@ from .sweeps import (
     describe,
     full_point,
     grid,
-    ray_device,
-    resolve_device,
     sweep,
 )
 from .tasks import FINETUNE_TASKS
+from .text import plural
 from .training import MAX_STEPS, SEED_LIMIT
 
 # `python -m lab bench` was the benchmarks' command; they are tools, not lessons, and now live
@@ -189,10 +189,6 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
-
-
 LOCAL_RAY = "local"  # --ray without an address
 
 
@@ -240,7 +236,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.ray is not None:
         address = None if args.ray == LOCAL_RAY else args.ray
         executor = RaySession(address, workers=args.workers)
-    print(f"{_plural(len(points), 'point')} on {args.task}, {len(todo):,} to train; "
+    print(f"{plural(len(points), 'point')} on {args.task}, {len(todo):,} to train; "
           f"cache {cache.directory}", flush=True)  # fmt: skip
     tty = sys.stderr.isatty()
     finished: list = []
@@ -258,7 +254,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                         executor=executor)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
-            f"{_plural(len(finished), 'point')} of {len(todo):,} finished and kept in "
+            f"{plural(len(finished), 'point')} of {len(todo):,} finished and kept in "
             f"{cache.directory}; run the same command again to train the rest"
         ) from None
     except SweepFailed as exc:  # every other point is trained and kept
@@ -289,24 +285,24 @@ def run_sweep(args: argparse.Namespace) -> int:
               if r.point in todo and "batched" in r.extra]  # fmt: skip
     if chunks:  # a run of c points gave c results, each saying c
         runs = round(sum(1 / c for c in chunks))
-        print(f"batched: {_plural(len(chunks), 'point')} in {_plural(runs, 'run')} "
-              f"of up to {_plural(max(chunks), 'point')}")  # fmt: skip
+        print(f"batched: {plural(len(chunks), 'point')} in {plural(runs, 'run')} "
+              f"of up to {plural(max(chunks), 'point')}")  # fmt: skip
     diverged = [r for r in results if r.diverged]
     if diverged:
-        print(f"{_plural(len(diverged), 'point')} diverged (loss nan/inf): "
+        print(f"{plural(len(diverged), 'point')} diverged (loss nan/inf): "
               f"{diverged[0].extra.get('diverged', '')}", file=sys.stderr)  # fmt: skip
     for point, error in failures.items():
         print(f"failed: {label[point]}: {error}", file=sys.stderr)
     print(f"done in {seconds:.1f} s")
     if failures:
         print(
-            f"error: {_plural(len(failures), 'point')} failed (above); the other "
+            f"error: {plural(len(failures), 'point')} failed (above); the other "
             f"{len(results):,} are kept: run the same command again to retry",
             file=sys.stderr,
         )
         return 1
     if cache.unsaved:
-        print(f"error: {_plural(len(cache.unsaved), 'result')} could not be saved to "
+        print(f"error: {plural(len(cache.unsaved), 'result')} could not be saved to "
               f"{cache.directory} (shown above, not cached)", file=sys.stderr)  # fmt: skip
         return 1
     return 0

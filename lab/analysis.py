@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .lora import LoRALinear, add_lora, count_parameters
+from .lora import LoRALinear
 from .memory import analytic_flops
 from .model import ModelConfig, ToyTransformer, get_preset
+from .surgery import add_lora, count_parameters
 from .tasks import EOS, SEP, Task, decode
+from .text import format_bytes
 
 __all__ = [
     "canonical_targets",
@@ -453,15 +455,7 @@ def format_table(
 
 def format_decimal_bytes(n: float) -> str:
     """A file size in the unit that suits it (1000s): '512 B', '33.8 KB', '75.5 MB', '350 GB'."""
-    if not isinstance(n, int | float) or isinstance(n, bool) or not math.isfinite(n) or n < 0:
-        raise ValueError(f"n={n!r}: expected a finite number of bytes >= 0")
-    if n < 1000:
-        return f"{int(n)} B"
-    for unit in ("KB", "MB", "GB", "TB", "PB"):
-        n /= 1000
-        if n < 999.95 or unit == "PB":
-            return f"{n:,.1f} {unit}" if n < 100 else f"{n:,.0f} {unit}"
-    raise AssertionError("unreachable")
+    return format_bytes(n, decimal=True)
 
 
 def describe_counts(counts: dict) -> str:

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lab.config import ALL_LINEAR
 from lab.model import ModelConfig, lm_loss
 from lab.step import training_step
+from lab.text import format_bytes  # re-exported: lab.memory.format_bytes
 
 __all__ = [
     "MemoryBreakdown",
@@ -89,17 +90,6 @@ class MemoryBreakdown:
     def to_dict(self) -> dict:
         """A plain dict (for JSON), including the total."""
         return {**asdict(self), "total": self.total}
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size: 512 -> '512 B', 12.3 * 2**20 -> '12.3 MiB'."""
-    if abs(n) < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:

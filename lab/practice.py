@@ -20,13 +20,14 @@ The helpers below pick the best learning rate per setting and lay results out fo
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from .engine.cache import load_grid_file
+from .engine.points import ALL_TARGETS_SORTED, POINT_FIELDS, SweepPoint, full_point
+from .engine.results import SweepResult
 from .forgetting import source_summary
-from .sweeps import ALL_TARGETS_SORTED, SweepPoint, SweepResult, full_point, load_grid_file
 
 __all__ = [
     "LAYER_LRS",
@@ -134,7 +135,7 @@ def all_points(steps: int = STEPS) -> list[SweepPoint]:
 
 
 def load_practice_grid(path: str | Path = PRACTICE_GRID_PATH) -> list[SweepResult]:
-    """The shipped practice grid's results (see lab.sweeps.load_grid_file)."""
+    """The shipped practice grid's results (see lab.engine.cache.load_grid_file)."""
     return load_grid_file(path)
 
 
@@ -221,7 +222,7 @@ def lr_curve(results: Iterable[SweepResult], **fields: object) -> list[tuple[flo
     the values the results hold.
     """
     results = _results(results, "lr_curve")
-    valid = [f.name for f in dataclasses.fields(SweepPoint)]
+    valid = list(POINT_FIELDS)
     unknown = sorted(set(fields) - set(valid))
     if unknown:
         raise ValueError(f"lr_curve: {unknown} are not SweepPoint fields; valid: {valid}")

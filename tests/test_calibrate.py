@@ -9,10 +9,11 @@ import warnings
 import pytest
 import torch
 
-from lab import calibrate
 from lab.base import load_base_config
 from lab.batched import AdapterSpec
-from lab.calibrate import (
+from lab.config import LoRAConfig
+from lab.engine import calibrate
+from lab.engine.calibrate import (
     Calibration,
     calibrated_chunk_size,
     candidates,
@@ -21,7 +22,6 @@ from lab.calibrate import (
     measurement_config_steps,
     situation,
 )
-from lab.config import LoRAConfig
 from lab.sweeps import SweepPoint, plan_chunks
 from lab.tasks import get_task
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lab import TASKS, get_task
+from lab import TASKS, get_task, load_base_model
 from lab.model import IGNORE_INDEX
 from lab.tasks import EOS, FINETUNE_TASKS, PRETRAIN_TASKS, SEQ_LEN, TOKEN_ID, VOCAB, decode
 
@@ -106,3 +106,13 @@ def test_evaluate_counts_an_example_wrong_if_any_answer_token_is_wrong():
 def test_unknown_task_lists_valid_names():
     with pytest.raises(ValueError, match="valid tasks: pretrain, copy"):
         get_task("subtract")
+
+
+def test_task_helpers_refuse_bad_batch_sizes_and_names():
+    task = get_task("sort_desc_small")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        task.evaluate(load_base_model("cpu"), batch_size=0)
+    with pytest.raises(ValueError, match="batch_size=-1"):
+        task.batch(-1, torch.Generator())
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task(None)

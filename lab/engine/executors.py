@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .training import check_count
+from ..training import check_count
 
 __all__ = ["EXECUTORS", "RAY_INSTALL", "RaySession", "check_executor", "import_ray"]
 

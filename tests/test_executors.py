@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     import ray
-    from lab.executors import RaySession
+    from lab.engine.executors import RaySession
     from lab.sweeps import SweepCache, SweepPoint, sweep
 
     points = [SweepPoint("rotate", 1, steps=2, batch_size=8)]

@@ -16,7 +16,7 @@ user_cache_root()/calibration.json, so a machine measures once per kind of group
 
 Measuring costs time, so a group is measured only when nothing is remembered for it and the
 measurement is under PAYS (5%) of the group's own training; otherwise what is remembered is used,
-else lab.batched.default_max_configs's static rule. Set LORA_LAB_CALIBRATE=0 to turn it off (the
+else the static rule (lab.engine.plan.chunk_size). Set LORA_LAB_CALIBRATE=0 to turn it off (the
 static rule, no file read or written), or LORA_LAB_CALIBRATE=always to measure whenever nothing
 is remembered, however short the group. Chunking never changes a configuration's numbers (each
 trains as it would alone), and measuring leaves the global random state as it found it.
@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import stat
 import statistics
 import time
 import warnings
@@ -45,12 +44,13 @@ from pathlib import Path
 
 import torch
 
-from .batched import AdapterSpec, BatchedTrainer
-from .config import ALL_LINEAR
-from .fileio import atomic_write_bytes, regular_file, user_cache_root
-from .model import ModelConfig, ToyTransformer
-from .step import autocast_dtype, make_optimizer, training_step
-from .tasks import Task
+from ..batched import AdapterSpec, BatchedTrainer
+from ..config import ALL_LINEAR
+from ..fileio import atomic_write_bytes, regular_file, user_cache_root
+from ..model import ModelConfig, ToyTransformer
+from ..step import autocast_dtype, make_optimizer, training_step
+from ..tasks import Task
+from .cache import remove_non_file
 
 __all__ = [
     "ENV_VAR",
@@ -223,7 +223,7 @@ def measure(
     cands = candidates(limit)
     if timer is None:
         if base is None:
-            from .base import load_base_model  # only when measuring for real
+            from ..base import load_base_model  # only when measuring for real
 
             base = load_base_model("cpu")
         timer = _StepTimer(base, task, specs, batch_size, device, steps, clock)
@@ -346,22 +346,6 @@ def _stamp(path: Path) -> tuple:
         return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
     except OSError:
         return (str(path),)
-
-
-def remove_non_file(path: Path) -> None:
-    """Remove a FIFO, socket or device node at `path`, or a link to one: never a file or folder.
-
-    The lab's own file names (a cache entry, calibration.json) are the only paths given here:
-    whatever else sits there holds nothing (a link's target is never touched), and
-    atomic_write_bytes refuses to rename a file over it.
-    """
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return  # nothing there, or a dangling link, which the rename replaces
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def _read(path: Path, warn: bool = True) -> tuple[dict, bool]:

@@ -1,4 +1,4 @@
-"""Sweeps on Ray (lab.executors, sweep(executor="ray"), python -m lab sweep --ray).
+"""Sweeps on Ray (lab.engine.remote, sweep(executor="ray"), python -m lab sweep --ray).
 
 A local Ray with two CPU workers runs in this process for the module (its own HOME, temp dir
 and a marker in its environment, so the tests find and kill only its processes); the CLI tests
@@ -32,13 +32,13 @@ import pytest
 import torch
 from needs import interruptible
 
-from lab.executors import RAY_INSTALL, RaySession, check_executor, import_ray
+from lab.engine.executors import RAY_INSTALL, RaySession, check_executor, import_ray
+from lab.engine.remote import _check_returned
 from lab.sweeps import (
     SweepCache,
     SweepFailed,
     SweepPoint,
     SweepResult,
-    _check_returned,
     base_fingerprint,
     full_point,
     grid,
@@ -348,10 +348,10 @@ def test_a_failing_chunk_size_task_falls_back_to_the_cpu_rule_and_trains_everyth
 ):
     from ray import cloudpickle
 
-    import lab.sweeps
+    import lab.engine.remote
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(lab.sweeps, "_remote_chunk_size", planning_fails)
+    monkeypatch.setattr(lab.engine.remote, "_remote_chunk_size", planning_fails)
     points = grid("rotate", [1, 2, 4], alphas=[8.0], steps=5, batch_size=64)
     cache = SweepCache(tmp_path)
     with torch_threads(1):
