@@ -159,7 +159,7 @@ CHEATS = {
     "rebinds every check, grade, torch.allclose and torch.equal": {"imports": ACCEPTANCE_CHEAT},
     "rebinds the checks' helpers and the verdict": {
         "imports": (
-            "import lab.exercises.core as c, lab.exercises.feedback as f\n"
+            "import lab.exercises.forward_check as c, lab.exercises.feedback as f\n"
             "c._close = lambda a, b: True\n"
             "f.Feedback.__str__ = lambda self: 'passed: fine'\n"
             "f.Feedback.passed = property(lambda self: True)\n"
@@ -200,7 +200,7 @@ CHEATS = {
     "tampers from inside its answer when called": {
         "ex7_nf4_answer": (
             "def my_quantize(block):\n"
-            "    import torch, lab.exercises.core as c\n"
+            "    import torch, lab.exercises.nf4_check as c\n"
             "    c._close = lambda a, b: True\n"
             "    torch.equal = lambda *a, **k: True\n"
             "    return None\n"

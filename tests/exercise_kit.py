@@ -1,0 +1,102 @@
+"""What the exercise tests share: reading a verdict, answers that break, a synthetic grid."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from lab import practice
+from lab.exercises import Feedback
+from lab.sweeps import SweepPoint, SweepResult
+
+
+def forward_ok(x, base, A, B, scaling, dropout):
+    return base(x) + (dropout(x) @ A.T @ B.T) * scaling
+
+
+def assert_not_yet(feedback: Feedback, *phrases: str) -> None:
+    assert isinstance(feedback, Feedback) and not feedback.passed, feedback
+    assert str(feedback).startswith("not yet: ")
+    for phrase in phrases:
+        assert phrase in feedback.message, feedback.message
+
+
+def stub(*args):
+    raise NotImplementedError
+
+
+def assert_passed(feedback: object) -> None:
+    assert isinstance(feedback, Feedback) and feedback.passed, feedback
+    assert str(feedback).startswith("passed: ")
+
+
+def exits(*args):
+    sys.exit(0)
+
+
+def returns_nan(*args):
+    return float("nan")
+
+
+def no_args():
+    return 1
+
+
+FULL_BEST, LORA_BEST = 1e-3, 1e-2  # the synthetic grid's best rates: exactly 10x apart
+
+
+def fake(point: SweepPoint, accuracy: float | None, loss: float = 1.0) -> SweepResult:
+    """A made-up result; accuracy None: diverged (held-out loss nan, accuracy 0)."""
+    diverged = accuracy is None
+    return SweepResult(
+        point=point, losses=[2.0, loss], train_eval=None, trainable_parameters=18_432,
+        heldout={"loss": math.nan if diverged else loss, "accuracy": accuracy or 0.0, "n": 512},
+        total_parameters=400_000, memory=None, wall_seconds=1.0, tokens_per_second=1.0,
+        device="cpu", date="", diverged=diverged,
+    )  # fmt: skip
+
+
+def peaked(point: SweepPoint, best: float, top: float) -> SweepResult:
+    """Accuracy `top` at lr `best`, falling 0.15 per half-decade away; diverged at lr 0.1."""
+    if point.lr >= 0.1:
+        return fake(point, None)
+    steps = abs(math.log10(point.lr / best)) * 2
+    return fake(point, max(0.0, top - 0.15 * steps), loss=0.2 + 0.3 * steps)
+
+
+SHIFT_ACCURACY = {"q,v": 0.30, "attention": 0.35, "MLP": 0.90, "all-linear": 0.95}  # by name
+
+
+ATTENTION_BEST = max(SHIFT_ACCURACY[n] for n in practice.LAYER_SETS if n in ("q,v", "attention"))
+
+
+def synthetic_grid() -> list[SweepResult]:
+    """One result per point of the two experiments (they share sort_desc's all-linear r4 runs)."""
+    out: dict[SweepPoint, SweepResult] = {}
+    for p in practice.lr_points():
+        if p.is_full:
+            out[p] = peaked(p, FULL_BEST, 0.80)
+        else:
+            out[p] = peaked(p, 3e-3 if p.rslora else LORA_BEST, 0.90)
+    for p in practice.layer_points():
+        if p.is_full:
+            out[p] = peaked(p, 3e-4, 0.97)
+        elif p.task == "shift":
+            name = next(
+                n for n, (t, _) in practice.LAYER_SETS.items() if tuple(sorted(t)) == p.targets
+            )
+            out[p] = peaked(p, 1e-2, SHIFT_ACCURACY[name])
+        else:
+            out.setdefault(p, peaked(p, LORA_BEST, 0.8))
+    for p in practice.layer_long_points():  # the runs exercise 10 cites: one per target set
+        name = next(n for n, (t, _) in practice.LAYER_SETS.items() if tuple(sorted(t)) == p.targets)
+        out[p] = peaked(p, p.lr, SHIFT_ACCURACY[name])
+    return list(out.values())
+
+
+GRID = synthetic_grid()
+
+
+def find_ok(results):
+    trained = [r for r in results if not r.diverged]
+    return max(trained, key=lambda r: (r.heldout["accuracy"], -r.heldout["loss"])).point.lr
