@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 # test_ray skips without Ray (and fails under CI=true), so this module does the same.
-from test_ray import MARK, ROOT, ray_temp, wait_gone
+from test_remote import MARK, ROOT, ray_temp, wait_gone
 
 SCRIPT = textwrap.dedent(
     """
