@@ -141,7 +141,8 @@ def sweep(
 
     Before anything trains, the cache folder is checked (SweepCacheError if it cannot be
     written) and each point's memory estimated (MemoryError if it cannot fit). A point another
-    sweep is training into the same cache is waited for, not trained twice. A result whose
+    sweep is training into the same cache is waited for, not trained twice: for at most
+    `cache.lock_wait` seconds without progress, then SweepCacheError names its lock. A result whose
     write fails later is still returned, with a warning (its points in `cache.unsaved`). A run
     whose loss became nan/inf is returned and cached as diverged. What a `run_fn` returns is
     kept only if it is a valid SweepResult of the point it was asked for: anything else (None,
@@ -149,8 +150,8 @@ def sweep(
     the reason, and SweepFailed is raised at the end, after every other point is cached.
 
     `executor="ray"` trains each unit of `plan_chunks` (a batched chunk, or one point) as a Ray
-    task (lab.executors): on a local Ray started for the sweep, or on the cluster at `address`
-    ('HOST:PORT' of `ray start --head`); a `lab.executors.RaySession` gives more control
+    task (lab.engine.remote): on a local Ray started for the sweep, or on the cluster at `address`
+    ('HOST:PORT' of `ray start --head`); a `lab.engine.executors.RaySession` gives more control
     (workers, temp dir, retries). Each task asks for one GPU when the cluster has GPUs (device
     None or 'cuda'), else one CPU; a worker chooses the chunk size (chunk_size on its device:
     its memory, its calibration). This process stays the only writer of the cache: each result

@@ -133,3 +133,33 @@ def test_a_point_held_by_another_cache_here_waits_for_it(tmp_path):
     assert second.claim(point)
     second.release(point)
     assert not list(tmp_path.glob("*.lock"))
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "10", True, None])
+def test_a_bad_lock_wait_is_refused(tmp_path, bad):
+    cache = SweepCache(tmp_path)
+    with pytest.raises(ValueError, match="lock_wait=.*finite number of seconds"):
+        cache.lock_wait = bad
+    assert cache.lock_wait == 600.0
+
+
+def test_the_command_line_ends_a_blocked_sweep_with_one_line(holder):
+    cache, point, proc = holder
+    args = ["sweep", "--task", point.task, "--ranks", str(point.rank), "--steps",
+            str(point.steps), "--batch-size", str(point.batch_size), "--no-batch"]  # fmt: skip
+    env = {**os.environ, "LORA_LAB_CACHE": str(cache.directory), "PYTHONPATH": str(ROOT),
+           "LORA_LAB_LOCK_WAIT": "2"}  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "lab", *args], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stdout + run.stderr, run.stderr
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: waited") and f"{point.key}.lock" in line, line
+    assert f"pid {proc.pid}" in line and "delete" in line
+    assert not list(cache.directory.glob("*.json"))
+    env["LORA_LAB_LOCK_WAIT"] = "soon"
+    bad = subprocess.run([sys.executable, "-m", "lab", *args], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: $LORA_LAB_LOCK_WAIT='soon': expected seconds, a finite number >= 0"
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
+import numbers
 import os
 import platform
 import stat
@@ -17,7 +19,7 @@ import torch
 
 from ..fileio import atomic_write_bytes, regular_file, user_cache_root
 from ..text import plural
-from .lock import LOCK_WAIT_SECONDS, LockBusy, PointLock
+from .lock import LockBusy, PointLock, lock_wait
 from .points import FORMAT, SweepPoint, base_fingerprint, describe
 from .results import SweepResult
 from .summaries import select
@@ -152,10 +154,23 @@ class SweepCache:
         # Parsed files by path, reused while (mtime, size) are unchanged: redraws stay fast.
         self._memo: dict[Path, tuple[tuple[int, int], SweepResult | None]] = {}
         self._locks: dict[SweepPoint, PointLock] = {}  # the locks this cache holds
-        self.lock_wait = LOCK_WAIT_SECONDS  # how long a sweep waits on another's lock
+        self.lock_wait = lock_wait()  # how long a sweep waits on another's lock
 
     def __repr__(self) -> str:
         return f"SweepCache({str(self.directory)!r})"
+
+    @property
+    def lock_wait(self) -> float:
+        """Seconds a sweep waits on points another sweep holds, without progress, before it
+        stops with SweepCacheError naming the lock ($LORA_LAB_LOCK_WAIT, else 600)."""
+        return self._lock_wait
+
+    @lock_wait.setter
+    def lock_wait(self, seconds: float) -> None:
+        ok = isinstance(seconds, numbers.Real) and not isinstance(seconds, bool)
+        if not (ok and math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"lock_wait={seconds!r}: expected a finite number of seconds >= 0")
+        self._lock_wait = float(seconds)
 
     def path(self, point: SweepPoint) -> Path:
         """Where the point's result lives (whether or not it exists)."""

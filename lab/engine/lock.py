@@ -10,6 +10,7 @@ releases it at once, so no lock is ever stale. `<key>.holder` beside it says who
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import stat
@@ -19,13 +20,28 @@ import filelock
 
 from ..fileio import atomic_write_bytes, regular_file
 
-__all__ = ["LOCK_WAIT_SECONDS", "LockBusy", "PointLock"]
+__all__ = ["LOCK_WAIT_SECONDS", "LOCK_WAIT_VAR", "LockBusy", "PointLock", "lock_wait"]
 
 # How long a sweep waits, without any point it waits for being finished, before it stops and
 # says which lock holds it: a point (or a batched chunk of them) another sweep is training
 # takes seconds to minutes on the toy.
 LOCK_WAIT_SECONDS = 600.0
+LOCK_WAIT_VAR = "LORA_LAB_LOCK_WAIT"  # another bound, in seconds, for every cache of a process
 HINT = "choose another folder with LORA_LAB_CACHE or --cache"
+
+
+def lock_wait() -> float:
+    """$LORA_LAB_LOCK_WAIT in seconds if set (blank: unset), else LOCK_WAIT_SECONDS."""
+    text = os.environ.get(LOCK_WAIT_VAR, "").strip()
+    if not text:
+        return LOCK_WAIT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"${LOCK_WAIT_VAR}={text!r}: expected seconds, a finite number >= 0")
+    return seconds
 
 
 class LockBusy(OSError):
