@@ -41,7 +41,13 @@ from .engine.cache import (
     load_grid_file,
     write_grid_file,
 )
-from .engine.devices import free_memory, keep_torch_cache_at_home, ray_device, resolve_device
+from .engine.devices import (
+    TORCH_CACHE_VAR,
+    free_memory,
+    keep_torch_cache_at_home,
+    ray_device,
+    resolve_device,
+)
 from .engine.executors import RaySession, check_executor
 from .engine.plan import check_memory, chunk_size, group_key, plan_chunks, say_alone
 from .engine.points import (
@@ -85,6 +91,7 @@ __all__ = [
     "SweepFailed",
     "SweepPoint",
     "SweepResult",
+    "TORCH_CACHE_VAR",
     "accuracy_table",
     "base_fingerprint",
     "by_rank",

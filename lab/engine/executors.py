@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..text import plural
 from ..training import check_count
 
 __all__ = ["EXECUTORS", "RAY_INSTALL", "RaySession", "check_executor", "import_ray"]
@@ -233,8 +234,8 @@ class RaySession:
         res = self.resources()
         nodes = sum(1 for n in self.ray.nodes() if n.get("Alive"))
         counts = {k: int(res[k]) for k in ("GPU", "CPU") if res.get(k)}
-        parts = [f"{n} {k}{'s' * (n != 1)}" for k, n in counts.items()]
-        return f"{', '.join(parts) or 'no CPUs'} on {nodes} node{'s' * (nodes != 1)}"
+        parts = [plural(n, k) for k, n in counts.items()]
+        return f"{', '.join(parts) or 'no CPUs'} on {plural(nodes, 'node')}"
 
     def call(self, fn: Callable, item, kind: str, args: tuple = ()) -> object:
         """fn(item, device, *args) as one task on a worker, as `map` runs it; its value."""
