@@ -20,3 +20,33 @@ def test_cuda_without_cuda_is_refused_before_training(tmp_path):
         sweep([SweepPoint(**TINY)], SweepCache(tmp_path), progress=False, run_fn=trainer,
               device="cuda")  # fmt: skip
     assert trainer.calls == []
+
+
+def test_free_memory_is_what_the_os_can_give_without_swapping(monkeypatch):
+    import types
+
+    import psutil
+
+    from lab.engine import devices
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=12345))
+    assert devices.free_memory("cpu") == 12345 and devices.free_memory(torch.device("cpu")) == 12345
+
+    def broken():
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(psutil, "virtual_memory", broken)
+    assert devices.free_memory("cpu") is None  # unknown: planning assumes 4 GiB, nothing refused
+
+
+@pytest.mark.parametrize(
+    "device, error, words",
+    [("tpu", ValueError, "not a device"), (3, TypeError, "expected a str"),
+     ("cpu:1", ValueError, "there is one cpu")],
+)  # fmt: skip
+def test_a_device_that_is_not_here_is_refused_by_name(device, error, words):
+    from lab.engine.devices import resolve_device
+
+    with pytest.raises(error, match=words):
+        resolve_device(device)
+    assert resolve_device("cpu") == torch.device("cpu")
