@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from lab.calibrate import measure
 from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
@@ -67,10 +68,9 @@ from lab.batched import (
     max_configs_for_memory,
     train_batched,
 )
-from lab.calibrate import measure
 from lab.config import LoRAConfig
 from lab.fileio import atomic_write_bytes
-from lab.lora import LoRALinear, add_lora, count_parameters, merge_lora
+from lab.lora import LoRALinear
 from lab.memory import (
     MIB,
     MemoryBreakdown,
@@ -81,6 +81,7 @@ from lab.memory import (
 from lab.model import ModelConfig, ToyTransformer, get_preset
 from lab.quant import DQ_BLOCK_SIZE, Linear4bit, quantize_base
 from lab.step import autocast_dtype, make_optimizer, training_step
+from lab.surgery import add_lora, count_parameters, merge_lora
 from lab.sweeps import check_writable_dir, resolve_device
 from lab.tasks import SEQ_LEN, get_task
 from lab.training import train

@@ -6,26 +6,12 @@ The public API that notebooks, tests and users rely on is listed in `__all__`.
 import warnings
 
 from . import threads
+from .adapters import load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
 from .base import BASE_MODEL_PATH, load_base_model, save_base_model
 from .config import INITS, VARIANTS, LoRAConfig
 from .diagnosis import Finding, doctor
 from .diagnosis import report as doctor_report
-from .lora import (
-    LoRALinear,
-    ParamCount,
-    add_lora,
-    check_trainable,
-    count_parameters,
-    load_adapter,
-    load_lora_state_dict,
-    lora_layers,
-    lora_state_dict,
-    merge_lora,
-    parameter_groups,
-    remove_lora,
-    save_adapter,
-    unmerge_lora,
-)
+from .lora import LoRALinear
 from .memory import (
     MemoryBreakdown,
     analytic_flops,
@@ -43,6 +29,17 @@ from .spectra import (
     layer_spectra,
     scale_intruders,
     scale_model_intruders,
+)
+from .surgery import (
+    ParamCount,
+    add_lora,
+    check_trainable,
+    count_parameters,
+    lora_layers,
+    merge_lora,
+    parameter_groups,
+    remove_lora,
+    unmerge_lora,
 )
 from .sweeps import (
     SweepCache,

@@ -44,11 +44,12 @@ from tqdm.auto import tqdm
 
 from . import threads
 from .base import model_from_state
+from .checks import check_rank_fits as _check_rank_fits
 from .config import ALL_LINEAR, INITS, VARIANTS, LoRAConfig
-from .lora import _check_rank_fits, add_lora, build_layer
 from .memory import analytic_memory
 from .model import IGNORE_INDEX, ModelConfig, ToyTransformer, default_device
 from .step import autocast_dtype, forward_loss
+from .surgery import add_lora, build_layer
 from .tasks import SEQ_LEN, Task
 from .training import (
     MAX_STEPS,

@@ -38,23 +38,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import load_base_config, load_base_model
-from .config import LoRAConfig
-from .fileio import regular_file
-from .lora import (
-    LoRALinear,
+from .adapters import (
     _adapter_config,
     _adapter_description,
-    _check_path,
     _read_adapter_file,
     _summary,
-    count_parameters,
-    is_frozen_linear,
     load_adapter,
-    lora_layers,
     lora_state_dict,
 )
+from .base import load_base_config, load_base_model
+from .checks import check_path as _check_path
+from .config import LoRAConfig
+from .fileio import regular_file
+from .frozen import is_frozen_linear
+from .lora import LoRALinear
 from .quant import Linear4bit
+from .surgery import count_parameters, lora_layers
 from .sweeps import SweepResult, load_grid_file
 from .training import check_lr
 

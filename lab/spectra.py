@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .analysis import rank_for_energy, singular_values
-from .lora import LoRALinear, frozen_weight, is_frozen_linear
+from .frozen import frozen_weight, is_frozen_linear
+from .lora import LoRALinear
 from .quant import dense_linear
 
 __all__ = [

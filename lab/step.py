@@ -77,11 +77,11 @@ def training_step(
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """AdamW over what requires grad in `model`, in the lab's parameter groups.
 
-    Groups come from lab.lora.parameter_groups: with LoRA+ (a config's lr_ratio != 1) B's
+    Groups come from lab.surgery.parameter_groups: with LoRA+ (a config's lr_ratio != 1) B's
     group runs at lr_ratio times A's rate. Each group keeps its multiplier as "lr_scale", so
     a schedule sets every group with `set_lr(optimizer, lr)` and the ratio survives.
     """
-    from .lora import parameter_groups  # lab.lora imports nothing from here; keep it that way
+    from .surgery import parameter_groups  # lab.surgery imports nothing from here; keep it so
 
     groups = parameter_groups(model)
     if not groups:

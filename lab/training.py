@@ -12,10 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import threads
-from .lora import check_trainable, lora_layers
 from .memory import MemoryBreakdown, analytic_memory, measure_step_memory
 from .model import ToyTransformer, default_device
 from .step import autocast_dtype, make_optimizer, set_lr, training_step
+from .surgery import check_trainable, lora_layers
 from .tasks import SEQ_LEN, Task
 
 __all__ = ["MAX_STEPS", "SEED_LIMIT", "TrainingDiverged", "TrainResult", "train"]

@@ -39,10 +39,10 @@ from matplotlib.figure import Figure
 from . import plots, threads
 from .analysis import ATTENTION, canonical_targets, describe_counts, lora_counts
 from .config import ALL_LINEAR, INITS, VARIANTS, LoRAConfig
-from .lora import add_lora, count_parameters
 from .model import PRESETS, ToyTransformer
 from .practice import LR_GRID, PRACTICE_GRID_PATH, learn_forget
 from .quant import SCHEMES
+from .surgery import add_lora, count_parameters
 from .sweeps import (
     ALL_TARGETS,
     DEFAULT_ALPHA,

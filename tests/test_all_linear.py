@@ -6,7 +6,7 @@ from torch import nn
 
 import lab
 from lab.batched import AdapterSpec, train_batched
-from lab.lora import all_linear_modules
+from lab.surgery import all_linear_modules
 from lab.sweeps import ALL_TARGETS
 
 SIX = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]

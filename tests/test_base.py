@@ -259,3 +259,82 @@ def test_a_file_whose_head_differs_from_the_tied_embedding_is_refused(tmp_path):
         t["head.weight"] = t["tok_emb.weight"].clone()
 
     load_base_model("cpu", _crafted(tmp_path, change_tensors=same_head, name="same.st"))
+
+
+@pytest.fixture
+def tiny_base(tmp_path):
+    torch.manual_seed(0)
+    model = ToyTransformer(get_preset("tiny"))
+    return save_base_model(model, tmp_path / "base.safetensors"), model
+
+
+def _rewrite(path, change_tensors=None, metadata=None):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if change_tensors:
+        change_tensors(tensors)
+    save_file(tensors, path, metadata=meta if metadata is None else metadata)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda t: t.pop("ln_f.weight"), "missing tensors"),
+        (lambda t: t.__setitem__("extra", torch.zeros(1)), "unexpected tensors"),
+        (lambda t: t.__setitem__("ln_f.weight", torch.zeros(3)), "shape"),
+        (lambda t: t.__setitem__("ln_f.weight", t["ln_f.weight"].to(torch.int64)), "dtype"),
+        (lambda t: t["ln_f.weight"].fill_(float("nan")), "non-finite"),
+    ],
+)
+def test_base_file_tensor_faults(tiny_base, change, words):
+    path, _ = tiny_base
+    _rewrite(path, change)
+    with pytest.raises(ValueError, match=words) as info:
+        load_base_model("cpu", path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "words"),
+    [
+        ({}, "metadata"),
+        ({"lora_lab_model_config": "{"}, "not valid JSON"),
+        ({"lora_lab_model_config": "[" * 100_000}, "not valid JSON"),
+        ({"lora_lab_model_config": "[1]"}, "JSON object"),
+        ({"lora_lab_model_config": json.dumps({"d_model": -1})}, "invalid"),
+        ({"lora_lab_model_config": json.dumps({"colour": 1})}, "unknown fields"),
+    ],
+)
+def test_base_file_config_faults(tiny_base, metadata, words):
+    path, _ = tiny_base
+    _rewrite(path, metadata=metadata)
+    for load in (load_base_config, lambda p: load_base_model("cpu", p)):
+        with pytest.raises(ValueError, match=words) as info:
+            load(path)
+        assert str(path) in str(info.value)
+
+
+def test_base_file_truncated(tiny_base):
+    path, _ = tiny_base
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt") as info:
+        load_base_model("cpu", path)
+    assert str(path) in str(info.value)
+
+
+def test_base_file_directory_and_missing(tmp_path):
+    with pytest.raises(IsADirectoryError, match="directory"):
+        load_base_model("cpu", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no base model"):
+        load_base_config(tmp_path / "nope.safetensors")
+
+
+def test_model_from_state_checks_first(tiny_base):
+    _, model = tiny_base
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["ln_f.bias"] = torch.zeros(5)
+    with pytest.raises(ValueError, match="shape"):
+        model_from_state(model.config, state)

@@ -19,7 +19,7 @@ from lab.batched import (
     train_batched,
 )
 from lab.config import LoRAConfig
-from lab.lora import add_lora, lora_layers
+from lab.surgery import add_lora, lora_layers
 from lab.sweeps import ALL_TARGETS as ALL
 from lab.sweeps import SweepCache, SweepPoint, full_point, run_group, run_point, sweep
 from lab.tasks import get_task

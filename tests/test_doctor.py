@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lab
+from lab.adapters import lora_state_dict, save_adapter
 from lab.diagnosis import (
     CODES,
     LR_TOLERANCE,
@@ -28,8 +29,8 @@ from lab.diagnosis import (
     report,
     scaling_note,
 )
-from lab.lora import add_lora, lora_layers, lora_state_dict, merge_lora, save_adapter
 from lab.step import forward_loss
+from lab.surgery import add_lora, lora_layers, merge_lora
 from lab.sweeps import DEFAULT_GRID_PATH, load_grid_file, write_grid_file
 
 doctor_module = importlib.import_module("lab.diagnosis")

@@ -2,7 +2,11 @@
 
 import os
 import re
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +75,46 @@ def test_a_relative_or_empty_xdg_cache_home_is_ignored(monkeypatch, xdg):
 def test_an_absolute_xdg_cache_home_is_used(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert user_cache_root() == tmp_path / "lora-lab"
+
+
+def test_save_parent_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        atomic_write_bytes(tmp_path / "f" / "out.bin", b"data")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
+def test_save_read_only_parent(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="cannot save"):
+            atomic_write_bytes(ro / "out.bin", b"data")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_killed_save_leaves_no_litter(tmp_path):
+    target = tmp_path / "out.bin"
+    code = (
+        "import os, time\n"
+        "os.fsync = lambda fd: time.sleep(600)\n"
+        "from lab.fileio import atomic_write_bytes\n"
+        f"atomic_write_bytes({str(target)!r}, b'x' * 1000)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.getcwd())
+    try:
+        for _ in range(600):
+            if any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "no temp file seen"
+    atomic_write_bytes(target, b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    assert target.read_bytes() == b"done"

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from lab.lora import add_lora, count_parameters
 from lab.memory import (
     MemoryBreakdown,
     analytic_flops,
@@ -19,6 +18,7 @@ from lab.memory import (
     measure_step_memory,
 )
 from lab.model import ToyTransformer, get_preset
+from lab.surgery import add_lora, count_parameters
 
 # d_model 128, 2 layers: 1.6 MB of weights, so a few bytes of bookkeeping cannot hide an error.
 CONFIG = get_preset("cpu")

@@ -90,3 +90,23 @@ def test_default_device_is_available():
     torch.zeros(1, device=device)  # allocatable there
     if not torch.cuda.is_available():
         assert device.type in ("cpu", "mps")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"), [({"dropout": "0.1"}, "dropout"), ({"bias": "no"}, "bias")]
+)
+def test_model_config_bad_types(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("idx", [torch.zeros(2, 3), torch.zeros(3, dtype=torch.long), [[1, 2]]])
+def test_forward_bad_idx(idx):
+    model = ToyTransformer(get_preset("tiny"))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(idx)
+
+
+def test_toy_transformer_bad_config():
+    with pytest.raises(TypeError, match="ModelConfig"):
+        ToyTransformer({"d_model": 8})

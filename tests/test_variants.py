@@ -16,8 +16,9 @@ from torch import nn
 
 import lab
 from lab.config import INITS, VARIANTS, LoRAConfig
-from lab.lora import is_quantized, lora_layers, parameter_groups
+from lab.frozen import is_quantized
 from lab.step import make_optimizer, training_step
+from lab.surgery import lora_layers, parameter_groups
 
 RANK, ALPHA = 4, 10.0
 

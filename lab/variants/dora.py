@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Variant, register_variant
-from ..lora import LoRALinear, is_quantized
+from ..frozen import is_quantized
+from ..lora import LoRALinear
 
 __all__ = ["DoRALinear", "row_scale"]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..config import Init, register_init
-from ..lora import LoRALinear, is_quantized
+from ..frozen import is_quantized
+from ..lora import LoRALinear
 
 __all__ = ["pissa_init"]
 
