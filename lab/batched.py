@@ -3,24 +3,18 @@
 A sweep's points differ only in their adapters: the frozen base is the same for all of them. So
 instead of K training runs one after another, each step runs ONE forward and backward pass of
 the base over K batches stacked along the batch dimension, and every adapted layer carries K
-adapters stacked along a new leading dimension:
+adapters stacked along a new leading dimension (lab.batched_layer.BatchedLoRALinear, trained by
+lab.stacked_adamw.StackedAdamW). Each configuration's loss, gradients, Adam moments, learning
+rate, data order and dropout masks stay its own, so it trains exactly as it would alone
+(`lab.train`, as a sweep's run of one point does); the test suite checks that on the CPU to
+float32 tolerance. Nothing is shared except the frozen weights, which is what makes the big
+matmuls cheaper than K small ones.
 
-    y[k] = x[k] W^T + scaling[k] * (drop_k(x[k]) A[k]^T) B[k]^T,   k = 0 .. K-1
-
-    A: (K, R, in), B: (K, out, R), R = the largest rank in the group
-
-A configuration of rank r < R uses only the first r rows of its A and columns of its B; the
-rest are masked to zero in the forward pass, so they get exactly zero gradients and stay
-exactly zero. A configuration that does not target a layer has rank 0 there. Each
-configuration's loss, gradients, Adam moments, learning rate, data order and dropout masks stay
-its own, so it trains exactly as it would alone (`lab.sweep.run_point`); the test suite checks
-that on the CPU to float32 tolerance. Nothing is shared except the frozen weights, which is what
-makes the big matmuls cheaper than K small ones.
-
-The flavours: rsLoRA and LoRA+ are per-configuration scalings and learning rates; PiSSA gives
-configuration k its own residual base W - s B0_k A0_k, computed as the shared x W^T minus a
-frozen low-rank term; DoRA adds a stacked magnitude (K, out) and rescales configuration k's rows
-by m_k / ||W_k + ΔW_k||. A 4-bit base is not batched (its sweeps train one by one).
+The flavours: rsLoRA and LoRA+ are per-configuration scalings and learning rates; an init that
+moves part of W into the adapter (PiSSA) gives each configuration its own residual base; a
+flavour with a layer of its own trains here through the BatchedForm its module registers (DoRA:
+a stacked magnitude and rescaled rows). A flavour without one, and a 4-bit base, are not batched:
+`batchable` says False, and sweeps train those points one run at a time and say so.
 
 On a CUDA device the dropout masks come from per-configuration CUDA generators instead of the
 global CPU stream, so runs with dropout are statistically, not bitwise, the same as alone.
@@ -44,10 +38,12 @@ from tqdm.auto import tqdm
 
 from . import threads
 from .base import model_from_state
+from .batched_layer import DROPOUT_DRAWS, BatchedLoRALinear, check_dropout_draw
 from .checks import check_rank_fits as _check_rank_fits
-from .config import ALL_LINEAR, INITS, VARIANTS, LoRAConfig
+from .config import ALL_LINEAR, INITS, LoRAConfig
 from .memory import analytic_memory
 from .model import IGNORE_INDEX, ModelConfig, ToyTransformer, default_device
+from .stacked_adamw import StackedAdamW
 from .step import autocast_dtype, forward_loss
 from .surgery import add_lora, build_layer
 from .tasks import SEQ_LEN, Task
@@ -61,7 +57,7 @@ from .training import (
     check_weight_decay,
     diverged_message,
 )
-from .variants.dora import row_scale
+from .variants.registry import batched_form
 
 __all__ = [
     "AdapterSpec",
@@ -77,22 +73,6 @@ __all__ = [
     "max_configs_for_memory",
     "train_batched",
 ]
-
-BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which lab.train uses
-# How a batched step draws dropout masks: "exact", each configuration from its own generator as
-# nn.Dropout would alone (the default: batched == alone); "fast", all at once (statistically
-# the same dropout, not the same masks; see BatchedLoRALinear._fast_dropped).
-DROPOUT_DRAWS = ("exact", "fast")
-FAST_BITS = 16  # random bits per mask entry in the fast draw: keep-probability error < 2**-16
-
-
-def check_dropout_draw(dropout_draw: object) -> str:
-    """`dropout_draw` if it is one of DROPOUT_DRAWS; ValueError naming it otherwise."""
-    if not isinstance(dropout_draw, str) or dropout_draw not in DROPOUT_DRAWS:
-        raise ValueError(
-            f"dropout_draw={dropout_draw!r}: expected one of {', '.join(map(repr, DROPOUT_DRAWS))}"
-        )
-    return dropout_draw
 
 
 @dataclass(frozen=True)
@@ -150,255 +130,11 @@ class AdapterSpec:
 def batchable(config: LoRAConfig) -> bool:
     """True if the batched engine trains `config` exactly as it trains alone.
 
-    Plain LoRA with either scaling rule and any LoRA+ ratio: yes. A flavour or an init the
-    registry marks as not batched (DoRA, PiSSA) trains one by one.
+    Plain LoRA with either scaling rule and any LoRA+ ratio, and every flavour whose module
+    registers a batched form (lab.variants.registry.batched_form): yes. A flavour without one
+    trains one run at a time; it is never trained here as plain LoRA.
     """
-    return VARIANTS[config.variant].batched and INITS[config.init].batched
-
-
-class BatchedLoRALinear(nn.Module):
-    """One frozen nn.Linear carrying K stacked adapters; input (K*B, ..., in) -> (K*B, ..., out).
-
-    The leading dimension holds the K configurations' batches one after another. `ranks[k]` is
-    configuration k's rank in this layer (0: it has no adapter here).
-    """
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        ranks: Sequence[int],
-        scalings: Sequence[float],
-        dropouts: Sequence[float],
-        generators: Sequence[torch.Generator | None],
-        dora: Sequence[bool] | None = None,
-        dropout_draw: str = "exact",
-    ) -> None:
-        super().__init__()
-        self.dropout_draw = check_dropout_draw(dropout_draw)
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        k = len(ranks)
-        if not k or not (len(scalings) == len(dropouts) == len(generators) == k):
-            raise ValueError("ranks, scalings, dropouts and generators need one entry per config")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.n_configs, self.max_rank = k, max(max(ranks), 1)
-        self.ranks = list(ranks)
-        self.dropouts = [float(p) for p in dropouts]
-        self.generators = list(generators)
-        w = base.weight
-        dtype = torch.promote_types(w.dtype, torch.float32)
-        r, device = self.max_rank, w.device
-        self.lora_A = nn.Parameter(torch.zeros(k, r, self.in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(k, self.out_features, r, dtype=dtype, device=device))
-        mask = (torch.arange(r) < torch.tensor(self.ranks)[:, None]).to(dtype)  # (K, R)
-        self.register_buffer("rank_mask", mask.to(device), persistent=False)
-        scale = torch.tensor([float(s) for s in scalings], dtype=dtype).view(k, 1, 1)
-        self.register_buffer("scaling", scale.to(device), persistent=False)
-        # An initialisation that moves part of W into the adapter (PiSSA: W_res = W - s B0 A0)
-        # gives each configuration its own residual base. The shared W stays as it is and each
-        # configuration subtracts its own s B0 A0 (frozen, low rank) in the forward pass.
-        self.register_buffer("init_A", None, persistent=False)
-        self.register_buffer("init_B", None, persistent=False)
-        # DoRA configurations: a magnitude per output feature, m / ||W_k + ΔW_k|| rescaling
-        # their rows (1 for the others, whose magnitude entries stay unused).
-        dora = [bool(d) for d in dora] if dora is not None else [False] * k
-        if len(dora) != k:
-            raise ValueError("dora needs one entry per config")
-        self.dora = dora
-        self.magnitude = None
-        if any(dora):
-            mask = torch.tensor(dora, device=device)[:, None]
-            self.register_buffer("dora_mask", mask, persistent=False)
-            self.magnitude = nn.Parameter(
-                torch.ones(k, self.out_features, dtype=dtype, device=device)
-            )
-
-    def set_residual(self, k: int, a0: torch.Tensor, b0: torch.Tensor) -> None:
-        """Configuration k's base is W - scaling[k] * b0 @ a0 (its adapter starts at a0, b0)."""
-        if self.init_A is None:
-            self.init_A = torch.zeros_like(self.lora_A, requires_grad=False)
-            self.init_B = torch.zeros_like(self.lora_B, requires_grad=False)
-        r = a0.shape[0]
-        with torch.no_grad():
-            self.init_A[k].zero_()
-            self.init_B[k].zero_()
-            self.init_A[k, :r] = a0
-            self.init_B[k, :, :r] = b0
-
-    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
-        """Each configuration's dropout on its own slice (K, B, ..., in), from its own generator.
-
-        The mask is drawn exactly as nn.Dropout draws it on the CPU (bernoulli(1 - p), divided
-        by 1 - p, multiplied in), with the same shape, so a configuration sees the same masks it
-        would see training alone. Configurations without dropout here draw nothing: only their
-        slices of the mask are filled with ones. With dropout_draw="fast", `_fast_dropped`.
-        """
-        drop = [p > 0 and r > 0 for p, r in zip(self.dropouts, self.ranks, strict=True)]
-        if not self.training or not any(drop):
-            return x
-        if self.dropout_draw == "fast":
-            return self._fast_dropped(x, drop)
-        noise = torch.empty_like(x)
-        for k, p in enumerate(self.dropouts):
-            if drop[k]:
-                noise[k].bernoulli_(1 - p, generator=self.generators[k]).div_(1 - p)
-            else:
-                noise[k].fill_(1)
-        return x * noise
-
-    def _fast_dropped(self, x: torch.Tensor, drop: list[bool]) -> torch.Tensor:
-        """Every configuration's dropout from one draw of FAST_BITS random bits per entry.
-
-        Entry j of configuration k is kept when its 16-bit integer is below round((1 - p_k) *
-        2**16), and scaled by 1 / (1 - p_k) as nn.Dropout scales it: values 0 or 1 / (1 - p_k),
-        kept with probability 1 - p_k to within 2**-16. One int64 draw gives four entries, from
-        the generator of the first configuration with dropout: about a third of the exact
-        draw's time on a CPU, but not the masks training alone draws.
-        """
-        k = self.n_configs
-        n = x[0].numel()
-        words = -(-k * n * FAST_BITS // 64)
-        gen = next(g for g, d in zip(self.generators, drop, strict=True) if d)
-        bits = torch.empty(words, dtype=torch.int64, device=x.device)
-        bits.random_(-(2**63), 2**63 - 1, generator=gen)
-        u = bits.view(torch.int16)[: k * n].view(x.shape)  # uniform on [-2**15, 2**15)
-        keep = [1 - p if d else 1.0 for p, d in zip(self.dropouts, drop, strict=True)]
-        # A threshold of 2**15 keeps every entry (configurations without dropout here).
-        limit = torch.tensor([round(q * 2**FAST_BITS) - 2**15 for q in keep], device=x.device)
-        scale = torch.tensor([1 / q for q in keep], dtype=x.dtype, device=x.device)
-        shape = (k,) + (1,) * (x.dim() - 1)
-        return x * (u < limit.view(shape)) * scale.view(shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(K*B, ..., in) -> (K*B, ..., out)."""
-        k = self.n_configs
-        if x.shape[0] % k:
-            raise ValueError(
-                f"input batch {x.shape[0]} is not a whole number of batches for {k} configurations"
-            )
-        out = self.base(x)
-        xs = x.to(self.lora_A.dtype).reshape(k, x.shape[0] // k, *x.shape[1:])  # (K, B, ..., in)
-        if self.init_A is not None:  # each configuration's own residual base (PiSSA)
-            u0 = torch.bmm(xs.reshape(k, -1, self.in_features), self.init_A.transpose(1, 2))
-            moved = torch.bmm(u0 * self.scaling, self.init_B.transpose(1, 2))  # (K, N, out)
-            out = out - moved.to(out.dtype).view(out.shape)
-        h = self._dropped(xs).reshape(k, -1, self.in_features)  # (K, N, in)
-        a = self.lora_A * self.rank_mask[:, :, None]  # padded rows masked: their grads are 0
-        b = self.lora_B * self.rank_mask[:, None, :]
-        u = torch.bmm(h, a.transpose(1, 2)) * self.scaling  # (K, N, R), scaled while narrow
-        if self.magnitude is not None:
-            return self._dora(out, h, u, a, b)
-        if u.dtype != out.dtype:
-            return out + torch.bmm(u, b.transpose(1, 2)).to(out.dtype).view(out.shape)
-        flat = torch.baddbmm(out.reshape(k, -1, self.out_features), u, b.transpose(1, 2))
-        return flat.view(out.shape)
-
-    def _frozen_weights(self) -> torch.Tensor:
-        """Each configuration's frozen W_k (K, out, in): W, minus its PiSSA residual if any."""
-        w = self.base.weight.to(self.lora_A.dtype)[None]
-        if self.init_A is None:
-            return w
-        return w - self.scaling * (self.init_B @ self.init_A)
-
-    def _dora(self, out, h, u, a, b) -> torch.Tensor:
-        """DoRA's rows, as lab.variants.dora computes them, for the configurations that use it.
-
-        result = out + (m/n - 1) * base_part + (m/n) * lora, n = ||W_k + ΔW_k|| per row
-        (detached); base_part is x W_k^T (the dropped input's, for DoRA with dropout).
-        """
-        k = self.n_configs
-        w_k = self._frozen_weights()
-        norm = (w_k + self.scaling * (b @ a)).norm(dim=2).detach()  # (K, out)
-        # m / n, and 1 on a row with no direction (n = 0), as DoRALinear does: never 0/0.
-        scale = torch.where(self.dora_mask, row_scale(self.magnitude, norm), torch.ones_like(norm))
-        scale = scale[:, None, :]  # (K, 1, out)
-        out3 = out.reshape(k, -1, self.out_features)
-        bias = self.base.bias
-        base_part = out3.to(scale.dtype) if bias is None else (out3 - bias).to(scale.dtype)
-        if self.training and any(
-            d and p > 0 for d, p in zip(self.dora, self.dropouts, strict=True)
-        ):
-            dropped = torch.matmul(h, w_k.transpose(1, 2))  # (K, N, out): x_dropped W_k^T
-            use = torch.tensor([d and p > 0 for d, p in zip(self.dora, self.dropouts, strict=True)],
-                               device=out.device)[:, None, None]  # fmt: skip
-            base_part = torch.where(use, dropped, base_part)
-        lora = torch.bmm(u, b.transpose(1, 2))  # (K, N, out)
-        extra = (scale - 1) * base_part + scale * lora
-        return (out3 + extra.to(out.dtype)).view(out.shape)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"configs={self.n_configs}, ranks={self.ranks}"
-        )
-
-
-class StackedAdamW:
-    """AdamW over stacked (K, ...) parameters with one learning rate per configuration.
-
-    Adam is elementwise, so this is K independent AdamW optimizers. The arithmetic follows
-    torch.optim.AdamW's single-tensor path step for step (decoupled weight decay, lerp for the
-    first moment, bias corrections), so a slice trains as AdamW would train it alone.
-    """
-
-    def __init__(
-        self,
-        params: Sequence[torch.Tensor],
-        n_configs: int,
-        weight_decay: float = 0.0,
-        lr_scales: Sequence[Sequence[float] | None] | None = None,
-    ):
-        self.params = list(params)
-        self.n_configs, self.weight_decay = n_configs, weight_decay
-        # lr_scales[i][k]: parameter i's learning-rate multiplier for configuration k (LoRA+
-        # trains B at lr_ratio times A's rate); None means 1 for every configuration.
-        scales = list(lr_scales) if lr_scales is not None else [None] * len(self.params)
-        if len(scales) != len(self.params):
-            raise ValueError(f"got {len(scales)} lr_scales for {len(self.params)} parameters")
-        self.lr_scales = scales
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.step_count = 0
-
-    @torch.no_grad()
-    def step(self, lrs: Sequence[float]) -> None:
-        """One update; lrs[k] is configuration k's learning rate for this step."""
-        if len(lrs) != self.n_configs:
-            raise ValueError(f"got {len(lrs)} learning rates for {self.n_configs} configurations")
-        self.step_count += 1
-        beta1, beta2 = BETAS
-        bias1 = 1 - beta1**self.step_count
-        bias2_sqrt = (1 - beta2**self.step_count) ** 0.5
-        # One small host-to-device copy per step for all parameters, not one per parameter.
-        first = self.params[0]
-        plans = {}  # one (step size, decay) pair per distinct multiplier list
-        for scales in self.lr_scales:
-            key = None if scales is None else tuple(scales)
-            if key not in plans:
-                eff = list(lrs) if key is None else [lr * s for lr, s in zip(lrs, key, strict=True)]
-                size = torch.tensor([-lr / bias1 for lr in eff], dtype=first.dtype)
-                decay = torch.tensor([1 - lr * self.weight_decay for lr in eff], dtype=first.dtype)
-                plans[key] = (size.to(first.device), decay.to(first.device))
-        for p, m, v, scales in zip(self.params, self.exp_avg, self.exp_avg_sq, self.lr_scales,
-                                   strict=True):  # fmt: skip
-            if p.grad is None:
-                continue
-            step_size, decay = plans[None if scales is None else tuple(scales)]
-            shape = (self.n_configs,) + (1,) * (p.dim() - 1)
-            grad = p.grad
-            if self.weight_decay:
-                p.mul_(decay.view(shape))
-            m.lerp_(grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v.sqrt() / bias2_sqrt).add_(EPS)
-            p.add_((m / denom) * step_size.view(shape))
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+    return batched_form(config) is not None
 
 
 @dataclass
@@ -437,7 +173,7 @@ def _batched_model(
         for n in used:
             if s.targets_layer(n):
                 _check_rank_fits(s.rank, base.get_submodule(n), n)
-    init: dict[tuple[int, str], torch.Tensor] = {}
+    start: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     generators: list[torch.Generator | None] = []
     saved = torch.get_rng_state()
     try:
@@ -447,9 +183,10 @@ def _batched_model(
                 if s.targets_layer(n):
                     # Built on a copy: an init may change the base (PiSSA), the shared W may not.
                     sub = copy.deepcopy(base.get_submodule(n))
+                    w = sub.weight.detach().clone()
                     layer = build_layer(sub, s.config.replace(dropout=0.0))
-                    m0 = getattr(layer, "magnitude", None)
-                    init[k, n] = (layer.lora_A.detach(), layer.lora_B.detach(), m0)
+                    start[k, n] = {key: t.detach() for key, t in layer.adapter_parameters().items()}
+                    _check_base_change(s.config, n, w, layer)
             if device.type == "cpu":
                 g = torch.Generator()
                 g.set_state(torch.get_rng_state())
@@ -458,6 +195,7 @@ def _batched_model(
             generators.append(g if s.dropout > 0 else None)
     finally:
         torch.set_rng_state(saved)
+    forms = [batched_form(s.config) for s in specs]
     layers = {}
     for n in used:
         ranks = [s.rank if s.targets_layer(n) else 0 for s in specs]
@@ -467,33 +205,49 @@ def _batched_model(
             [s.scaling if r else 0.0 for s, r in zip(specs, ranks, strict=True)],
             [s.dropout if r else 0.0 for s, r in zip(specs, ranks, strict=True)],
             generators,
-            [bool(r) and s.config.variant == "dora" for s, r in zip(specs, ranks, strict=True)],
+            forms,
             dropout_draw,
         )
         with torch.no_grad():
             for k, r in enumerate(ranks):
-                if r:
-                    a0, b0, m0 = init[k, n]
-                    layer.lora_A[k, :r] = a0
-                    layer.lora_B[k, :, :r] = b0
-                    if m0 is not None:
-                        layer.magnitude[k] = m0.detach()
-                    if INITS[specs[k].config.init].changes_base:
-                        layer.set_residual(k, a0, b0)
+                if not r:
+                    continue
+                tensors = start[k, n]
+                layer.lora_A[k, :r] = tensors["lora_A"]
+                layer.lora_B[k, :, :r] = tensors["lora_B"]
+                for key in forms[k].extra:  # the flavour's own tensors (DoRA's magnitude)
+                    layer.add_extra(key, tensors[key].shape)
+                    getattr(layer, key)[k] = tensors[key]
+                if INITS[specs[k].config.init].changes_base:
+                    layer.set_residual(k, tensors["lora_A"], tensors["lora_B"])
         parent, _, leaf = n.rpartition(".")
         setattr(base.get_submodule(parent), leaf, layer)
         layers[n] = layer
     for p in base.parameters():
         p.requires_grad_(False)
     for layer in layers.values():
-        for p in _stacked_parameters(layer):
+        for p in layer.stacked_parameters().values():
             p.requires_grad_(True)
     return base.to(device), layers
 
 
-def _stacked_parameters(layer: BatchedLoRALinear) -> list[nn.Parameter]:
-    """A layer's trainable stacks: lora_A, lora_B and, with DoRA configurations, magnitude."""
-    return [layer.lora_A, layer.lora_B] + ([layer.magnitude] if layer.magnitude is not None else [])
+def _check_base_change(config: LoRAConfig, name: str, before: torch.Tensor, layer) -> None:
+    """Refuse an init that changed W otherwise than the batched engine reproduces it.
+
+    The engine keeps one shared W and gives a configuration whose init changes the base
+    (changes_base) the residual W - scaling * B0 A0; any other init must leave W as it was.
+    """
+    after = layer.base.weight.detach()
+    expected = before
+    if INITS[config.init].changes_base:
+        expected = before - layer.scaling * (layer.lora_B.detach() @ layer.lora_A.detach())
+    tolerance = 1e-5 * max(1.0, float(before.abs().max()))
+    if not torch.allclose(after, expected.to(after.dtype), rtol=0, atol=tolerance):
+        raise ValueError(
+            f"{name}: init={config.init!r} is registered as batched, but it changed W otherwise "
+            "than the batched engine reproduces (W, or W - scaling * B0 A0 with changes_base); "
+            "register it with batched=False so that it trains one run at a time"
+        )
 
 
 def _extract(
@@ -513,11 +267,11 @@ def _extract(
     with torch.no_grad():
         for name, layer in layers.items():
             if spec.targets_layer(name):
-                target = model.get_submodule(name)
-                target.lora_A.copy_(layer.lora_A[k, : spec.rank])
-                target.lora_B.copy_(layer.lora_B[k, :, : spec.rank])
-                if layer.magnitude is not None and hasattr(target, "magnitude"):
-                    target.magnitude.copy_(layer.magnitude[k])
+                target = model.get_submodule(name).adapter_parameters()
+                target["lora_A"].copy_(layer.lora_A[k, : spec.rank])
+                target["lora_B"].copy_(layer.lora_B[k, :, : spec.rank])
+                for key in layer.forms[k].extra:
+                    target[key].copy_(getattr(layer, key)[k])
     return model
 
 
@@ -620,13 +374,17 @@ class BatchedTrainer:
         self.model.train()
         self.specs, self.steps, self.batch_size, self.task = specs, steps, batch_size, task
         params, scales = [], []
-        ratios = [s.lr_ratio for s in specs]
-        plain = all(r == 1 for r in ratios)
+        forms = [batched_form(s.config) for s in specs]
         for layer in self.layers.values():
-            for p in _stacked_parameters(layer):
+            for name, p in layer.stacked_parameters().items():
                 params.append(p)
-                # LoRA+ trains lora_B (and, as PEFT groups it, DoRA's magnitude) at lr_ratio.
-                scales.append(None if plain or p is layer.lora_A else ratios)
+                # LoRA+ trains lora_B and one-dimensional tensors (DoRA's magnitude, as PEFT
+                # groups it) at lr_ratio times the rate; a tensor a flavour keeps at its start
+                # (LoRA-FA's A) at rate 0, which AdamW's decoupled decay leaves untouched too.
+                ratio = name == "lora_B" or p.dim() == 2
+                scale = [(s.lr_ratio if ratio else 1.0) * (name not in f.frozen)
+                         for s, f in zip(specs, forms, strict=True)]  # fmt: skip
+                scales.append(None if all(x == 1 for x in scale) else scale)
         self.optimizer = StackedAdamW(params, len(specs), weight_decay, scales)
         self.autocast = autocast_dtype(self.device)
         self.train_x = task.train_inputs.to(self.device)
@@ -679,7 +437,7 @@ class BatchedTrainer:
         """Stop every configuration whose losses (steps so far, K) or adapters hold nan/inf."""
         finite = torch.isfinite(losses).all(0)
         for layer in self.layers.values():
-            for p in _stacked_parameters(layer):
+            for p in layer.stacked_parameters().values():
                 finite &= torch.isfinite(p.detach()).flatten(1).all(1)
         for k in (~finite).nonzero().flatten().tolist():
             if self.stopped[k]:

@@ -46,13 +46,19 @@ MAX_LR_RATIO = 1e4
 
 @dataclass(frozen=True)
 class Variant:
-    """A LoRA flavour: how its layer is built (and, if it has one, its batched form)."""
+    """A LoRA flavour: how its layer is built, and its batched form if it has one.
+
+    lab.variants.registry reads these records for everything else that names a flavour: its
+    display name, the batched engine's form of it, the explorer's and the CLI's choices.
+    """
 
     name: str
     layer: type  # a lab.lora.LoRALinear subclass, built as layer(base, config=config)
-    summary: str  # one line for menus and errors
-    batched: bool = False  # the batched sweep engine trains it exactly; else one by one
-    fresh_is_identity: bool = True  # a fresh adapter leaves the layer's output unchanged
+    summary: str  # one line for menus and errors: "DoRA (Liu et al. 2024): ..."
+    # The batched sweep engine's form of it: a lab.variants.registry.BatchedForm; True for a
+    # layer that computes exactly what LoRALinear computes; None: it trains one run at a time.
+    batched: object = None
+    display: str = ""  # the name as the lab writes it ("DoRA"); "": the summary's first words
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,10 @@ class Init:
     changes_base: bool = False
     check: Callable | None = None  # check(base, config): raise for a base it cannot start from
     restore: Callable | None = None  # restore(layer): undo a change to the base (changes_base)
+    # at_start(layer) -> bool | None: is the adapter still exactly as this init left it (None:
+    # cannot tell)? The doctor asks it to tell an untrained adapter from a trained one.
+    at_start: Callable | None = None
+    display: str = ""  # the name as the lab writes it ("PiSSA"); "": the summary's first words
 
 
 # targets=ALL_LINEAR adapts every linear layer of the transformer blocks (attention and MLP),

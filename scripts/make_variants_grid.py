@@ -3,8 +3,9 @@
     python scripts/make_variants_grid.py                  # about 8 minutes on an idle 2-core CPU
     python scripts/make_variants_grid.py --steps 50 --out /tmp/variants.json   # a quick try
 
-Six ways to fine-tune the same adapter budget on sort_desc: LoRA, rsLoRA, DoRA, LoRA+ (λ = 16),
-PiSSA, and QLoRA (plain LoRA on an NF4 base). Every method uses rank 4, alpha 16 and
+Ways to fine-tune the same adapter budget on sort_desc: LoRA, rsLoRA, LoRA+ (λ = 16), QLoRA
+(plain LoRA on an NF4 base) and every flavour registered in lab/variants/ (DoRA, LoRA-FA, PiSSA,
+MiLoRA, ...). Every method uses rank 4, alpha 16 and
 q_proj + v_proj, so they train the same A and B (DoRA adds its magnitude vector, one number per
 output feature of each adapted layer). Each method runs at its own small learning-rate grid,
 four values a factor 2 apart around where it trains well: a method is compared at its best lr,
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lab.config import INITS, VARIANTS
 from lab.sweeps import (
     SweepCache,
     SweepPoint,
@@ -29,6 +31,7 @@ from lab.sweeps import (
     sweep,
     write_grid_file,
 )
+from lab.variants.registry import display_name
 
 OUT = Path(__file__).resolve().parents[1] / "lab" / "data" / "variants_grid.json"
 TASK = "sort_desc"  # rank-sensitive: at rank 4 the methods do not all reach 100%
@@ -38,16 +41,30 @@ STEPS = 400  # two thirds of the default grid's 600, to keep the build under 15 
 THREADS = 1  # fixed for reproducibility; one thread also avoids oversubscribing a shared CPU
 
 LORA_LRS = (5e-3, 1e-2, 2e-2, 4e-2)
-# Each method: the SweepPoint fields that make it, and its lr grid. LoRA+ multiplies B's lr
-# by 16, so its base lr sits lower (B then steps at 2e-2 .. 0.16).
-METHODS: dict[str, tuple[dict, tuple[float, ...]]] = {
-    "LoRA": ({}, LORA_LRS),
-    "rsLoRA": ({"rslora": True}, LORA_LRS),
-    "DoRA": ({"variant": "dora"}, LORA_LRS),
-    "LoRA+": ({"lr_ratio": 16.0}, (1.25e-3, 2.5e-3, 5e-3, 1e-2)),
-    "PiSSA": ({"init": "pissa"}, LORA_LRS),
-    "QLoRA": ({"quant": "nf4"}, LORA_LRS),
-}
+# LoRA+ multiplies B's lr by 16, so its base lr sits lower (B then steps at 2e-2 .. 0.16).
+LORA_PLUS_LRS = (1.25e-3, 2.5e-3, 5e-3, 1e-2)
+
+
+def _methods() -> dict[str, tuple[dict, tuple[float, ...]]]:
+    """Each method: the SweepPoint fields that make it, and its lr grid.
+
+    LoRA and rsLoRA, every variant registered in lab/variants/ (by its display name), LoRA+,
+    every registered init, then QLoRA (LoRA on the NF4 base); each flavour at LoRA's lrs. A
+    flavour added in lab/variants/ joins the comparison when the grid is rebuilt.
+    """
+    methods = {"LoRA": ({}, LORA_LRS), "rsLoRA": ({"rslora": True}, LORA_LRS)}
+    for name, record in VARIANTS.items():
+        if name != "lora":
+            methods[display_name(record)] = ({"variant": name}, LORA_LRS)
+    methods["LoRA+"] = ({"lr_ratio": 16.0}, LORA_PLUS_LRS)
+    for name, record in INITS.items():
+        if name != "default":
+            methods[display_name(record)] = ({"init": name}, LORA_LRS)
+    methods["QLoRA"] = ({"quant": "nf4"}, LORA_LRS)
+    return methods
+
+
+METHODS = _methods()
 
 
 def method_points(steps: int = STEPS) -> dict[str, list[SweepPoint]]:
@@ -75,6 +92,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     cache = SweepCache(args.cache or tempfile.mkdtemp(prefix="lora-lab-variants-"))
+    if args.steps == STEPS and OUT.exists():
+        # The shipped grid's runs are kept, not retrained: a rebuild trains only what is new
+        # (a flavour registered since), and the runs already shipped stay as they were.
+        cache.seed_from(OUT)
     by_method = method_points(args.steps)
     method_of = {p: name for name, group in by_method.items() for p in group}
 

@@ -314,7 +314,7 @@ def test_batched_engine_trains_lora_plus_rslora_pissa_and_dora_as_alone():
         )
 
 
-def test_flavours_without_a_batched_form_are_refused_by_the_batched_engine():
+def test_dora_batches_and_run_group_refuses_a_4bit_base_point():
     from lab.batched import AdapterSpec
     from lab.sweeps import SweepPoint, run_group
 

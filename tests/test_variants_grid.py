@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from lab.base import load_base_config
+from lab.config import INITS, VARIANTS
 from lab.sweeps import load_grid_file, trainable_counts
+from lab.variants.registry import display_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_variants_grid.py"
@@ -47,9 +49,8 @@ def best(group):
     return max(ok, key=lambda r: (r.heldout["accuracy"], -r.heldout["loss"]))
 
 
-def test_the_script_defines_six_methods_at_one_budget_and_four_lrs_each():
+def test_the_script_compares_every_registered_flavour_at_one_budget_and_four_lrs_each():
     by_method = script.method_points()
-    assert list(by_method) == ["LoRA", "rsLoRA", "DoRA", "LoRA+", "PiSSA", "QLoRA"]
     for name, group in by_method.items():
         lrs = [p.lr for p in group]
         ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
@@ -62,14 +63,17 @@ def test_the_script_defines_six_methods_at_one_budget_and_four_lrs_each():
         name: (g[0].rslora, g[0].variant, g[0].init, g[0].lr_ratio, g[0].quant)
         for name, g in by_method.items()
     }
-    assert flavours == {
+    expected = {
         "LoRA": (False, "lora", "default", 1.0, None),
         "rsLoRA": (True, "lora", "default", 1.0, None),
-        "DoRA": (False, "dora", "default", 1.0, None),
         "LoRA+": (False, "lora", "default", 16.0, None),
-        "PiSSA": (False, "lora", "pissa", 1.0, None),
         "QLoRA": (False, "lora", "default", 1.0, "nf4"),
     }
+    expected |= {display_name(record): (False, name, "default", 1.0, None)
+                 for name, record in VARIANTS.items() if name != "lora"}  # fmt: skip
+    expected |= {display_name(record): (False, "lora", name, 1.0, None)
+                 for name, record in INITS.items() if name != "default"}  # fmt: skip
+    assert flavours == expected
 
 
 def test_shipped_grid_holds_exactly_the_scripts_points(results, header):

@@ -23,8 +23,9 @@ from torch import nn
 from ..config import Variant, register_variant
 from ..frozen import is_quantized
 from ..lora import LoRALinear
+from .registry import BatchedForm
 
-__all__ = ["DoRALinear", "row_scale"]
+__all__ = ["DoRALinear", "batched_output", "row_scale"]
 
 
 def row_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -132,11 +133,39 @@ class DoRALinear(LoRALinear):
             self._pre_merge_weight = self._merged_m = None
 
 
+def batched_output(layer, out, h, u, a, b, which) -> torch.Tensor:
+    """DoRA's rows in the batched engine's stacked layer (lab.batched_layer), as DoRALinear.
+
+    result = out + (m/n - 1) * base_part + (m/n) * lora, n = ||W_k + ΔW_k|| per row
+    (detached); base_part is x W_k^T (the dropped input's, for DoRA with dropout). The
+    configurations not in `which` get a scale of 1: plain LoRA's out + lora.
+    """
+    k, n_out = layer.n_configs, layer.out_features
+    w_k = layer.frozen_weights()  # (K or 1, out, in)
+    norm = (w_k + layer.scaling * (b @ a)).norm(dim=2).detach()  # (K, out)
+    # m / n, and 1 on a row with no direction (n = 0), as DoRALinear does: never 0/0.
+    scale = torch.where(which[:, None], row_scale(layer.magnitude, norm), torch.ones_like(norm))
+    scale = scale[:, None, :]  # (K, 1, out)
+    out3 = out.reshape(k, -1, n_out)
+    bias = layer.base.bias
+    base_part = out3.to(scale.dtype) if bias is None else (out3 - bias).to(scale.dtype)
+    dropped = [bool(w) and p > 0 for w, p in zip(which.tolist(), layer.dropouts, strict=True)]
+    if layer.training and any(dropped):
+        x_w = torch.matmul(h, w_k.transpose(1, 2))  # (K, N, out): x_dropped W_k^T
+        use = torch.tensor(dropped, device=out.device)[:, None, None]
+        base_part = torch.where(use, x_w, base_part)
+    lora = torch.bmm(u, b.transpose(1, 2))  # (K, N, out)
+    extra = (scale - 1) * base_part + scale * lora
+    return (out3 + extra.to(out.dtype)).view(out.shape)
+
+
 register_variant(
     Variant(
         "dora",
         DoRALinear,
         "DoRA (Liu et al. 2024): m * (W + (alpha/r) B A) / ||W + (alpha/r) B A||",
-        batched=True,  # lab.batched: a stacked magnitude and per-configuration norms
+        # In a batched run: a stacked magnitude (K, out) and per-configuration norms.
+        batched=BatchedForm(extra=("magnitude",), output=batched_output),
+        display="DoRA",
     )
 )

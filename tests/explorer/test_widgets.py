@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-
 import ipywidgets as W
 import pytest
+from explorer_fakes import (
+    ALL6,
+    FLAVOURS,
+    PRACTICE,
+    FakeTrainer,
+    _is_plain,
+    fake_result,
+    figure_texts,
+    is_png,
+    lora_at,
+    variants_grid_fixture,
+)
 
 from lab import plots
 from lab.sweeps import (
-    FORMAT,
     SweepCache,
     SweepPoint,
-    SweepResult,
-    base_fingerprint,
     describe,
     grid,
     load_grid_file,
@@ -25,7 +30,6 @@ from lab.widgets import (
     METHODS,
     PLOTS,
     RANK_OPTIONS,
-    SECONDS_PER_STEP,
     SHIPPED_GRIDS,
     SHORT_TITLES,
     SWEEP_LRS,
@@ -34,7 +38,6 @@ from lab.widgets import (
     count_explorer,
     draw,
     estimate_seconds,
-    format_duration,
     method_name,
     plot_specs,
     point_label,
@@ -43,63 +46,6 @@ from lab.widgets import (
     sweep_explorer,
     targets_text,
 )
-
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def is_png(value: bytes | memoryview) -> bool:
-    """Image.value holds bytes (ipywidgets may hand back a memoryview)."""
-    return bytes(value).startswith(PNG)
-
-
-def fake_result(point: SweepPoint) -> SweepResult:
-    """Made-up but plausible numbers: accuracy grows with rank, memory with trainable size."""
-    rank = point.rank or 128
-    return SweepResult(
-        point=point,
-        losses=[3.0 / (1 + i * rank / 64) for i in range(40)],
-        heldout={"loss": 1.0 / rank + point.dropout, "accuracy": min(1.0, rank / 16), "n": 512},
-        train_eval=(
-            {"loss": 0.1 + point.dropout / 2, "accuracy": 1.0, "n": 256}
-            if point.task.endswith("_small")
-            else None
-        ),
-        trainable_parameters=rank * 512,
-        total_parameters=406_784,
-        memory={
-            "parameters": 1_600_000,
-            "gradients": rank * 2048,
-            "optimizer": rank * 4096,
-            "activations": 20_000_000,
-        },  # fmt: skip
-        wall_seconds=0.1,
-        tokens_per_second=1e5,
-        device="cpu",
-        date="2026-01-01T00:00:00+00:00",
-    )
-
-
-class FakeTrainer:
-    """run_fn that counts calls and returns fake results instantly."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.calls: list[SweepPoint] = []
-        self.fail = fail
-
-    def __call__(self, point, device=None, progress=True):
-        self.calls.append(point)
-        if self.fail:
-            raise RuntimeError("out of memory (fake)")
-        return fake_result(point)
-
-
-@pytest.fixture
-def seeded(tmp_path) -> SweepCache:
-    """A cache holding the default selection's grid (fake numbers)."""
-    cache = SweepCache(tmp_path / "cache")
-    for point in Selection().points():
-        cache.put(fake_result(point))
-    return cache
 
 
 def test_explorer_opens_with_facts_and_a_drawn_plot(seeded):
@@ -172,55 +118,7 @@ def test_every_tab_draws_a_png_and_hidden_tabs_draw_when_opened(seeded):
     assert all(is_png(image.value) for image in explorer.images.values())
 
 
-def test_plot_specs_feed_the_plots_the_cached_numbers(seeded):
-    sel = Selection(ranks=(1, 8, 64), alphas=(8.0, 16.0), dropouts=(0.0,))
-    small = grid("sort_desc_small", [8], [16], [0.0, 0.3])
-    for p in small:
-        seeded.put(fake_result(p))
-    specs = plot_specs(seeded.results(), sel)
-    assert set(specs) == set(PLOTS)
-
-    fn, (ranks, counts, full), _ = specs["trainable"]
-    assert fn is plots.trainable_vs_rank and ranks == [1, 8, 64]
-    assert counts == [r * 2 * 2 * 256 for r in ranks] and full == 406_784
-
-    fn, (ranks, breakdowns), kwargs = specs["memory"]
-    assert ranks == [1, 8, 64] and breakdowns[1]["gradients"] == 8 * 2048
-    assert kwargs["full"]["gradients"] == 128 * 2048
-
-    fn, (curves,), kwargs = specs["loss"]
-    assert list(curves) == ["r1 α16", "r8 α16", "r64 α16", "full fine-tuning"]
-    assert "α=16" in kwargs["title"]
-
-    fn, (ranks, alphas, table), _ = specs["accuracy"]
-    assert alphas == [8.0, 16.0] and table == [[1 / 16] * 2, [0.5] * 2, [1.0] * 2]
-
-    fn, (dropouts, train, heldout), kwargs = specs["dropout"]
-    assert dropouts == [0.0, 0.3] and train == [0.1, 0.25]
-    assert "sort_desc_small" in kwargs["title"]
-
-
-def test_plot_specs_of_an_empty_cache_still_draw(tmp_path):
-    specs = plot_specs([], Selection())
-    fn, args, kwargs = specs["accuracy"]
-    assert args == ([], [], [])  # an all-missing table becomes the plot's "no results yet" figure
-    assert is_png(plots.savefig_bytes(fn(*args, **kwargs)))
-    assert specs["loss"][1] == ({},) and specs["dropout"][1] == ([], [], [])
-
-
-def test_selection_points_sort_values_and_add_full_fine_tuning():
-    points = Selection(ranks=(8, 2), alphas=(16.0,), dropouts=(0.0,), steps=100).points()
-    assert [p.rank for p in points] == [2, 8, None]
-    assert all(p.steps == 100 for p in points)
-    assert not math.isnan(points[0].lr)
-
-
 # -- what each control and plot says -----------------------------------------------------------
-
-
-def figure_texts(fig) -> str:
-    """Every text drawn in a Figure (titles, labels, annotations, legend entries)."""
-    return " | ".join(t.get_text() for t in fig.findobj(match=lambda a: hasattr(a, "get_text")))
 
 
 def test_unchecking_full_fine_tuning_leaves_it_out_of_every_plot(seeded):
@@ -251,18 +149,6 @@ def test_status_estimates_the_time_of_the_points_to_train(seeded):
         "3 to train (estimate: under a second at the cached runs' pace)" in explorer.status_text()
     )
     assert "estimate" in explorer.status.value
-
-
-def test_estimate_seconds_uses_cached_pace_else_a_default():
-    lora, full = SweepPoint("sort_desc", 8, steps=600), SweepPoint("sort_desc", None, steps=600)
-    done = [fake_result(lora), fake_result(full)]
-    done[0].wall_seconds, done[1].wall_seconds = 30.0, 60.0
-    todo = [SweepPoint("sort_desc", 4, steps=200), SweepPoint("sort_desc", None, steps=300)]
-    assert estimate_seconds(todo, done) == pytest.approx(200 * 0.05 + 300 * 0.1)
-    assert estimate_seconds(todo, []) == pytest.approx(500 * SECONDS_PER_STEP)
-    assert estimate_seconds([], done) == 0
-    assert format_duration(0.3) == "under a second" and format_duration(40) == "about 40 s"
-    assert format_duration(200) == "about 3 min" and format_duration(5400) == "about 1.5 h"
 
 
 def test_legends_sit_outside_the_plot_area(seeded):
@@ -308,58 +194,6 @@ def test_count_explorer_chooses_units_by_size():
     assert "128 B" in tiny and "0.0 MB" not in tiny and "0.00 GB" not in tiny
     big = count_explorer().children[-1].value
     assert "75.5 MB" in big and "349 GB" in big
-
-
-# -- the method control: LoRA, DoRA, LoRA+, PiSSA, on a 4-bit base or not -------------------------
-
-# Each flavour gets its own accuracy, so a plot shows whose runs it was given.
-FLAVOURS = {
-    ("LoRA", None): 0.0,
-    ("DoRA", None): 0.01,
-    ("LoRA+", None): 0.02,
-    ("PiSSA", None): 0.03,
-    ("LoRA", "nf4"): 0.04,
-    ("DoRA", "nf4"): 0.05,
-    ("LoRA+", "nf4"): 0.06,
-}
-
-
-def _is_plain(point: SweepPoint) -> bool:
-    return (point.variant, point.init, point.lr_ratio, point.quant) == ("lora", "default", 1, None)
-
-
-def flavoured_result(point: SweepPoint, offset: float) -> SweepResult:
-    result = fake_result(point)
-    result.heldout = {**result.heldout, "accuracy": round(offset + point.rank / 1000, 6)}
-    result.losses = [offset + x for x in result.losses]
-    return result
-
-
-@pytest.fixture
-def mixed(tmp_path) -> SweepCache:
-    """The default grid for every method and base (accuracy = offset + rank / 1000)."""
-    cache = SweepCache(tmp_path / "mixed")
-    for (method, quant), offset in FLAVOURS.items():
-        for point in Selection(method=method, quant=quant, full=False).points():
-            cache.put(flavoured_result(point, offset))
-    cache.put(fake_result(Selection().points()[-1]))  # full fine-tuning, once
-    small = [("LoRA", None), ("DoRA", None)]
-    for method, quant in small:  # the dropout plot's small-data runs
-        for p in grid("sort_desc_small", [8], [16], [0.0, 0.3], **Selection(method=method).flavour):
-            r = fake_result(p)
-            r.train_eval = {**r.train_eval, "loss": FLAVOURS[method, quant] + p.dropout}
-            cache.put(r)
-    return cache
-
-
-def test_the_methods_come_from_the_registries_in_order():
-    assert list(METHODS) == ["LoRA", "DoRA", "LoRA+", "PiSSA"]
-    assert METHODS["LoRA"] == {"variant": "lora", "init": "default", "lr_ratio": 1.0}
-    assert METHODS["DoRA"]["variant"] == "dora" and METHODS["PiSSA"]["init"] == "pissa"
-    assert METHODS["LoRA+"] == {"variant": "lora", "init": "default", "lr_ratio": 16.0}
-    assert Selection(method="DoRA", quant="nf4").flavour == {
-        "variant": "dora", "init": "default", "lr_ratio": 1.0, "quant": "nf4",
-    }  # fmt: skip
 
 
 @pytest.mark.parametrize("method, quant", list(FLAVOURS))
@@ -495,42 +329,6 @@ def test_run_trains_the_selected_method(tmp_path):
     assert explorer.facts() == {"selected": 1, "cached": 1, "to_train": 0}
 
 
-def test_an_unknown_method_or_base_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"method='QLoRA': expected one of LoRA, DoRA, LoRA\+"):
-        Selection(method="QLoRA")
-    with pytest.raises(
-        ValueError, match=r"quant=.nf8.: expected None \(fp32 base\) or one of nf4, fp4, int4"
-    ):
-        Selection(quant="nf8")
-
-
-def variants_grid_fixture(path) -> list[SweepPoint]:
-    """A small grid file shaped like the shipped variants grid: rank 4, 400 steps, lrs."""
-    fields = {"LoRA": {}, "DoRA": {"variant": "dora"}, "LoRA+": {"lr_ratio": 16.0},
-              "PiSSA": {"init": "pissa"}, "QLoRA": {"quant": "nf4"}}  # fmt: skip
-    lrs = {"LoRA+": (2.5e-3, 5e-3)}
-    points = [
-        SweepPoint("sort_desc", 4, 16.0, steps=400, lr=lr, **f)
-        for name, f in fields.items()
-        for lr in lrs.get(name, (1e-2, 2e-2))
-    ]
-    results = [flavoured_result(p, 0.1 * i) for i, p in enumerate(points)]
-    path.write_text(json.dumps({
-        "format": FORMAT, "base": base_fingerprint(), "steps": 400,
-        "results": [r.to_dict() for r in results],
-    }))  # fmt: skip
-    return points
-
-
-def test_seed_shipped_reads_every_grid_that_exists(tmp_path, monkeypatch):
-    grid_file = tmp_path / "variants_grid.json"
-    points = variants_grid_fixture(grid_file)
-    monkeypatch.setattr("lab.widgets.SHIPPED_GRIDS", (grid_file, tmp_path / "missing.json"))
-    cache = SweepCache(tmp_path / "cache")
-    assert seed_shipped(cache) == len(points) == 10 and seed_shipped(cache) == 0
-    assert {r.point for r in cache.results()} == set(points)
-
-
 @pytest.mark.parametrize(
     "method, quant, lr, index",
     [
@@ -576,18 +374,6 @@ def test_a_method_at_an_uncached_lr_lists_the_cached_lrs(tmp_path):
     )
 
 
-def test_estimates_use_runs_of_the_same_flavour_when_there_are_some():
-    slow = fake_result(SweepPoint("sort_desc", 8, variant="dora"))
-    fast = fake_result(SweepPoint("sort_desc", 8))
-    slow.wall_seconds, fast.wall_seconds = 60.0, 6.0
-    dora, lora = SweepPoint("sort_desc", 4, variant="dora"), SweepPoint("sort_desc", 4)
-    plus = dataclasses.replace(lora, lr_ratio=16.0)
-    assert estimate_seconds([dora], [slow, fast]) == pytest.approx(60.0)
-    assert estimate_seconds([lora], [slow, fast]) == pytest.approx(6.0)
-    # no LoRA+ run cached: the median of every LoRA-kind run (the upper of two) stands in
-    assert estimate_seconds([plus], [slow, fast]) == pytest.approx(60.0)
-
-
 def test_every_shipped_variant_run_can_be_shown_by_the_controls(tmp_path):
     """Each run of lab/data/variants_grid.json is one setting of the explorer's controls away."""
     path = SHIPPED_GRIDS[1]
@@ -619,60 +405,6 @@ def test_every_shipped_variant_run_can_be_shown_by_the_controls(tmp_path):
 
 
 # -- learning rate, forgetting and all-linear -------------------------------------------------
-
-ALL6 = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-SKILLS = ("copy", "reverse", "sort", "add")
-
-
-def practice_result(point: SweepPoint, kept: float = 0.5) -> SweepResult:
-    """A run with forgetting: accuracy peaks at lr 1e-2 (LoRA) or 1e-3 (full); 0.1 diverges."""
-    result = fake_result(point)
-    best = 1e-3 if point.is_full else 1e-2
-    result.heldout = {
-        **result.heldout,
-        "accuracy": round(0.9 - 0.2 * abs(math.log10(point.lr / best)), 6),
-    }
-    if point.lr >= 0.1:
-        result.diverged, result.heldout = True, {"loss": math.nan, "accuracy": 0.0, "n": 512}
-        return result
-    result.forgetting = {t: {"accuracy": kept, "loss": 1.0 - kept} for t in SKILLS}
-    return result
-
-
-@pytest.fixture
-def practice(tmp_path) -> SweepCache:
-    """An lr sweep on sort_desc, all-linear, 200 steps, ranks 1 and 4 and full; replay runs."""
-    cache = SweepCache(tmp_path / "practice")
-    lrs = (1e-3, 1e-2, 1e-1)
-    for point in grid("sort_desc", [1, 4], [16.0], targets="all-linear", steps=200, lrs=lrs):
-        cache.put(practice_result(point))
-    for lr in (1e-4, 1e-3, 1e-2):
-        cache.put(practice_result(SweepPoint("sort_desc", None, steps=200, lr=lr), kept=0.1))
-    replayed = SweepPoint("sort_desc", 4, targets="all-linear", steps=200, lr=1e-2, replay=0.05)
-    cache.put(practice_result(replayed, kept=0.9))
-    return cache
-
-
-PRACTICE = Selection(ranks=(1, 4), alphas=(16.0,), targets=ALL6, steps=200)
-
-
-def test_the_lr_plot_draws_a_curve_per_rank_and_full_fine_tuning(practice):
-    fn, (curves, full), kwargs = plot_specs(practice.results(), PRACTICE)["lr"]
-    assert fn is plots.accuracy_vs_lr
-    assert curves == {
-        "r1": [(1e-3, 0.7), (1e-2, 0.9), (1e-1, None)],
-        "r4": [(1e-3, 0.7), (1e-2, 0.9), (1e-1, None)],
-    }  # the replay run is left out: it is another experiment
-    assert full == [(1e-4, 0.7), (1e-3, 0.9), (1e-2, 0.7)]
-    assert kwargs["title"] == "Accuracy vs lr (sort_desc, 200 steps, all-linear, α/r, α=16)"
-    fig = draw(plot_specs(practice.results(), PRACTICE)["lr"])
-    text = figure_texts(fig)
-    assert "r4 (best lr 0.01)" in text and "full fine-tuning (best lr 0.001)" in text
-    assert "diverged (loss nan/inf)" in text and "learning rate (log scale)" in text
-    off = plot_specs(practice.results(), dataclasses.replace(PRACTICE, full=False))["lr"]
-    assert off[1][1] is None  # no full fine-tuning curve when it is unchecked
-    rs = plot_specs(practice.results(), dataclasses.replace(PRACTICE, rslora=True))["lr"]
-    assert rs[1] == ({}, full) and "α/√r (rsLoRA)" in rs[2]["title"]  # no rsLoRA run cached
 
 
 def test_the_lr_plot_without_a_sweep_says_what_is_cached_and_what_to_run(seeded, practice):
@@ -718,76 +450,6 @@ def test_sweep_lr_makes_run_train_the_lr_axis_and_the_status_count_it(tmp_path):
     assert is_png(explorer.images["lr"].value)
 
 
-PRACTICE_SWEPT = dataclasses.replace(PRACTICE, lr_sweep=True)
-
-
-def test_the_forgetting_plot_shows_the_selected_grids_runs_at_every_lr(practice):
-    for sel in (PRACTICE, PRACTICE_SWEPT):  # the lr axis is the forgetting plot's: every lr
-        fn, (rows,), kwargs = plot_specs(practice.results(), sel)["forgetting"]
-        kinds = sorted((r["rank"] or 0, r["replay"], r["source_accuracy"]) for r in rows)
-        # every trained lr of r1 and r4 (0.1 diverged: no forgetting) and full at 3 lrs; the
-        # replay run is another experiment, left out as the Learning rate tab leaves it out
-        assert kinds == [(0, 0.0, 0.1)] * 3 + [(1, 0.0, 0.5)] * 2 + [(4, 0.0, 0.5)] * 2
-        assert kwargs["title"].splitlines() == [
-            "Learned vs kept (sort_desc, 200 steps, all-linear, α/r)",
-            "runs at every lr: 4 LoRA (r1, r4), 3 full fine-tuning",
-        ]
-    text = figure_texts(draw(plot_specs(practice.results(), PRACTICE)["forgetting"]))
-    assert "LoRA r4" in text and "full fine-tuning" in text
-    assert "new task: held-out accuracy (%)" in text
-    no_full = plot_specs(practice.results(), dataclasses.replace(PRACTICE, full=False))
-    assert all(r["rank"] is not None for r in no_full["forgetting"][1][0])
-    only_r1 = plot_specs(practice.results(), dataclasses.replace(PRACTICE, ranks=(1,)))
-    assert {r["rank"] for r in only_r1["forgetting"][1][0]} == {1, None}
-
-
-def test_the_forgetting_plot_never_borrows_another_grids_runs(seeded, practice):
-    """The default selection (600 steps, q,v) is not shown the practice grid's 200-step runs."""
-    both = seeded.results() + practice.results()
-    fn, (title, message), _ = plot_specs(both, Selection())["forgetting"]
-    assert fn is not plots.learn_forget and title == "Forgetting"
-    assert "no cached sort_desc, 600 steps, q,v, α/r run of the selected ranks and alphas" in (
-        " ".join(message.split())
-    )
-    assert "cached before forgetting was measured (the shipped default grid) have none" in message
-    assert "Run new points" in message and "python -m lab sweep --task sort_desc" in message
-    assert "sort_desc runs with it: LoRA 200 steps all-linear α/r (5): select those" in message
-    text = figure_texts(draw(plot_specs(both, Selection())["forgetting"]))
-    assert "shipped default grid" in text
-
-
-def test_the_forgetting_plot_says_when_it_shows_full_fine_tuning_only(practice):
-    sel = dataclasses.replace(PRACTICE, targets=("q_proj", "v_proj"))  # no q,v LoRA run cached
-    fn, (rows,), kwargs = plot_specs(practice.results(), sel)["forgetting"]
-    assert {r["rank"] for r in rows} == {None}
-    assert kwargs["title"].splitlines()[0] == "Learned vs kept (sort_desc, 200 steps, q,v, α/r)"
-    title = " ".join(kwargs["title"].split())
-    assert (
-        "runs at every lr: 3 full fine-tuning; no LoRA run of this selection measured it" in title
-    )
-
-
-def test_lora_runs_that_kept_nothing_are_explained_in_the_plot(tmp_path):
-    cache = SweepCache(tmp_path)
-    for point in grid("sort_desc", [4], [16.0], targets="all-linear", steps=200, lrs=(1e-2,)):
-        cache.put(practice_result(point, kept=0.0))
-    fn, (rows,), kwargs = plot_specs(cache.results(), PRACTICE)["forgetting"]
-    assert [r["source_accuracy"] for r in rows] == [0.0]
-    title = " ".join(kwargs["title"].split())
-    assert "LoRA at 0% kept: trained on the new task alone (no replay), it overwrote" in title
-    assert "overwrote the pretraining skills" in " ".join(
-        figure_texts(draw((fn, (rows,), kwargs))).split()
-    )
-    cache.put(practice_result(SweepPoint("sort_desc", 4, targets="all-linear", steps=200,
-                                         lr=1e-3), kept=0.4))  # fmt: skip
-    kept = plot_specs(SweepCache(tmp_path).results(), PRACTICE)["forgetting"][2]["title"]
-    assert "0% kept" in kept  # one run still kept nothing
-    alone = SweepCache(tmp_path / "kept")
-    alone.put(practice_result(SweepPoint("sort_desc", 4, targets="all-linear", steps=200,
-                                         lr=1e-3), kept=0.4))  # fmt: skip
-    assert "0% kept" not in plot_specs(alone.results(), PRACTICE)["forgetting"][2]["title"]
-
-
 def test_all_linear_is_a_targets_choice_written_all_linear(seeded):
     assert targets_text(ALL6[::-1]) == "all-linear" and targets_text(ALL6[:5]) == "q,k,v,o,up"
     assert point_label(SweepPoint("sort_desc", 4, targets="all-linear")) == "r4 α16 all-linear"
@@ -815,23 +477,7 @@ def test_new_tabs_follow_the_old_ones_and_every_plot_has_a_short_title(seeded):
     assert all(is_png(image.value) for image in explorer.images.values())
 
 
-def test_seed_shipped_includes_the_practice_grid_when_it_exists(tmp_path, monkeypatch):
-    from lab.practice import PRACTICE_GRID_PATH
-
-    assert SHIPPED_GRIDS[2] == PRACTICE_GRID_PATH
-    grid_file = tmp_path / "practice_grid.json"
-    points = variants_grid_fixture(grid_file)
-    monkeypatch.setattr("lab.widgets.SHIPPED_GRIDS", (tmp_path / "absent.json", grid_file))
-    assert seed_shipped(SweepCache(tmp_path / "c")) == len(points)
-    monkeypatch.setattr("lab.widgets.SHIPPED_GRIDS", (tmp_path / "absent.json",))
-    assert seed_shipped(SweepCache(tmp_path / "d")) == 0  # not built yet: nothing, no error
-
-
 # -- the status line, Run's confirmation, estimates that learn, interrupted runs -------------
-
-
-def lora_at(lr: float, rank: int = 4, steps: int = 300) -> SweepPoint:
-    return SweepPoint("sort_desc", rank, 16.0, steps=steps, lr=lr)
 
 
 def test_the_status_lists_runs_at_the_rate_its_heading_names(tmp_path):
@@ -946,19 +592,6 @@ def test_the_estimate_learns_the_pace_of_the_runs_just_measured(tmp_path):
     # 12 min is over the confirmation threshold now: Run asks instead of training
     explorer.on_run()
     assert explorer.pending is not None and len(explorer.run_fn.calls) == 1
-
-
-def test_the_pace_of_one_kind_scales_the_estimate_of_the_other():
-    cached = [fake_result(lora_at(2e-2)), fake_result(SweepPoint("sort_desc", None, steps=300))]
-    cached[0].wall_seconds, cached[1].wall_seconds = 3.0, 6.0
-    slow = fake_result(lora_at(1e-2))
-    slow.wall_seconds = 12.0  # four times the cached LoRA pace
-    full = SweepPoint("sort_desc", None, steps=600)
-    assert estimate_seconds([full], cached) == pytest.approx(12.0)
-    assert estimate_seconds([full], [*cached, slow], [slow]) == pytest.approx(48.0)
-    from lab.widgets import slowdown
-
-    assert slowdown(cached, []) is None and slowdown([*cached, slow], [slow]) == pytest.approx(4)
 
 
 class InterruptedTrainer(FakeTrainer):

@@ -1,0 +1,69 @@
+"""lab/explorer_choices.py: the methods from the registry, a Selection, the shipped grids."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from explorer_fakes import (
+    variants_grid_fixture,
+)
+
+from lab.sweeps import (
+    SweepCache,
+)
+from lab.widgets import (
+    METHODS,
+    SHIPPED_GRIDS,
+    Selection,
+    seed_shipped,
+)
+
+
+def test_selection_points_sort_values_and_add_full_fine_tuning():
+    points = Selection(ranks=(8, 2), alphas=(16.0,), dropouts=(0.0,), steps=100).points()
+    assert [p.rank for p in points] == [2, 8, None]
+    assert all(p.steps == 100 for p in points)
+    assert not math.isnan(points[0].lr)
+
+
+def test_the_methods_come_from_the_registries_in_order():
+    assert list(METHODS) == ["LoRA", "DoRA", "LoRA+", "PiSSA"]
+    assert METHODS["LoRA"] == {"variant": "lora", "init": "default", "lr_ratio": 1.0}
+    assert METHODS["DoRA"]["variant"] == "dora" and METHODS["PiSSA"]["init"] == "pissa"
+    assert METHODS["LoRA+"] == {"variant": "lora", "init": "default", "lr_ratio": 16.0}
+    assert Selection(method="DoRA", quant="nf4").flavour == {
+        "variant": "dora", "init": "default", "lr_ratio": 1.0, "quant": "nf4",
+    }  # fmt: skip
+
+
+def test_an_unknown_method_or_base_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"method='QLoRA': expected one of LoRA, DoRA, LoRA\+"):
+        Selection(method="QLoRA")
+    with pytest.raises(
+        ValueError, match=r"quant=.nf8.: expected None \(fp32 base\) or one of nf4, fp4, int4"
+    ):
+        Selection(quant="nf8")
+
+
+def test_seed_shipped_reads_every_grid_that_exists(tmp_path, monkeypatch):
+    grid_file = tmp_path / "variants_grid.json"
+    points = variants_grid_fixture(grid_file)
+    monkeypatch.setattr(
+        "lab.explorer_choices.SHIPPED_GRIDS", (grid_file, tmp_path / "missing.json")
+    )
+    cache = SweepCache(tmp_path / "cache")
+    assert seed_shipped(cache) == len(points) == 10 and seed_shipped(cache) == 0
+    assert {r.point for r in cache.results()} == set(points)
+
+
+def test_seed_shipped_includes_the_practice_grid_when_it_exists(tmp_path, monkeypatch):
+    from lab.practice import PRACTICE_GRID_PATH
+
+    assert SHIPPED_GRIDS[2] == PRACTICE_GRID_PATH
+    grid_file = tmp_path / "practice_grid.json"
+    points = variants_grid_fixture(grid_file)
+    monkeypatch.setattr("lab.explorer_choices.SHIPPED_GRIDS", (tmp_path / "absent.json", grid_file))
+    assert seed_shipped(SweepCache(tmp_path / "c")) == len(points)
+    monkeypatch.setattr("lab.explorer_choices.SHIPPED_GRIDS", (tmp_path / "absent.json",))
+    assert seed_shipped(SweepCache(tmp_path / "d")) == 0  # not built yet: nothing, no error
