@@ -1,66 +1,84 @@
 """LoRA Lab: Low-Rank Adaptation built from scratch, measured on a toy transformer.
 
-The public API that notebooks, tests and users rely on is listed in `__all__`.
+The public API that notebooks, tests and users rely on is listed in `__all__`. Importing `lab`
+changes nothing in the process (torch's thread count, the environment, the working folder) and
+loads only the core: each public name's module is imported the first time the name is used
+(PEP 562), so `import lab; lab.sweep(...)` loads the sweep engine then, not before. The lab's
+thread rule (lab.threads) is applied where training starts.
 """
 
-import warnings
+import importlib
+import importlib.util
 
-from . import threads
-from .adapters import load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
-from .base import BASE_MODEL_PATH, load_base_model, save_base_model
-from .config import INITS, VARIANTS, LoRAConfig
-from .diagnosis import Finding, doctor
-from .diagnosis import report as doctor_report
-from .lora import LoRALinear
-from .memory import (
-    MemoryBreakdown,
-    analytic_flops,
-    analytic_memory,
-    flops_per_step,
-    measure_step_memory,
-)
-from .model import PRESETS, ModelConfig, ToyTransformer, default_device, get_preset
-from .quant import NF4_LEVELS, Linear4bit, quantization_error, quantize_base
-from .spectra import (
-    amplification_factor,
-    energy_rank,
-    intruder_counts,
-    intruder_dimensions,
-    layer_spectra,
-    scale_intruders,
-    scale_model_intruders,
-)
-from .surgery import (
-    ParamCount,
-    add_lora,
-    check_trainable,
-    count_parameters,
-    lora_layers,
-    merge_lora,
-    parameter_groups,
-    remove_lora,
-    unmerge_lora,
-)
-from .sweeps import (
-    SweepCache,
-    SweepCacheError,
-    SweepFailed,
-    SweepPoint,
-    SweepResult,
-    full_point,
-    grid,
-    keep_torch_cache_at_home,
-    sweep,
-)
-from .tasks import TASKS, Task, get_task
-from .training import TrainingDiverged, TrainResult, train
-from .variants.dora import DoRALinear  # importing lab.variants registers every flavour
+# Every flavour registers itself in lab.config.VARIANTS / INITS when its module is imported, so
+# the registry is full whatever part of the lab is used first (lab.variants imports lab.lora).
+# lab.threads notes torch's thread count now (it changes nothing) so that training can tell a
+# count set on purpose later from torch's own.
+from . import threads, variants  # noqa: F401
 
-try:
-    threads.apply()  # torch's thread count for this kernel: lab.threads.describe() says why
-except ValueError as exc:  # a bad LORA_LAB_THREADS: said now; training refuses to start with it
-    warnings.warn(str(exc), stacklevel=2)
-keep_torch_cache_at_home()  # torch's compiler cache under the user's cache folder, not /tmp
+# Public name -> the module that defines it ("module:attribute" where the names differ).
+_WHERE = {
+    "BASE_MODEL_PATH": "base",
+    "load_base_model": "base",
+    "save_base_model": "base",
+    "INITS": "config",
+    "VARIANTS": "config",
+    "LoRAConfig": "config",
+    "Finding": "diagnosis",
+    "doctor": "diagnosis",
+    "doctor_report": "diagnosis:report",
+    "LoRALinear": "lora",
+    "ParamCount": "surgery",
+    "add_lora": "surgery",
+    "check_trainable": "surgery",
+    "count_parameters": "surgery",
+    "lora_layers": "surgery",
+    "merge_lora": "surgery",
+    "parameter_groups": "surgery",
+    "remove_lora": "surgery",
+    "unmerge_lora": "surgery",
+    "load_adapter": "adapters",
+    "load_lora_state_dict": "adapters",
+    "lora_state_dict": "adapters",
+    "save_adapter": "adapters",
+    "MemoryBreakdown": "memory",
+    "analytic_flops": "memory",
+    "analytic_memory": "memory",
+    "flops_per_step": "memory",
+    "measure_step_memory": "memory",
+    "PRESETS": "model",
+    "ModelConfig": "model",
+    "ToyTransformer": "model",
+    "default_device": "model",
+    "get_preset": "model",
+    "NF4_LEVELS": "quant",
+    "Linear4bit": "quant",
+    "quantization_error": "quant",
+    "quantize_base": "quant",
+    "amplification_factor": "spectra",
+    "energy_rank": "spectra",
+    "intruder_counts": "spectra",
+    "intruder_dimensions": "spectra",
+    "layer_spectra": "spectra",
+    "scale_intruders": "spectra",
+    "scale_model_intruders": "spectra",
+    "SweepCache": "sweeps",
+    "SweepCacheError": "sweeps",
+    "SweepFailed": "sweeps",
+    "SweepPoint": "sweeps",
+    "SweepResult": "sweeps",
+    "full_point": "sweeps",
+    "grid": "sweeps",
+    "sweep": "sweeps",
+    "TASKS": "tasks",
+    "Task": "tasks",
+    "get_task": "tasks",
+    "TrainingDiverged": "training",
+    "TrainResult": "training",
+    "train": "training",
+    "DoRALinear": "variants.dora",
+    "threads": "threads",  # the module itself
+}
 
 __all__ = [
     "BASE_MODEL_PATH",
@@ -126,3 +144,23 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """Import a public name's module on first use (then keep the name here).
+
+    A submodule works too, as it did when `import lab` loaded everything: `lab.plots`.
+    """
+    if name not in _WHERE:
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'lab' has no attribute {name!r}")
+        return importlib.import_module(f".{name}", __name__)
+    module, _, attribute = _WHERE[name].partition(":")
+    loaded = importlib.import_module(f".{module}", __name__)
+    value = loaded if name == module else getattr(loaded, attribute or name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

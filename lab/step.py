@@ -82,10 +82,14 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
     a schedule sets every group with `set_lr(optimizer, lr)` and the ratio survives.
     """
     from .surgery import parameter_groups  # lab.surgery imports nothing from here; keep it so
+    from .sweeps import keep_torch_cache_at_home
 
     groups = parameter_groups(model)
     if not groups:
         raise ValueError("the model has no trainable parameters (nothing requires grad)")
+    # torch makes its compiler cache folder on the first optimizer step (/tmp by default, one per
+    # user on a shared host): the lab points it into the user's cache folder first.
+    keep_torch_cache_at_home()
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)

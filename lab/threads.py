@@ -1,4 +1,4 @@
-"""How many threads torch uses in a kernel: chosen once on `import lab`, bounded on a shared host.
+"""How many threads torch uses in a kernel: chosen where training starts, bounded on a shared host.
 
 Each student's kernel is one process. torch's default is a thread per core, which is right on a
 laptop and wrong on a shared host: on the lab's 2-core machine, two students training at once with
@@ -21,6 +21,7 @@ engine and sweeps train with the count this rule gives; no notebook sets its own
 starts, `training_threads()` is called: it applies the rule if nothing has yet, keeps a count the
 caller set on purpose after `import lab` (torch.set_num_threads: a test, a Ray task, a script
 pinning 1 thread to rebuild a shipped grid bit for bit), and returns the count the run trains with.
+`import lab` itself leaves torch's count alone: importing a library changes nothing in the process.
 
 The count does not follow the machine's load. It could pay: on the lab's 2-core VM one thread
 trained 2.5-7x faster than two at a load average of 5, and two threads 1.3-1.6x faster than one
@@ -78,6 +79,9 @@ BUSY_ENV_VAR = "LORA_LAB_BUSY_NOTICE"  # "0": never print the busy line (output 
 # What apply() chose and left torch at: (chosen count or None, torch's count after, reason).
 _applied: tuple[int | None, int, str] | None = None
 _busy_said = False  # the busy line is printed once per process
+# torch's count when the lab was imported (read, never set): a different count when training
+# starts was set on purpose since (torch.set_num_threads) and is kept.
+_at_import = torch.get_num_threads()
 
 
 class CpuQuota(NamedTuple):
@@ -233,7 +237,8 @@ def apply(
 ) -> tuple[int, str]:
     """Set torch's intra-op threads by the rule (`choose_threads`); returns (threads now, reason).
 
-    `import lab` calls it once. A bad LORA_LAB_THREADS raises before torch is touched.
+    `training_threads()` calls it when training first starts. A bad LORA_LAB_THREADS raises
+    before torch is touched.
     """
     global _applied
     n, reason = choose_threads(environ, cgroup_root=cgroup_root, self_cgroup=self_cgroup, cpus=cpus)
@@ -251,7 +256,7 @@ def describe() -> str:
     chosen, after, reason = _applied
     if now != after:
         return (
-            f"{_plural(now)}: changed after `import lab` (torch.set_num_threads); the lab chose "
+            f"{_plural(now)}: changed after the lab chose (torch.set_num_threads); the lab chose "
             f"{_plural(after)} ({reason})"
         )
     return reason if chosen is not None else f"{_plural(now)}, {reason}"
@@ -294,14 +299,17 @@ def busy_notice(
 def training_threads(stream=None) -> int:
     """Where training starts: the lab's thread rule applied, and the busy line said once.
 
-    Applies the rule (`apply`) if `import lab` has not; keeps a count set on purpose after it
-    (torch.set_num_threads); prints `busy_notice()` to `stream` (default sys.stderr) the first
+    Applies the rule (`apply`) the first time, unless torch's count was changed on purpose since
+    `import lab` (torch.set_num_threads), which is kept (a bad LORA_LAB_THREADS is refused either
+    way); prints `busy_notice()` to `stream` (default sys.stderr) the first
     time training starts on a busy machine in this process, unless LORA_LAB_BUSY_NOTICE=0.
     Returns the number of threads the run trains with.
     """
     global _busy_said
-    if _applied is None:
+    if _applied is None and torch.get_num_threads() == _at_import:
         apply()
+    elif _applied is None:
+        choose_threads()  # the count set on purpose is kept; a bad variable is still refused
     threads = torch.get_num_threads()
     if not _busy_said and os.environ.get(BUSY_ENV_VAR, "").strip() != "0":
         line = busy_notice(threads=threads)

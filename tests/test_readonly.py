@@ -654,15 +654,18 @@ def test_torch_cache_left_alone_when_chosen_or_without_a_usable_home(monkeypatch
     assert TORCH_CACHE_VAR not in os.environ
 
 
-def test_a_training_step_after_import_lab_leaves_nothing_in_the_temp_folder(tmp_path):
+def test_a_training_step_of_the_lab_leaves_nothing_in_the_temp_folder(tmp_path):
+    # The lab's optimizer (lab.step.make_optimizer, as lab.train and every sweep use) points
+    # torch's compiler cache at home before the first step; `import lab` alone changes nothing.
     temp, home = tmp_path / "tmp", tmp_path / "home"
     temp.mkdir()
     home.mkdir()
     code = (
         "import lab, torch\n"
-        "p = torch.nn.Parameter(torch.ones(3))\n"
-        "opt = torch.optim.AdamW([p])\n"
-        "p.sum().backward(); opt.step()\n"
+        "from lab.step import make_optimizer\n"
+        "layer = torch.nn.Linear(3, 1)\n"
+        "opt = make_optimizer(layer, lr=1e-3)\n"
+        "layer(torch.ones(3)).sum().backward(); opt.step()\n"
         "import torch._dynamo\n"  # what the step imported: it makes torch's cache folder
         "print(torch._inductor.runtime.cache_dir_utils.cache_dir())\n"
     )

@@ -1,4 +1,4 @@
-"""lab.threads: the thread count a kernel gets on `import lab`, by each branch of the rule."""
+"""lab.threads: the thread count a kernel gets where training starts, by each branch of the rule."""
 
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def test_apply_sets_torch_and_describe_says_why(restore_torch_threads):
     assert now == torch.get_num_threads() == target
     assert describe() == reason and reason.startswith(f"{target} thread")
     torch.set_num_threads(3)  # the student changes it afterwards
-    assert describe().startswith("3 threads: changed after `import lab`")
+    assert describe().startswith("3 threads: changed after the lab chose")
     assert f"the lab chose {target} thread" in describe()
 
 
@@ -232,25 +232,29 @@ def test_a_bad_value_raises_before_torch_is_touched(restore_torch_threads):
 
 def test_lab_exports_the_module():
     assert "threads" in lab.__all__ and lab.threads is threads
-    assert threads._applied is not None  # import lab applied the rule
 
 
-# `import lab` in a fresh kernel-like process
+# Training starting in a fresh kernel-like process (`import lab` alone leaves torch alone)
 
 
-def run_import(extra: dict[str, str]) -> subprocess.CompletedProcess:
+def run_import(extra: dict[str, str], code: str = "") -> subprocess.CompletedProcess:
+    """A process that imports lab, runs `code` (default: training starts), and prints torch's
+    thread count and lab.threads.describe()."""
     env = {k: v for k, v in os.environ.items()}
     for name in ("LORA_LAB_THREADS", "OMP_NUM_THREADS", *threads.HUB_VARS):
         env.pop(name, None)
     env.update(extra)
-    code = "import lab, torch; print(torch.get_num_threads()); print(lab.threads.describe())"
+    code = code or "lab.threads.training_threads()"
+    code = (
+        f"import lab, torch; {code}; print(torch.get_num_threads()); print(lab.threads.describe())"
+    )
     return subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
 
 
-def test_import_lab_on_a_jupyterhub_server_uses_one_thread():
+def test_training_on_a_jupyterhub_server_uses_one_thread():
     proc = run_import({"JUPYTERHUB_USER": "ann"})
     assert proc.returncode == 0, proc.stderr
     count, sentence = proc.stdout.splitlines()
@@ -261,26 +265,22 @@ def test_import_lab_on_a_jupyterhub_server_uses_one_thread():
         assert int(count) == min(math.ceil(quota.cpus), threads.usable_cpus())
 
 
-def test_import_lab_with_lora_lab_threads_uses_that_many():
+def test_training_with_lora_lab_threads_uses_that_many():
     proc = run_import({"LORA_LAB_THREADS": "2", "JUPYTERHUB_USER": "ann"})
     assert proc.returncode == 0, proc.stderr
     count, sentence = proc.stdout.splitlines()
     assert count == "2" and sentence.startswith("2 threads: LORA_LAB_THREADS=2 asks for it")
 
 
-def test_import_lab_with_a_bad_lora_lab_threads_warns_and_training_refuses_it():
-    """`import lab` says what is wrong and keeps torch's count; training then refuses to start."""
-    proc = run_import({"LORA_LAB_THREADS": "lots"})
-    assert proc.returncode == 0, proc.stderr
-    assert "UserWarning: LORA_LAB_THREADS='lots' is not a number of threads" in proc.stderr
-    assert "a whole number from 1 to 1024" in proc.stderr
+def test_a_bad_lora_lab_threads_is_refused_when_training_starts_and_import_lab_keeps_quiet():
+    """`import lab` neither reads the variable nor touches torch; training refuses to start."""
+    proc = run_import({"LORA_LAB_THREADS": "lots"}, code="pass")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.splitlines()[1].endswith("(lab.threads.apply() was not called)")
-    code = "import lab; lab.threads.training_threads()"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    train = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                           env=env | {"LORA_LAB_THREADS": "lots"}, timeout=120)  # fmt: skip
+    train = run_import({"LORA_LAB_THREADS": "lots"})
     last = train.stderr.strip().splitlines()[-1]
     assert train.returncode == 1 and last.startswith("ValueError: LORA_LAB_THREADS='lots'")
+    assert "is not a number of threads" in last and "a whole number from 1 to 1024" in last
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "99999999", "1.5", "nan"])
@@ -297,8 +297,8 @@ def test_the_cli_refuses_a_bad_lora_lab_threads_in_one_line(value, tmp_path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*.json"))
 
 
-def test_import_lab_elsewhere_keeps_torchs_own_default():
-    """Without any variable or quota, `import lab` gives what `import torch` alone gives."""
+def test_training_elsewhere_keeps_torchs_own_default():
+    """Without any variable or quota, training starts with what `import torch` alone gives."""
     proc = run_import({})
     alone = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
@@ -390,6 +390,30 @@ for _ in range(2):
     lab.train(model, task, steps=2, lr=1e-2, batch_size=4, progress=False, measure_memory=False)
 print(torch.get_num_threads())
 """
+
+
+TRAIN_ONE_THREAD = """
+import torch
+before = torch.get_num_threads()
+import lab
+model = lab.load_base_model()
+lab.add_lora(model, rank=1, alpha=2)
+after_import = torch.get_num_threads()
+lab.train(model, lab.get_task("rotate"), steps=1, lr=1e-2, batch_size=4, progress=False,
+          measure_memory=False)
+print(before, after_import, torch.get_num_threads())
+"""
+
+
+def test_lab_train_applies_the_thread_rule_that_import_lab_no_longer_does():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env |= {"LORA_LAB_THREADS": "1", threads.BUSY_ENV_VAR: "0"}
+    proc = subprocess.run([sys.executable, "-c", TRAIN_ONE_THREAD], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    before, after_import, training = map(int, proc.stdout.split())
+    assert after_import == before  # importing and adding LoRA leave torch alone
+    assert training == 1  # lab.train applied LORA_LAB_THREADS=1
 
 
 def test_lab_train_says_once_per_process_when_the_machine_is_busy():
