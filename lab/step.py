@@ -82,7 +82,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
     a schedule sets every group with `set_lr(optimizer, lr)` and the ratio survives.
     """
     from .surgery import parameter_groups  # lab.surgery imports nothing from here; keep it so
-    from .sweeps import keep_torch_cache_at_home
+    from .engine.devices import keep_torch_cache_at_home
 
     groups = parameter_groups(model)
     if not groups:
