@@ -1,4 +1,4 @@
-"""The training loop: trains what requires grad, reports measured results, refuses bad input."""
+"""lab/training.py: the loop trains what requires grad, reports results, refuses bad input."""
 
 import pytest
 import torch
