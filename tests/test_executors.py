@@ -1,6 +1,6 @@
 """RaySession on its own: entered again by the sweeps it is handed to, Ray stops at its own exit.
 
-Run in a fresh Python with its own HOME: tests/test_ray.py's module-wide Ray leaves its auth
+Run in a fresh Python with its own HOME: tests/test_remote.py's module-wide Ray leaves its auth
 token cached in the test process, which a second Ray there would not accept.
 """
 
@@ -14,7 +14,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
-# test_ray skips without Ray (and fails under CI=true), so this module does the same.
+# test_remote skips without Ray (and fails under CI=true), so this module does the same.
 from test_remote import MARK, ROOT, ray_temp, wait_gone
 
 SCRIPT = textwrap.dedent(
