@@ -22,6 +22,7 @@ from ..quant import SCHEMES, quantize_base
 from ..surgery import add_lora
 from ..tasks import FINETUNE_TASKS, Task, get_task
 from ..training import MAX_STEPS, check_count, check_lr, check_seed
+from ..variants.registry import flavour_label
 
 __all__ = [
     "ALL_TARGETS",
@@ -428,10 +429,8 @@ def describe(point) -> str:
 def flavour_name(point: SweepPoint) -> str:
     """'LoRA', or the flavour's name: 'DoRA', 'PiSSA', 'LoRA+ λ16', 'NF4 base', combined."""
     parts = []
-    if point.variant != "lora":
-        parts.append({"dora": "DoRA"}.get(point.variant, point.variant))
-    if point.init != "default":
-        parts.append({"pissa": "PiSSA"}.get(point.init, point.init))
+    if (point.variant, point.init) != ("lora", "default"):  # the registry's names for them
+        parts.append(flavour_label(point.variant, point.init))
     if point.lr_ratio != 1:
         parts.append(f"LoRA+ λ{point.lr_ratio:g}")
     if point.quant is not None:
