@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checks import check_path as _check_path
+from .engine.cache import load_grid_file
+from .engine.results import SweepResult
 from .fileio import regular_file
 from .findings import Finding, _count, _span
 from .lora import LoRALinear
-from .sweeps import SweepResult, load_grid_file
 
 __all__ = ["GRID_DIR", "LR_TOLERANCE", "LrEvidence", "lr_evidence"]
 

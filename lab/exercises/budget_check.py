@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from ..base import load_base_model
+from ..engine.points import ALL_TARGETS
 from ..lora import LoRALinear
 from ..model import PRESETS, ToyTransformer
 from ..surgery import add_lora, lora_layers
-from ..sweeps import ALL_TARGETS
 from ..tasks import get_task
 from ..training import train
 from .count_check import _lab_count

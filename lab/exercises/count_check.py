@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..engine.points import ALL_TARGETS
 from ..model import PRESETS, ModelConfig, ToyTransformer, get_preset
 from ..surgery import add_lora, count_parameters
-from ..sweeps import ALL_TARGETS
 from .feedback import ACTIVE_WATCHES, Feedback, _call, _no, _safe
 
 __all__ = [

@@ -9,11 +9,12 @@ import pickle
 from collections.abc import Callable, Iterable, Sequence
 
 from ..analysis import format_table
+from ..engine.points import ALL_TARGETS_SORTED, SweepPoint
+from ..engine.results import SweepResult
 from ..practice import (
     LR_TASK,
     best_lr,
 )
-from ..sweeps import ALL_TARGETS_SORTED, SweepPoint, SweepResult
 from .compare import _as_number
 from .feedback import Feedback, _call, _no, _safe
 from .practice_grid import (

@@ -6,13 +6,14 @@ import math
 import numbers
 from collections.abc import Iterable
 
+from ..engine.points import ALL_TARGETS
+from ..engine.results import SweepResult
 from ..model import PRESETS
 from ..practice import (
     LAYER_SETS,
     best_lr,
     layer_long_points,
 )
-from ..sweeps import ALL_TARGETS, SweepResult
 from .budget_check import _budget_targets
 from .compare import _as_number
 from .count_check import _count_mistakes, _lab_count

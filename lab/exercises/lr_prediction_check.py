@@ -7,11 +7,11 @@ import numbers
 from collections.abc import Iterable, Sequence
 
 from ..analysis import format_table
+from ..engine.results import SweepResult
 from ..practice import (
     LR_TASK,
     best_lr,
 )
-from ..sweeps import SweepResult
 from .compare import _as_number
 from .feedback import Feedback, _no, _safe
 from .practice_grid import (

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
+from ..engine.points import ALL_TARGETS
+from ..engine.results import SweepResult
 from ..practice import (
     LAYER_SETS,
     PRACTICE_GRID_PATH,
@@ -17,7 +19,6 @@ from ..practice import (
     load_practice_grid,
     lr_points,
 )
-from ..sweeps import ALL_TARGETS, SweepResult
 from .feedback import Feedback, _describe, _no
 
 __all__ = [

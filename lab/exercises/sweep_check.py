@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from ..analysis import format_table
-from ..sweeps import load_grid_file, select
+from ..engine.cache import load_grid_file
+from ..engine.summaries import select
 from .feedback import Feedback, _no, _safe
 
 __all__ = [
