@@ -81,8 +81,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
     group runs at lr_ratio times A's rate. Each group keeps its multiplier as "lr_scale", so
     a schedule sets every group with `set_lr(optimizer, lr)` and the ratio survives.
     """
-    from .surgery import parameter_groups  # lab.surgery imports nothing from here; keep it so
     from .engine.devices import keep_torch_cache_at_home
+    from .surgery import parameter_groups  # lab.surgery imports nothing from here; keep it so
 
     groups = parameter_groups(model)
     if not groups:
