@@ -9,20 +9,11 @@ import warnings
 
 import pytest
 
-from lab.sweeps import (
-    FORMAT,
-    SweepCache,
-    SweepCacheError,
-    SweepPoint,
-    SweepResult,
-    base_fingerprint,
-    default_cache_dir,
-    dropout_series,
-    grid,
-    load_grid_file,
-    select,
-    sweep,
-)
+from lab.engine.cache import SweepCache, SweepCacheError, default_cache_dir, load_grid_file
+from lab.engine.points import FORMAT, SweepPoint, base_fingerprint, grid
+from lab.engine.results import SweepResult
+from lab.engine.summaries import dropout_series, select
+from lab.sweeps import sweep
 from tests.fakes import TINY, CountingTrainer, fake_result
 
 

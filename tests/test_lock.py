@@ -14,12 +14,9 @@ import pytest
 
 import lab
 import lab.sweeps
-from lab.sweeps import (
-    SweepCache,
-    SweepCacheError,
-    SweepPoint,
-    sweep,
-)
+from lab.engine.cache import SweepCache, SweepCacheError
+from lab.engine.points import SweepPoint
+from lab.sweeps import sweep
 from tests.fakes import TINY, CountingTrainer
 
 ROOT = Path(__file__).resolve().parent.parent

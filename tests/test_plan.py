@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lab.sweeps import (
-    SweepCache,
-    SweepPoint,
-    sweep,
-)
+from lab.engine.cache import SweepCache
+from lab.engine.points import SweepPoint
+from lab.sweeps import sweep
 from tests.fakes import TINY, CountingTrainer, listing
 
 

@@ -13,14 +13,7 @@ import lab
 import lab.sweeps
 from lab.batched import AdapterSpec
 from lab.config import LoRAConfig
-from lab.sweeps import (
-    FULL_LR,
-    LORA_LR,
-    SweepPoint,
-    describe,
-    full_point,
-    grid,
-)
+from lab.engine.points import FULL_LR, LORA_LR, SweepPoint, describe, full_point, grid
 from tests.fakes import TINY, listing
 
 SAME = [  # each pair compares equal, so it must be one cache file

@@ -9,13 +9,9 @@ import math
 import pytest
 import torch
 
-from lab.sweeps import (
-    SweepCache,
-    SweepFailed,
-    SweepPoint,
-    describe,
-    sweep,
-)
+from lab.engine.cache import SweepCache
+from lab.engine.points import SweepPoint, describe
+from lab.sweeps import SweepFailed, sweep
 from tests.fakes import TINY, CountingTrainer, fake_result, listing
 
 

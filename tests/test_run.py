@@ -12,14 +12,10 @@ import lab
 import lab.sweeps
 from lab.batched import AdapterSpec, BatchedTrainer, train_batched
 from lab.config import LoRAConfig
-from lab.sweeps import (
-    SweepCache,
-    SweepPoint,
-    accuracy_table,
-    by_rank,
-    describe,
-    sweep,
-)
+from lab.engine.cache import SweepCache
+from lab.engine.points import SweepPoint, describe
+from lab.engine.summaries import accuracy_table, by_rank
+from lab.sweeps import sweep
 from lab.training import TrainingDiverged
 from tests.fakes import TINY, CountingTrainer
 

@@ -6,16 +6,8 @@ import math
 
 import pytest
 
-from lab.sweeps import (
-    SweepPoint,
-    accuracy_table,
-    by_rank,
-    dropout_series,
-    full_point,
-    grid,
-    select,
-    trainable_counts,
-)
+from lab.engine.points import SweepPoint, full_point, grid
+from lab.engine.summaries import accuracy_table, by_rank, dropout_series, select, trainable_counts
 from tests.fakes import fake_result
 
 
