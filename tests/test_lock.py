@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import lab
 import lab.sweeps
 from lab.engine.cache import SweepCache, SweepCacheError
+from lab.engine.lock import PointLock
 from lab.engine.points import SweepPoint
 from lab.sweeps import sweep
 from tests.fakes import TINY, CountingTrainer
@@ -160,3 +163,46 @@ def test_the_command_line_ends_a_blocked_sweep_with_one_line(holder):
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: $LORA_LAB_LOCK_WAIT='soon': expected seconds, a finite number >= 0"
     )
+
+
+OTHER_ACCOUNT = """
+import sys
+from pathlib import Path
+from lab.engine.lock import PointLock
+lock = PointLock(Path(sys.argv[1]))
+print(lock.take(), lock.holder())
+lock.release()
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to act as another account"
+)
+def test_another_accounts_lock_is_waited_for_while_held_and_taken_once_its_holder_is_gone():
+    # A shared cache folder: this account's lock file is 0644, so another account cannot open
+    # it for writing; it probes the OS lock read-only instead.
+    folder = Path(tempfile.mkdtemp(prefix="lora-lab-shared-"))
+    try:
+        folder.chmod(0o777)
+        lock_path = folder / "k.lock"
+        mine = PointLock(lock_path)
+        assert mine.take()
+
+        def other() -> str:
+            run = subprocess.run(
+                ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                 sys.executable, "-c", OTHER_ACCOUNT, str(lock_path)],
+                capture_output=True, text=True, timeout=120,
+                env={"HOME": str(folder), "PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
+            )  # fmt: skip
+            assert run.returncode == 0, run.stderr
+            return run.stdout.strip()
+
+        assert other() == f"False pid {os.getpid()} on {socket.gethostname()}"  # held: waits
+        held, mine._lock = mine._lock, None
+        held.release()  # released, its file left behind, as by a process killed outright
+        assert lock_path.exists()
+        assert other().startswith("True pid ")  # nothing holds it: taken over
+        assert not list(folder.iterdir())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

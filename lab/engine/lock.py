@@ -10,6 +10,7 @@ releases it at once, so no lock is ever stale. `<key>.holder` beside it says who
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import socket
@@ -44,6 +45,24 @@ def lock_wait() -> float:
     return seconds
 
 
+def _held_elsewhere(path: Path) -> bool:
+    """True while some process holds the OS lock on `path`, probed read-only (so it works on
+    another account's lock file too); False when nothing holds it or it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot even read it: taken as held (the wait for it is bounded)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: another process holds it
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock
+    return False
+
+
 class LockBusy(OSError):
     """A point's lock could not be taken in time (or at all: a folder in its place)."""
 
@@ -75,6 +94,21 @@ class PointLock:
             lock.acquire(timeout=0)
         except filelock.Timeout:
             return False
+        except PermissionError:  # another account's lock file, which this one cannot open
+            if not os.path.lexists(self.path):
+                raise LockBusy(
+                    f"cannot create the lock {self.path} (permission denied); {HINT}"
+                ) from None
+            if _held_elsewhere(self.path):
+                return False
+            try:  # left by a process that is gone: its file holds nothing
+                self.path.unlink()
+            except OSError as exc:
+                raise LockBusy(
+                    f"cannot take over the stale lock {self.path} ({exc.strerror}); remove it, "
+                    f"or {HINT}"
+                ) from None
+            return self.take()
         except OSError as exc:
             raise LockBusy(
                 f"cannot take the lock {self.path} ({exc.strerror or exc}); remove it, or {HINT}"
