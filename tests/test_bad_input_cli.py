@@ -151,6 +151,7 @@ def test_an_empty_cache_option_is_a_usage_error_and_writes_nothing_here(tmp_path
     [
         ({"LORA_LAB_CALIBRATE": "sometimes"}, ["LORA_LAB_CALIBRATE='sometimes'", "always"]),
         ({"LORA_LAB_CACHE": "~no-such-user-here/c"}, ["$LORA_LAB_CACHE", "no home folder"]),
+        ({"LORA_LAB_LOCK_WAIT": "-1"}, ["$LORA_LAB_LOCK_WAIT='-1'", "seconds"]),
     ],
 )
 def test_a_bad_lab_variable_is_one_line_before_anything_runs(tmp_path, env, words):
