@@ -300,3 +300,15 @@ def test_the_shipped_grids_points_keep_their_keys_and_json():
             assert json.dumps(point.to_dict()) == json.dumps(row["point"])
             n += 1
     assert n >= 100  # the four shipped grids hold 133 points
+
+
+def test_a_point_carries_every_field_of_its_config():
+    # A field added to LoRAConfig (a flavour's own setting) must join the point's settings, its
+    # JSON and its key (left out at its default, as variant and init are): else two points
+    # that train differently would share one cache file.
+    import dataclasses
+
+    from lab.engine.points import ADAPTER_FIELDS, POINT_FIELDS
+
+    config_fields = tuple(f.name for f in dataclasses.fields(LoRAConfig))
+    assert config_fields == ADAPTER_FIELDS and set(config_fields) <= set(POINT_FIELDS)
