@@ -43,7 +43,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from lab.calibrate import measure
 from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
@@ -69,6 +68,7 @@ from lab.batched import (
     train_batched,
 )
 from lab.config import LoRAConfig
+from lab.engine.calibrate import measure
 from lab.fileio import atomic_write_bytes
 from lab.lora import LoRALinear
 from lab.memory import (
