@@ -10,7 +10,6 @@ releases it at once, so no lock is ever stale. `<key>.holder` beside it says who
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 import socket
@@ -48,6 +47,10 @@ def lock_wait() -> float:
 def _held_elsewhere(path: Path) -> bool:
     """True while some process holds the OS lock on `path`, probed read-only (so it works on
     another account's lock file too); False when nothing holds it or it is gone."""
+    try:
+        import fcntl  # POSIX only; elsewhere filelock's own lock never reaches this probe
+    except ImportError:
+        return True
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
