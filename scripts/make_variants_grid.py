@@ -17,6 +17,7 @@ Each result's extra["method"] names its method. The file is written atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,8 @@ TASK = "sort_desc"  # rank-sensitive: at rank 4 the methods do not all reach 100
 RANK, ALPHA = 4, 16.0  # the matched budget: every method trains rank-4 A and B on q and v
 TARGETS = ("q_proj", "v_proj")
 STEPS = 400  # two thirds of the default grid's 600, to keep the build under 15 CPU minutes
+EXTEND_ROUNDS = 3  # at most this many lrs past an edge of a method's grid
+MAX_LR = 0.32  # nor beyond this: every method diverges well below it
 THREADS = 1  # fixed for reproducibility; one thread also avoids oversubscribing a shared CPU
 
 LORA_LRS = (5e-3, 1e-2, 2e-2, 4e-2)
@@ -78,6 +81,14 @@ def method_points(steps: int = STEPS) -> dict[str, list[SweepPoint]]:
     }
 
 
+def best_lr(group: list[SweepResult]) -> float | None:
+    """The lr of the run with the highest held-out accuracy (then the lowest loss), not diverged."""
+    ok = [r for r in group if not r.diverged]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r.heldout["accuracy"], -r.heldout["loss"])).point.lr
+
+
 def points(steps: int = STEPS) -> list[SweepPoint]:
     """Every point of the grid, method by method."""
     return [p for group in method_points(steps).values() for p in group]
@@ -108,10 +119,34 @@ def main() -> None:
         )
 
     results = sweep(list(method_of), cache, progress=False, device=args.device, on_result=report)
+    # A method whose best lr is the highest (or lowest) of its grid is not tuned yet: double (or
+    # halve) past that edge, a few times at most, so that each is judged at an lr with a worse
+    # one on either side.
+    for _ in range(EXTEND_ROUNDS):
+        outward = []
+        for name, group in by_method.items():
+            done = sorted(
+                (r for r in results if method_of[r.point] == name), key=lambda r: r.point.lr
+            )
+            top = best_lr(done)
+            if top is None:
+                continue
+            lrs = [r.point.lr for r in done]
+            step = 2.0 if top == lrs[-1] else 0.5 if top == lrs[0] else None
+            if step is not None and top * step <= MAX_LR:
+                point = dataclasses.replace(group[0], lr=top * step)
+                group.append(point)
+                method_of[point] = name
+                outward.append(point)
+        if not outward:
+            break
+        results += sweep(outward, cache, progress=False, device=args.device, on_result=report)
+    results.sort(key=lambda r: (list(by_method).index(method_of[r.point]), r.point.lr))
     for r in results:
         r.extra = {**r.extra, "method": method_of[r.point]}
     methods = {
-        name: {"fields": fields, "lrs": list(lrs)} for name, (fields, lrs) in METHODS.items()
+        name: {"fields": fields, "lrs": sorted(p.lr for p in by_method[name])}
+        for name, (fields, _) in METHODS.items()
     }
     write_grid_file(
         args.out,

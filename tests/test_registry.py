@@ -63,7 +63,7 @@ def test_a_flavour_the_batched_engine_has_no_form_for_trains_alone_and_says_so(
     results = {r.point: r for r in lab.sweep([plain, doubled], lab.SweepCache(tmp_path / "a"),
                                              progress=False, device="cpu")}  # fmt: skip
     said = [line for line in capsys.readouterr().out.splitlines() if "one by one" in line]
-    assert len(said) == 1 and "doubled" in said[0], said
+    assert len(said) == 1 and "Doubled" in said[0], said  # the flavour by its display name
     alone = lab.sweep([doubled], lab.SweepCache(tmp_path / "b"), progress=False, device="cpu",
                       batched=False)[0]  # fmt: skip
     assert results[doubled].losses == alone.losses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -76,17 +77,32 @@ def test_the_script_compares_every_registered_flavour_at_one_budget_and_four_lrs
     assert flavours == expected
 
 
-def test_shipped_grid_holds_exactly_the_scripts_points(results, header):
+def test_shipped_grid_holds_the_scripts_points_and_only_lrs_past_an_edge(results, header):
     assert header["steps"] == script.STEPS and header["task"] == script.TASK
     assert header["rank"] == script.RANK and header["alpha"] == script.ALPHA
-    expected = script.points()
-    assert len(results) == len(expected) == len({r.point for r in results})
-    assert {r.point for r in results} == set(expected)
+    expected = set(script.points())
+    assert len(results) == len({r.point for r in results})
+    held = {r.point for r in results}
+    assert expected <= held
+    # Beyond the script's grid, only lrs a method needed to be judged inside its grid: each
+    # doubles (or halves) past the previous edge, for the method whose best sat there.
+    for name, group in script.method_points().items():
+        lrs = sorted(r.point.lr for r in results if r.extra["method"] == name)
+        assert lrs == header["methods"][name]["lrs"], name
+        ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
+        assert ratios == pytest.approx([2.0] * (len(lrs) - 1)), name
+        top = best([r for r in results if r.extra["method"] == name]).point.lr
+        assert top in lrs[1:-1] or lrs[-1] * 2 > script.MAX_LR, (name, top, lrs)
+        extra = {r.point for r in results if r.extra["method"] == name} - set(group)
+        assert all(p == dataclasses.replace(group[0], lr=p.lr) for p in extra), name
 
 
 def test_each_result_names_its_method(results):
     method_of = {p: name for name, g in script.method_points().items() for p in g}
-    assert {r.point: r.extra.get("method") for r in results} == method_of
+    named = {r.point: r.extra.get("method") for r in results}
+    assert {p: named[p] for p in method_of} == method_of
+    for point, name in named.items():  # an lr added past an edge: the method's other fields
+        assert dataclasses.replace(script.method_points()[name][0], lr=point.lr) == point
 
 
 def test_every_result_is_finite_or_marked_diverged(results):
@@ -101,13 +117,13 @@ def test_every_result_is_finite_or_marked_diverged(results):
         assert r.wall_seconds > 0 and r.tokens_per_second > 0
 
 
-def test_methods_train_the_same_budget_and_dora_adds_its_magnitudes(results):
+def test_methods_train_the_same_budget_dora_adds_its_magnitudes_lora_fa_only_b(results):
     config = load_base_config()
     lora = trainable_counts([script.RANK], script.TARGETS)[0][0]
     magnitudes = config.n_layers * len(script.TARGETS) * config.d_model  # q, v: out = d_model
     for r in results:
-        extra = magnitudes if r.point.variant == "dora" else 0
-        assert r.trainable_parameters == lora + extra, r.extra["method"]
+        expected = {"dora": lora + magnitudes, "lora-fa": lora // 2}.get(r.point.variant, lora)
+        assert r.trainable_parameters == expected, r.extra["method"]
 
 
 def test_every_method_has_one_best_lr_that_trains(results):
@@ -121,8 +137,11 @@ def test_every_method_has_one_best_lr_that_trains(results):
         ties = [r for r in group if not r.diverged and
                 (r.heldout["accuracy"], -r.heldout["loss"]) == key]  # fmt: skip
         assert len(ties) == 1, name
-        # tuned, every method learns the task well beyond the untrained base (near 0)
-        assert top.heldout["accuracy"] > 0.3, (name, top.heldout)
+        # Tuned, every method learns the task well beyond the untrained base (near 0). LoRA-FA,
+        # whose frozen random A shows each layer's B only 4 of 128 input directions, learns far
+        # less here (notebook 08 says why), but still beyond the base.
+        floor = 0.15 if name == "LoRA-FA" else 0.3
+        assert top.heldout["accuracy"] > floor, (name, top.heldout)
 
 
 def test_the_4bit_base_holds_fewer_parameter_bytes_per_step(results):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from explorer_fakes import (
     variants_grid_fixture,
 )
 
+from lab.config import INITS, VARIANTS
 from lab.sweeps import (
     SweepCache,
 )
+from lab.variants.registry import display_name
 from lab.widgets import (
     METHODS,
     SHIPPED_GRIDS,
@@ -28,17 +31,25 @@ def test_selection_points_sort_values_and_add_full_fine_tuning():
 
 
 def test_the_methods_come_from_the_registries_in_order():
-    assert list(METHODS) == ["LoRA", "DoRA", "LoRA+", "PiSSA"]
-    assert METHODS["LoRA"] == {"variant": "lora", "init": "default", "lr_ratio": 1.0}
+    """Plain LoRA, every registered variant, LoRA+, every registered init: by display name."""
+    plain = {"variant": "lora", "init": "default", "lr_ratio": 1.0}
+    expected = {"LoRA": plain}
+    expected |= {
+        display_name(r): {**plain, "variant": n} for n, r in VARIANTS.items() if n != "lora"
+    }
+    expected["LoRA+"] = {**plain, "lr_ratio": 16.0}
+    expected |= {display_name(r): {**plain, "init": n} for n, r in INITS.items() if n != "default"}
+    assert list(METHODS.items()) == list(expected.items())
     assert METHODS["DoRA"]["variant"] == "dora" and METHODS["PiSSA"]["init"] == "pissa"
-    assert METHODS["LoRA+"] == {"variant": "lora", "init": "default", "lr_ratio": 16.0}
     assert Selection(method="DoRA", quant="nf4").flavour == {
         "variant": "dora", "init": "default", "lr_ratio": 1.0, "quant": "nf4",
     }  # fmt: skip
 
 
 def test_an_unknown_method_or_base_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"method='QLoRA': expected one of LoRA, DoRA, LoRA\+"):
+    with pytest.raises(
+        ValueError, match="method='QLoRA': expected one of " + re.escape(", ".join(METHODS))
+    ):
         Selection(method="QLoRA")
     with pytest.raises(
         ValueError, match=r"quant=.nf8.: expected None \(fp32 base\) or one of nf4, fp4, int4"
