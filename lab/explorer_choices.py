@@ -140,7 +140,7 @@ class Selection:
     rslora: bool = False
     steps: int = DEFAULT_STEPS
     full: bool = True  # also train the full fine-tuning reference
-    method: str = "LoRA"  # a key of METHODS: LoRA, DoRA, LoRA+, PiSSA
+    method: str = "LoRA"  # a key of METHODS: LoRA, LoRA+ or a registered flavour's display name
     quant: str | None = None  # a 4-bit frozen base ("nf4"), or None for the fp32 base
     lr: float = LORA_LR  # the adapters' learning rate (full fine-tuning keeps its own)
     lr_sweep: bool = False  # also every rate of SWEEP_LRS, for LoRA and full fine-tuning

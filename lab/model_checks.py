@@ -306,14 +306,15 @@ def _merged_twice(model: nn.Module, layers: dict[str, LoRALinear]) -> list[Findi
 
     An unmerged layer should hold W_shipped (k = 0), a merged one W_shipped + ΔW (k = 1). A
     merged model saved as a base with the adapter loaded again on top gives k = 1 unmerged
-    (k = 2 once merged again): the model applies ΔW twice. Only plain LoRA with the default
-    init is fitted: DoRA's change is not k·ΔW, and PiSSA rewrites W by design.
+    (k = 2 once merged again): the model applies ΔW twice. Only a layer whose merge folds
+    LoRA's s·B·A into W (LoRA, LoRA-FA) from an init that left W as it was is fitted: DoRA's
+    change is not k·ΔW, and PiSSA or MiLoRA rewrite W by design.
     """
     eligible = {
         name: layer
         for name, layer in layers.items()
-        if layer.config.variant == "lora"
-        and layer.config.init == "default"
+        if type(layer).merged_weight is LoRALinear.merged_weight
+        and not INITS[layer.config.init].changes_base
         and not layer.lora_B.is_meta
         and bool(layer.lora_B.detach().any())
     }

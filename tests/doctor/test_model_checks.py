@@ -179,6 +179,20 @@ def test_merged_saved_as_base_then_adapter_loaded_again_is_merged_twice(sick, tm
     assert codes(doctor(sick)) == ["no-adapter"]  # ΔW once, in a frozen base
 
 
+def test_a_lora_fa_adapter_merged_into_its_base_and_loaded_again_is_merged_twice(tmp_path):
+    """LoRA-FA merges LoRA's s·B·A: the doctor fits it like plain LoRA (its variant differs)."""
+    model = fresh(targets=("q_proj", "v_proj"), variant="lora-fa")
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0.0, 0.05)
+    path = save_adapter(model, tmp_path / "fa.safetensors")
+    merge_lora(model)
+    lab.remove_lora(model)
+    add_lora(model, targets=("q_proj", "v_proj"), rank=4, alpha=8, variant="lora-fa")
+    lab.load_adapter(model, path)
+    assert "in 4 of 4 LoRA layers" in only(doctor(model), "merged-twice").detail
+
+
 def test_a_new_adapter_on_a_merged_base_is_not_merged_twice(sick):
     merge_lora(sick)
     lab.remove_lora(sick)  # continuing from a merged model with a new adapter is fine
