@@ -208,6 +208,8 @@ def conflict(sel: Selection) -> str | None:
         SweepPoint(sel.task, 1, **sel.flavour)
     except ValueError:
         return f"{sel.method} starts from the full-precision weights: choose the fp32 base"
+    if INITS[sel.flavour["init"]].changes_base:  # it rewrites W from W's own singular directions
+        return f"{sel.method} starts from the full-precision weights: choose the fp32 base"
     return None
 
 

@@ -11,6 +11,7 @@ from explorer_fakes import (
 )
 
 from lab.config import INITS, VARIANTS
+from lab.explorer_choices import conflict
 from lab.sweeps import (
     SweepCache,
 )
@@ -78,3 +79,13 @@ def test_seed_shipped_includes_the_practice_grid_when_it_exists(tmp_path, monkey
     assert seed_shipped(SweepCache(tmp_path / "c")) == len(points)
     monkeypatch.setattr("lab.explorer_choices.SHIPPED_GRIDS", (tmp_path / "absent.json",))
     assert seed_shipped(SweepCache(tmp_path / "d")) == 0  # not built yet: nothing, no error
+
+
+def test_every_init_that_rewrites_w_says_to_choose_the_fp32_base():
+    for name, record in INITS.items():
+        method = display_name(record) if name != "default" else "LoRA"
+        said = conflict(Selection(method=method, quant="nf4"))
+        if record.changes_base:
+            assert said == f"{method} starts from the full-precision weights: choose the fp32 base"
+        else:
+            assert said is None
