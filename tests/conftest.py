@@ -1,12 +1,22 @@
 """Unit tests never touch a user's sweep cache, measure chunk sizes only where a test means to
-(lab.calibrate), and draw without a display."""
+(lab.calibrate), and draw without a display. Fixtures several test files share live here."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
+import pytest
+from needs import skip_or_fail
+
 os.environ["LORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="lora-lab-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LORA_LAB_CACHE"], ignore_errors=True)
 os.environ["MPLBACKEND"] = "Agg"
 os.environ["LORA_LAB_CALIBRATE"] = "0"  # chunk sizes by the static rule unless a test measures
+
+
+@pytest.fixture
+def bwrap():
+    """bubblewrap, the grader's sandbox: a test that starts a submission's worker needs it."""
+    if shutil.which("bwrap") is None:
+        skip_or_fail("bubblewrap (bwrap) is missing: apt-get install bubblewrap")

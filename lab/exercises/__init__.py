@@ -13,8 +13,10 @@ One module per exercise, each named for its check:
 - feedback: the verdict type and how a student's code is run;
 - grading: `grade`, the one line an nbgrader hidden test runs (the same check, as a grade);
 - course: an nbgrader course directory for the exercises (imports nbgrader; not loaded here);
-- autograde, remote, worker, sandbox: grading a submission in a sandboxed process of its own
-  (imports nbgrader; not loaded here).
+- autograde (nbgrader's executor), submission (the worker process, from the grader's side),
+  remote_function (a student's function called there), channel (the frames between the two),
+  worker and sandbox: grading a submission in a sandboxed process of its own (imports nbgrader;
+  not loaded here).
 """
 
 from .budget_check import BUDGET, BUDGET_ACCURACY, BUDGET_TASK, check_budget, train_budget

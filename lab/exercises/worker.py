@@ -1,7 +1,7 @@
 """The process a submission's code runs in while it is graded (``python -m lab.exercises.worker``).
 
 The grader (lab.exercises.autograde) starts it inside the sandbox (lab.exercises.sandbox) and
-sends it requests on one pipe; it answers on another, in lab.exercises.remote's frames:
+sends it requests on one pipe; it answers on another, in lab.exercises.channel's frames:
 
 - ``run``: execute one notebook cell in an IPython shell, as a kernel would (magics, display,
   the last expression's value), and send back the cell's outputs;
@@ -190,11 +190,17 @@ def main() -> int:
     # The grader's own helpers, taken before any of the submission's code runs.
     import torch
 
-    from lab.exercises import count_check, forward_check, remote
+    import lab
+    from lab.exercises import channel, count_check, forward_check
+
+    # `import lab` loads each public name on first use. Load them all before the snapshot, so
+    # that a name the lab loads later is not taken for one the submission added.
+    for name in lab.__all__:
+        getattr(lab, name)
 
     builds_delta, builds_modules = forward_check._BuildsDelta, count_check._BuildsModules
-    write, read, encode = remote.write_frame, remote.read_frame, remote.encode
-    walk, describe = remote.walk, remote.describe_state
+    write, read, encode = channel.write_frame, channel.read_frame, channel.encode
+    walk, describe = channel.walk, channel.describe_state
     loads, b64decode = pickle.loads, base64.b64decode
 
     sink: list[_Outputs] = []
@@ -232,7 +238,7 @@ def main() -> int:
     while True:
         try:
             request = read(requests)
-        except remote.FrameError:
+        except channel.FrameError:
             return 0
         op = request.get("op")
         if op == "exit":
@@ -306,7 +312,7 @@ def main() -> int:
             out, before = calls.get(request.get("call"), (None, []))
             try:
                 outputs = [out if p is None else out[p] for p in request["outputs"]]
-                grads_out = [remote.decode(g) for g in request["grads"]]
+                grads_out = [channel.decode(g) for g in request["grads"]]
                 inputs = [before[i] for i in request["inputs"]]
                 grads = student(
                     torch.autograd.grad,

@@ -32,6 +32,7 @@ from torch import nn
 
 __all__ = [
     "FrameError",
+    "WorkerLost",
     "Opaque",
     "apply_state",
     "decode",
@@ -469,3 +470,7 @@ def apply_state(described: Any, before: list[Any]) -> Any:
             vars(obj).update(attrs)
 
     return build(described, 0)
+
+
+class WorkerLost(RuntimeError):
+    """The submission's process stopped answering (it ran too long, exited, or crashed)."""
