@@ -196,6 +196,13 @@ def _batched_model(
     finally:
         torch.set_rng_state(saved)
     forms = [batched_form(s.config) for s in specs]
+    for (k, n), tensors in start.items():  # a form names only tensors its layer has
+        unknown = sorted((set(forms[k].extra) | set(forms[k].frozen)) - set(tensors))
+        if unknown:
+            raise ValueError(
+                f"variant={specs[k].config.variant!r}: its batched form names {unknown}, which "
+                f"its layer at {n} does not have (its adapter tensors: {sorted(tensors)})"
+            )
     layers = {}
     for n in used:
         ranks = [s.rank if s.targets_layer(n) else 0 for s in specs]

@@ -4,6 +4,7 @@ engine, the doctor, the explorer and the CLI use, and nothing else decides for i
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from lab.config import INITS, VARIANTS, Init, LoRAConfig, Variant
 from lab.lora import LoRALinear
 from lab.variants.registry import (
     PLAIN,
+    BatchedForm,
     adapter_at_start,
     batched_form,
     choices_help,
@@ -123,3 +125,14 @@ def test_the_doctor_asks_the_init_whether_an_adapter_is_at_its_start():
         with torch.no_grad():
             layer.lora_B.add_(0.1)
         assert adapter_at_start(layer) is False
+
+
+def test_a_batched_form_that_names_a_tensor_its_layer_lacks_is_refused(monkeypatch):
+    """A typo in `frozen` would otherwise train that flavour's A as plain LoRA's."""
+    record = VARIANTS["lora-fa"]
+    monkeypatch.setitem(VARIANTS, "lora-fa", dataclasses.replace(
+        record, batched=BatchedForm(frozen=("lora_a",))))  # fmt: skip
+    spec = AdapterSpec(LoRAConfig(rank=2, alpha=4.0, variant="lora-fa"))
+    with pytest.raises(ValueError, match=r"its batched form names \['lora_a'\]"):
+        train_batched(lab.load_base_model("cpu"), lab.get_task("sort_desc_small"), [spec], 2, 8,
+                      "cpu", progress=False)  # fmt: skip
