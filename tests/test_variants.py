@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from flavour_cases import _peft_pair, base_model, make
 from torch import nn
 
 import lab
@@ -19,8 +20,6 @@ from lab.config import INITS, VARIANTS, LoRAConfig
 from lab.frozen import is_quantized
 from lab.step import make_optimizer, training_step
 from lab.surgery import lora_layers, parameter_groups
-
-RANK, ALPHA = 4, 10.0
 
 
 def _cases() -> list[tuple[str, dict, str | None]]:
@@ -45,26 +44,8 @@ CASES = _cases()
 IDS = [c[0] for c in CASES]
 
 
-def base_model(quant: str | None) -> lab.ToyTransformer:
-    torch.manual_seed(0)
-    model = lab.ToyTransformer(lab.get_preset("tiny"))
-    if quant == "int4":
-        lab.quantize_base(model, scheme="int4", block_size=32, double_quant=False)
-    elif quant:
-        lab.quantize_base(model, scheme=quant)
-    return model.eval()
-
-
 def tokens(n: int = 4) -> torch.Tensor:
     return torch.randint(0, 60, (n, 12), generator=torch.Generator().manual_seed(1))
-
-
-def make(fields: dict, quant: str | None, targets=("q_proj", "v_proj", "up_proj")):
-    model = base_model(quant)
-    config = LoRAConfig(rank=RANK, alpha=ALPHA, targets=targets, **fields)
-    torch.manual_seed(2)
-    lab.add_lora(model, config)
-    return model.eval(), config
 
 
 def perturb(model: nn.Module) -> None:
@@ -244,26 +225,6 @@ def test_lora_config_round_trips_through_its_dict():
             LoRAConfig.from_dict(partial)
 
 
-def test_pissa_on_a_4bit_base_is_refused_with_the_model_unchanged():
-    model = base_model("nf4")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="full-precision W"):
-        lab.add_lora(model, rank=4, alpha=8, init="pissa")
-    assert not lora_layers(model)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-
-
-def test_pissa_removed_unmerged_gives_the_original_weights_back():
-    reference = base_model(None)
-    model, _ = make({"init": "pissa"}, None)
-    lab.remove_lora(model, merge=False)
-    for name, module in reference.named_modules():
-        if isinstance(module, nn.Linear) and name != "head":
-            torch.testing.assert_close(
-                model.get_submodule(name).weight, module.weight, rtol=1e-6, atol=1e-6
-            )
-
-
 def test_lora_plus_trains_b_at_lambda_times_a():
     model, _ = make({"lr_ratio": 16.0}, None)
     groups = parameter_groups(model)
@@ -332,73 +293,7 @@ def test_dora_batches_and_run_group_refuses_a_4bit_base_point():
 
 
 # --- the same weights through PEFT ----------------------------------------------------------
-
-
-class Wrap(nn.Module):
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.proj = copy.deepcopy(base)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def _peft_pair(fields: dict, peft_fields: dict, bias: bool = True, seed: int = 5):
-    peft = pytest.importorskip("peft", reason="PEFT is benchmark-only: benchmarks/requirements.txt")
-    torch.manual_seed(seed)
-    base = nn.Linear(48, 40, bias=bias)
-    ours = Wrap(base)
-    lab.add_lora(ours, targets=("proj",), rank=4, alpha=10.0, **fields)
-    config = peft.LoraConfig(
-        r=4, lora_alpha=10, target_modules=["proj"], lora_dropout=0.0, **peft_fields
-    )
-    theirs = peft.get_peft_model(Wrap(base), config)
-    return ours, theirs, theirs.base_model.model.proj
-
-
-def _same_adapters(ours, lin, g):
-    a, b = torch.randn(4, 48, generator=g) * 0.1, torch.randn(40, 4, generator=g) * 0.1
-    with torch.no_grad():
-        ours.proj.lora_A.copy_(a)
-        ours.proj.lora_B.copy_(b)
-        lin.lora_A["default"].weight.copy_(a)
-        lin.lora_B["default"].weight.copy_(b)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_dora_matches_peft_outputs_gradients_and_merged_weight(bias):
-    ours, theirs, lin = _peft_pair({"variant": "dora"}, {"use_dora": True}, bias)
-    g = torch.Generator().manual_seed(0)
-    _same_adapters(ours, lin, g)
-    with torch.no_grad():  # a trained magnitude, not the initial ||W||
-        m = ours.proj.magnitude * (1 + 0.1 * torch.randn(40, generator=g))
-        ours.proj.magnitude.copy_(m)
-        lin.lora_magnitude_vector["default"].weight.copy_(m)
-    x = torch.randn(6, 48, generator=g)
-    o, p = ours(x), theirs(x)
-    torch.testing.assert_close(o, p, rtol=1e-5, atol=1e-6)
-    o.square().sum().backward()
-    p.square().sum().backward()
-    pairs = [
-        (ours.proj.lora_A, lin.lora_A["default"].weight),
-        (ours.proj.lora_B, lin.lora_B["default"].weight),
-        (ours.proj.magnitude, lin.lora_magnitude_vector["default"].weight),
-    ]
-    for mine, peft_param in pairs:
-        torch.testing.assert_close(mine.grad, peft_param.grad, rtol=1e-4, atol=1e-6)
-    merged = theirs.merge_and_unload().proj.weight
-    torch.testing.assert_close(ours.proj.merged_weight(), merged, rtol=1e-5, atol=1e-6)
-
-
-def test_pissa_matches_peft_init_residual_and_outputs():
-    ours, theirs, lin = _peft_pair({"init": "pissa"}, {"init_lora_weights": "pissa"})
-    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
-    theirs_delta = (lin.lora_B["default"].weight @ lin.lora_A["default"].weight) * lin.scaling[
-        "default"
-    ]
-    torch.testing.assert_close(ours.proj.delta_weight(), theirs_delta, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours.proj.base.weight, lin.base_layer.weight, rtol=1e-4, atol=1e-5)
+# (Wrap and the pairs: tests/flavour_cases.py)
 
 
 def test_lora_plus_groups_match_peft_create_loraplus_optimizer():
@@ -469,90 +364,3 @@ def test_an_adapter_file_with_a_bad_config_is_refused_through_the_constructor(
     assert f"adapter file {path}" in message
     assert all(w in message for w in words), message
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-
-
-# ----------------------------------------------------------------------------- DoRA's zero rows
-# A row whose W + ΔW is all zero has no direction: m / ||W + ΔW|| would be 0/0. PEFT 0.21
-# outputs NaN there (and NaN gradients); the lab uses the scale 1, so the row computes W + ΔW.
-
-
-def _zero_row_base(quant: str | None, bias: bool) -> nn.Module:
-    torch.manual_seed(0)
-    lin = nn.Linear(64, 8, bias=bias)
-    with torch.no_grad():
-        lin.weight[0] = 0
-        lin.weight[5] = 0
-    if quant:
-        from lab.quant import Linear4bit
-
-        return Linear4bit.from_linear(lin, scheme=quant)
-    return lin
-
-
-@pytest.mark.parametrize("quant", [None, "nf4", "int4"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_fresh_dora_on_a_zero_row_computes_w_with_finite_gradients(quant, bias):
-    base = _zero_row_base(quant, bias)
-    layer = lab.DoRALinear(base, 2, 4.0)
-    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
-    out = layer(x)
-    assert torch.equal(out, base(x)), (out - base(x)).abs().max()
-    out.square().sum().backward()
-    for name, p in layer.adapter_parameters().items():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    # One step later the zero row has a direction: still finite, and merge agrees with forward.
-    with torch.no_grad():
-        for p in layer.adapter_parameters().values():
-            p -= 0.1 * p.grad
-        expected = layer(x)
-    assert torch.isfinite(expected).all()
-    layer.merge()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    layer.unmerge()
-
-
-@pytest.mark.parametrize("magnitude", [0.0, 1e-30, -1e-38])
-def test_dora_unmerge_with_a_vanishing_magnitude_restores_w_bit_for_bit(magnitude):
-    torch.manual_seed(0)
-    layer = lab.DoRALinear(nn.Linear(8, 4), 2, 4.0)
-    w = layer.base.weight.detach().clone()
-    with torch.no_grad():
-        layer.lora_B.normal_()
-        layer.magnitude[1] = magnitude
-    x = torch.randn(2, 8)
-    with torch.no_grad():
-        expected = layer(x)
-    layer.merge()
-    assert torch.isfinite(layer.base.weight).all()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
-    layer.unmerge()
-    assert torch.equal(layer.base.weight, w)
-
-
-def test_dora_merge_on_a_4bit_base_with_a_zero_magnitude_gives_the_4bit_base_back():
-    base = _zero_row_base("nf4", bias=True)
-    layer = lab.DoRALinear(base, 2, 4.0)
-    with torch.no_grad():
-        layer.lora_B.normal_()
-        layer.magnitude[3] = 0
-    layer.merge()
-    assert torch.isfinite(layer.base.weight).all()
-    layer.unmerge()
-    assert layer.base is base
-    layer.merge(requantize=True)
-    assert torch.isfinite(layer.base.dequantize()).all()
-    layer.unmerge()
-    assert layer.base is base
-
-
-def test_dora_merge_refuses_a_diverged_magnitude():
-    torch.manual_seed(0)
-    layer = lab.DoRALinear(nn.Linear(8, 4), 2, 4.0)
-    w = layer.base.weight.detach().clone()
-    with torch.no_grad():
-        layer.magnitude[2] = float("nan")
-    with pytest.raises(ValueError, match="magnitude has 1 NaN"):
-        layer.merge()
-    assert not layer.merged and torch.equal(layer.base.weight, w)
