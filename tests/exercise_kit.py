@@ -1,9 +1,11 @@
-"""What the exercise tests share: reading a verdict, answers that break, a synthetic grid."""
+"""What the exercise tests share: a verdict read, answers that break, a grid, a submission."""
 
 from __future__ import annotations
 
 import math
 import sys
+
+import nbformat
 
 from lab import practice
 from lab.exercises import Feedback
@@ -100,3 +102,53 @@ GRID = synthetic_grid()
 def find_ok(results):
     trained = [r for r in results if not r.diverged]
     return max(trained, key=lambda r: (r.heldout["accuracy"], -r.heldout["loss"])).point.lr
+
+
+# A submission for the nbgrader tests (test_grading, test_class_roundtrip): answers, mistakes.
+
+
+def cells_by_id(nb) -> dict[str, nbformat.NotebookNode]:
+    return {c.metadata["nbgrader"]["grade_id"]: c for c in nb.cells if "nbgrader" in c.metadata}
+
+
+def answer(cell_source: str) -> str:
+    """What a student who solved it writes: the solution without nbgrader's markers."""
+    return "\n".join(line for line in cell_source.split("\n") if "### " not in line)
+
+
+# The mistakes the checker tests already use, one per exercise ben gets wrong (and what the
+# checker says to each: its hint must reach ben's feedback).
+MISTAKES = {
+    "ex1_forward_answer": (
+        "def check_forward(fn):  # redefining the check changes nothing the grader runs\n"
+        "    return 'passed'\n\n\n"
+        "def my_forward(x, base, A, B, scaling, dropout):\n"
+        "    return base(x) + dropout(x) @ A.T @ B.T\n\n\n"
+        "check_forward(my_forward)"
+    ),
+    "ex3_count_answer": (
+        "def my_count(config, targets, rank):\n"
+        "    return config.n_layers * len(targets) * rank * config.d_model  # A only\n\n\n"
+        "check_count(my_count)"
+    ),
+    "ex5_sweep_answer": 'ANSWER = "A"\ncheck_sweep_answer(ANSWER)',
+    "ex6_memory_answer": (
+        "FULL_BYTES = 4 * 406_784  # gradients only: AdamW's two moments forgotten\n"
+        "LORA_BYTES = 4 * 8_192\ncheck_memory(FULL_BYTES, LORA_BYTES)"
+    ),
+    "ex7_nf4_answer": (
+        "LEVELS = torch.tensor(lab.NF4_LEVELS)\n\n\n"
+        "def my_quantize(block):\n"
+        "    absmax = block.max()\n"
+        "    return (block[:, None] / absmax - LEVELS).abs().argmin(dim=1), absmax\n\n\n"
+        "def my_dequantize(codes, absmax):\n"
+        "    return LEVELS[codes.long()] * absmax\n\n\n"
+        "check_nf4(my_quantize, my_dequantize)"
+    ),
+    "ex9a_lr_prediction_answer": (
+        "LORA_LR = 3e-3  # full fine-tuning's own\ncheck_lr_prediction(LORA_LR)"
+    ),
+    "ex10b_shift_targets_answer": (
+        'TARGETS = ("q_proj", "v_proj")\nRANK = 18\ncheck_shift_targets(TARGETS, RANK)'
+    ),
+}

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from exercise_kit import MISTAKES, answer, cells_by_id
 from needs import skip_or_fail
 from system_venv import class_venv
-from test_grading import MISTAKES, answer, cells_by_id
 
 from lab.exercises.course import ASSIGNMENT, SOURCE
 

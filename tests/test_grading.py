@@ -22,6 +22,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from exercise_kit import MISTAKES, answer, cells_by_id
 
 from lab.exercises import SWEEP_CHOICES, grade
 from lab.exercises.course import (
@@ -38,21 +39,12 @@ from lab.exercises.course import (
 BIN = str(Path(sys.executable).parent)  # nbgrader's Gradebook runs `alembic` from PATH
 
 
-def cells_by_id(nb) -> dict[str, nbformat.NotebookNode]:
-    return {c.metadata["nbgrader"]["grade_id"]: c for c in nb.cells if "nbgrader" in c.metadata}
-
-
 def without_outputs(nb) -> list[dict]:
     """Each cell as nbgrader wrote it, less what executing the notebook adds."""
     return [
         {"id": c.get("id"), "type": c.cell_type, "source": c.source, "metadata": c.metadata}
         for c in nb.cells
     ]
-
-
-def answer(cell_source: str) -> str:
-    """What a student who solved it writes: the solution without nbgrader's markers."""
-    return "\n".join(line for line in cell_source.split("\n") if "### " not in line)
 
 
 @pytest.fixture(scope="module")
@@ -106,44 +98,6 @@ def scores(root: Path, student: str) -> dict[str, float]:
         result["total"] = sub.score
         result["max"] = sub.max_score
     return result
-
-
-# The mistakes the checker tests already use, one per exercise ben gets wrong (and what the
-# checker says to each: its hint must reach ben's feedback).
-MISTAKES = {
-    "ex1_forward_answer": (
-        "def check_forward(fn):  # redefining the check changes nothing the grader runs\n"
-        "    return 'passed'\n\n\n"
-        "def my_forward(x, base, A, B, scaling, dropout):\n"
-        "    return base(x) + dropout(x) @ A.T @ B.T\n\n\n"
-        "check_forward(my_forward)"
-    ),
-    "ex3_count_answer": (
-        "def my_count(config, targets, rank):\n"
-        "    return config.n_layers * len(targets) * rank * config.d_model  # A only\n\n\n"
-        "check_count(my_count)"
-    ),
-    "ex5_sweep_answer": 'ANSWER = "A"\ncheck_sweep_answer(ANSWER)',
-    "ex6_memory_answer": (
-        "FULL_BYTES = 4 * 406_784  # gradients only: AdamW's two moments forgotten\n"
-        "LORA_BYTES = 4 * 8_192\ncheck_memory(FULL_BYTES, LORA_BYTES)"
-    ),
-    "ex7_nf4_answer": (
-        "LEVELS = torch.tensor(lab.NF4_LEVELS)\n\n\n"
-        "def my_quantize(block):\n"
-        "    absmax = block.max()\n"
-        "    return (block[:, None] / absmax - LEVELS).abs().argmin(dim=1), absmax\n\n\n"
-        "def my_dequantize(codes, absmax):\n"
-        "    return LEVELS[codes.long()] * absmax\n\n\n"
-        "check_nf4(my_quantize, my_dequantize)"
-    ),
-    "ex9a_lr_prediction_answer": (
-        "LORA_LR = 3e-3  # full fine-tuning's own\ncheck_lr_prediction(LORA_LR)"
-    ),
-    "ex10b_shift_targets_answer": (
-        'TARGETS = ("q_proj", "v_proj")\nRANK = 18\ncheck_shift_targets(TARGETS, RANK)'
-    ),
-}
 
 
 WRONG = {gid.removesuffix("_answer") for gid in MISTAKES} | {"ex3_count"}
