@@ -47,6 +47,7 @@ from .stacked_adamw import StackedAdamW
 from .step import autocast_dtype, forward_loss
 from .surgery import add_lora, build_layer
 from .tasks import SEQ_LEN, Task
+from .text import plural
 from .training import (
     MAX_STEPS,
     _lr_at,
@@ -375,7 +376,7 @@ class BatchedTrainer:
         model, layers = _batched_model(work, specs, self.device, dropout_draw)
         needed = len(specs) * bytes_per_config(base.config, specs, batch_size)
         needed += 8 * steps * batch_size * (len(specs) + len({s.seed for s in specs}))
-        check_fits(needed, self.device, f"{len(specs)} configuration{'s' * (len(specs) != 1)} "
+        check_fits(needed, self.device, f"{plural(len(specs), 'configuration')} "
                    f"with batch_size={batch_size:,} for steps={steps:,}")  # fmt: skip
         self.model, self.layers = model, layers
         self.model.train()
