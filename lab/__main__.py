@@ -50,6 +50,7 @@ from .sweeps import (
 from .tasks import FINETUNE_TASKS
 from .text import plural
 from .training import MAX_STEPS, SEED_LIMIT
+from .variants.registry import choices_help
 
 # `python -m lab bench` was the benchmarks' command; they are tools, not lessons, and now live
 # outside the package.
@@ -136,13 +137,13 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
         "--variant",
         default="lora",
         choices=list(VARIANTS),
-        help="the adapter layer: lora (Hu et al. 2021) or dora (Liu et al. 2024)",
+        help=f"the adapter layer: {choices_help(VARIANTS)}",
     )
     p.add_argument(
         "--init",
         default="default",
         choices=list(INITS),
-        help="A and B at the start: default (B = 0) or pissa (W's top singular directions)",
+        help=f"A and B at the start: {choices_help(INITS)}",
     )
     p.add_argument(
         "--lr-ratio",

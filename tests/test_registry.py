@@ -136,3 +136,14 @@ def test_a_batched_form_that_names_a_tensor_its_layer_lacks_is_refused(monkeypat
     with pytest.raises(ValueError, match=r"its batched form names \['lora_a'\]"):
         train_batched(lab.load_base_model("cpu"), lab.get_task("sort_desc_small"), [spec], 2, 8,
                       "cpu", progress=False)  # fmt: skip
+
+
+def test_the_cli_help_names_every_registered_flavour_and_its_source(capsys):
+    from lab.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    for registry in (VARIANTS, INITS):
+        for name, record in registry.items():
+            assert f"{name}: {record.summary.partition(':')[0]}" in text, name
