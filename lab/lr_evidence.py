@@ -18,8 +18,11 @@ from .engine.results import SweepResult
 from .fileio import regular_file
 from .findings import Finding, _count, _span
 from .lora import LoRALinear
+from .variants.registry import flavour_label
 
 __all__ = ["GRID_DIR", "LR_TOLERANCE", "LrEvidence", "lr_evidence"]
+
+FULL = "full fine-tuning"
 
 # Learning rates: the shipped grids space lrs by factors of 2, so an lr up to LR_TOLERANCE
 # times beyond the extremes that trained may still train (never at or past one that failed).
@@ -35,17 +38,27 @@ GRID_DIR = Path(__file__).parent / "data"  # every *_grid.json here is read
 # ---------------------------------------------------------------------------------------------
 
 
-def _kind(point) -> str:
+def _kind(variant: str, init: str, lr_ratio: float) -> str:
+    """A run's kind: its flavour as the registry names it ('LoRA', 'DoRA', 'LoRA-FA', ...), with
+    LoRA+'s rate ratio kept apart ('LoRA+', 'DoRA LoRA+'): flavours train at rates of their own
+    (LoRA-FA's best on the toy is 8x LoRA's), so one's range is no evidence for another's."""
+    label = flavour_label(variant, init)
+    if lr_ratio != 1:
+        return "LoRA+" if label == "LoRA" else f"{label} LoRA+"
+    return label
+
+
+def _point_kind(point) -> str:
     if point.rank is None:
-        return "full fine-tuning"
-    return "LoRA+" if point.lr_ratio != 1 else "LoRA"
+        return FULL
+    return _kind(point.variant, point.init, point.lr_ratio)
 
 
 @dataclass(frozen=True)
 class LrEvidence:
     """The learning rates that trained one kind of run in the lab's grid files."""
 
-    kind: str  # "LoRA", "LoRA+" or "full fine-tuning"
+    kind: str  # "LoRA", "LoRA+", another flavour's name ("DoRA", "LoRA-FA") or "full fine-tuning"
     trained: tuple[float, ...]  # lrs at which some run trained (ascending)
     failed: tuple[float, ...]  # lrs at which every run diverged or stalled (ascending)
     runs: int  # results of this kind that the range comes from
@@ -77,13 +90,22 @@ def _grid_results(directory: Path) -> list[tuple[str, SweepResult]]:
     return out
 
 
+def _kinds() -> list[str]:
+    """Every kind a run can have: each registered flavour and combination, with and without
+    LoRA+'s rate ratio, and full fine-tuning."""
+    from .config import INITS, VARIANTS
+
+    kinds = [_kind(v, i, r) for v in VARIANTS for i in INITS for r in (1, 2)]
+    return list(dict.fromkeys(kinds)) + [FULL]
+
+
 def lr_evidence(kind: str, directory: str | os.PathLike | None = None) -> LrEvidence | None:
     """Which lrs trained runs of `kind` in every *_grid.json of `directory` (default: GRID_DIR).
 
     A run trained when it did not diverge and reached at least USEFUL_FRACTION of the best
     held-out accuracy of its kind on its task in its file. None when no run of that kind exists.
     """
-    kinds = ("LoRA", "LoRA+", "full fine-tuning")
+    kinds = _kinds()
     if kind not in kinds:
         raise ValueError(f"kind={kind!r}: expected one of {', '.join(map(repr, kinds))}")
     if directory is None:
@@ -94,7 +116,7 @@ def lr_evidence(kind: str, directory: str | os.PathLike | None = None) -> LrEvid
             raise NotADirectoryError(
                 f"directory {directory} is not a folder (of the lab's *_grid.json sweep files)"
             )
-    results = [(f, r) for f, r in _grid_results(directory) if _kind(r.point) == kind]
+    results = [(f, r) for f, r in _grid_results(directory) if _point_kind(r.point) == kind]
     if not results:
         return None
 
@@ -128,9 +150,11 @@ def lr_evidence(kind: str, directory: str | os.PathLike | None = None) -> LrEvid
 def _learning_rate(layers: dict[str, LoRALinear], lr: float) -> list[Finding]:
     """lr-too-high / lr-too-low, against the runs of the model's kind in the shipped grids."""
     if not layers:
-        kind = "full fine-tuning"
-    else:
-        kind = "LoRA+" if any(layer.lr_ratio != 1 for layer in layers.values()) else "LoRA"
+        kind = FULL
+    else:  # the model's kind as its runs' kinds are named; a mix is read as its first layer's
+        config = next(iter(layers.values())).config
+        lr_ratio = max(layer.lr_ratio for layer in layers.values())
+        kind = _kind(config.variant, config.init, lr_ratio)
     evidence = lr_evidence(kind)
     if evidence is None and kind == "LoRA+":
         kind, evidence = "LoRA", lr_evidence("LoRA")
@@ -152,7 +176,7 @@ def _learning_rate(layers: dict[str, LoRALinear], lr: float) -> list[Finding]:
     )
     if failed:
         detail += f", and {', '.join(f'{f:g}' for f in failed)} failed (diverged or stalled)"
-    other = lr_evidence("LoRA" if kind == "full fine-tuning" else "full fine-tuning")
+    other = lr_evidence("LoRA" if kind == FULL else FULL)
     if other is not None and other.low <= lr <= other.high:
         detail += f"; {lr:g} is where {other.kind} trained, a different range"
     return [

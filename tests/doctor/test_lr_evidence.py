@@ -115,3 +115,24 @@ def test_bad_lr_raises_naming_it(healthy):
                        (math.inf, ValueError), ("1e-3", TypeError), (True, TypeError)):  # fmt: skip
         with pytest.raises(error, match="lr="):
             doctor(healthy, lr=bad)
+
+
+def test_each_flavour_is_judged_against_its_own_runs():
+    """LoRA-FA trains best at 8x LoRA's rate on the toy (notebook 08): its runs widen neither
+    LoRA's range nor its failures, and a LoRA-FA model is judged by LoRA-FA's runs."""
+    lora, fa = lr_evidence("LoRA"), lr_evidence("LoRA-FA")
+    assert lora is not None and fa is not None and fa.high > lora.high * LR_TOLERANCE
+    grids = [r for _, r in lab.lr_evidence._grid_results(lab.lr_evidence.GRID_DIR)]
+    plain = [
+        r for r in grids if r.point.rank and (r.point.variant, r.point.init) == ("lora", "default")
+    ]
+    assert lora.runs == sum(r.point.lr_ratio == 1 for r in plain)  # no other flavour's runs
+    assert "lr-too-high" in codes(doctor(fresh(), lr=fa.high))
+    assert "lr-too-high" not in codes(doctor(fresh(variant="lora-fa"), lr=fa.high))
+    advice = only(doctor(fresh(variant="lora-fa"), lr=fa.high * 10), "lr-too-high").advice
+    assert "LoRA-FA trained" in advice
+
+
+def test_the_kinds_asked_for_are_the_registered_flavours():
+    with pytest.raises(ValueError, match="'LoRA-FA'.*full fine-tuning"):
+        lr_evidence("VeRA")
