@@ -74,7 +74,8 @@ class LoRALinear(MergeMixin, nn.Module):
         check_base(base, config, type(self))
         super().__init__()
         self.base = base
-        for p in base.parameters():
+        trains = [(p, p.requires_grad) for p in base.parameters()]
+        for p, _ in trains:
             p.requires_grad_(False)
         self.config = config
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -95,8 +96,13 @@ class LoRALinear(MergeMixin, nn.Module):
         # (On the meta device this is a no-op: there is no data to fill.)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        INITS[config.init].apply(self)  # "default" keeps the above; PiSSA replaces A, B and W
-        self.reset_variant_state()
+        try:
+            INITS[config.init].apply(self)  # "default" keeps the above; PiSSA replaces A, B and W
+            self.reset_variant_state()
+        except BaseException:  # an init that refuses this W leaves the base as it found it
+            for p, grad in trains:
+                p.requires_grad_(grad)
+            raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = W x + (alpha / r) B A dropout(x): (..., in_features) -> (..., out_features)."""
@@ -150,12 +156,18 @@ def _default_init(layer: LoRALinear) -> None:
     """Hu et al. 2021: A random (as built), B = 0, so B A = 0 and the model is unchanged."""
 
 
+def _b_is_zero(layer: LoRALinear) -> bool:
+    """Still at the 2021 start? Only a gradient step moves B off zero."""
+    return not bool(layer.lora_B.detach().any())
+
+
 register_variant(
     Variant(
         "lora",
         LoRALinear,
         "LoRA (Hu et al. 2021): W + (alpha/r) B A",
         batched=True,
+        display="LoRA",
     )
 )
 register_init(
@@ -164,5 +176,6 @@ register_init(
         _default_init,
         "A random (Kaiming uniform), B = 0: B A = 0 at the start",
         batched=True,
+        at_start=_b_is_zero,
     )  # fmt: skip
 )

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from lab.config import LoRAConfig
 from lab.lora import LoRALinear
 from lab.surgery import (
     ParamCount,
@@ -216,3 +217,17 @@ def test_lora_linear_rejects_non_linear_and_lora_bases():
         LoRALinear(nn.LayerNorm(8), rank=1, alpha=2)
     with pytest.raises(TypeError, match="already has LoRA"):
         LoRALinear(LoRALinear(nn.Linear(8, 8), rank=1, alpha=2), rank=1, alpha=2)
+
+
+@pytest.mark.parametrize("init", ["pissa", "milora"])
+def test_a_layer_whose_init_refuses_the_base_leaves_it_trainable_as_it_was(init):
+    """One nonzero row: an init from W's singular directions has too few of them for rank 2."""
+    lin = nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0] = 1.0
+    before = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match=f"init='{init}'.*never train"):
+        LoRALinear(lin, config=LoRAConfig(rank=2, init=init))
+    assert [p.requires_grad for p in lin.parameters()] == [True, True]
+    assert torch.equal(lin.weight, before)

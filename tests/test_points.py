@@ -312,3 +312,17 @@ def test_a_point_carries_every_field_of_its_config():
 
     config_fields = tuple(f.name for f in dataclasses.fields(LoRAConfig))
     assert config_fields == ADAPTER_FIELDS and set(config_fields) <= set(POINT_FIELDS)
+
+
+REWRITES_W = [name for name, record in lab.config.INITS.items() if record.changes_base]
+
+
+def test_pissa_and_milora_are_the_inits_that_rewrite_w():
+    assert {"pissa", "milora"} <= set(REWRITES_W)
+
+
+@pytest.mark.parametrize("init", REWRITES_W)
+def test_an_init_that_rewrites_w_is_refused_on_a_4bit_base_by_name(init):
+    """PiSSA and MiLoRA start from W's own singular directions: a 4-bit W cannot give them."""
+    with pytest.raises(ValueError, match=rf"init='{init}' with quant='nf4'.*full-precision W"):
+        SweepPoint("sort_desc", 4, init=init, quant="nf4")

@@ -16,13 +16,13 @@ from torch import nn
 from ..analysis import canonical_targets
 from ..base import BASE_MODEL_PATH
 from ..batched import AdapterSpec, batchable
-from ..config import ALL_LINEAR, LoRAConfig
+from ..config import ALL_LINEAR, INITS, LoRAConfig
 from ..forgetting import check_replay, with_replay
 from ..quant import SCHEMES, quantize_base
 from ..surgery import add_lora
 from ..tasks import FINETUNE_TASKS, Task, get_task
 from ..training import MAX_STEPS, check_count, check_lr, check_seed
-from ..variants.registry import flavour_label
+from ..variants.registry import display_name, flavour_label
 
 __all__ = [
     "ALL_TARGETS",
@@ -258,9 +258,10 @@ def _build(point, task, adapter: dict, steps, lr, batch_size, seed, quant, repla
             lora = LoRAConfig(**{**adapter, "rank": rank, "targets": targets})
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{exc} (rank None means full fine-tuning)") from None
-        if lora.init == "pissa" and quant is not None:
+        if INITS[lora.init].changes_base and quant is not None:  # PiSSA, MiLoRA: W is rewritten
+            name = display_name(INITS[lora.init])
             raise ValueError(
-                f"init='pissa' with quant={quant!r}: PiSSA needs the full-precision W; "
+                f"init={lora.init!r} with quant={quant!r}: {name} needs the full-precision W; "
                 "use init='default' on a 4-bit base"
             )
     for name, value in (("task", task), ("lora", lora), ("steps", steps), ("lr", float(lr)),

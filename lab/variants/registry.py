@@ -103,17 +103,9 @@ def choices_help(registry: Mapping[str, Variant | Init]) -> str:
                      for name, record in registry.items())  # fmt: skip
 
 
-def _b_is_zero(layer: LoRALinear) -> bool:
-    """The 2021 start: A random, B = 0; only a gradient step moves B off zero."""
-    return not bool(layer.lora_B.detach().any())
-
-
 def adapter_at_start(layer: LoRALinear) -> bool | None:
     """True if the layer's adapter is exactly as its init left it; None if that cannot be told."""
     if layer.lora_B.is_meta:
         return None
-    init = INITS[layer.config.init]
-    hook = init.at_start
-    if hook is None and init.name == "default":
-        hook = _b_is_zero
+    hook = INITS[layer.config.init].at_start
     return None if hook is None else hook(layer)
