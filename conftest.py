@@ -3,7 +3,7 @@
 pytest loads this file whatever is collected under the repository root, so nbval's kernels,
 which inherit this process's environment, never read or write a user's sweep cache (they see
 only the lab's shipped default grid) and never spend time measuring batched chunk sizes
-(lab.calibrate), which would also write the user's cache folder, and print no line about a
+(lab.engine.calibrate), which would also write the user's cache folder, and print no line about a
 busy machine (lab.threads), which would differ from the stored outputs. The sanitizer nbval
 compares stored outputs through is tests/nbval/sanitize.cfg (named in pyproject.toml).
 """

@@ -20,7 +20,7 @@ writes JSON, a markdown report and plots; `python -m benchmarks.gpu` runs them a
 - inference: base vs merged vs unmerged forward time, next to the unmerged FLOP share.
 - growth: trainable parameters against model width and rank (exact counts), with measured memory.
 - sweep: a grid trained one configuration after another against the same grid as sweep() trains
-  it (in the chunk size lab.calibrate measures fastest, timed), how the cost per configuration
+  it (in the chunk size lab.engine.calibrate measures fastest, timed), how the cost per configuration
   scales with the grid's size (sweep()'s default and every configuration forced into one step),
   the dropout masks' share of a batched step (exact vs fast draw), and a profile of a step.
 
@@ -677,7 +677,7 @@ def bench_sweep(
     """A rank x alpha x dropout grid trained one after another and as sweep() trains it, in turns.
 
     Training loops only (loading, evaluation and memory measurement excluded on both sides).
-    For each batch size: the chunk size sweep() now chooses (`lab.calibrate.measure`, run
+    For each batch size: the chunk size sweep() now chooses (`lab.engine.calibrate.measure`, run
     fresh here and timed; the user's remembered answers are neither read nor written) and the
     static rule's; the whole grid alone vs in those chunks (median of `repeats` alternating
     rounds); then, as the grid grows, alone vs sweep()'s default vs every configuration forced

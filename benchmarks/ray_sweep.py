@@ -2,7 +2,7 @@
 
 The grid (ranks 1, 2, 4, 8 x alphas 8, 16 x dropouts 0, 0.1 x four learning rates, on rotate) is
 planned once as sweep() plans it (lab.sweeps.plan_chunks: batched chunks, chunk size chosen by
-lab.calibrate; that choice is made before either side is timed and shown apart), then trained
+lab.engine.calibrate; that choice is made before either side is timed and shown apart), then trained
 twice into fresh caches, in turns:
 
 - one process: sweep(..., executor="local"), this process with its torch threads;

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from .text import plural
 from .training import (
     MAX_STEPS,
     _lr_at,
+    available_bytes,
     check_count,
     check_fits,
     check_lr,
@@ -305,14 +305,9 @@ def max_configs_for_memory(
     bytes_per_config: int, device: torch.device | str, fraction: float = 0.5
 ) -> int:
     """How many configurations fit in `fraction` of the device's free memory (at least 1)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 4 << 30  # unknown: assume 4 GiB
+    free = available_bytes(torch.device(device))
+    if free is None:
+        free = 4 << 30  # unknown: assume 4 GiB
     return max(1, int(free * fraction) // max(1, bytes_per_config))
 
 

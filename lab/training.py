@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import time
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -74,23 +74,22 @@ def check_weight_decay(weight_decay: object) -> None:
         raise ValueError(f"weight_decay={weight_decay!r}: expected a finite number >= 0")
 
 
-def available_bytes(device: torch.device) -> int | None:
-    """Memory a run may still use on `device` (free GPU memory, or MemAvailable); None: unknown."""
+def available_bytes(device: torch.device | str) -> int | None:
+    """Bytes a run may still use on `device`: the GPU's free memory, or what the OS can give
+    without swapping (psutil's `available`, MemAvailable on Linux); None when unknown.
+
+    The lab's one free-memory probe: training checks a run against it, a sweep plans with it
+    (asked once per plan).
+    """
+    device = torch.device(device)
     if device.type == "cuda":
         try:
             return torch.cuda.mem_get_info(device)[0]
         except (RuntimeError, AssertionError):
             return None
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, AttributeError):
         return None
 
 

@@ -1,5 +1,5 @@
 """Unit tests never touch a user's sweep cache, measure chunk sizes only where a test means to
-(lab.calibrate), and draw without a display. Fixtures several test files share live here."""
+(lab.engine.calibrate), and draw without a display. Fixtures several test files share live here."""
 
 import atexit
 import os

@@ -48,3 +48,19 @@ def test_a_device_that_is_not_here_is_refused_by_name(device, error, words):
     with pytest.raises(error, match=words):
         resolve_device(device)
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_training_the_engine_and_the_batched_cap_share_one_free_memory_probe(monkeypatch):
+    import types
+
+    import psutil
+
+    import lab.batched
+    import lab.training
+    from lab.engine import devices
+
+    assert devices.free_memory is lab.training.available_bytes
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=1000))
+    assert lab.batched.max_configs_for_memory(100, "cpu") == 5  # half of the 1,000 bytes
+    with pytest.raises(MemoryError):
+        lab.training.check_fits(2000, torch.device("cpu"), "a run")

@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import os
 
-import psutil
 import torch
 
 from ..fileio import user_cache_root
 from ..model import default_device
+from ..training import available_bytes as free_memory  # the lab's one free-memory probe
 
 __all__ = ["free_memory", "keep_torch_cache_at_home", "ray_device", "resolve_device"]
-
-
-def free_memory(device: torch.device | str) -> int | None:
-    """Bytes a run may still use on `device`: the GPU's free memory, or the memory the OS can
-    give without swapping (psutil's `available`, MemAvailable on Linux); None when unknown.
-
-    The one probe the engine plans with: asked once per plan.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            return torch.cuda.mem_get_info(device)[0]
-        except (RuntimeError, AssertionError):
-            return None
-    try:
-        return int(psutil.virtual_memory().available)
-    except (OSError, RuntimeError, AttributeError):
-        return None
 
 
 def resolve_device(device: object) -> torch.device:
