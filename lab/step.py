@@ -87,7 +87,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
     groups = parameter_groups(model)
     if not groups:
         raise ValueError("the model has no trainable parameters (nothing requires grad)")
-    # torch makes its compiler cache folder on the first optimizer step (/tmp by default, one per
+    # torch makes its compiler cache folder when an optimizer is built (/tmp by default, one per
     # user on a shared host): the lab points it into the user's cache folder first.
     keep_torch_cache_at_home()
     for group in groups:
