@@ -43,7 +43,7 @@ from .formats import (
     build_nf4_levels,
     levels,
 )
-from .linear4bit import Linear4bit, dense_linear  # noqa: F401 (dense_linear: lab.lora, lab.spectra)
+from .linear4bit import Linear4bit, dense_linear  # noqa: F401 (dense_linear: lab.merging, lab.spectra)
 from .model_4bit import dequantize_base, quantization_error, quantize_base
 
 __all__ = [

@@ -25,7 +25,7 @@ __all__ = [
 # Whole models
 # ---------------------------------------------------------------------------------------------
 
-# Modules that read a child linear's .weight directly instead of calling it (see lab.lora).
+# Modules that read a child linear's .weight directly instead of calling it (see lab.surgery).
 _WEIGHT_READING_PARENTS: tuple[type[nn.Module], ...] = (
     nn.MultiheadAttention,
     nn.TransformerEncoderLayer,
