@@ -20,3 +20,20 @@ def bwrap():
     """bubblewrap, the grader's sandbox: a test that starts a submission's worker needs it."""
     if shutil.which("bwrap") is None:
         skip_or_fail("bubblewrap (bwrap) is missing: apt-get install bubblewrap")
+
+
+@pytest.fixture
+def lora_model():
+    """Two linears with rank-2 adapters (alpha 4) whose B is random, as if trained."""
+    import torch
+    from torch import nn
+
+    from lab.surgery import add_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    add_lora(model, ["0", "2"], rank=2, alpha=4)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_()
+    return model

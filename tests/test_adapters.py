@@ -8,86 +8,29 @@ import json
 import os
 import re
 import stat
-import subprocess
-import sys
 
 import pytest
 import torch
-from needs import interruptible
+from core_kit import (
+    assert_unchanged,
+    randomize_adapters,
+    run_script,
+    same,
+    snapshot,
+    tensors_of,
+    tiny_model,
+    tokens,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from lab.adapters import load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
 from lab.config import LoRAConfig
 from lab.model import ToyTransformer, get_preset
 from lab.surgery import (
     add_lora,
-    lora_layers,
     merge_lora,
 )
-
-
-def tiny_model(seed: int = 0) -> ToyTransformer:
-    torch.manual_seed(seed)
-    return ToyTransformer(get_preset("tiny")).eval()
-
-
-def tokens(seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, get_preset("tiny").vocab_size, (2, 8), generator=g)
-
-
-def randomize_adapters(model: nn.Module, seed: int = 2) -> None:
-    """Give every B non-zero values, as if trained."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
-
-
-def snapshot(model: nn.Module):
-    """Everything that must survive a refused call: module tree, tensors, requires_grad flags."""
-    return (
-        [(name, type(m)) for name, m in model.named_modules()],
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        {name: p.requires_grad for name, p in model.named_parameters()},
-    )
-
-
-def assert_unchanged(model: nn.Module, before) -> None:
-    modules, tensors, flags = snapshot(model)
-    assert modules == before[0]
-    assert tensors.keys() == before[1].keys()
-    for key, value in tensors.items():
-        assert torch.equal(value, before[1][key]), key
-    assert flags == before[2]
-
-
-def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
-
-
-@pytest.fixture
-def lora_model() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    add_lora(model, ["0", "2"], rank=2, alpha=4)
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            layer.lora_B.normal_()
-    return model
-
-
-def run_script(code: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
-    """`code` run by this Python in a process of its own, with `args`; its output captured."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=os.getcwd(), preexec_fn=interruptible)  # fmt: skip
 
 
 @pytest.fixture

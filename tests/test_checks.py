@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_kit import (
+    assert_unchanged,
+    full_snapshot,
+    snapshot,
+    unchanged,
+)
 from torch import nn
 
 from lab.lora import LoRALinear
@@ -11,61 +17,6 @@ from lab.model import ToyTransformer, get_preset
 from lab.surgery import (
     add_lora,
 )
-
-
-def snapshot(model: nn.Module):
-    """Everything that must survive a refused call: module tree, tensors, requires_grad flags."""
-    return (
-        [(name, type(m)) for name, m in model.named_modules()],
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        {name: p.requires_grad for name, p in model.named_parameters()},
-    )
-
-
-def assert_unchanged(model: nn.Module, before) -> None:
-    modules, tensors, flags = snapshot(model)
-    assert modules == before[0]
-    assert tensors.keys() == before[1].keys()
-    for key, value in tensors.items():
-        assert torch.equal(value, before[1][key]), key
-    assert flags == before[2]
-
-
-def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
-
-
-def full_snapshot(model: nn.Module) -> tuple:
-    """Every tensor bit for bit, every requires_grad flag and every module's type."""
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    return tensors_of(model), flags, [(n, type(m)) for n, m in model.named_modules()]
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit (torch.equal calls NaN unequal to itself)."""
-    return (
-        a.shape == b.shape
-        and a.dtype == b.dtype
-        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    )
-
-
-def unchanged(model: nn.Module, before: tuple) -> bool:
-    state, flags, kinds = before
-    now = model.state_dict()
-    now_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    return (
-        now.keys() == state.keys()
-        and all(bitwise_equal(now[k], state[k]) for k in state)
-        and now_flags == flags
-        and kinds == [(n, type(m)) for n, m in model.named_modules()]
-    )
-
 
 # The rank must fit the layer: rank <= min(in_features, out_features), named per layer.
 RANK_TOO_LARGE = [

@@ -9,47 +9,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from core_kit import assert_unchanged, same, snapshot, tensors_of, tiny_model
 from torch import nn
 
 from lab.config import LoRAConfig, check_hparams
 from lab.lora import LoRALinear
-from lab.model import ToyTransformer, get_preset
 from lab.surgery import (
     add_lora,
 )
-
-
-def tiny_model(seed: int = 0) -> ToyTransformer:
-    torch.manual_seed(seed)
-    return ToyTransformer(get_preset("tiny")).eval()
-
-
-def snapshot(model: nn.Module):
-    """Everything that must survive a refused call: module tree, tensors, requires_grad flags."""
-    return (
-        [(name, type(m)) for name, m in model.named_modules()],
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        {name: p.requires_grad for name, p in model.named_parameters()},
-    )
-
-
-def assert_unchanged(model: nn.Module, before) -> None:
-    modules, tensors, flags = snapshot(model)
-    assert modules == before[0]
-    assert tensors.keys() == before[1].keys()
-    for key, value in tensors.items():
-        assert torch.equal(value, before[1][key]), key
-    assert flags == before[2]
-
-
-def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
-
 
 # The hyperparameter rule (lab.config.check_hparams), one table: every case is refused with the
 # same type and message by the config and by each entry point that builds one, which change

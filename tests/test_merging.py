@@ -17,17 +17,6 @@ from lab.surgery import (
 )
 
 
-@pytest.fixture
-def lora_model() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    add_lora(model, ["0", "2"], rank=2, alpha=4)
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            layer.lora_B.normal_()
-    return model
-
-
 def test_double_merge_and_double_unmerge_leave_weights_unchanged():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(8, 8), rank=2, alpha=5)
