@@ -162,13 +162,17 @@ class SweepExplorer:
             continuous_update=False,
         )  # fmt: skip
         self.full = W.Checkbox(value=sel.full, description="with full fine-tuning", indent=False)
-        self.method = W.ToggleButtons(
+        # A menu, not a row of buttons: it holds every registered flavour, however many there
+        # are, at the width of the task menu above it. Its tooltip names the chosen one's source.
+        self.method = W.Dropdown(
             options=list(METHODS),
             value=sel.method,
             description="method",
-            tooltips=[_method_tooltip(m) for m in METHODS],
-            style={"button_width": "64px", "description_width": "80px"},
-            layout=W.Layout(display="flex", flex_flow="row", align_items="center"),
+            tooltip=_method_tooltip(sel.method),
+        )
+        self.method.observe(
+            lambda change: setattr(self.method, "tooltip", _method_tooltip(change["new"])),
+            names="value",
         )
         lrs = {r.point.lr for r in self.cache.results() if not r.point.is_full}
         self.lr = W.Dropdown(
