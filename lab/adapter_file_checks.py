@@ -19,8 +19,9 @@ from .adapters import (
     lora_state_dict,
 )
 from .config import LoRAConfig
-from .findings import Finding, _count, _names
+from .findings import Finding, _names
 from .lora import LoRALinear
+from .text import plural
 
 __all__: list[str] = []
 
@@ -57,7 +58,7 @@ def _adapter_file(model: nn.Module, layers: dict[str, LoRALinear], path: Path) -
     adapter_keys = [k for k in tensors if k.rpartition(".")[2] in ("lora_A", "lora_B")]
     if not adapter_keys:
         held = (
-            f"{_count(len(tensors), 'tensor')} ({_names(sorted(tensors))})"
+            f"{plural(len(tensors), 'tensor')} ({_names(sorted(tensors))})"
             if tensors
             else "no tensors"
         )

@@ -92,10 +92,6 @@ def _names(names: list[str], limit: int = 3) -> str:
     return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
-
-
 def _span(low: float, high: float, prefix: str) -> str:
     """'between 0.005 and 0.04', or 'about 0.001' when only one value is known."""
     return f"about {prefix}{low:g}" if low == high else f"between {prefix}{low:g} and {high:g}"

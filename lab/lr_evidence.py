@@ -16,8 +16,9 @@ from .checks import check_path as _check_path
 from .engine.cache import load_grid_file
 from .engine.results import SweepResult
 from .fileio import regular_file
-from .findings import Finding, _count, _span
+from .findings import Finding, _span
 from .lora import LoRALinear
+from .text import plural
 from .variants.registry import flavour_label
 
 __all__ = ["GRID_DIR", "LR_TOLERANCE", "LrEvidence", "lr_evidence"]
@@ -171,7 +172,7 @@ def _learning_rate(layers: dict[str, LoRALinear], lr: float) -> list[Finding]:
     detail = (
         f"lr={lr:g} is {'above' if too_high else 'below'} every learning rate that trained "
         f"{kind} in the lab's grids: {_span(low, high, 'lr ')} trained (at least "
-        f"{USEFUL_FRACTION:.0%} of the best held-out accuracy; {_count(evidence.runs, 'run')} in "
+        f"{USEFUL_FRACTION:.0%} of the best held-out accuracy; {plural(evidence.runs, 'run')} in "
         f"{', '.join(evidence.sources)}; up to {LR_TOLERANCE:g}x beyond that is allowed)"
     )
     if failed:

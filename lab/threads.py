@@ -47,6 +47,8 @@ from typing import NamedTuple
 
 import torch
 
+from .text import plural
+
 __all__ = [
     "BUSY_ENV_VAR",
     "ENV_VAR",
@@ -89,10 +91,6 @@ class CpuQuota(NamedTuple):
 
     cpus: float
     source: str
-
-
-def _plural(n: int) -> str:
-    return f"{n} thread" if n == 1 else f"{n} threads"
 
 
 def parse_threads(value: str, name: str = ENV_VAR) -> int:
@@ -201,8 +199,8 @@ def choose_threads(
         n = parse_threads(raw)
         more = f", more than the {cpus} CPUs this process may use" if n > cpus else ""
         return n, (
-            f"{_plural(n)}: {ENV_VAR}={raw.strip()} asks for it{more}; unset it to let the lab "
-            f"choose"
+            f"{plural(n, 'thread')}: {ENV_VAR}={raw.strip()} asks for it{more}; unset it to let "
+            f"the lab choose"
         )
     omp = env.get("OMP_NUM_THREADS", "")
     if omp.strip():
@@ -214,7 +212,7 @@ def choose_threads(
     if quota is not None:
         n = max(1, min(math.ceil(quota.cpus), cpus))
         return n, (
-            f"{_plural(n)}: a CPU quota of {quota.cpus:g} CPUs ({quota.source}) on "
+            f"{plural(n, 'thread')}: a CPU quota of {quota.cpus:g} CPUs ({quota.source}) on "
             f"{cpus} usable CPUs; {_CHANGE}"
         )
     hub = next((v for v in HUB_VARS if env.get(v, "").strip()), None)
@@ -252,14 +250,16 @@ def describe() -> str:
     """One sentence: how many threads torch uses in this kernel now, and why."""
     now = torch.get_num_threads()
     if _applied is None:
-        return f"{_plural(now)}: the lab has not chosen (lab.threads.apply() was not called)"
+        return (
+            f"{plural(now, 'thread')}: the lab has not chosen (lab.threads.apply() was not called)"
+        )
     chosen, after, reason = _applied
     if now != after:
         return (
-            f"{_plural(now)}: changed after the lab chose (torch.set_num_threads); the lab chose "
-            f"{_plural(after)} ({reason})"
+            f"{plural(now, 'thread')}: changed after the lab chose (torch.set_num_threads); the "
+            f"lab chose {plural(after, 'thread')} ({reason})"
         )
-    return reason if chosen is not None else f"{_plural(now)}, {reason}"
+    return reason if chosen is not None else f"{plural(now, 'thread')}, {reason}"
 
 
 def load_average() -> float | None:
@@ -290,8 +290,8 @@ def busy_notice(
     )
     if threads > 1:
         line += (
-            f"; torch uses {_plural(threads)}, and on a busy machine 1 thread is often faster "
-            f"({ENV_VAR}=1 before starting Jupyter, or torch.set_num_threads(1))"
+            f"; torch uses {plural(threads, 'thread')}, and on a busy machine 1 thread is often "
+            f"faster ({ENV_VAR}=1 before starting Jupyter, or torch.set_num_threads(1))"
         )
     return line
 

@@ -49,7 +49,7 @@ def test_lora_lab_threads_gives_exactly_that_many(value, n):
     env = {"LORA_LAB_THREADS": value, "OMP_NUM_THREADS": "7", **HUB}
     chosen, reason = choose_threads(env, cpus=4096, **NO_CGROUP)
     assert chosen == n
-    assert reason.startswith(f"{n} thread") and f"LORA_LAB_THREADS={value.strip()}" in reason
+    assert reason.startswith(f"{n:,} thread") and f"LORA_LAB_THREADS={value.strip()}" in reason
     assert "more than" not in reason
 
 
