@@ -75,6 +75,7 @@ def student(task: str, steps: int) -> None:
     model = lab.load_base_model(device="cpu")
     lab.add_lora(model, rank=RANK, alpha=ALPHA)
     the_task = lab.get_task(task)
+    lab.threads.training_threads()  # the lab's thread rule, applied here as lab.train applies it
     _say({"ready": True, "threads": torch.get_num_threads(), "why": lab.threads.describe()})
     sys.stdin.readline()  # the start signal: every student of the run starts together
     result = lab.train(
