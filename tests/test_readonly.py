@@ -473,11 +473,16 @@ print("RESULT " + json.dumps({
 
 
 def _env(venv: Path, course: Course) -> dict[str, str]:
-    """HOME and nothing that moves a file: the lab's defaults decide where things go."""
+    """HOME, and nothing that moves a file but what docs/instructors.md tells a shared host to
+    set: the lab's defaults decide where everything else goes."""
     return {
         "HOME": str(course.home),
         "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
         "PYTHONPATH": str(course.ro),  # the lab imported from the shared copy
+        # torch makes its compiler cache folder when any optimizer is built, /tmp by default;
+        # the lab's own optimizer points it home, but notebooks 02 and 03 build one by hand
+        # first, so on a shared host the spawner sets it for every kernel (docs/instructors.md).
+        "TORCHINDUCTOR_CACHE_DIR": str(course.home / ".cache" / "lora-lab" / "torchinductor"),
     }
 
 
