@@ -20,8 +20,9 @@ writes JSON, a markdown report and plots; `python -m benchmarks.gpu` runs them a
 - inference: base vs merged vs unmerged forward time, next to the unmerged FLOP share.
 - growth: trainable parameters against model width and rank (exact counts), with measured memory.
 - sweep: a grid trained one configuration after another against the same grid as sweep() trains
-  it (in the chunk size lab.engine.calibrate measures fastest, timed), how the cost per configuration
-  scales with the grid's size (sweep()'s default and every configuration forced into one step),
+  it (in the chunk size lab.engine.calibrate measures fastest, timed), how the cost per
+  configuration scales with the grid's size (sweep()'s default and every configuration forced
+  into one step),
   the dropout masks' share of a batched step (exact vs fast draw), and a profile of a step.
 
 Timings come from lab.analysis.time_calls (the calls take turns), every training step is
