@@ -23,6 +23,7 @@ Everything else is the same for every class.
 """
 
 import os
+import pwd
 from pathlib import Path
 
 c = get_config()  # noqa: F821  (JupyterHub's config loader provides get_config)
@@ -100,6 +101,12 @@ c.Spawner.environment = {
     # list), labconfig/default_setting_overrides.json puts Assignment List in the File menu,
     # and jupyter_server_config.json turns the formgrader and course-list server extensions off.
     "JUPYTER_CONFIG_PATH": str(COPY / "docs" / "hub" / "student-jupyter"),
+    # torch makes its compiler cache folder when any optimizer is built (/tmp/torchinductor_<user>
+    # by default); notebooks 02 and 03 build one by hand, so it goes under each student's own
+    # lab cache folder (docs/instructors.md). JupyterHub calls a callable value per spawner.
+    "TORCHINDUCTOR_CACHE_DIR": lambda spawner: os.path.join(
+        pwd.getpwnam(spawner.user.name).pw_dir, ".cache", "lora-lab", "torchinductor"
+    ),
 }
 
 # -- services: the dashboard for the room, and the idle-server culler -------------------------
