@@ -12,6 +12,18 @@ from torch import nn
 import lab
 from lab.config import LoRAConfig
 
+
+class OneLinear(nn.Module):
+    """A model that is one linear named `proj`: the same target name for the lab and PEFT."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.proj = base
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 RANK, ALPHA = 4, 10.0  # every case uses alpha != rank, so a scaling bug shows
 
 

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from flavour_cases import OneLinear
 
 import lab
 from lab.batched import AdapterSpec, batchable, train_batched
@@ -118,19 +119,11 @@ def test_same_weights_same_outputs_and_same_frozen_a_as_peft():
     peft = pytest.importorskip("peft")
     from peft.optimizers import create_lorafa_optimizer
 
-    class Wrap(torch.nn.Module):
-        def __init__(self, base: torch.nn.Linear):
-            super().__init__()
-            self.proj = base
-
-        def forward(self, x):
-            return self.proj(x)
-
     torch.manual_seed(0)
     linear = torch.nn.Linear(24, 40)
-    ours = Wrap(copy.deepcopy(linear))
+    ours = OneLinear(copy.deepcopy(linear))
     lab.add_lora(ours, LoRAConfig(rank=4, alpha=10.0, targets=("proj",), variant="lora-fa"))
-    theirs = peft.get_peft_model(Wrap(copy.deepcopy(linear)), peft.LoraConfig(
+    theirs = peft.get_peft_model(OneLinear(copy.deepcopy(linear)), peft.LoraConfig(
         r=4, lora_alpha=10.0, target_modules=["proj"], init_lora_weights=True))  # fmt: skip
     with torch.no_grad():
         ours.proj.lora_B.normal_()

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from flavour_cases import OneLinear
 
 import lab
 from lab.batched import AdapterSpec, batchable, train_batched
@@ -51,19 +52,11 @@ def test_base_plus_adapter_is_w_and_the_adapter_is_ws_minor_part():
 def test_bs_columns_are_the_minor_left_singular_vectors_peft_mica_starts_from():
     peft = pytest.importorskip("peft")
 
-    class Wrap(torch.nn.Module):
-        def __init__(self, base: torch.nn.Linear):
-            super().__init__()
-            self.proj = base
-
-        def forward(self, x):
-            return self.proj(x)
-
     torch.manual_seed(0)
     linear = torch.nn.Linear(24, 40)
-    ours = Wrap(copy.deepcopy(linear))
+    ours = OneLinear(copy.deepcopy(linear))
     lab.add_lora(ours, LoRAConfig(rank=3, alpha=6.0, targets=("proj",), init="milora"))
-    theirs = peft.get_peft_model(Wrap(copy.deepcopy(linear)), peft.LoraConfig(
+    theirs = peft.get_peft_model(OneLinear(copy.deepcopy(linear)), peft.LoraConfig(
         r=3, lora_alpha=6.0, target_modules=["proj"], init_lora_weights="mica"))  # fmt: skip
     mica_b = theirs.base_model.model.proj.lora_B["default"].weight.detach()
     b = ours.proj.lora_B.detach()
@@ -113,7 +106,7 @@ def test_dropping_it_unmerged_gives_w_back_and_a_4bit_base_is_refused():
 def test_a_weight_with_a_zero_singular_value_is_refused_with_the_model_unchanged():
     """Its smallest direction would start with A and B both zero and never train."""
 
-    class Wrap(torch.nn.Module):
+    class OneLinear(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.proj = torch.nn.Linear(6, 6, bias=False)
@@ -121,7 +114,7 @@ def test_a_weight_with_a_zero_singular_value_is_refused_with_the_model_unchanged
         def forward(self, x):
             return self.proj(x)
 
-    model = Wrap()
+    model = OneLinear()
     with torch.no_grad():
         model.proj.weight.copy_(torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 0.0])))
     before = model.proj.weight.detach().clone()
