@@ -23,6 +23,18 @@ def bwrap():
 
 
 @pytest.fixture
+def open_tmp():
+    """A temporary folder another account may enter (0755, outside root's private pytest folder),
+    for tests that check a permission as an unprivileged account (needs.run_unprivileged)."""
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="lora-lab-open-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
 def lora_model():
     """Two linears with rank-2 adapters (alpha 4) whose B is random, as if trained."""
     import torch

@@ -5,9 +5,15 @@ skipping what it was meant to run."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def in_ci() -> bool:
@@ -25,3 +31,19 @@ def interruptible() -> None:
     default, so that Python there raises KeyboardInterrupt as at a terminal. A test run started
     in the background inherits SIGINT ignored, and Python then never installs its handler."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_unprivileged(code: str, *args: str, home: Path) -> subprocess.CompletedProcess:
+    """Run Python `code` (argv[1:] = args) as an account without privileges: as `nobody` through
+    setpriv when the tests run as root (CI does), where root would read and write any file and a
+    permission check would test nothing; as this account otherwise. `home` must be open to it."""
+    switch: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.fail("running as root, the test needs setpriv (util-linux) to act as nobody")
+        switch = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [*switch, sys.executable, "-c", code, *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip

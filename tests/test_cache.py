@@ -15,6 +15,7 @@ from lab.engine.results import SweepResult
 from lab.engine.summaries import dropout_series, select
 from lab.sweeps import sweep
 from tests.fakes import TINY, CountingTrainer, fake_result
+from tests.needs import run_unprivileged
 
 
 def _good(point) -> dict:
@@ -274,13 +275,26 @@ def test_a_directory_named_like_an_entry_is_skipped(tmp_path):
     assert trainer.calls == [point] and results[0].point == point
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_an_unreadable_entry_is_retrained(tmp_path):
-    cache, point = SweepCache(tmp_path), SweepPoint(**TINY)
+READ_AS_ANOTHER = """
+import json, sys, warnings
+from lab.engine.cache import SweepCache
+from lab.engine.points import SweepPoint
+point = SweepPoint(**json.loads(sys.argv[2]))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    print(SweepCache(sys.argv[1]).get(point) is None, [str(w.message) for w in caught])
+"""
+
+
+def test_an_unreadable_entry_is_retrained(open_tmp):
+    # Read as an account without privileges: root reads a file of mode 0 whatever its mode.
+    cache, point = SweepCache(open_tmp / "cache"), SweepPoint(**TINY)
     cache.put(fake_result(point))
+    (open_tmp / "cache").chmod(0o755)
     os.chmod(cache.path(point), 0)
-    with pytest.warns(UserWarning, match="ignoring unreadable"):
-        assert cache.get(point) is None
+    run = run_unprivileged(READ_AS_ANOTHER, str(cache.directory), json.dumps(TINY), home=open_tmp)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("True [") and "ignoring unreadable" in run.stdout, run.stdout
 
 
 def test_a_corrupted_grid_file_is_a_clear_error(tmp_path):

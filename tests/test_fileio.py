@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lab.fileio import atomic_write_bytes, regular_file, user_cache_root
+from tests.needs import run_unprivileged
 
 
 @pytest.fixture
@@ -84,17 +85,26 @@ def test_save_parent_is_a_file(tmp_path):
     assert (tmp_path / "f").read_text() == "x"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
-def test_save_read_only_parent(tmp_path):
-    ro = tmp_path / "ro"
+SAVE_INTO = """
+import sys
+from pathlib import Path
+from lab.fileio import atomic_write_bytes
+try:
+    atomic_write_bytes(Path(sys.argv[1]) / "out.bin", b"data")
+except PermissionError as error:
+    print("PermissionError:", error)
+"""
+
+
+def test_save_read_only_parent(open_tmp):
+    # As an account without privileges: root writes into a 0555 folder whatever its mode.
+    ro = open_tmp / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    try:
-        with pytest.raises(PermissionError, match="cannot save"):
-            atomic_write_bytes(ro / "out.bin", b"data")
-        assert list(ro.iterdir()) == []
-    finally:
-        ro.chmod(0o755)
+    run = run_unprivileged(SAVE_INTO, str(ro), home=open_tmp)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("PermissionError:") and "cannot save" in run.stdout, run.stdout
+    assert list(ro.iterdir()) == []
 
 
 def test_killed_save_leaves_no_litter(tmp_path):

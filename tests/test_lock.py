@@ -21,6 +21,7 @@ from lab.engine.lock import PointLock
 from lab.engine.points import SweepPoint
 from lab.sweeps import sweep
 from tests.fakes import TINY, CountingTrainer
+from tests.needs import run_unprivileged
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,12 +190,7 @@ def test_another_accounts_lock_is_waited_for_while_held_and_taken_once_its_holde
         assert mine.take()
 
         def other() -> str:
-            run = subprocess.run(
-                ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                 sys.executable, "-c", OTHER_ACCOUNT, str(lock_path)],
-                capture_output=True, text=True, timeout=120,
-                env={"HOME": str(folder), "PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
-            )  # fmt: skip
+            run = run_unprivileged(OTHER_ACCOUNT, str(lock_path), home=folder)
             assert run.returncode == 0, run.stderr
             return run.stdout.strip()
 
