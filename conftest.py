@@ -6,6 +6,13 @@ only the lab's shipped default grid) and never spend time measuring batched chun
 (lab.engine.calibrate), which would also write the user's cache folder, and print no line about a
 busy machine (lab.threads), which would differ from the stored outputs. The sanitizer nbval
 compares stored outputs through is tests/nbval/sanitize.cfg (named in pyproject.toml).
+
+The README's test command runs the tests in parallel (pytest-xdist, one worker per core), a file
+at a time on a worker (`--dist loadfile`: a notebook's cells run in order in one kernel, and a
+module's expensive fixture is built once). Each worker, and every kernel it starts, trains with
+one thread (LORA_LAB_THREADS=1, lab.threads' first rule): two processes with a thread per core
+each would spin against each other on this 2-core machine. The stored outputs do not depend on it
+(every notebook passes strict nbval with 1 thread and with 2).
 """
 
 import atexit
@@ -18,6 +25,8 @@ atexit.register(shutil.rmtree, os.environ["LORA_LAB_CACHE"], ignore_errors=True)
 os.environ["LORA_LAB_CALIBRATE"] = "0"
 # The "machine is busy" line (lab.threads) would enter the outputs nbval compares.
 os.environ["LORA_LAB_BUSY_NOTICE"] = "0"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of a parallel run (pytest -n N)
+    os.environ.setdefault("LORA_LAB_THREADS", "1")
 
 
 def pytest_configure(config):
@@ -25,3 +34,4 @@ def pytest_configure(config):
     path = getattr(config.option, "nbval_sanitize_with", None)
     if path and not os.path.isabs(path) and not os.path.exists(path):
         config.option.nbval_sanitize_with = str(config.rootpath / path)
+

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,18 @@ def run_unprivileged(code: str, *args: str, home: Path) -> subprocess.CompletedP
         [*switch, sys.executable, "-c", code, *args],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
+
+
+# useradd, userdel, groupadd, groupdel and chpasswd each lock /etc/passwd or /etc/group and give
+# up at once when another holds it: the test files that make accounts (the hub's, the class
+# round trip's) may run at once under pytest-xdist, so their account commands take turns.
+ACCOUNTS_LOCK = Path(tempfile.gettempdir()) / "lora-lab-test-accounts.lock"
+
+
+def account_command(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, **kwargs) for a command that edits the account files, one at a time
+    across every test process on this machine."""
+    from filelock import FileLock
+
+    with FileLock(ACCOUNTS_LOCK, timeout=300):
+        return subprocess.run(cmd, **kwargs)

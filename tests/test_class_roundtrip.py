@@ -38,7 +38,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from exercise_kit import MISTAKES, answer, cells_by_id
-from needs import skip_or_fail
+from needs import account_command, skip_or_fail
 from system_venv import class_venv
 
 from lab.exercises.course import ASSIGNMENT, SOURCE
@@ -178,7 +178,7 @@ def kill_and_remove(user: str) -> None:
     for pid in ps.stdout.split():
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), 9)
-    subprocess.run(["userdel", "-r", user], capture_output=True, text=True)
+    account_command(["userdel", "-r", user], capture_output=True, text=True)
 
 
 def tracked_copy(dest: Path) -> None:
@@ -238,7 +238,7 @@ def machine():
         for role, short in (("instructor", "ins"), ("alice", "s1"), ("bob", "s2")):
             name = f"llt-{short}-{tag}"
             m.users[role] = name
-            subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
+            account_command(["useradd", "-m", "-s", "/bin/bash", name], check=True)
         for role in ("alice", "bob"):  # the hub recipe: private homes
             m.home(m.users[role]).chmod(0o700)
         # The instructor's checkout, as a clone leaves it (readable folders, in a home this

@@ -18,6 +18,7 @@ and the test comes from these environment variables; unset, each has the class d
     LORA_LAB_DASHBOARD_PORT  8866                 the dashboard service, on 127.0.0.1
     LORA_LAB_STUDENTS        lora-students        the group whose members may log in
     LORA_LAB_DASHBOARD_USER  lora-dashboard       the system user the dashboard runs as
+    LORA_LAB_DASHBOARD_CULL  120                  seconds a dashboard kernel nobody uses lives
 
 Everything else is the same for every class.
 """
@@ -120,6 +121,10 @@ c.Spawner.environment = {
 # none is left 155 s after start. A kernel whose page is open is never culled
 # (MappingKernelManager.cull_connected stays False).
 c.JupyterHub.service_check_interval = 0
+CULL = setting("LORA_LAB_DASHBOARD_CULL", "120")
+if not CULL.isdigit() or not 10 <= int(CULL) <= 86400:
+    raise ValueError(f"LORA_LAB_DASHBOARD_CULL={CULL!r}: give whole seconds from 10 to 86400")
+CULL_EVERY = min(30, int(CULL) // 4)  # how often Voilà looks for idle kernels
 dashboard = {
     "name": "dashboard",
     "url": f"http://127.0.0.1:{DASHBOARD_PORT}",
@@ -133,8 +138,8 @@ dashboard = {
         f"--port={DASHBOARD_PORT}",
         "--Voila.port_retries=0",
         "--Voila.base_url=/services/dashboard/",  # the proxy forwards the whole path
-        "--MappingKernelManager.cull_idle_timeout=120",
-        "--MappingKernelManager.cull_interval=30",
+        f"--MappingKernelManager.cull_idle_timeout={CULL}",
+        f"--MappingKernelManager.cull_interval={CULL_EVERY}",
     ],
 }  # fmt: skip
 # A student's server idle for an hour is stopped (their files stay; logging in starts it

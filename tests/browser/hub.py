@@ -47,6 +47,7 @@ from servers import (
     stop_process_group,
 )
 
+from tests.needs import account_command
 from tests.system_venv import chmod_readable
 
 RECIPE = ROOT / "docs" / "hub" / "jupyterhub_config.py"
@@ -57,6 +58,8 @@ PROXY_HINT = (
     ".ci/run installs it"
 )
 ACCOUNT_TOOLS = ("useradd", "userdel", "groupadd", "groupdel", "chpasswd", "runuser")
+DASHBOARD_CULL = 30  # seconds a dashboard kernel nobody uses lives in the test (class: 120)
+ACCOUNT_EDITS = {"useradd", "userdel", "groupadd", "groupdel", "chpasswd"}  # lock the account files
 
 
 def find_proxy() -> str | None:
@@ -65,7 +68,8 @@ def find_proxy() -> str | None:
 
 
 def _run(cmd: Sequence[str], stdin: str | None = None) -> None:
-    done = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True, timeout=120)
+    run = account_command if cmd[0] in ACCOUNT_EDITS else subprocess.run
+    done = run(list(cmd), input=stdin, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}: {done.stderr.strip()}")
 
@@ -165,7 +169,7 @@ def remove_accounts(accounts: ClassAccounts) -> list[str]:
             home = pwd.getpwnam(name).pw_dir
         except KeyError:
             continue
-        subprocess.run(["userdel", "-r", name], capture_output=True, timeout=60)
+        account_command(["userdel", "-r", name], capture_output=True, timeout=60)
         with contextlib.suppress(KeyError):
             pwd.getpwnam(name)
             left.append(f"user {name}")
@@ -173,7 +177,7 @@ def remove_accounts(accounts: ClassAccounts) -> list[str]:
             shutil.rmtree(home, ignore_errors=True)
             if os.path.exists(home):
                 left.append(home)
-    subprocess.run(["groupdel", accounts.group], capture_output=True, timeout=60)
+    account_command(["groupdel", accounts.group], capture_output=True, timeout=60)
     return left
 
 
@@ -369,6 +373,8 @@ def recipe_env(venv: Path, copy: Path, state: Path, accounts: ClassAccounts, por
         "LORA_LAB_DASHBOARD_PORT": str(ports["dashboard"]),
         "LORA_LAB_STUDENTS": accounts.group,
         "LORA_LAB_DASHBOARD_USER": accounts.dashboard.name,
+        # The class's 2 idle minutes, shortened: the test waits for the cull, not for the clock.
+        "LORA_LAB_DASHBOARD_CULL": str(DASHBOARD_CULL),
     }
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import pytest
 from hub import (
     ACCOUNT_TOOLS,
+    DASHBOARD_CULL,
     RECIPE,
     make_accounts,
     make_copy,
@@ -551,7 +552,8 @@ def test_dashboard_kernels_do_not_pile_up(hub):
     """With nobody on the page, the dashboard's kernels go (the hub's start-up check and every
     closed page): none is left within the cull time, and there were never more than one per
     page the module opened (a closed page's lives until it is culled) plus the start-up check's."""
-    deadline = time.monotonic() + 240  # cull_idle_timeout 120 s, checked every 30 s, and slack
+    # cull_idle_timeout DASHBOARD_CULL s, checked every DASHBOARD_CULL / 4, and slack
+    deadline = time.monotonic() + 2 * DASHBOARD_CULL + 60
     while service_kernels(hub) and time.monotonic() < deadline:
         time.sleep(5)
     left = service_kernels(hub)
@@ -597,6 +599,7 @@ def test_the_docs_state_the_recipes_class_defaults(monkeypatch, tmp_path):
     assert services["dashboard"]["user"] == "lora-dashboard"
     assert services["dashboard"]["url"] == "http://127.0.0.1:8866"
     assert "--MappingKernelManager.cull_idle_timeout=120" in services["dashboard"]["command"]
+    assert "--MappingKernelManager.cull_interval=30" in services["dashboard"]["command"]
     assert "jupyterhub_idle_culler" in services["idle-culler"]["command"]
     env = c.Spawner.environment
     assert env["JUPYTER_CONFIG_PATH"] == "/opt/lora-lab/docs/hub/student-jupyter"
@@ -616,6 +619,16 @@ def test_the_docs_state_the_recipes_class_defaults(monkeypatch, tmp_path):
         assert fact in docs, f"docs/instructors.md no longer says {fact}"
     # The docs include the recipe by reference, not a second copy of it.
     assert "c.JupyterHub.authenticator_class" not in docs
+
+
+def test_the_dashboards_cull_time_can_be_shortened_and_a_bad_one_is_refused(monkeypatch, tmp_path):
+    c = load_recipe(monkeypatch, tmp_path, LORA_LAB_DASHBOARD_CULL="30")
+    command = {s["name"]: s for s in c.JupyterHub.services}["dashboard"]["command"]
+    assert "--MappingKernelManager.cull_idle_timeout=30" in command
+    assert "--MappingKernelManager.cull_interval=7" in command
+    for value in ("abc", "9", "86401", "2.5", "-30"):
+        with pytest.raises(ValueError, match=r"LORA_LAB_DASHBOARD_CULL=.*whole seconds from 10"):
+            load_recipe(monkeypatch, tmp_path, LORA_LAB_DASHBOARD_CULL=value)
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "65536", "80.5", "-1", " 8000"])
