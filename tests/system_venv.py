@@ -164,7 +164,12 @@ def system_venv(prefix: str, packages: list[str]) -> Path:
     ).hexdigest()[:16]
     final = VENV_PARENT / f"{prefix}{key}"
     if not (final / "lora-lab-complete").exists():
-        build_venv(final, packages)
+        from filelock import FileLock
+
+        # One build at a time (test workers running at once wait for it, then use it).
+        with FileLock(VENV_PARENT / f".{final.name}.lock", timeout=1800):
+            if not (final / "lora-lab-complete").exists():
+                build_venv(final, packages)
     assert (final / "lora-lab-complete").exists(), f"{final} was not built"
     os.utime(final / "lora-lab-complete")  # in use: the clean-up below keeps it
     drop_stale_venvs(prefix, keep=final)
