@@ -59,7 +59,8 @@ from lab.analysis import (
     time_calls,
 )
 from lab.base import load_base_model
-from lab.batched import (
+from lab.config import LoRAConfig
+from lab.engine.batched import (
     DROPOUT_DRAWS,
     AdapterSpec,
     BatchedTrainer,
@@ -68,7 +69,6 @@ from lab.batched import (
     max_configs_for_memory,
     train_batched,
 )
-from lab.config import LoRAConfig
 from lab.engine.calibrate import measure
 from lab.fileio import atomic_write_bytes
 from lab.lora import LoRALinear

@@ -70,7 +70,7 @@ class Init:
     summary: str
     batched: bool = False  # the batched sweep engine reproduces it exactly
     # True: the init moves its starting adapter out of W (W_res = W - scaling * B0 A0, as PiSSA
-    # does), so base + adapter together keep the outputs, not the base alone; lab.batched
+    # does), so base + adapter together keep the outputs, not the base alone; lab.engine.batched
     # reproduces it by subtracting each configuration's scaling * B0 A0 from the shared W.
     changes_base: bool = False
     check: Callable | None = None  # check(base, config): raise for a base it cannot start from

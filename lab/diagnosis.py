@@ -31,11 +31,11 @@ import os
 import torch
 from torch import nn
 
-from .adapter_file_checks import _adapter_file
 from .checks import check_path as _check_path
-from .findings import CODES, Finding, report
-from .lr_evidence import GRID_DIR, LR_TOLERANCE, LrEvidence, _learning_rate, lr_evidence
-from .model_checks import (
+from .doctor.adapter_file_checks import _adapter_file
+from .doctor.findings import CODES, Finding, report
+from .doctor.lr_evidence import GRID_DIR, LR_TOLERANCE, LrEvidence, _learning_rate, lr_evidence
+from .doctor.model_checks import (
     SCALING_RANGE,
     _adapter_state,
     _attention_only,

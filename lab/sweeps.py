@@ -8,7 +8,7 @@ itself lives in lab/engine/, one concern a file (docs/architecture.md draws the 
     cache.py      one JSON file per point (SweepCache), cache folders, grid files
     lock.py       one point's OS file lock, so two sweeps never train a point twice
     plan.py       groups, chunk sizes and the memory fit
-    run.py        training a point alone or a group batched (lab.batched)
+    run.py        training a point alone or a group batched (lab.engine.batched)
     remote.py     units as Ray tasks (executors.py: the Ray session itself)
     calibrate.py  the chunk size measured fastest on this machine
     devices.py    the device, its free memory, torch's compiler cache folder

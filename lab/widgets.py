@@ -35,7 +35,7 @@ from .analysis import ATTENTION, canonical_targets, describe_counts, lora_counts
 from .config import ALL_LINEAR
 
 # What the explorer is made of, re-exported: lab.widgets stays the one place to import it from.
-from .explorer_choices import (
+from .explorer.choices import (
     ALPHA_OPTIONS,
     CONFIRM_SECONDS,
     DROPOUT_OPTIONS,
@@ -61,8 +61,8 @@ from .explorer_choices import (
     seed_shipped,
     targets_text,
 )
-from .explorer_estimates import estimate_seconds, format_duration, slowdown
-from .explorer_plots import _points, draw, plot_specs, sweep_command
+from .explorer.estimates import estimate_seconds, format_duration, slowdown
+from .explorer.plots import _points, draw, plot_specs, sweep_command
 from .model import PRESETS
 from .sweeps import (
     ALL_TARGETS,

@@ -6,8 +6,8 @@ The source is course/lora_by_hand.ipynb, the answer key (the assignment `lora_by
 nbgrader's format; it stays out of notebooks/, the students' copy). This makes a throwaway nbgrader
 course, runs `nbgrader generate_assignment` there, copies the release over student.ipynb and
 executes it (its outputs are nbval's baseline: each check's "not yet" for the empty answers).
-tests/test_grading.py regenerates the release and fails if student.ipynb's cells differ from it,
-so edit the answer key and rerun this, never the student notebook by hand. Run
+tests/exercises/test_grading.py regenerates the release and fails if student.ipynb's cells differ
+from it, so edit the answer key and rerun this, never the student notebook by hand. Run
 scripts/run_notebooks.py on course/lora_by_hand.ipynb first if its outputs changed.
 """
 

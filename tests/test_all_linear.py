@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lab
-from lab.batched import AdapterSpec, train_batched
+from lab.engine.batched import AdapterSpec, train_batched
 from lab.surgery import all_linear_modules
 from lab.sweeps import ALL_TARGETS
 

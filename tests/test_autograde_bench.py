@@ -2,7 +2,8 @@
 setting it means to compare (the executor), and its command line refuses a bad count.
 
 The timing run itself (four nbgrader autogrades at least) is left to `python -m
-benchmarks.autograde`; tests/test_autograde.py grades the same submissions for what they score.
+benchmarks.autograde`; tests/exercises/test_autograde.py grades the same submissions for what
+they score.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import run_unprivileged
 
 from lab.fileio import atomic_write_bytes, regular_file, user_cache_root
-from tests.needs import run_unprivileged
 
 
 @pytest.fixture

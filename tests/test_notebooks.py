@@ -114,7 +114,7 @@ def test_the_rounding_sanitizer_hides_the_value_and_keeps_the_bound():
 # --------------------------------------------------------------------------------------------
 
 LESSONS = [p for p in PATHS if p.parent == NOTEBOOKS and p.name[:2].isdigit()]  # 01 ... 09
-# A repository path in a notebook: lab/lora.py, tests/test_batched.py, lab/data/, ...
+# A repository path in a notebook: lab/lora.py, tests/engine/test_batched.py, lab/data/, ...
 REPO_PATH = re.compile(r"(?<![\w/.-])((?:lab|tests|benchmarks|scripts|docs|binder)/[\w./-]*[\w/])")
 NOTEBOOK_FILE = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.ipynb)\b")
 NOTEBOOK_NUMBER = re.compile(r"\b[Nn]otebooks? (\d{1,2})\b")

@@ -455,7 +455,7 @@ def test_a_diverged_adapter_is_never_merged(variant, action):
 
 @pytest.mark.parametrize("action", ["unmerge_lora", "remove_lora"])
 def test_unmerge_refuses_to_write_nan_and_changes_nothing(action):
-    # (DoRA's unmerge puts back the W it kept at merge: tests/test_variants.py.)
+    # (DoRA's unmerge puts back the W it kept at merge: tests/variants/test_variants.py.)
     from lab.surgery import remove_lora
 
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from fakes import TINY, CountingTrainer, listing
 
 from lab.sweeps import (
     SweepCache,
@@ -14,7 +15,6 @@ from lab.sweeps import (
     sweep,
     trainable_counts,
 )
-from tests.fakes import TINY, CountingTrainer, listing
 
 
 def test_sweep_trains_only_points_not_cached(tmp_path):

@@ -7,7 +7,7 @@ them one by one, while at batch 8 they ran 1.76x faster. No fixed rule is right 
 machine, so the sweep measures:
 
     alone:    one configuration, a LoRA model + make_optimizer + training_step (as lab.train)
-    batched:  the engine (lab.batched) at K = 2, 4, 8, ... up to what memory and the group allow
+    batched:  the engine (batched.py) at K = 2, 4, 8, ... up to what memory and the group allow
 
 each a few steps after a warm-up step, in interleaved rounds (a noisy machine slows every side
 of a round alike), and takes the K whose median seconds per configuration-step is lowest
@@ -44,12 +44,12 @@ from pathlib import Path
 
 import torch
 
-from ..batched import AdapterSpec, BatchedTrainer
 from ..config import ALL_LINEAR
 from ..fileio import atomic_write_bytes, regular_file, user_cache_root
 from ..model import ModelConfig, ToyTransformer
 from ..step import autocast_dtype, make_optimizer, training_step
 from ..tasks import Task
+from .batched import AdapterSpec, BatchedTrainer
 from .cache import remove_non_file
 
 __all__ = [

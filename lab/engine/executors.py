@@ -316,7 +316,7 @@ def _loopback_only(local: bool) -> Iterator[None]:
     clusters are off, as Ray has them on Windows and macOS (ray_constants.ENABLE_RAY_CLUSTER,
     read when the address is resolved). A Ray started for one sweep is never joined, so they
     are off while it starts: with Ray 2.60 all seven of its listening sockets are then on
-    127.0.0.1 (tests/test_remote.py lists them). A cluster's address is left alone.
+    127.0.0.1 (tests/engine/test_remote.py lists them). A cluster's address is left alone.
     """
     try:
         constants = importlib.import_module("ray._private.ray_constants")

@@ -8,11 +8,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..base import load_base_config
-from ..batched import CPU_ROWS_PER_STEP, bytes_per_config
 from ..model import ModelConfig
 from ..tasks import get_task
 from ..text import format_bytes, plural
 from ..training import check_count, run_bytes
+from .batched import CPU_ROWS_PER_STEP, bytes_per_config
 from .calibrate import calibrated_chunk_size
 from .devices import free_memory
 from .points import SweepPoint, describe, flavour_name
@@ -32,7 +32,7 @@ def memory_fit(
 ) -> int:
     """How many of `group`'s points (one group_key) fit in half of `free` bytes, at least 1.
 
-    The engine's one memory fit: each configuration is planned at lab.batched's generous
+    The engine's one memory fit: each configuration is planned at lab.engine.batched's generous
     `bytes_per_config` for the largest adapter among them; `free` comes from
     lab.engine.devices.free_memory (None, unknown: 4 GiB is assumed).
     """

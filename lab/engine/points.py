@@ -15,7 +15,6 @@ from torch import nn
 
 from ..analysis import canonical_targets
 from ..base import BASE_MODEL_PATH
-from ..batched import AdapterSpec, batchable
 from ..config import ALL_LINEAR, INITS, LoRAConfig
 from ..forgetting import check_replay, with_replay
 from ..quant import SCHEMES, quantize_base
@@ -23,6 +22,7 @@ from ..surgery import add_lora
 from ..tasks import FINETUNE_TASKS, Task, get_task
 from ..training import MAX_STEPS, check_count, check_lr, check_seed
 from ..variants.registry import display_name, flavour_label
+from .batched import AdapterSpec, batchable
 
 __all__ = [
     "ALL_TARGETS",
@@ -168,7 +168,7 @@ class SweepPoint:
         return add_lora(model, self.lora)
 
     def spec(self) -> AdapterSpec:
-        """The point's adapter and optimizer settings, for lab.batched (LoRA points only)."""
+        """The point's adapter and optimizer settings, for lab.engine.batched (LoRA points only)."""
         if self.is_full:
             raise ValueError("full fine-tuning has no adapter, so no AdapterSpec")
         if self.quant is not None:

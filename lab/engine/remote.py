@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..batched import CPU_ROWS_PER_STEP
 from ..text import plural
+from .batched import CPU_ROWS_PER_STEP
 from .executors import RaySession, task_error
 from .plan import chunk_size, plan_chunks, say_alone
 from .points import SweepPoint, base_fingerprint, describe

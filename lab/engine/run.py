@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..base import load_base_model
-from ..batched import train_batched
 from ..forgetting import forgetting
 from ..memory import measure_step_memory
 from ..model import ToyTransformer, default_device
@@ -18,6 +17,7 @@ from ..step import autocast_dtype, make_optimizer
 from ..surgery import count_parameters
 from ..tasks import get_task
 from ..training import TrainingDiverged, check_count, train
+from .batched import train_batched
 from .devices import free_memory
 from .plan import chunk_size, group_key, memory_fit
 from .points import SweepPoint, describe
@@ -53,11 +53,11 @@ def run_group(
     max_configs: int | None = None,
     on_result: Callable[[SweepResult], None] | None = None,
 ) -> list[SweepResult]:
-    """Train LoRA points that share task, steps and batch size together (lab.batched).
+    """Train LoRA points that share task, steps and batch size together (lab.engine.batched).
 
     Each point trains exactly as `run_point` would train it alone (same data order, adapter
-    initialisation, dropout masks and optimizer; see tests/test_batched.py) and is measured the
-    same way: held-out (and, for small data sets, train) evaluation and the first step's memory.
+    initialisation, dropout masks and optimizer; see tests/engine/test_batched.py) and is measured
+    the same way: held-out (and, for small data sets, train) evaluation and the first step's memory.
     A group larger than `max_configs` trains in chunks (default: lab.engine.plan.chunk_size);
     if a chunk still runs out of memory it is split in half and retried. Each result's
     wall_seconds is its share of its chunk's training time; extra["batched"] says how it ran.

@@ -134,7 +134,7 @@ class DoRALinear(LoRALinear):
 
 
 def batched_output(layer, out, h, u, a, b, which) -> torch.Tensor:
-    """DoRA's rows in the batched engine's stacked layer (lab.batched_layer), as DoRALinear.
+    """DoRA's rows in the batched engine's stacked layer (lab.engine.batched_layer), as DoRALinear.
 
     result = out + (m/n - 1) * base_part + (m/n) * lora, n = ||W_k + ΔW_k|| per row
     (detached); base_part is x W_k^T (the dropped input's, for DoRA with dropout). The

@@ -102,7 +102,7 @@ def _at_start(layer: LoRALinear) -> bool | None:
 def singular_directions_init(name: str, display: str, summary: str, minor: bool) -> Init:
     """The record of an init that starts from W's top (PiSSA) or minor (MiLoRA) directions.
 
-    lab.batched reproduces it by subtracting each configuration's s B0 A0 from the shared W;
+    lab.engine.batched reproduces it by subtracting each configuration's s B0 A0 from the shared W;
     add_lora puts W back if anything fails half way; removing the adapter unmerged restores W;
     the doctor compares A and B with their start.
     """

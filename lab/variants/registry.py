@@ -6,7 +6,7 @@ or trains a flavour reads it through here, never through a list of its own:
 
 - `display_name` / `flavour_label`: how sweeps, the explorer and notebooks write it ("DoRA");
 - `choices_help`: the CLI's help for --variant and --init;
-- `batched_form`: how the batched engine trains it (lab.batched_layer), or None: it then
+- `batched_form`: how the batched engine trains it (lab.engine.batched_layer), or None: it then
   trains one run at a time, and the engine says so;
 - `adapter_at_start`: whether a layer's adapter is still as its init left it (the doctor).
 """

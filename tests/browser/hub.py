@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from needs import account_command
 from servers import (
     LAB_SETTINGS,
     ROOT,
@@ -46,9 +47,7 @@ from servers import (
     free_port,
     stop_process_group,
 )
-
-from tests.needs import account_command
-from tests.system_venv import chmod_readable
+from system_venv import chmod_readable
 
 RECIPE = ROOT / "docs" / "hub" / "jupyterhub_config.py"
 # What the class venv holds besides the lab's runtime dependencies (pyproject.toml).

@@ -50,6 +50,7 @@ from hub import (
     start_hub,
     try_as,
 )
+from needs import skip_or_fail
 from pages import (
     PANEL,
     RUN_DONE,
@@ -75,7 +76,6 @@ from pages import (
 from servers import NOTEBOOKS, ROOT
 
 from tests import system_venv
-from tests.needs import skip_or_fail
 
 pytestmark = pytest.mark.browser
 

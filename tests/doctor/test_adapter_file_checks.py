@@ -1,4 +1,4 @@
-"""lab/adapter_file_checks.py: an adapter file's problems are findings, never exceptions."""
+"""lab/doctor/adapter_file_checks.py: an adapter file's problems are findings, never exceptions."""
 
 from __future__ import annotations
 

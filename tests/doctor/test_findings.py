@@ -1,4 +1,4 @@
-"""lab/findings.py: a Finding is validated and frozen; the report reads well."""
+"""lab/doctor/findings.py: a Finding is validated and frozen; the report reads well."""
 
 from __future__ import annotations
 

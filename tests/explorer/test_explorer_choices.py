@@ -1,4 +1,4 @@
-"""lab/explorer_choices.py: the methods from the registry, a Selection, the shipped grids."""
+"""lab/explorer/choices.py: the methods from the registry, a Selection, the shipped grids."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from explorer_fakes import (
 )
 
 from lab.config import INITS, VARIANTS
-from lab.explorer_choices import conflict
+from lab.explorer.choices import conflict
 from lab.sweeps import (
     SweepCache,
 )
@@ -62,7 +62,7 @@ def test_seed_shipped_reads_every_grid_that_exists(tmp_path, monkeypatch):
     grid_file = tmp_path / "variants_grid.json"
     points = variants_grid_fixture(grid_file)
     monkeypatch.setattr(
-        "lab.explorer_choices.SHIPPED_GRIDS", (grid_file, tmp_path / "missing.json")
+        "lab.explorer.choices.SHIPPED_GRIDS", (grid_file, tmp_path / "missing.json")
     )
     cache = SweepCache(tmp_path / "cache")
     assert seed_shipped(cache) == len(points) == 10 and seed_shipped(cache) == 0
@@ -75,9 +75,9 @@ def test_seed_shipped_includes_the_practice_grid_when_it_exists(tmp_path, monkey
     assert SHIPPED_GRIDS[2] == PRACTICE_GRID_PATH
     grid_file = tmp_path / "practice_grid.json"
     points = variants_grid_fixture(grid_file)
-    monkeypatch.setattr("lab.explorer_choices.SHIPPED_GRIDS", (tmp_path / "absent.json", grid_file))
+    monkeypatch.setattr("lab.explorer.choices.SHIPPED_GRIDS", (tmp_path / "absent.json", grid_file))
     assert seed_shipped(SweepCache(tmp_path / "c")) == len(points)
-    monkeypatch.setattr("lab.explorer_choices.SHIPPED_GRIDS", (tmp_path / "absent.json",))
+    monkeypatch.setattr("lab.explorer.choices.SHIPPED_GRIDS", (tmp_path / "absent.json",))
     assert seed_shipped(SweepCache(tmp_path / "d")) == 0  # not built yet: nothing, no error
 
 

@@ -1,4 +1,4 @@
-"""lab/explorer_estimates.py: how long a Run takes, from cached runs and the kernel's pace."""
+"""lab/explorer/estimates.py: how long a Run takes, from cached runs and the kernel's pace."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lab/explorer_plots.py: which figure each tab draws, from which cached results."""
+"""lab/explorer/plots.py: which figure each tab draws, from which cached results."""
 
 from __future__ import annotations
 
