@@ -15,6 +15,7 @@ from lab.quant import (
     SCHEMES,
     build_fp4_levels,
     build_nf4_levels,
+    dequantize_blockwise,
     quantize_blockwise,
 )
 
@@ -90,6 +91,15 @@ def test_int4_code_minus_eight_is_never_produced():
     assert int(codes.min()) == 1 and int(codes.max()) == 15  # -7/7 .. 7/7 all used
 
 
-def test_module_exports():
+def test_every_scheme_offered_is_sixteen_sorted_levels_that_quantise_to_themselves():
+    # What SCHEMES promises each name: a 4-bit table (16 sorted levels, the largest 1; FP4 has a
+    # -0 and a +0) whose levels in [-1, 1] come back exactly through quantize and dequantize.
     assert set(quant.__all__) >= {"NF4_LEVELS", "SCHEMES", "Linear4bit", "quantize_base"}
-    assert SCHEMES == ("nf4", "fp4", "int4")
+    for scheme in SCHEMES:
+        table = torch.tensor(quant.levels(scheme))
+        assert len(table) == 16 and bool((table[1:] >= table[:-1]).all()), scheme
+        assert table.max().item() == 1.0, scheme
+        usable = table[table.abs() <= 1]  # int4's -8/7 is never produced (below)
+        codes, absmax = quantize_blockwise(usable, scheme, 64)
+        restored = dequantize_blockwise(codes, absmax, scheme, 64, usable.shape)
+        assert torch.equal(restored, usable), scheme
