@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from fakes import fake_result
 
 import lab.__main__ as cli
 from lab.config import INITS, VARIANTS
@@ -31,14 +32,6 @@ def keep_warning_hook(monkeypatch):
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
 
 
-def fake_result(point: SweepPoint) -> SweepResult:
-    return SweepResult(
-        point=point, losses=[1.0, 0.5], heldout={"loss": 0.5, "accuracy": 0.25, "n": 8},
-        train_eval=None, trainable_parameters=1_000, total_parameters=400_000, memory=None,
-        wall_seconds=0.1, tokens_per_second=1.0, device="cpu", date="2026-01-01",
-    )  # fmt: skip
-
-
 class FakeSweep:
     """Stands in for lab.sweeps.sweep: records the points and returns made-up results."""
 
@@ -47,7 +40,7 @@ class FakeSweep:
 
     def __call__(self, points, cache, *, on_result=None, **kwargs):
         self.points = list(points)
-        results = [fake_result(p) for p in self.points]
+        results = [fake_result(p, accuracy=0.25) for p in self.points]
         for r in results:
             on_result(r)
         return results
@@ -133,7 +126,7 @@ def test_each_flavour_reaches_every_point_and_its_line(
     assert f"trained {label} (1/3)" in out
     assert f"trained {label.replace('r1', 'r4')} (2/3)" in out
     table = [line for line in out.splitlines() if line.startswith(label + " ")]
-    assert len(table) == 1 and table[0].split()[-5:] == ["0.250", "0.500", "-", "1,000", "0.1"]
+    assert len(table) == 1 and table[0].split()[-5:] == ["0.250", "0.875", "-", "512", "1.0"]
 
 
 def test_plain_settings_keep_the_cache_keys_they_had(tmp_path, fake_sweep, capsys):
