@@ -17,6 +17,7 @@ from .model import ToyTransformer, default_device
 from .step import autocast_dtype, make_optimizer, set_lr, training_step
 from .surgery import check_trainable, lora_layers
 from .tasks import SEQ_LEN, Task
+from .text import format_bytes
 
 __all__ = ["MAX_STEPS", "SEED_LIMIT", "TrainingDiverged", "TrainResult", "train"]
 
@@ -98,17 +99,10 @@ def check_fits(needed: int, device: torch.device, what: str) -> None:
     free = available_bytes(device)
     if free is not None and needed > free:
         raise MemoryError(
-            f"{what} needs about {_size(needed)} but {device.type} has {_size(free)} available; "
-            "use a smaller batch_size or fewer steps (or configurations)"
+            f"{what} needs about {format_bytes(needed)} but {device.type} has "
+            f"{format_bytes(free)} available; use a smaller batch_size or fewer steps "
+            "(or configurations)"
         )
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} PiB"  # pragma: no cover
 
 
 def run_bytes(config, batch_size: int, steps: int, n_train: int = 0) -> int:

@@ -97,10 +97,6 @@ def _span(low: float, high: float, prefix: str) -> str:
     return f"about {prefix}{low:g}" if low == high else f"between {prefix}{low:g} and {high:g}"
 
 
-def _mib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**20:.2f} MiB"
-
-
 def _active_4bit(model: nn.Module) -> list[tuple[str, Linear4bit]]:
     """The 4-bit linears the forward uses (not the copies a merge keeps for unmerge)."""
     return [

@@ -32,7 +32,7 @@ LR_TOLERANCE = 2.0
 # held-out accuracy that the same kind of run (LoRA, LoRA+, full fine-tuning) reached on the
 # same task in the same grid file: a stalled run keeps the base's accuracy, near zero.
 USEFUL_FRACTION = 0.5
-GRID_DIR = Path(__file__).parent / "data"  # every *_grid.json here is read
+GRID_DIR = Path(__file__).parents[1] / "data"  # lab/data: every *_grid.json here is read
 
 # ---------------------------------------------------------------------------------------------
 # The learning rate, against the lab's shipped sweeps

@@ -15,12 +15,12 @@ from ..frozen import is_frozen_linear
 from ..lora import LoRALinear
 from ..quant import Linear4bit
 from ..surgery import count_parameters, lora_layers
+from ..text import format_bytes
 from ..variants.registry import adapter_at_start, display_name
 from .findings import (
     Finding,
     _active_4bit,
     _denominator,
-    _mib,
     _names,
     _other_rule_alpha,
     _settings,
@@ -176,8 +176,8 @@ def _base_trainable(model: nn.Module, layers: dict[str, LoRALinear]) -> list[Fin
             "call requires_grad_(False) on the parameters listed",
             f"{count:,} base parameters in {len(extra)} tensors still require grad next to "
             f"{lora:,} adapter parameters ({_names([n for n, _ in extra])}); their gradients "
-            f"and AdamW moments cost {_mib(cost)} ({cost // count} bytes each), which is why "
-            "memory did not drop",
+            f"and AdamW moments cost {format_bytes(cost)} ({cost // count} bytes each), which is "
+            "why memory did not drop",
         )
     ]
 
