@@ -18,6 +18,7 @@ from lab.diagnosis import (
 )
 from lab.step import forward_loss
 from lab.surgery import add_lora, lora_layers, merge_lora
+from lab.text import format_bytes
 
 # ----------------------------------------------------------------------------- untrained, frozen
 
@@ -83,7 +84,7 @@ def test_base_left_trainable_counts_it_and_its_memory(sick):
     base = sum(p.numel() for p in sick.parameters()) - adapters
     finding = only(doctor(sick), "base-trainable")
     assert f"{base:,} base parameters" in finding.detail
-    assert f"{base * 12 / 2**20:.2f} MiB (12 bytes each)" in finding.detail
+    assert f"{format_bytes(base * 12)} (12 bytes each)" in finding.detail  # 4.7 MiB
     assert "requires_grad_(False)" in finding.advice
     assert codes(doctor(sick)) == ["base-trainable"]
 
