@@ -12,7 +12,8 @@ at a time on a worker (`--dist loadfile`: a notebook's cells run in order in one
 module's expensive fixture is built once). Each worker, and every kernel it starts, trains with
 one thread (LORA_LAB_THREADS=1, lab.threads' first rule): two processes with a thread per core
 each would spin against each other on this 2-core machine. The stored outputs do not depend on it
-(every notebook passes strict nbval with 1 thread and with 2).
+(every notebook passes strict nbval with 1 thread and with 2). The longest files go first
+(LONGEST_FIRST), so that the workers end together instead of one finishing them alone.
 """
 
 import atexit
@@ -28,6 +29,21 @@ os.environ["LORA_LAB_BUSY_NOTICE"] = "0"
 if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of a parallel run (pytest -n N)
     os.environ.setdefault("LORA_LAB_THREADS", "1")
 
+# The files that take longest (minutes each; measured with --junitxml), longest first. Collected
+# first, they start first; the short files fill in around them. Only the order changes.
+LONGEST_FIRST = [
+    "tests/engine/test_remote.py",
+    "tests/test_readonly.py",
+    "tests/browser/test_lab.py",
+    "tests/exercises/test_class_roundtrip.py",
+    "tests/browser/test_hub.py",
+    "tests/exercises/test_autograde.py",
+    "tests/engine/test_batched.py",
+    "tests/test_bad_input_cli.py",
+    "tests/exercises/test_grading.py",
+    "tests/exercises/test_course.py",
+]
+
 
 def pytest_configure(config):
     """Find the sanitizer from any folder: pyproject.toml names it relative to the root."""
@@ -35,3 +51,13 @@ def pytest_configure(config):
     if path and not os.path.isabs(path) and not os.path.exists(path):
         config.option.nbval_sanitize_with = str(config.rootpath / path)
 
+
+def pytest_collection_modifyitems(config, items):
+    """The files in LONGEST_FIRST first, in that order; every other item keeps its place."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+
+    def order(item):
+        path = item.path.relative_to(config.rootpath).as_posix()
+        return rank.get(path, len(rank))
+
+    items.sort(key=order)  # stable: within a file, and among the rest, the order is pytest's
