@@ -35,7 +35,7 @@ LONGEST_FIRST = [
     "tests/engine/test_remote.py",
     "tests/test_readonly.py",
     "tests/browser/test_lab.py",
-    "tests/exercises/test_class_roundtrip.py",
+    "tests/test_class_roundtrip.py",
     "tests/browser/test_hub.py",
     "tests/exercises/test_autograde.py",
     "tests/engine/test_batched.py",

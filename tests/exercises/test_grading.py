@@ -8,7 +8,7 @@ of the exercises it got right, and the checker's own hint for each one it got wr
 graded notebook's feedback. Only a graded cell the student edited logs "checksum has changed".
 The course folder is private, nbgrader works there without an activated venv, the exchange set-up
 refuses bad input, and the export for a learning platform has one row per student.
-tests/exercises/test_class_roundtrip.py runs the whole round trip with real accounts.
+tests/test_class_roundtrip.py runs the whole round trip with real accounts.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from system_venv import class_venv
 
 from lab.exercises.course import ASSIGNMENT, SOURCE
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "grading.md"
 ARTIFACTS = ROOT / "test-artifacts" / "class-roundtrip"
 # What docs/grading.md names on a real machine, and what stands in for it here.
