@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from .checks import check_path as _check_path
-from .doctor.adapter_file_checks import _adapter_file
-from .doctor.findings import CODES, Finding, report
-from .doctor.lr_evidence import GRID_DIR, LR_TOLERANCE, LrEvidence, _learning_rate, lr_evidence
-from .doctor.model_checks import (
+from .diagnostics.adapter_file_checks import _adapter_file
+from .diagnostics.findings import CODES, Finding, report
+from .diagnostics.lr_evidence import GRID_DIR, LR_TOLERANCE, LrEvidence, _learning_rate, lr_evidence
+from .diagnostics.model_checks import (
     SCALING_RANGE,
     _adapter_state,
     _attention_only,

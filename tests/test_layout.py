@@ -15,7 +15,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A path from the checkout's root: not the tail of a longer one (~/.cache/lora-lab/...).
 PATH = re.compile(r"(?<![\w./~-])((?:lab|tests|benchmarks|scripts)/[\w/]+\.(?:py|json|md|cfg))\b")
 # A subpackage's public face lives at the top of lab/ and is tested in the subpackage's folder.
-FACES = {"doctor": "diagnosis", "explorer": "widgets"}
+FACES = {"diagnostics": "diagnosis", "explorer": "widgets"}
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
@@ -26,7 +26,7 @@ def test_every_file_a_doc_names_exists(doc):
 
 def test_tests_mirror_the_subpackages_of_lab():
     subpackages = {p.parent.name for p in (ROOT / "lab").glob("*/__init__.py")}
-    expected = {"engine", "quant", "plots", "exercises", "variants", "doctor", "explorer"}
+    expected = {"engine", "quant", "plots", "exercises", "variants", "diagnostics", "explorer"}
     assert expected <= subpackages
     missing = sorted(name for name in subpackages if not (ROOT / "tests" / name).is_dir())
     assert not missing, f"lab/ subpackages without a tests/ folder: {missing}"

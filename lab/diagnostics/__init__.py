@@ -1,4 +1,4 @@
-"""The adapter doctor's parts; `lab.diagnosis` is its public face (`lab.diagnose`).
+"""The LoRA doctor's checks; `lab.diagnosis` is its public face (`lab.doctor`, `lab.doctor_report`).
 
 - findings.py: what a check reports (a Finding with its code and hint) and the report it makes;
 - model_checks.py: the checks on a model with adapters (targets, frozen base, scaling, init);

@@ -1,4 +1,4 @@
-"""lab/doctor/model_checks.py: each diagnosis of a model, built as the broken case it names."""
+"""lab/diagnostics/model_checks.py: each diagnosis of a model, built as the broken case it names."""
 
 from __future__ import annotations
 

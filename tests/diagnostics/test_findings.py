@@ -1,4 +1,4 @@
-"""lab/doctor/findings.py: a Finding is validated and frozen; the report reads well."""
+"""lab/diagnostics/findings.py: a Finding is validated and frozen; the report reads well."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""lab/doctor/adapter_file_checks.py: an adapter file's problems are findings, never exceptions."""
+"""lab/diagnostics/adapter_file_checks.py: an adapter file's problems are findings, never
+exceptions."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The doctor's findings: what each code means, one Finding, the report, and the words they share.
 
-lab.diagnosis runs the checks (lab.doctor's model_checks, adapter_file_checks and lr_evidence);
+lab.diagnosis runs the checks (lab.diagnostics' model_checks, adapter_file_checks and lr_evidence);
 each returns Findings built here, so every finding reads the same way: a kebab-case code from
 CODES, one sentence of advice (the fix) and the measured evidence.
 """

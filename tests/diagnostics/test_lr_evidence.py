@@ -1,4 +1,5 @@
-"""lab/doctor/lr_evidence.py: an lr against the lrs that trained in the lab's shipped sweeps."""
+"""lab/diagnostics/lr_evidence.py: an lr against the lrs that trained in the lab's shipped
+sweeps."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def test_lr_range_from_every_grid_file_with_failed_lrs(tmp_path, monkeypatch):
     for missing in (tmp_path / "nope", tmp_path / "notes.json"):
         with pytest.raises(NotADirectoryError, match=f"directory {missing} is not a folder"):
             lr_evidence("LoRA", missing)
-    monkeypatch.setattr(importlib.import_module("lab.doctor.lr_evidence"), "GRID_DIR", tmp_path)
+    module = importlib.import_module("lab.diagnostics.lr_evidence")
+    monkeypatch.setattr(module, "GRID_DIR", tmp_path)
     model = fresh()
     assert "lr-too-high" not in codes(doctor(model, lr=3e-2))  # between 0.02 and the failed 0.04
     high = only(doctor(model, lr=4e-2), "lr-too-high")  # where a run diverged
@@ -88,7 +90,7 @@ def test_lr_range_from_every_grid_file_with_failed_lrs(tmp_path, monkeypatch):
 # block, or never end. Run in a child process with a deadline, so a regression fails, not hangs.
 _SPECIAL_GRIDS = """
 import os, pathlib, shutil, sys
-from lab.doctor.lr_evidence import GRID_DIR, lr_evidence
+from lab.diagnostics.lr_evidence import GRID_DIR, lr_evidence
 folder = pathlib.Path(sys.argv[1])
 shutil.copy(GRID_DIR / "default_grid.json", folder / "default_grid.json")
 expected = lr_evidence("LoRA", folder)
@@ -122,7 +124,8 @@ def test_each_flavour_is_judged_against_its_own_runs():
     LoRA's range nor its failures, and a LoRA-FA model is judged by LoRA-FA's runs."""
     lora, fa = lr_evidence("LoRA"), lr_evidence("LoRA-FA")
     assert lora is not None and fa is not None and fa.high > lora.high * LR_TOLERANCE
-    grids = [r for _, r in lab.doctor.lr_evidence._grid_results(lab.doctor.lr_evidence.GRID_DIR)]
+    evidence = lab.diagnostics.lr_evidence
+    grids = [r for _, r in evidence._grid_results(evidence.GRID_DIR)]
     plain = [
         r for r in grids if r.point.rank and (r.point.variant, r.point.init) == ("lora", "default")
     ]

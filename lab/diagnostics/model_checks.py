@@ -1,7 +1,7 @@
 """The doctor's checks of a model: the adapters' state, the base, the scaling, the targets, merges.
 
 Each check reads the model (never runs it, never changes a tensor or a flag) and returns a list
-of lab.doctor.findings.Finding; lab.diagnosis.doctor runs them in order.
+of lab.diagnostics.findings.Finding; lab.diagnosis.doctor runs them in order.
 """
 
 from __future__ import annotations
