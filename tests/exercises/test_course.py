@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pwd
@@ -17,6 +19,7 @@ from lab.exercises.course import (
     COURSE_ID,
     SOURCE,
     STUDENT,
+    main,
     make_course,
     setup_exchange,
 )
@@ -53,7 +56,9 @@ def test_make_course_never_overwrites_an_instructors_edit(tmp_path):
 
 
 def course_command(cwd: Path, *args: str, umask: int = 0o022):
-    """`python -m lab.exercises.course ARGS` as an instructor runs it, in `cwd`, with `umask`."""
+    """`python -m lab.exercises.course ARGS` as an instructor runs it, in `cwd`, with `umask`: a
+    real process (its exit status, and no traceback on its stderr). One test per exit status
+    (0, 1 and 2) runs it so; the rest call `course_main`, the same code in this process."""
     import subprocess
 
     return subprocess.run(
@@ -66,9 +71,30 @@ def course_command(cwd: Path, *args: str, umask: int = 0o022):
     )
 
 
+def course_main(cwd: Path, *args: str, umask: int = 0o022):
+    """`main(ARGS)` of the course command in this process, in `cwd`, with `umask`: what
+    `course_command` gives (an exit status, stderr) without starting Python, torch and nbgrader
+    again. An exception main does not turn into a message fails the test where it is raised."""
+    import subprocess
+
+    err = io.StringIO()
+    old_cwd, old_umask = os.getcwd(), os.umask(umask)
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse refuses the command line so
+                code = exc.code
+    finally:
+        os.chdir(old_cwd)
+        os.umask(old_umask)
+    return subprocess.CompletedProcess(["course", *args], code, "", err.getvalue())
+
+
 @pytest.mark.parametrize("name", ["", "  "])
 def test_the_course_command_never_writes_into_the_current_folder_for_an_empty_name(tmp_path, name):
-    proc = course_command(tmp_path, name)
+    proc = course_main(tmp_path, name)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"the course directory is {name!r}: give a folder" in proc.stderr
     assert list(tmp_path.iterdir()) == []
@@ -76,25 +102,25 @@ def test_the_course_command_never_writes_into_the_current_folder_for_an_empty_na
 
 def test_the_course_command_refuses_what_is_in_the_way_before_writing(tmp_path):
     (tmp_path / "c1" / "nbgrader_config.py").mkdir(parents=True)
-    proc = course_command(tmp_path, "c1")
+    proc = course_main(tmp_path, "c1")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "nbgrader_config.py is a folder, so it cannot be nbgrader's settings file" in proc.stderr
     assert [p.name for p in (tmp_path / "c1").iterdir()] == ["nbgrader_config.py"]
 
     (tmp_path / "c2").mkdir()
     os.mkfifo(tmp_path / "c2" / "nbgrader_config.py")
-    proc = course_command(tmp_path, "c2")
+    proc = course_main(tmp_path, "c2")
     assert proc.returncode == 1 and "is not a regular file" in proc.stderr
     assert [p.name for p in (tmp_path / "c2").iterdir()] == ["nbgrader_config.py"]
 
     (tmp_path / "c3" / "source").mkdir(parents=True)
     (tmp_path / "c3" / "source" / ASSIGNMENT).write_text("not a folder")
-    proc = course_command(tmp_path, "c3")
+    proc = course_main(tmp_path, "c3")
     assert proc.returncode == 1 and "is in the way: the course needs a folder there" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "c3").iterdir()) == ["source"]
 
     (tmp_path / "c4").write_text("a file")
-    proc = course_command(tmp_path, "c4")
+    proc = course_main(tmp_path, "c4")
     assert proc.returncode == 1 and "c4 is in the way" in proc.stderr
     assert (tmp_path / "c4").read_text() == "a file"
 
@@ -109,7 +135,7 @@ def test_the_course_is_private_to_its_instructor_whatever_the_umask(tmp_path):
     assert notebook.read_bytes() == SOURCE.read_bytes()
     # "." is the current folder, given on purpose; an existing folder is made private too
     (tmp_path / "open").mkdir(mode=0o755)
-    proc = course_command(tmp_path / "open", ".")
+    proc = course_main(tmp_path / "open", ".")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "open").stat().st_mode & 0o777 == 0o700
 
@@ -122,7 +148,7 @@ def test_the_course_command_refuses_a_folder_of_another_user(tmp_path):
     else:
         theirs = Path("/usr")  # root's
     before = sorted(p.name for p in theirs.iterdir())
-    proc = course_command(tmp_path, str(theirs))
+    proc = course_main(tmp_path, str(theirs))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"{theirs} belongs to " in proc.stderr and "must be a folder of the instructor" in (
         proc.stderr
@@ -144,7 +170,7 @@ def test_the_course_command_refuses_a_source_that_is_not_the_answer_key(tmp_path
     source = STUDENT if which == "the student's release" else tmp_path / "notes.ipynb"
     if which == "a text file":
         source.write_text("# not a notebook")
-    proc = course_command(tmp_path, "course", "--source", str(source))
+    proc = course_main(tmp_path, "course", "--source", str(source))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     expected = "graded cells without hidden tests" if source == STUDENT else "is not a notebook"
     assert expected in proc.stderr, proc.stderr
@@ -215,8 +241,8 @@ def test_the_exchange_set_up_makes_what_nbgrader_and_students_need(tmp_path):
 def test_the_course_command_needs_a_folder_or_the_exchange(tmp_path):
     proc = course_command(tmp_path)
     assert proc.returncode == 2 and "give the course directory, or --exchange" in proc.stderr
-    proc = course_command(tmp_path, "--exchange", str(tmp_path / "ex"))
+    proc = course_main(tmp_path, "--exchange", str(tmp_path / "ex"))
     assert proc.returncode == 2 and "--exchange needs --instructor NAME" in proc.stderr
-    proc = course_command(tmp_path, "c", "--exchange", str(tmp_path / "ex"), "--instructor", "x")
+    proc = course_main(tmp_path, "c", "--exchange", str(tmp_path / "ex"), "--instructor", "x")
     assert proc.returncode == 2 and "sets up the exchange alone" in proc.stderr
     assert list(tmp_path.iterdir()) == []
