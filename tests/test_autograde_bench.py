@@ -8,6 +8,7 @@ they score.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,13 +32,29 @@ def executor(root: Path) -> str:
     return steps[0].__name__
 
 
+def copied_release(first: Path):
+    """A stand-in for generate_release that copies the release nbgrader made in the course at
+    `first` (one source gives one release): the second course costs no nbgrader process."""
+
+    def generate_release(root: Path) -> Path:
+        rel = Path("release") / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+        (root / rel).parent.mkdir(parents=True)
+        shutil.copyfile(first / rel, root / rel)
+        return root / rel
+
+    return generate_release
+
+
 @pytest.fixture(scope="module")
 def courses(tmp_path_factory):
+    """Each course as bench.make makes it; nbgrader generates the first one's release."""
     out = {}
-    for mode in bench.MODES:
-        root = tmp_path_factory.mktemp(mode)
-        bench.make(root, mode)
-        out[mode] = root
+    with pytest.MonkeyPatch.context() as patch:
+        for mode in bench.MODES:
+            root = tmp_path_factory.mktemp(mode)
+            bench.make(root, mode)
+            out[mode] = root
+            patch.setattr(bench, "generate_release", copied_release(out[next(iter(out))]))
     return out
 
 
