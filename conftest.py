@@ -9,11 +9,13 @@ compares stored outputs through is tests/nbval/sanitize.cfg (named in pyproject.
 
 The README's test command runs the tests in parallel (pytest-xdist, one worker per core), a file
 at a time on a worker (`--dist loadfile`: a notebook's cells run in order in one kernel, and a
-module's expensive fixture is built once). Each worker, and every kernel it starts, trains with
-one thread (LORA_LAB_THREADS=1, lab.threads' first rule): two processes with a thread per core
-each would spin against each other on this 2-core machine. The stored outputs do not depend on it
-(every notebook passes strict nbval with 1 thread and with 2). The longest files go first
-(LONGEST_FIRST), so that the workers end together instead of one finishing them alone.
+module's expensive fixture is built once). Every test process, and every kernel or command it
+starts, trains with one thread (LORA_LAB_THREADS=1, lab.threads' first rule, unless the caller set
+it): two processes with a thread per core each spin against each other on a 2-core machine (a
+notebook that takes 6 s alone took minutes so beside three other busy processes). The stored
+outputs do not depend on it (every notebook passes strict nbval with 1 thread and with 2). The
+longest files go first (LONGEST_FIRST), so that the workers end together instead of one finishing
+them alone.
 """
 
 import atexit
@@ -26,8 +28,9 @@ atexit.register(shutil.rmtree, os.environ["LORA_LAB_CACHE"], ignore_errors=True)
 os.environ["LORA_LAB_CALIBRATE"] = "0"
 # The "machine is busy" line (lab.threads) would enter the outputs nbval compares.
 os.environ["LORA_LAB_BUSY_NOTICE"] = "0"
-if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of a parallel run (pytest -n N)
-    os.environ.setdefault("LORA_LAB_THREADS", "1")
+# One thread for every process a test run starts (kernels, CLI runs, graders), serial or parallel:
+# the README's command runs a worker per core, and a test starts processes beside them.
+os.environ.setdefault("LORA_LAB_THREADS", "1")
 
 # The files that take longest (minutes each; measured with --junitxml), longest first. Collected
 # first, they start first; the short files fill in around them. Only the order changes.

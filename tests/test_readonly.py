@@ -475,7 +475,7 @@ print("RESULT " + json.dumps({
 def _env(venv: Path, course: Course) -> dict[str, str]:
     """HOME, and nothing that moves a file but what docs/instructors.md tells a shared host to
     set: the lab's defaults decide where everything else goes."""
-    return {
+    env = {
         "HOME": str(course.home),
         "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
         "PYTHONPATH": str(course.ro),  # the lab imported from the shared copy
@@ -484,6 +484,11 @@ def _env(venv: Path, course: Course) -> dict[str, str]:
         # first, so on a shared host the spawner sets it for every kernel (docs/instructors.md).
         "TORCHINDUCTOR_CACHE_DIR": str(course.home / ".cache" / "lora-lab" / "torchinductor"),
     }
+    # The test run's thread count (the root conftest.py sets 1), as a hub sets it for every
+    # kernel: it moves no file, and two threads beside the other test worker spin for minutes.
+    if os.environ.get("LORA_LAB_THREADS"):
+        env["LORA_LAB_THREADS"] = os.environ["LORA_LAB_THREADS"]
+    return env
 
 
 def check_run(name: str, run: Run, course: Course, allowed_outside: re.Pattern | None) -> dict:
