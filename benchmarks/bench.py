@@ -64,12 +64,11 @@ from lab.engine.batched import (
     DROPOUT_DRAWS,
     AdapterSpec,
     BatchedTrainer,
-    bytes_per_config,
-    default_max_configs,
-    max_configs_for_memory,
     train_batched,
 )
 from lab.engine.calibrate import measure
+from lab.engine.devices import free_memory
+from lab.engine.plan import FREE_FRACTION, static_chunk
 from lab.fileio import atomic_write_bytes
 from lab.lora import LoRALinear
 from lab.memory import (
@@ -85,7 +84,7 @@ from lab.step import autocast_dtype, make_optimizer, training_step
 from lab.surgery import add_lora, count_parameters, merge_lora
 from lab.sweeps import check_writable_dir, resolve_device
 from lab.tasks import SEQ_LEN, get_task
-from lab.training import train
+from lab.training import plan_memory, train
 
 __all__ = [
     "BENCHMARKS",
@@ -699,9 +698,11 @@ def bench_sweep(
     total = len(batch_sizes) * (2 + repeats + len(grid_sizes) + 1)
     bar = tqdm(total=total, desc="sweep bench", disable=not progress)
     for batch_size in batch_sizes:
-        needed = bytes_per_config(base.config, specs, batch_size)
-        static = default_max_configs(batch_size, device, needed)
-        limit = min(n, max_configs_for_memory(needed, device))
+        plan = plan_memory(base.config, batch_size, steps, [(s.targets, s.rank) for s in specs])
+        free = free_memory(device)
+        fits = max(1, plan.how_many_fit(4 << 30 if free is None else free, FREE_FRACTION))
+        static = static_chunk(fits, batch_size, device)  # sweep()'s rule without measuring
+        limit = min(n, fits)
         found = measure(specs, the_task, batch_size, device, limit, base=base)
         chunk = found.chunk  # what sweep() trains this grid in on this machine
         calibrations.append({"batch_size": batch_size, "chunk": chunk, "static_chunk": static,

@@ -98,17 +98,56 @@ def check_fits(needed: int, device: torch.device, what: str) -> None:
     """MemoryError before allocating when `needed` bytes are more than `device` has available."""
     free = available_bytes(device)
     if free is not None and needed > free:
-        raise MemoryError(
-            f"{what} needs about {format_bytes(needed)} but {device.type} has "
-            f"{format_bytes(free)} available; use a smaller batch_size or fewer steps "
-            "(or configurations)"
-        )
+        raise too_large(needed, free, device, what)
 
 
-def run_bytes(config, batch_size: int, steps: int, n_train: int = 0) -> int:
-    """A generous estimate of a training run's memory: twice full fine-tuning's step + indices."""
-    step = analytic_memory(config, batch_size, SEQ_LEN)
-    return 2 * step.total + 8 * steps * batch_size + 4 * steps + 16 * n_train * SEQ_LEN
+def too_large(needed: int, free: int, device: torch.device, what: str) -> MemoryError:
+    """The one refusal of a run larger than the memory `device` has available."""
+    return MemoryError(
+        f"{what} needs about {format_bytes(needed)} but {device.type} has "
+        f"{format_bytes(free)} available; use a smaller batch_size or fewer steps "
+        "(or configurations)"
+    )
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The lab's one memory plan for training, in bytes: what configurations training together
+    (one run alone, or a batched step's chunk) need, generously.
+
+    `shared`: what they share once (the base weights and the task's examples); `per_config`: what
+    each configuration adds (twice the step's activations, gradients and optimizer state that
+    `analytic_memory` predicts: dropout masks, backward temporaries and the allocator's slack can
+    double them; plus its batch indices).
+    """
+
+    shared: int
+    per_config: int
+
+    def bytes(self, count: int = 1) -> int:
+        """What `count` configurations training together need."""
+        return self.shared + count * self.per_config
+
+    def how_many_fit(self, free: int, fraction: float = 1.0) -> int:
+        """How many configurations fit in `fraction` of `free` bytes (0: not even one)."""
+        return max(0, (int(free * fraction) - self.shared) // max(1, self.per_config))
+
+
+def plan_memory(config, batch_size: int, steps: int, adapters=None, n_train: int = 0) -> MemoryPlan:
+    """The memory plan of training on `config`'s base at `batch_size` for `steps` steps.
+
+    `adapters`: each configuration's (targets, rank); the plan takes the largest for all of them.
+    None plans for full fine-tuning (every weight trains), which no LoRA run exceeds: lab.train
+    plans so for any model. `n_train`: the task's training examples, held once.
+    """
+    steps_kept = [
+        analytic_memory(config, batch_size, SEQ_LEN, lora_targets=targets, lora_rank=rank)
+        for targets, rank in adapters or [(None, 0)]  # (None, 0): every weight trains
+    ]
+    step = max(steps_kept, key=lambda m: m.activations + m.gradients + m.optimizer)
+    per_config = 2 * (step.activations + step.gradients + step.optimizer)
+    per_config += 8 * steps * batch_size + 4 * steps  # each step's batch indices, and its lr
+    return MemoryPlan(shared=step.parameters + 16 * n_train * SEQ_LEN, per_config=per_config)
 
 
 def diverged_message(step: int, loss: float, lr: float, weight_decay: float, scaling: float):
@@ -202,7 +241,7 @@ def train(
     config = getattr(model, "config", None)
     if config is not None:
         check_fits(
-            run_bytes(config, batch_size, steps, task.n_train),
+            plan_memory(config, batch_size, steps, n_train=task.n_train).bytes(),
             device,
             f"training with batch_size={batch_size:,} for steps={steps:,}",
         )

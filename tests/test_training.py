@@ -35,7 +35,7 @@ def test_lora_training_changes_only_adapters():
 
 
 def test_same_seed_gives_identical_losses_and_other_seed_differs():
-    task = get_task("rotate")
+    task = get_task("sort_desc_small")
     a = train(_model(), task, steps=6, lr=1e-3, batch_size=8, seed=3, progress=False)
     b = train(_model(), task, steps=6, lr=1e-3, batch_size=8, seed=3, progress=False)
     c = train(_model(), task, steps=6, lr=1e-3, batch_size=8, seed=4, progress=False)
@@ -66,3 +66,56 @@ def test_a_model_with_nothing_trainable_is_refused():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(model, get_task("rotate"), steps=2, lr=1e-3, progress=False)
+
+
+def test_the_memory_plan_counts_each_configuration_once_and_fits_what_it_counts():
+    """lab.training.plan_memory: the one estimate behind lab.train's check, the sweep's check,
+    the batched chunk size and the batched run's own check."""
+    from lab.training import plan_memory
+
+    config = get_preset("cpu")
+    q_v = ("q_proj", "v_proj")
+    lora = plan_memory(config, 64, 100, [(q_v, 4)])
+    assert lora.bytes(3) - lora.bytes(2) == lora.per_config  # one more configuration, once
+    assert lora.bytes(1) == lora.shared + lora.per_config
+    for k in (1, 2, 7):  # it fits exactly what it counts, and no byte less
+        assert lora.how_many_fit(lora.bytes(k)) == k
+        assert lora.how_many_fit(lora.bytes(k) - 1) == k - 1
+        assert lora.how_many_fit(2 * lora.bytes(k), fraction=0.5) == k
+    full = plan_memory(config, 64, 100)
+    assert full.per_config > lora.per_config  # every weight's gradient and Adam state
+    bigger = plan_memory(config, 64, 100, [(q_v, 4), ("all-linear", 16)])
+    assert bigger == plan_memory(config, 64, 100, [("all-linear", 16)])  # the largest for all
+    assert bigger.per_config > lora.per_config
+    assert plan_memory(config, 128, 100, [(q_v, 4)]).per_config > lora.per_config
+    assert plan_memory(config, 64, 100, [(q_v, 4)], n_train=1000).shared > lora.shared
+
+
+def test_the_sweep_and_the_batched_engine_refuse_by_the_memory_plan(monkeypatch):
+    """A run is refused when the plan says it needs more than is free, and not otherwise."""
+    import lab.engine.batched
+    import lab.training
+    from lab import LoRAConfig
+    from lab.engine.batched import AdapterSpec, BatchedTrainer
+    from lab.engine.plan import check_memory
+    from lab.engine.points import SweepPoint
+    from lab.training import plan_memory
+
+    model = ToyTransformer(get_preset("tiny"))
+    point = SweepPoint(task="sort_desc_small", rank=2, alpha=3, steps=5, batch_size=8)
+    needed = plan_memory(model.config, 8, 5, [(point.lora.targets, 2)]).bytes()
+    check_memory([point], torch.device("cpu"), needed, model.config)  # exactly enough
+    with pytest.raises(MemoryError, match="batch_size=8 for steps=5 needs about"):
+        check_memory([point], torch.device("cpu"), needed - 1, model.config)
+
+    specs = [AdapterSpec(LoRAConfig(rank=2, alpha=3)) for _ in range(3)]
+    plan = plan_memory(model.config, 8, 5, [(s.targets, s.rank) for s in specs])
+    task = get_task("sort_desc_small")
+    for free, refused in ((plan.bytes(3), False), (plan.bytes(3) - 1, True)):
+        monkeypatch.setattr(lab.training, "available_bytes", lambda device, free=free: free)
+        if refused:
+            with pytest.raises(MemoryError, match="3 configurations with batch_size=8"):
+                BatchedTrainer(model, task, specs, steps=5, batch_size=8, device="cpu")
+        else:
+            BatchedTrainer(model, task, specs, steps=5, batch_size=8, device="cpu")
+    assert lab.engine.batched.check_fits is lab.training.check_fits

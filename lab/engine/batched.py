@@ -55,6 +55,7 @@ from ..training import (
     check_seed,
     check_weight_decay,
     diverged_message,
+    plan_memory,
 )
 from ..variants.registry import batched_form
 from .batched_layer import DROPOUT_DRAWS, BatchedLoRALinear, check_dropout_draw
@@ -369,9 +370,8 @@ class BatchedTrainer:
         self.config = base.config
         work = model_from_state(base.config, {k: v.clone() for k, v in self.base_state.items()})
         model, layers = _batched_model(work, specs, self.device, dropout_draw)
-        needed = len(specs) * bytes_per_config(base.config, specs, batch_size)
-        needed += 8 * steps * batch_size * (len(specs) + len({s.seed for s in specs}))
-        check_fits(needed, self.device, f"{plural(len(specs), 'configuration')} "
+        plan = plan_memory(base.config, batch_size, steps, [(s.targets, s.rank) for s in specs])
+        check_fits(plan.bytes(len(specs)), self.device, f"{plural(len(specs), 'configuration')} "
                    f"with batch_size={batch_size:,} for steps={steps:,}")  # fmt: skip
         self.model, self.layers = model, layers
         self.model.train()

@@ -10,9 +10,9 @@ from tqdm.auto import tqdm
 from ..base import load_base_config
 from ..model import ModelConfig
 from ..tasks import get_task
-from ..text import format_bytes, plural
-from ..training import check_count, run_bytes
-from .batched import CPU_ROWS_PER_STEP, bytes_per_config
+from ..text import plural
+from ..training import check_count, plan_memory, too_large
+from .batched import CPU_ROWS_PER_STEP
 from .calibrate import calibrated_chunk_size
 from .devices import free_memory
 from .points import SweepPoint, describe, flavour_name
@@ -32,14 +32,14 @@ def memory_fit(
 ) -> int:
     """How many of `group`'s points (one group_key) fit in half of `free` bytes, at least 1.
 
-    The engine's one memory fit: each configuration is planned at lab.engine.batched's generous
-    `bytes_per_config` for the largest adapter among them; `free` comes from
-    lab.engine.devices.free_memory (None, unknown: 4 GiB is assumed).
+    The engine's one memory fit, from lab.training's memory plan (`plan_memory`, for the largest
+    adapter among them); `free` comes from lab.engine.devices.free_memory (None, unknown: 4 GiB is
+    assumed).
     """
-    config = config or load_base_config()
-    per = bytes_per_config(config, [p.spec() for p in group], group[0].batch_size)
-    free = 4 << 30 if free is None else free
-    return max(1, int(free * FREE_FRACTION) // max(1, per))
+    point = group[0]
+    adapters = [(p.lora.targets, p.lora.rank) for p in group]
+    plan = plan_memory(config or load_base_config(), point.batch_size, point.steps, adapters)
+    return max(1, plan.how_many_fit(4 << 30 if free is None else free, FREE_FRACTION))
 
 
 def check_memory(
@@ -47,19 +47,25 @@ def check_memory(
 ) -> None:
     """MemoryError, before anything trains, for the first point whose run cannot fit in `free`.
 
-    A run is planned at lab.training's generous `run_bytes` (twice full fine-tuning's step,
-    plus the batch indices); None (unknown free memory) lets every point through.
+    Each point alone, by lab.training's memory plan (`plan_memory`); None (unknown free memory)
+    lets every point through.
     """
     if free is None:
         return
     for p in points:
-        needed = run_bytes(config, p.batch_size, p.steps)
+        adapters = None if p.is_full else [(p.lora.targets, p.lora.rank)]
+        needed = plan_memory(config, p.batch_size, p.steps, adapters).bytes()
         if needed > free:
-            raise MemoryError(
-                f"{describe(p)} with batch_size={p.batch_size:,} for steps={p.steps:,} needs "
-                f"about {format_bytes(needed)} but {device.type} has {format_bytes(free)} "
-                "available; use a smaller batch_size or fewer steps (or configurations)"
-            )
+            what = f"{describe(p)} with batch_size={p.batch_size:,} for steps={p.steps:,}"
+            raise too_large(needed, free, device, what)
+
+
+def static_chunk(fits: int, batch_size: int, device: torch.device) -> int:
+    """The chunk size without measuring: what fits; on a CPU also about CPU_ROWS_PER_STEP
+    sequences per step (where a CPU measured fastest)."""
+    if device.type == "cuda":
+        return fits
+    return min(fits, max(1, CPU_ROWS_PER_STEP // batch_size))
 
 
 def chunk_size(
@@ -85,7 +91,7 @@ def chunk_size(
     batch_size = group[0].batch_size
     config = config or load_base_config()
     fits = memory_fit(group, free_memory(device) if free is None else free, config)
-    static = fits if device.type == "cuda" else min(fits, max(1, CPU_ROWS_PER_STEP // batch_size))
+    static = static_chunk(fits, batch_size, device)
     if not calibrate:
         return static
     specs = [p.spec() for p in group]
