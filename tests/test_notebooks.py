@@ -349,3 +349,37 @@ def test_the_promise_check_reads_the_old_promises():
     assert not MACHINE.search("the code runs in seconds on a laptop CPU")
     assert MACHINE.search("the two trainings take about 20 s on a quiet 2-core CPU")
     assert not PROMISE.search("**Time:** about 15 minutes")  # the reader's time, not the CPU's
+
+
+def test_a_notebook_the_read_only_run_checks_is_not_run_twice():
+    """With tests/test_readonly.py selected where it can run (root on Linux, strace, setpriv),
+    its notebooks' nbval items are deselected (it checks them under strict nbval from the
+    read-only copy); a notebook collected alone, or one it does not run, keeps its items."""
+    import shutil
+    import subprocess
+    import sys
+
+    import test_readonly
+
+    def collected(*paths: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *paths],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        ).stdout  # fmt: skip
+        return [line for line in out.splitlines() if ".ipynb::" in line]
+
+    checked = list(test_readonly.NOTEBOOKS)
+    assert checked and all((ROOT / nb).is_file() for nb in checked), checked
+    other = "notebooks/02_why_lora.ipynb"
+    assert other not in checked
+    alone = collected(checked[0], other)
+    assert any(line.startswith(checked[0]) for line in alone), alone
+    together = collected(checked[0], other, "tests/test_readonly.py")
+    can_run = (
+        sys.platform == "linux"
+        and os.geteuid() == 0
+        and all(shutil.which(tool) for tool in ("strace", "setpriv"))
+    )
+    first = [line for line in together if line.startswith(checked[0])]
+    assert (first == []) == can_run, together
+    assert any(line.startswith(other) for line in together), together

@@ -52,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 USER = "nobody"
 # Run (a): the fine-tuning and explorer notebooks, and 06, the one notebook that writes files (its
 # adapters, into a scratch folder that is watched too). The others write nothing (read for it);
-# the dashboard runs the same explorer as 05.
+# the dashboard runs the same explorer as 05. Where this test runs, run (a) is the suite's strict
+# nbval of these notebooks: the root conftest.py deselects their own nbval items.
 NOTEBOOKS = (
     "notebooks/04_fine_tuning.ipynb",
     "notebooks/05_sweeps.ipynb",
