@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -16,6 +17,7 @@ from lab.engine.batched import (
     max_configs_for_memory,
     train_batched,
 )
+from lab.model import ToyTransformer, get_preset
 from lab.surgery import add_lora, lora_layers
 from lab.sweeps import ALL_TARGETS as ALL
 from lab.sweeps import SweepCache, SweepPoint, full_point, run_group, run_point, sweep
@@ -67,7 +69,34 @@ def assert_same_run(alone_losses, alone_model, batched_losses, batched_model, rt
             torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=name)
 
 
-def test_float32_batched_equals_each_run_alone():
+@pytest.fixture
+def unmeasured(monkeypatch):
+    """run_point's and run_group's results without the measurements taken after training
+    (forgetting on the pretraining skills; run_group's first-step memory), which cost more than
+    the training itself: for tests about how points are grouped and trained. Measuring batched
+    points is checked by test_sweep_batches_lora_points_and_measures_them_like_run_point."""
+    module = importlib.import_module("lab.engine.run")
+    monkeypatch.setattr(module, "forgetting", lambda model: None)
+    monkeypatch.setattr(module, "_first_step_memory", lambda point, base, device: None)
+
+
+@pytest.fixture
+def kept_models(monkeypatch):
+    """The models run_point trains, kept in order: a test reads each point's final adapters from
+    the very run whose losses it compares, instead of training the point alone a second time."""
+    module = importlib.import_module("lab.engine.run")
+    kept = []
+    real = module.train
+
+    def train_and_keep(model, *args, **kwargs):
+        kept.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "train", train_and_keep)
+    return kept
+
+
+def test_float32_batched_equals_each_run_alone(kept_models, unmeasured):
     """Every configuration's per-step losses (rel 1e-5) and final adapters match run_point.
 
     Float32 matmuls of different shapes (a rank-1 product alone, a padded rank-8 one batched)
@@ -85,11 +114,8 @@ def test_float32_batched_equals_each_run_alone():
                         steps, device="cpu", progress=False)  # fmt: skip
     for k, point in enumerate(points):
         alone = run_point(point, device="cpu", progress=False)
-        torch.manual_seed(point.seed)
-        model = load_base_model("cpu")
-        add_lora(model, point.targets, point.rank, point.alpha, point.dropout, point.rslora)
-        train(model, get_task("sort_desc"), steps, point.lr, seed=point.seed, device="cpu",
-              progress=False)  # fmt: skip
+        assert len(kept_models) == k + 1
+        model = kept_models[k]  # the model run_point just trained
         torch.testing.assert_close(run.losses[k], torch.tensor(alone.losses), rtol=1e-5, atol=0)
         mine, theirs = adapters(run.models[k]), adapters(model)
         assert mine.keys() == theirs.keys()
@@ -101,16 +127,25 @@ def test_float32_batched_equals_each_run_alone():
                 assert float(off.max()) <= 1e-3, f"{name}: differs by {float(off.max()):.2e}"
 
 
+def tiny_base() -> ToyTransformer:
+    """The smallest model with every layer a point targets (the "tiny" preset: width 32, one
+    block), random weights from seed 0. Exact agreement is a matter of the algebra, which a tiny
+    model exercises as fully as the shipped one, at a fraction of the cost per step."""
+    torch.manual_seed(0)
+    return ToyTransformer(get_preset("tiny"))
+
+
 def test_float64_batched_equals_each_run_alone_over_many_steps():
     """In float64 the engine agrees with training alone to 1e-10 after 40 steps: the algebra
     (masks, scalings, dropout streams, data orders, per-config AdamW) is exact."""
     steps, task = 40, get_task("sort_desc")
+    base = tiny_base().double()
     points = [SweepPoint(**{**p.to_dict(), "targets": p.targets, "steps": steps}) for p in MIXED]
-    run = train_batched(load_base_model("cpu").double(), task, [spec(p) for p in points], steps,
-                        device="cpu", progress=False)  # fmt: skip
+    run = train_batched(base, task, [spec(p) for p in points], steps, device="cpu",
+                        progress=False)  # fmt: skip
     for k, point in enumerate(points):
         torch.manual_seed(point.seed)
-        model = load_base_model("cpu").double()
+        model = copy.deepcopy(base)
         add_lora(model, point.targets, point.rank, point.alpha, point.dropout, point.rslora)
         alone = train(model, task, steps, point.lr, seed=point.seed, device="cpu",
                       progress=False, measure_memory=False)  # fmt: skip
@@ -236,11 +271,13 @@ class CountingTrainer:
         raise AssertionError("a cached point was trained again")
 
 
-def test_chunks_train_the_same_as_one_group():
-    points = [short(r, alpha=a) for r in (1, 2, 4) for a in (2.0, 8.0)]
+def test_chunks_train_the_same_as_one_group(unmeasured):
+    # Whole, the rank-1 points are padded to rank 4; chunked, they train without padding.
+    points = [short(r, alpha=a) for r in (1, 4) for a in (2.0, 8.0)]
     whole = run_group(points, device="cpu", progress=False)
-    chunked = run_group(points, device="cpu", progress=False, max_configs=4)
-    assert [r.extra["batched"]["configs"] for r in chunked] == [4, 4, 4, 4, 2, 2]
+    chunked = run_group(points, device="cpu", progress=False, max_configs=2)
+    assert [r.extra["batched"]["configs"] for r in whole] == [4, 4, 4, 4]
+    assert [r.extra["batched"]["configs"] for r in chunked] == [2, 2, 2, 2]
     for a, b in zip(whole, chunked, strict=True):
         assert a.point == b.point
         torch.testing.assert_close(
@@ -248,7 +285,7 @@ def test_chunks_train_the_same_as_one_group():
         )
 
 
-def test_a_chunk_that_runs_out_of_memory_is_split_and_retried(monkeypatch):
+def test_a_chunk_that_runs_out_of_memory_is_split_and_retried(monkeypatch, unmeasured):
     module = importlib.import_module("lab.engine.run")
     sizes = []
     real = module.train_batched
