@@ -152,3 +152,54 @@ MISTAKES = {
         'TARGETS = ("q_proj", "v_proj")\nRANK = 18\ncheck_shift_targets(TARGETS, RANK)'
     ),
 }
+
+
+# Submissions for the autograder tests (test_autograde, test_grading): built from the release.
+
+
+def grade_id(cell) -> str | None:
+    return cell.metadata.get("nbgrader", {}).get("grade_id")
+
+
+def is_graded_test(cell) -> bool:
+    meta = cell.metadata.get("nbgrader", {})
+    return cell.cell_type == "code" and bool(meta.get("grade")) and not meta.get("solution")
+
+
+def submission(solved: tuple[str, ...] | str = (), cheats: dict[str, str] | None = None):
+    """The released notebook as nbgrader hands it to autograde: its graded cells' hidden tests
+    restored from the source; the answers in `solved` ("all" for every one) filled in from the
+    answer key; each cheat's code appended to the cell with that grade id ("imports" is the
+    first cell)."""
+    from lab.exercises.course import SOURCE, STUDENT  # imports nbgrader: only where needed
+
+    key = {grade_id(c): c for c in nbformat.read(SOURCE, as_version=4).cells if grade_id(c)}
+    nb = nbformat.read(STUDENT, as_version=4)
+    for cell in nb.cells:
+        gid = grade_id(cell)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        if gid is None:
+            continue
+        if is_graded_test(cell):
+            cell.source = key[gid].source
+        elif solved == "all" or gid in solved:
+            cell.source = answer(key[gid].source)
+        if cheats and gid in cheats:
+            cell.source += "\n\n" + cheats[gid]
+    return nb
+
+
+# A cheat in the submission's first cell: every check, grade and torch's comparisons rebound to
+# pass. The autograder must grade the notebook as if the cell were not there.
+ACCEPTANCE_CHEAT = """\
+import torch, builtins
+import lab, lab.exercises as ex
+_ok = ex.Feedback(True, "looks fine")
+for _n in dir(ex):
+    if _n.startswith("check_"):
+        setattr(ex, _n, lambda *a, **k: _ok)
+ex.grade = lambda *a, **k: print("passed")
+torch.allclose = lambda *a, **k: True
+torch.equal = lambda *a, **k: True
+"""
