@@ -237,16 +237,21 @@ def test_lab_exports_the_module():
 # Training starting in a fresh kernel-like process (`import lab` alone leaves torch alone)
 
 
-def run_import(extra: dict[str, str], code: str = "") -> subprocess.CompletedProcess:
+def run_import(
+    extra: dict[str, str], code: str = "", torch_alone: bool = False
+) -> subprocess.CompletedProcess:
     """A process that imports lab, runs `code` (default: training starts), and prints torch's
-    thread count and lab.threads.describe()."""
+    thread count and lab.threads.describe(). With torch_alone, it first prints the count that
+    `import torch` alone gives, before lab is imported."""
     env = {k: v for k, v in os.environ.items()}
     for name in ("LORA_LAB_THREADS", "OMP_NUM_THREADS", *threads.HUB_VARS):
         env.pop(name, None)
     env.update(extra)
     code = code or "lab.threads.training_threads()"
+    alone = "import torch; print(torch.get_num_threads()); " if torch_alone else ""
     code = (
-        f"import lab, torch; {code}; print(torch.get_num_threads()); print(lab.threads.describe())"
+        f"{alone}import lab, torch; {code}; print(torch.get_num_threads()); "
+        "print(lab.threads.describe())"
     )
     return subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -283,33 +288,51 @@ def test_a_bad_lora_lab_threads_is_refused_when_training_starts_and_import_lab_k
     assert "is not a number of threads" in last and "a whole number from 1 to 1024" in last
 
 
+CLI_SWEEP = ["sweep", "--task", "sort_desc_small", "--ranks", "1", "--steps", "2",
+             "--batch-size", "8"]  # fmt: skip
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "99999999", "1.5", "nan"])
-def test_the_cli_refuses_a_bad_lora_lab_threads_in_one_line(value, tmp_path):
+def test_the_cli_refuses_a_bad_lora_lab_threads_in_one_line(
+    value, tmp_path, monkeypatch, capsys, restore_torch_threads
+):
+    """The command line's main() in this process, as a new process starts it: the rule not
+    applied yet (the real process is the test below)."""
+    import warnings
+
+    import lab.__main__ as cli
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LORA_LAB_THREADS", value)
+    monkeypatch.setattr(threads, "_applied", None)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+    code = cli.main([*CLI_SWEEP, "--cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"error: LORA_LAB_THREADS={value!r} is not a number of threads" in err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*.json"))
+
+
+def test_the_cli_process_refuses_a_bad_lora_lab_threads_with_status_2(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.run(
-        [sys.executable, "-m", "lab", "sweep", "--task", "sort_desc_small", "--ranks", "1",
-         "--steps", "2", "--batch-size", "8", "--cache", str(tmp_path / "cache")],
-        cwd=ROOT, env=env | {"LORA_LAB_THREADS": value}, capture_output=True, text=True,
+        [sys.executable, "-m", "lab", *CLI_SWEEP, "--cache", str(tmp_path / "cache")],
+        cwd=ROOT, env=env | {"LORA_LAB_THREADS": "abc"}, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"error: LORA_LAB_THREADS={value!r} is not a number of threads" in proc.stderr
+    assert "error: LORA_LAB_THREADS='abc' is not a number of threads" in proc.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*.json"))
 
 
 def test_training_elsewhere_keeps_torchs_own_default():
     """Without any variable or quota, training starts with what `import torch` alone gives."""
-    proc = run_import({})
-    alone = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-        env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run_import({}, torch_alone=True)
     assert proc.returncode == 0, proc.stderr
-    count, sentence = proc.stdout.splitlines()
+    alone, count, sentence = proc.stdout.splitlines()
     quota = cgroup_cpu_quota()
     if quota is None:
-        assert count == alone.stdout.strip()
+        assert count == alone
         assert sentence.startswith(f"{count} thread") and "torch's default" in sentence
     else:
         assert int(count) == min(math.ceil(quota.cpus), threads.usable_cpus())
@@ -393,6 +416,8 @@ print(torch.get_num_threads())
 
 
 TRAIN_ONE_THREAD = """
+import os
+os.getloadavg = lambda: (64.0, 64.0, 64.0)  # a machine far busier than its cores
 import torch
 before = torch.get_num_threads()
 import lab
@@ -405,11 +430,18 @@ print(before, after_import, torch.get_num_threads())
 """
 
 
-def test_lab_train_applies_the_thread_rule_that_import_lab_no_longer_does():
+@pytest.fixture(scope="module")
+def one_thread_run() -> subprocess.CompletedProcess:
+    """TRAIN_ONE_THREAD in a new process with LORA_LAB_THREADS=1 and the busy line switched off
+    (LORA_LAB_BUSY_NOTICE=0): one process that two tests below read."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env |= {"LORA_LAB_THREADS": "1", threads.BUSY_ENV_VAR: "0"}
-    proc = subprocess.run([sys.executable, "-c", TRAIN_ONE_THREAD], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-c", TRAIN_ONE_THREAD], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_lab_train_applies_the_thread_rule_that_import_lab_no_longer_does(one_thread_run):
+    proc = one_thread_run
     assert proc.returncode == 0, proc.stderr
     before, after_import, training = map(int, proc.stdout.split())
     assert after_import == before  # importing and adding LoRA leave torch alone
@@ -424,9 +456,10 @@ def test_lab_train_says_once_per_process_when_the_machine_is_busy():
     busy = [line for line in proc.stderr.splitlines() if "the machine is busy" in line]
     assert len(busy) == 1, proc.stderr
     assert busy[0].startswith("lab: the machine is busy (load average 64.0 on ")
-    quiet = subprocess.run([sys.executable, "-c", TRAIN_TWICE], cwd=ROOT,
-                           env=env | {threads.BUSY_ENV_VAR: "0"},
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_lab_train_says_nothing_of_a_busy_machine_when_the_line_is_switched_off(one_thread_run):
+    quiet = one_thread_run  # a load average of 64, and LORA_LAB_BUSY_NOTICE=0
     assert quiet.returncode == 0 and "busy" not in quiet.stderr, quiet.stderr
 
 
