@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,15 +13,6 @@ import pytest
 import lab
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# The modules the core must not pull in: the sweep engine, the notebook UI, the course.
-NOT_CORE = (
-    "import sys, lab.lora, lab.model, lab.config\n"
-    "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'matplotlib', 'ipywidgets')"
-    " or (m.startswith('lab.') and any(w in m for w in ('sweep', 'executor', 'calibrat', 'widget',"
-    " 'exercise', 'course', 'plots', 'explorer'))))\n"
-    "print(' '.join(bad)); sys.exit(1 if bad else 0)\n"
-)
 
 
 def run(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -46,30 +38,51 @@ def test_import_lab_leaves_threads_environment_and_folder_as_they_were():
         assert done.returncode == 0, (extra, done.stderr.strip().splitlines()[-1:])
 
 
-def test_the_core_imports_none_of_the_engine_the_ui_or_the_course():
-    done = run(NOT_CORE)
-    assert done.returncode == 0, "importing the core pulls in: " + (done.stdout or done.stderr)
+# One new process, in stages, each looked at before the next imports more: what `import lab`
+# loads, what the core modules load, what using a public name loads, and every public name.
+STAGES = """
+import json, sys
+seen = {}
+import lab
+seen["engine_after_import"] = sorted(
+    m for m in sys.modules if m == "lab.training" or (m.startswith("lab.") and "sweep" in m))
+import lab.lora, lab.model, lab.config
+# The modules the core must not pull in: the sweep engine, the notebook UI, the course.
+words = ("sweep", "executor", "calibrat", "widget", "exercise", "course", "plots", "explorer")
+seen["beyond_the_core"] = sorted(
+    m for m in sys.modules if m.split(".")[0] in ("ray", "matplotlib", "ipywidgets")
+    or (m.startswith("lab.") and any(w in m for w in words)))
+lab.sweep, lab.train
+seen["training_after_use"] = "lab.training" in sys.modules
+names = [name for name in lab.__all__ if name != "threads"]
+exec(f"from lab import {', '.join(names)}, threads")
+seen["public_names_imported"] = True  # no ImportError above
+print(json.dumps(seen))
+"""
 
 
-def test_every_public_name_imports_and_dir_lists_them():
-    names = [name for name in lab.__all__ if name != "threads"]
-    code = f"from lab import {', '.join(names)}, threads; import lab; print(len(dir(lab)))"
-    done = run(code)
+@pytest.fixture(scope="module")
+def stages() -> dict:
+    done = run(STAGES)
     assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_public_name_loads_its_module_only_when_used(stages):
+    assert stages["engine_after_import"] == []  # import lab alone: no engine, no training loop
+    assert stages["training_after_use"]  # lab.sweep and lab.train loaded what they need
+
+
+def test_the_core_imports_none_of_the_engine_the_ui_or_the_course(stages):
+    assert stages["beyond_the_core"] == [], "importing the core pulls in: " + " ".join(
+        stages["beyond_the_core"]
+    )
+
+
+def test_every_public_name_imports_and_dir_lists_them(stages):
+    assert stages["public_names_imported"]  # `from lab import` each of them, in a new process
     assert set(lab.__all__) <= set(dir(lab))
     assert all(getattr(lab, name) is not None for name in lab.__all__)
-
-
-def test_a_public_name_loads_its_module_only_when_used():
-    done = run(
-        "import sys, lab\n"
-        "engine = [m for m in sys.modules if m.startswith('lab.') and 'sweep' in m]\n"
-        "assert not engine and 'lab.training' not in sys.modules, engine\n"
-        "lab.sweep, lab.train\n"
-        "assert 'lab.training' in sys.modules\n"
-        "print('ok')\n"
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_an_unknown_name_is_an_attribute_error_naming_it():
