@@ -1,52 +1,47 @@
-"""RaySession on its own: entered again by the sweeps it is handed to, Ray stops at its own exit.
+"""lab.engine.executors without a Ray running: which executors and RaySession settings are
+refused before anything starts, and what is said when Ray is not installed.
 
-Run in a fresh Python with its own HOME: tests/engine/test_remote.py's module-wide Ray leaves its
-auth token cached in the test process, which a second Ray there would not accept.
+RaySession with a Ray running (a local Ray stopped only at the session's own exit, however many
+sweeps it is handed to; what it listens on; tasks that fail) is tested in test_remote.py, on that
+module's one local Ray: a Ray start costs many CPU seconds, and a second one here would add them.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import textwrap
-import uuid
-from pathlib import Path
 
-# test_remote skips without Ray (and fails under CI=true), so this module does the same.
-from test_remote import MARK, ROOT, ray_temp, wait_gone
+import pytest
 
-SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import ray
-    from lab.engine.executors import RaySession
-    from lab.sweeps import SweepCache, SweepPoint, sweep
-
-    points = [SweepPoint("rotate", 1, steps=2, batch_size=8)]
-    with RaySession(workers=1, temp_dir=sys.argv[2]) as session:
-        started = session.startup_seconds
-        sweep(points, SweepCache(sys.argv[1] + "/a"), progress=False, executor=session)
-        assert ray.is_initialized(), "the first sweep stopped a Ray it did not start"
-        assert session.startup_seconds == started, "the start-up was timed again"
-        sweep(points, SweepCache(sys.argv[1] + "/b"), progress=False, executor=session)
-    assert not ray.is_initialized(), "Ray still up after the session's own exit"
-    print(f"started in {started:.1f} s")
-    """
-)
+from lab.engine.executors import RaySession, check_executor, import_ray
+from lab.sweeps import SweepCache, SweepPoint, sweep
 
 
-def test_a_session_handed_to_several_sweeps_stops_ray_only_at_its_own_exit(tmp_path: Path):
-    mark = uuid.uuid4().hex
-    env = {**os.environ, "HOME": str(tmp_path / "home"), MARK: mark, "PYTHONPATH": str(ROOT),
-           "LORA_LAB_CACHE": str(tmp_path / "cache")}  # fmt: skip
-    try:
-        run = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(ray_temp(mark))],
-                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert run.returncode == 0, run.stderr[-2000:]
-        assert run.stdout.startswith("started in ")
-        assert len(list(tmp_path.glob("[ab]/*.json"))) == 2  # both sweeps trained and cached
-        assert wait_gone(mark) == []
-    finally:
-        shutil.rmtree(ray_temp(mark), ignore_errors=True)
+def test_bad_executor_settings_are_refused_and_nothing_is_written(tmp_path):
+    points = [SweepPoint("rotate", 1, steps=2)]
+    cache = SweepCache(tmp_path / "c")
+    cases = [
+        ({"executor": "dask"}, "executor='dask': expected one of 'local', 'ray'"),
+        ({"address": "127.0.0.1:6379"}, "address='127.0.0.1:6379' is for executor='ray'"),
+        ({"executor": "ray", "device": "mps"}, "Ray tasks train on 'cpu' or 'cuda'"),
+        ({"executor": "ray", "device": "cuda:1"}, "Ray tasks train on 'cpu' or 'cuda'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            sweep(points, cache, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="workers=0"):
+        RaySession(workers=0)
+    with pytest.raises(ValueError, match="a cluster at an address has its own"):
+        RaySession("127.0.0.1:6379", workers=2)
+    with pytest.raises(ValueError, match="ray address='  ': expected 'HOST:PORT'"):
+        RaySession("  ")
+    assert check_executor("ray") == "ray"
+    assert not (tmp_path / "c").exists()
+
+
+def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    with pytest.raises(ImportError, match=r"pip install -r requirements-ray\.txt"):
+        import_ray()
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"  # switched off before any import
