@@ -120,7 +120,7 @@ class Machine:
         return Path(pwd.getpwnam(user).pw_dir)
 
     def env(self, user: str) -> list[str]:
-        return [
+        env = [
             f"HOME={self.home(user) if user != 'root' else '/root'}",
             f"USER={user}",
             f"LOGNAME={user}",
@@ -129,6 +129,11 @@ class Machine:
             f"PYTHONPATH={self.lab_copy}",  # the shared copy's lab, as the hub recipe gives it
             f"JUPYTER_CONFIG_PATH={self.shared_config.parent}",  # stands in for /etc/jupyter
         ]
+        # One training thread (or the test run's own choice), as docs/grading.md advises for
+        # graders that share the cores: here, with the other tests (conftest.py). Two threads
+        # on a busy 2-core machine mostly wait for each other, spinning.
+        env.append(f"LORA_LAB_THREADS={os.environ.get('LORA_LAB_THREADS', '1')}")
+        return env
 
     def substitute(self, line: str) -> str:
         line = line.replace(DOC_VENV, str(self.venv))
