@@ -253,8 +253,17 @@ def test_python_m_benchmarks_bench_runs_from_the_repository_root(tmp_path):
     assert "error: unknown benchmarks ['nonsense']" in proc.stderr
 
 
-def test_cli_sweep_trains_a_grid_batched_and_caches_it(tmp_path, capsys):
+def test_cli_sweep_trains_a_grid_batched_and_caches_it(tmp_path, capsys, monkeypatch):
+    import importlib
+
     from lab.__main__ import main
+
+    # The command's lines, cache and batching are checked here, not what each result measures
+    # after training (forgetting, the first step's memory: tests/engine/test_batched.py), which
+    # would cost more than the training: left out.
+    run_module = importlib.import_module("lab.engine.run")
+    monkeypatch.setattr(run_module, "forgetting", lambda model: None)
+    monkeypatch.setattr(run_module, "_first_step_memory", lambda point, base, device: None)
 
     args = [
         "sweep",

@@ -134,7 +134,8 @@ def test_full_fine_tuning_memorises_the_smallest_task():
     torch.manual_seed(0)
     model = lab.load_base_model("cpu")
     task = get_task(RECALL_TASKS[0])
-    result = lab.train(model, task, steps=200, lr=3e-3, progress=False, measure_memory=False)
+    # 100 steps: at 60 it already recalls every pair (30: 6%, 45: 59%, measured), so a margin.
+    result = lab.train(model, task, steps=100, lr=3e-3, progress=False, measure_memory=False)
     assert result.heldout["accuracy"] >= 0.9
 
 
