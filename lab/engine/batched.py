@@ -39,16 +39,14 @@ from .. import threads
 from ..base import model_from_state
 from ..checks import check_rank_fits as _check_rank_fits
 from ..config import ALL_LINEAR, INITS, LoRAConfig
-from ..memory import analytic_memory
-from ..model import IGNORE_INDEX, ModelConfig, ToyTransformer, default_device
+from ..model import IGNORE_INDEX, ToyTransformer, default_device
 from ..step import autocast_dtype, forward_loss
 from ..surgery import add_lora, build_layer
-from ..tasks import SEQ_LEN, Task
+from ..tasks import Task
 from ..text import plural
 from ..training import (
     MAX_STEPS,
     _lr_at,
-    available_bytes,
     check_count,
     check_fits,
     check_lr,
@@ -68,11 +66,8 @@ __all__ = [
     "BatchedTrainer",
     "batchable",
     "StackedAdamW",
-    "bytes_per_config",
     "CPU_ROWS_PER_STEP",
     "DROPOUT_DRAWS",
-    "default_max_configs",
-    "max_configs_for_memory",
     "train_batched",
 ]
 
@@ -284,52 +279,11 @@ def _extract(
     return model
 
 
-def bytes_per_config(config: ModelConfig, specs: Sequence[AdapterSpec], batch_size: int) -> int:
-    """A generous estimate of what one more configuration adds to a batched step's memory.
-
-    From `analytic_memory` for the largest adapter among `specs`. Activations dominate; dropout
-    masks, backward temporaries and the allocator's slack can double them, so this plans for
-    twice the prediction.
-    """
-
-    def size(s: AdapterSpec) -> int:  # all-linear: the toy's six block linears
-        return s.rank * (6 if s.targets == (ALL_LINEAR,) else len(s.targets))
-
-    largest = max(specs, key=size)
-    predicted = analytic_memory(
-        config, batch_size, SEQ_LEN, lora_targets=largest.targets, lora_rank=largest.rank
-    )
-    return 2 * (predicted.activations + predicted.gradients + predicted.optimizer)
-
-
-def max_configs_for_memory(
-    bytes_per_config: int, device: torch.device | str, fraction: float = 0.5
-) -> int:
-    """How many configurations fit in `fraction` of the device's free memory (at least 1)."""
-    free = available_bytes(torch.device(device))
-    if free is None:
-        free = 4 << 30  # unknown: assume 4 GiB
-    return max(1, int(free * fraction) // max(1, bytes_per_config))
-
-
 # On a CPU a configuration's own step at batch 64 already runs the matmuls near the cores' peak;
 # stacking more rows only pushes activations out of cache (benchmarks/results/bench.md, "How it
 # scales with grid size": at batch 64 two configurations per step were fastest, at batch 8
 # sixteen). So on a CPU a batched step holds about this many sequences in all.
 CPU_ROWS_PER_STEP = 128
-
-
-def default_max_configs(batch_size: int, device: torch.device | str, bytes_per_config: int) -> int:
-    """How many configurations to train per batched step on `device`, by default.
-
-    On CUDA: as many as fit in half the free memory. On a CPU: also no more than
-    CPU_ROWS_PER_STEP // batch_size (at least 1), where the CPU measured fastest.
-    """
-    device = torch.device(device)
-    cap = max_configs_for_memory(bytes_per_config, device)
-    if device.type != "cuda":
-        cap = min(cap, max(1, CPU_ROWS_PER_STEP // batch_size))
-    return cap
 
 
 class BatchedTrainer:

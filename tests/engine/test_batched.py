@@ -13,13 +13,10 @@ from lab.config import LoRAConfig
 from lab.engine.batched import (
     AdapterSpec,
     BatchedLoRALinear,
-    default_max_configs,
-    max_configs_for_memory,
     train_batched,
 )
 from lab.model import ToyTransformer, get_preset
 from lab.surgery import add_lora, lora_layers
-from lab.sweeps import ALL_TARGETS as ALL
 from lab.sweeps import SweepCache, SweepPoint, full_point, run_group, run_point, sweep
 from lab.tasks import get_task
 from lab.training import train
@@ -324,28 +321,6 @@ def test_run_group_rejects_what_cannot_train_together():
     with pytest.raises(ValueError, match="max_configs=0"):
         run_group([short(2)], device="cpu", max_configs=0)
     assert run_group([], device="cpu") == []
-
-
-def test_max_configs_for_memory_divides_free_memory():
-    assert max_configs_for_memory(1, "cpu") > 1000
-    assert max_configs_for_memory(1 << 60, "cpu") == 1  # never below one configuration
-
-
-def test_the_memory_estimate_follows_the_largest_adapter_and_the_batch():
-    from lab.engine.batched import bytes_per_config
-
-    config = load_base_model("cpu").config
-    small, big = make_spec(("q_proj",), 1, 4.0), make_spec(ALL, 64, 4.0)
-    assert bytes_per_config(config, [small, big], 64) == bytes_per_config(config, [big], 64)
-    assert bytes_per_config(config, [big], 64) > bytes_per_config(config, [small], 64)
-    assert bytes_per_config(config, [small], 64) > bytes_per_config(config, [small], 8)
-
-
-def test_default_chunks_on_a_cpu_hold_about_128_sequences():
-    assert default_max_configs(64, "cpu", 1) == 2
-    assert default_max_configs(8, "cpu", 1) == 16
-    assert default_max_configs(512, "cpu", 1) == 1
-    assert default_max_configs(8, "cpu", 1 << 60) == 1  # memory still caps it
 
 
 def test_a_points_spec_starts_its_adapter_as_the_point_alone_does():

@@ -55,12 +55,14 @@ def test_training_the_engine_and_the_batched_cap_share_one_free_memory_probe(mon
 
     import psutil
 
-    import lab.engine.batched
+    import lab.engine.plan
     import lab.training
     from lab.engine import devices
 
     assert devices.free_memory is lab.training.available_bytes
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=1000))
-    assert lab.engine.batched.max_configs_for_memory(100, "cpu") == 5  # half of the 1,000 bytes
+    group = [SweepPoint(task="sort_desc_small", rank=1, steps=1, batch_size=1)] * 2
+    fits = lab.engine.plan.memory_fit(group, devices.free_memory("cpu"))
+    assert fits == 1  # the base model alone is more than 1,000 bytes: never below one
     with pytest.raises(MemoryError):
         lab.training.check_fits(2000, torch.device("cpu"), "a run")

@@ -54,3 +54,34 @@ def test_free_memory_is_read_once_per_plan_with_one_probe(tmp_path, monkeypatch)
     # The probe is psutil's available memory (MemAvailable), not the free pages (MemFree).
     assert probe("cpu") == pytest.approx(psutil.virtual_memory().available, rel=0.2)
     assert memory_fit(points, 0) == 1 and memory_fit(points, 1 << 50) > 1000
+
+
+def test_the_chunk_fit_follows_the_largest_adapter_the_batch_and_the_free_memory():
+
+    from lab.base import load_base_config
+    from lab.engine.plan import FREE_FRACTION, memory_fit
+    from lab.training import plan_memory
+
+    config = load_base_config()
+    small = SweepPoint(**(TINY | {"rank": 1, "targets": ("q_proj",)}))
+    big = SweepPoint(**(TINY | {"rank": 64, "targets": ("all-linear",)}))
+    free = 1 << 32
+    mixed = memory_fit([small, big], free, config)
+    assert mixed == memory_fit([big, big], free, config) < memory_fit([small, small], free, config)
+    plan = plan_memory(config, big.batch_size, big.steps, [(big.lora.targets, 64)])
+    assert mixed == plan.how_many_fit(free, FREE_FRACTION)  # half the free memory
+    wider = SweepPoint(**(TINY | {"rank": 1, "targets": ("q_proj",), "batch_size": 256}))
+    assert memory_fit([wider, wider], free, config) < memory_fit([small, small], free, config)
+    assert memory_fit([big, big], 1, config) == 1  # never below one configuration
+    assert memory_fit([big, big], None, config) == memory_fit([big, big], 4 << 30, config)
+
+
+def test_the_static_chunk_on_a_cpu_holds_about_128_sequences():
+    import torch
+
+    from lab.engine.plan import static_chunk
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [static_chunk(100, b, cpu) for b in (64, 8, 512)] == [2, 16, 1]
+    assert static_chunk(1, 8, cpu) == 1  # memory still caps it
+    assert static_chunk(100, 64, cuda) == 100  # a GPU takes what fits
