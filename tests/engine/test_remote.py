@@ -356,7 +356,7 @@ class TestOnARayHead:
         does not depend on where they train, and the rerun's check is that it trains only the rest.
         """
         mark = uuid.uuid4().hex
-        args = ["sweep", "--task", "rotate", "--ranks", "1", "2", "4", "8", "--steps", "50",
+        args = ["sweep", "--task", "rotate", "--ranks", "1", "2", "4", "--steps", "50",
                 "--batch-size", "16", "--no-batch", "--ray"]  # fmt: skip
         env = cli_env(tmp_path, mark)
         cache = tmp_path / "cache"
@@ -370,14 +370,14 @@ class TestOnARayHead:
             proc.kill()
             proc.wait(timeout=30)
             kept = len(list(cache.glob("*.json")))
-            assert 1 <= kept <= 4
+            assert 1 <= kept <= 3
             run = subprocess.run([sys.executable, "-m", "lab", *args, ray_head.address],
                                  env=env | ray_head.auth, cwd=tmp_path, capture_output=True,
                                  text=True, timeout=300)  # fmt: skip
             assert run.returncode == 0, run.stdout + run.stderr
-            assert run.stdout.startswith(f"4 points on rotate, {4 - kept} to train"), run.stdout
-            assert run.stdout.count("trained ") == 4 - kept  # the finished points are not retrained
-            assert len(list(cache.glob("*.json"))) == 4 and not list(cache.glob("*.lock"))
+            assert run.stdout.startswith(f"3 points on rotate, {3 - kept} to train"), run.stdout
+            assert run.stdout.count("trained ") == 3 - kept  # the finished points are not retrained
+            assert len(list(cache.glob("*.json"))) == 3 and not list(cache.glob("*.lock"))
             # The killed driver's Ray, which no clean-up of ours stopped: its raylet and workers go
             # at once; its agents (ray::DashboardAgent, ray::RuntimeEnvAgent) were seen to linger
             # 60 to 120 s before they noticed, in one kill of three.
@@ -529,9 +529,9 @@ def test_a_local_ray_listens_on_127_0_0_1_only(local_ray):
 
 
 def test_worker_killed_mid_task_is_retried_and_nothing_is_lost_or_duplicated(local_ray, tmp_path):
-    # 3 points batched in one task of a few seconds: long enough to be caught in the middle.
-    points = grid("rotate", [1, 2, 4], alphas=[8.0], steps=60, batch_size=16)
-    assert [len(u) for u in plan_chunks(points, "cpu")] == [3]
+    # 2 points batched in one task of a few seconds: long enough to be caught in the middle.
+    points = grid("rotate", [1, 4], alphas=[8.0], steps=60, batch_size=16)
+    assert [len(u) for u in plan_chunks(points, "cpu")] == [2]
     killed: list[int] = []
     stop = threading.Event()
 
@@ -682,15 +682,16 @@ def test_plan_chunks_follows_a_given_rule_for_a_device_elsewhere():
 def test_ray_benchmark_reports_both_sides_and_the_start_up_apart(local_ray, tmp_path):
     from benchmarks.ray_sweep import bench_ray_sweep, markdown, write_results
 
-    points = grid("rotate", [1, 2], alphas=[8.0], dropouts=[0.0, 0.1], steps=2, batch_size=8)
+    # Two points (each costs its evaluations on both sides): the report, not the grid, is checked.
+    points = grid("rotate", [1, 2], alphas=[8.0], steps=2, batch_size=8)
     with torch_threads(1):  # as the Ray tasks train: then every point is bit-identical
         report = bench_ray_sweep(points=points)
-    assert report["points"] == 4 and sum(report["units"]) == 4
+    assert report["points"] == 2 and sum(report["units"]) == 2
     assert report["local_s"] > 0 and report["ray_s"] > 0
     assert report["speedup"] == pytest.approx(report["local_s"] / report["ray_s"])
     assert report["ray"]["slots"] == 2 and report["ray"]["device"] == "cpu"
-    assert report["identical_points"] == 4 and report["local_torch_threads"] == 1
+    assert report["identical_points"] == 2 and report["local_torch_threads"] == 1
     text = markdown(report)
-    assert "# A 4-point sweep" in text and "Ray start-up, apart" in text
+    assert "# A 2-point sweep" in text and "Ray start-up, apart" in text
     paths = write_results(report, tmp_path, "ray_sweep-quick")
     assert [p.name for p in paths] == ["ray_sweep-quick.json", "ray_sweep-quick.md"]
