@@ -36,16 +36,16 @@ os.environ.setdefault("LORA_LAB_THREADS", "1")
 # The files that take longest (minutes each; measured with --junitxml), longest first. Collected
 # first, they start first; the short files fill in around them. Only the order changes.
 LONGEST_FIRST = [
-    "tests/engine/test_remote.py",
-    "tests/test_readonly.py",
+    "tests/test_readonly.py",  # builds the class venv (cached) that the hub and round trip share
+    "tests/exercises/test_grading.py",
+    "tests/browser/test_hub.py",
     "tests/browser/test_lab.py",
     "tests/test_class_roundtrip.py",
-    "tests/browser/test_hub.py",
     "tests/exercises/test_autograde.py",
-    "tests/engine/test_batched.py",
+    "tests/engine/test_remote.py",
     "tests/test_bad_input_cli.py",
-    "tests/exercises/test_grading.py",
-    "tests/exercises/test_course.py",
+    "tests/engine/test_batched.py",
+    "tests/test_classroom_bench.py",
 ]
 
 
