@@ -176,30 +176,46 @@ def ray_head(tmp_path_factory):
             "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
     env = {**os.environ, "HOME": str(tmp_path_factory.mktemp("head-home")), MARK: mark,
            "PYTHONPATH": str(ROOT), **auth}  # fmt: skip
-    port = free_port()
+    ray_bin = Path(sys.executable).parent / "ray"
+    temp = ray_temp(mark)
+    log = tmp_path_factory.mktemp("head-log") / "ray-start.log"
+    out = log.open("a")  # what `ray start` says, shown if it fails
     names = ("node-manager-port", "object-manager-port", "dashboard-port",
              "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "runtime-env-agent-port",
              "metrics-export-port")  # fmt: skip
-    ports = {f"--{name}": str(free_port()) for name in names}
-    ray_bin = Path(sys.executable).parent / "ray"
-    temp = ray_temp(mark)
-    # One CPU: one worker per connected driver, which is all the tests need.
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
-         "--disable-usage-stats", "--temp-dir", str(temp),
-         *[x for kv in ports.items() for x in kv]],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+
+    def start() -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        ports = {f"--{name}": str(free_port()) for name in names}
+        # One CPU: one worker per connected driver, which is all the tests need.
+        return subprocess.Popen(
+            [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
+             "--disable-usage-stats", "--temp-dir", str(temp),
+             *[x for kv in ports.items() for x in kv]],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        ), port  # fmt: skip
+
+    head, port = start()
     try:
         # Up once its node is registered, which `ray start` marks by writing the cluster's address
         # to <temp dir>/ray_current_cluster (its GCS port answers earlier). Nothing else starts
         # before then: on a busy machine a Ray starting beside it can push the raylet past the
-        # 30 s that `ray start` gives it to register.
+        # 30 s that `ray start` gives it to register. A start that exits (a port taken between
+        # choosing it and binding it, or that registration limit) is tried once more.
         deadline = time.monotonic() + 90
+        tries = 1
         while not (temp / "ray_current_cluster").exists():
-            assert head.poll() is None, f"ray start exited with {head.returncode}"
-            assert time.monotonic() < deadline, "the Ray head was not up within 90 s"
+            if head.poll() is not None and tries < 2:
+                for pid in wait_gone(mark, 30):  # what the failed start left
+                    os.kill(pid, signal.SIGKILL)
+                shutil.rmtree(temp, ignore_errors=True)
+                head, port = start()
+                tries, deadline = tries + 1, time.monotonic() + 90
+            out.flush()
+            tail = log.read_text(errors="replace")[-3000:]
+            assert head.poll() is None, f"ray start exited with {head.returncode}:\n{tail}"
+            assert time.monotonic() < deadline, f"the Ray head was not up within 90 s:\n{tail}"
             time.sleep(0.2)
         socket.create_connection(("127.0.0.1", port), timeout=2).close()  # and it listens
         yield RayHead(f"127.0.0.1:{port}", auth)
@@ -214,6 +230,7 @@ def ray_head(tmp_path_factory):
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+        out.close()
     assert left == [], f"processes of the Ray head still running after its stop: {left}"
 
 
