@@ -262,9 +262,10 @@ class SweepCache:
 
     def release(self, point: SweepPoint) -> None:
         """Drop the point's lock if this cache holds it."""
-        lock = self._locks.pop(point, None)
+        lock = self._locks.get(point)
         if lock is not None:
             lock.release()
+            del self._locks[point]  # only once released: an interrupt leaves it to release again
 
     def claimed(self, point: SweepPoint) -> bool:
         """True while another process (or another SweepCache here) holds the point's lock."""

@@ -127,12 +127,14 @@ class PointLock:
         so the next holder makes a fresh one and filelock sees the old one is gone."""
         if self._lock is None:
             return
-        lock, self._lock = self._lock, None
+        # Forgotten only once done: a Ctrl-C in between leaves it held, for the sweep's own
+        # clean-up to release again (every step here may run twice).
         with contextlib.suppress(OSError):
             self.holder_path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
-        lock.release()
+        self._lock.release()
+        self._lock = None
 
     def busy(self) -> bool:
         """True while another process (or another PointLock here) holds this lock."""

@@ -202,3 +202,29 @@ def test_another_accounts_lock_is_waited_for_while_held_and_taken_once_its_holde
         assert not list(folder.iterdir())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_release_cut_short_by_ctrl_c_is_finished_by_the_next_release(tmp_path, monkeypatch):
+    """Ctrl-C can land inside a release (a sweep releases a point right after saving it); the
+    lock stays known to the cache until its files are gone, so the sweep's clean-up, which
+    releases what it holds again, leaves no lock file behind."""
+    cache = SweepCache(tmp_path)
+    point = SweepPoint(**TINY)
+    assert cache.claim(point)
+    (lock_file,) = tmp_path.glob("*.lock")
+    real_unlink = Path.unlink
+
+    def interrupted(path, *args, **kwargs):
+        if path == lock_file:
+            monkeypatch.setattr(Path, "unlink", real_unlink)  # only the first time
+            raise KeyboardInterrupt
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.release(point)
+    assert lock_file.exists()  # cut short
+    cache.release(point)  # the clean-up's release
+    assert not list(tmp_path.glob("*.lock")) and not cache.claimed(point)
+    assert cache.claim(point)  # and it can be taken again
+    cache.release(point)
