@@ -33,24 +33,35 @@ os.environ["LORA_LAB_BUSY_NOTICE"] = "0"
 # the README's command runs a worker per core, and a test starts processes beside them.
 os.environ.setdefault("LORA_LAB_THREADS", "1")
 
-# The files that take longest (minutes each; measured with --junitxml), longest first. Collected
-# first, they start first; the short files fill in around them. Only the order changes.
+# The files that take longest (a fresh clone's run, timed per test), longest first, except that
+# the read-only run leads: it builds the class venv (cached) that the hub and the round trip
+# reuse. Files that mostly wait (Ray's start-ups, the hub's servers and culls) alternate with
+# files that compute, so that a worker's wait is the other's turn. Only the order changes.
 LONGEST_FIRST = [
-    "tests/test_readonly.py",  # builds the class venv (cached) that the hub and round trip share
-    "tests/exercises/test_grading.py",
-    "tests/browser/test_hub.py",
-    "tests/browser/test_lab.py",
+    "tests/test_readonly.py",  # computes: notebooks 04-06 under strict nbval as `nobody`
+    "tests/engine/test_remote.py",  # waits: four Ray start-ups
+    "tests/browser/test_lab.py",  # computes: the walkthrough in JupyterLab
+    "tests/browser/test_hub.py",  # waits: a hub, two students, culls
     "tests/test_class_roundtrip.py",
     "tests/exercises/test_autograde.py",
-    "tests/engine/test_remote.py",
+    "tests/exercises/test_grading.py",
+    "notebooks/07_why_low_rank.ipynb",
+    "tests/browser/test_dashboard.py",
     "tests/test_bad_input_cli.py",
-    "tests/engine/test_batched.py",
+    "notebooks/09_what_practitioners_learned.ipynb",
     "tests/test_classroom_bench.py",
+    "tests/explorer/test_widgets.py",
+    "tests/engine/test_batched.py",
 ]
 
 
 def pytest_configure(config):
-    """Find the sanitizer from any folder: pyproject.toml names it relative to the root."""
+    """Find the sanitizer from any folder (pyproject.toml names it relative to the root), and keep
+    the collection's order when xdist hands out files: by default it hands out the files with the
+    most tests first, whatever LONGEST_FIRST says (a fresh clone's run started the read-only run
+    11 minutes in and ended with one worker idle for a minute)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     path = getattr(config.option, "nbval_sanitize_with", None)
     if path and not os.path.isabs(path) and not os.path.exists(path):
         config.option.nbval_sanitize_with = str(config.rootpath / path)

@@ -50,3 +50,34 @@ def test_the_longest_test_files_listed_first_exist():
     assert listed, "conftest.LONGEST_FIRST is empty"
     missing = [p for p in listed if not (ROOT / p).is_file()]
     assert not missing, f"conftest.LONGEST_FIRST names files that do not exist: {missing}"
+
+
+def test_xdist_hands_out_files_in_the_collections_order(tmp_path):
+    """pytest-xdist's `--dist loadfile` hands out the files with the most tests first unless told
+    not to; the root conftest tells it not to, so the order LONGEST_FIRST gives is the order the
+    workers get. Checked on two files where the two orders differ."""
+    import subprocess
+    import sys
+
+    root_conftest = str(ROOT / "conftest.py")
+    (tmp_path / "conftest.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('root_conftest', {root_conftest!r})\n"
+        "root = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(root)\n"
+        "pytest_configure = root.pytest_configure\n"
+        "def pytest_collection_modifyitems(items):\n"
+        "    items.sort(key=lambda item: item.path.name != 'test_one.py')  # the short file first\n"
+    )
+    (tmp_path / "test_many.py").write_text(
+        "import pytest\n@pytest.mark.parametrize('i', range(5))\ndef test_many(i): pass\n"
+    )
+    (tmp_path / "test_one.py").write_text("def test_one(): pass\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "1", "--dist", "loadfile", "-v", "-p", "no:randomly",
+         "-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    ).stdout  # fmt: skip
+    ran = [line for line in out.splitlines() if "PASSED" in line and "::test_" in line]
+    assert len(ran) == 6, out
+    assert "test_one.py::test_one" in ran[0], ran
