@@ -29,6 +29,7 @@ from .engine import calibrate
 from .engine.devices import ray_device, resolve_device
 from .engine.executors import RAY_INSTALL, RaySession, split_address
 from .forgetting import MAX_REPLAY, source_summary
+from .interrupts import kept
 from .quant import SCHEMES
 from .sweeps import (
     ALL_TARGETS,
@@ -250,9 +251,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     failures: dict = {}
     try:
-        results = sweep(points, cache, progress=tty, device=device, batched=not args.no_batch,
-                        max_configs=args.max_configs, on_result=report,
-                        executor=executor)  # fmt: skip
+        with kept():  # a Ctrl-C that torch turned into another error is still a Ctrl-C
+            results = sweep(points, cache, progress=tty, device=device,
+                            batched=not args.no_batch, max_configs=args.max_configs,
+                            on_result=report, executor=executor)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
             f"{plural(len(finished), 'point')} of {len(todo):,} finished and kept in "

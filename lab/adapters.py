@@ -21,6 +21,7 @@ from torch import nn
 from .checks import check_model, check_path, describe, nonfinite
 from .config import LoRAConfig
 from .fileio import atomic_write_bytes, regular_file
+from .interrupts import kept
 from .lora import LoRALinear
 from .surgery import _require_lora, lora_layers
 
@@ -166,7 +167,7 @@ def _read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[st
     """
     path = regular_file(check_path(path, "adapter file"), "adapter file")
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with kept(), safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not iterable)
     except (SafetensorError, ValueError, RuntimeError) as exc:

@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
 from .fileio import atomic_write_bytes, regular_file
+from .interrupts import kept
 from .model import ModelConfig, ToyTransformer, default_device
 
 __all__ = [
@@ -96,6 +97,11 @@ def _read(path: Path, with_tensors: bool) -> tuple[ModelConfig, dict[str, torch.
         raise FileNotFoundError(
             f"no base model at {path} ({exc}); rebuild it with `python scripts/pretrain_base.py`"
         ) from None
+    with kept():  # a Ctrl-C that torch swallows mid-read is a Ctrl-C, not a corrupt file
+        return _read_file(path, with_tensors)
+
+
+def _read_file(path: Path, with_tensors: bool) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     unreadable = (SafetensorError, OSError, ValueError, RuntimeError)
     try:
         opened = safe_open(str(path), framework="pt")

@@ -4,6 +4,7 @@
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -20,6 +21,15 @@ def bwrap():
     """bubblewrap, the grader's sandbox: a test that starts a submission's worker needs it."""
     if shutil.which("bwrap") is None:
         skip_or_fail("bubblewrap (bwrap) is missing: apt-get install bubblewrap")
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt here, as at a terminal, for the test's length (a test run
+    started in the background inherits SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture

@@ -34,6 +34,42 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def swallowed_ctrl_c() -> None:
+    """What torch does when Ctrl-C lands in a call back from its C code (building a tensor from
+    the buffer safetensors hands it): the KeyboardInterrupt is cleared and another error raised.
+    Needs SIGINT to raise KeyboardInterrupt (the `ctrl_c_raises` fixture)."""
+    import time
+
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler runs here and raises KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise ValueError(
+            "could not determine the shape of object type 'torch.storage.UntypedStorage'"
+        ) from None
+    raise AssertionError("SIGINT did not arrive within 5 s")
+
+
+class CtrlCInGetTensor:
+    """safe_open's handle, but its first get_tensor meets a Ctrl-C that torch swallows."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __enter__(self):
+        self.handle = self.real.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.real.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def get_tensor(self, key):
+        swallowed_ctrl_c()
+
+
 def run_unprivileged(code: str, *args: str, home: Path) -> subprocess.CompletedProcess:
     """Run Python `code` (argv[1:] = args) as an account without privileges: as `nobody` through
     setpriv when the tests run as root (CI does), where root would read and write any file and a

@@ -21,6 +21,7 @@ from core_kit import (
     tiny_model,
     tokens,
 )
+from needs import CtrlCInGetTensor
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -522,3 +523,18 @@ def test_adapter_file_without_its_layer_list(lora_model, tmp_path):
     save_file(tensors, path, metadata=meta)
     with pytest.raises(ValueError, match="has no 'lora_lab_layers' metadata"):
         load_adapter(lora_model, path)
+
+
+def test_a_ctrl_c_swallowed_while_an_adapter_loads_is_a_ctrl_c_not_a_corrupt_file(
+    saved, monkeypatch, ctrl_c_raises
+):
+    import lab.adapters
+
+    _, path = saved
+    fresh = fresh_lora_model()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    real = lab.adapters.safe_open
+    monkeypatch.setattr(lab.adapters, "safe_open", lambda *a, **k: CtrlCInGetTensor(real(*a, **k)))
+    with pytest.raises(KeyboardInterrupt):
+        load_adapter(fresh, path)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # untouched

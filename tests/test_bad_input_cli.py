@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from needs import interruptible
+from needs import interruptible, swallowed_ctrl_c
 
 import lab.__main__ as cli
 from lab.sweeps import SweepCache, SweepPoint, SweepResult, sweep
@@ -252,6 +252,23 @@ def test_a_diverging_point_is_reported_and_cached_as_diverged(main_here, tmp_pat
     assert result.diverged
     stored = [json.loads(p.read_text()) for p in cache.glob("*.json")]
     assert sorted(s["diverged"] for s in stored) == [False, True]
+
+
+def test_a_ctrl_c_that_torch_turned_into_another_error_still_exits_130(
+    main_here, tmp_path, monkeypatch, ctrl_c_raises
+):
+    """Seen in the Ctrl-C test below: the interrupt landed while the base model loaded, torch
+    swallowed it and raised its own error, and the sweep ended as "not a readable base model
+    file" with exit 2 instead of "interrupted:" and 130."""
+
+    def interrupted_sweep(*args, **kwargs):
+        swallowed_ctrl_c()
+
+    monkeypatch.setattr(cli, "sweep", interrupted_sweep)
+    proc = main_here(["sweep", "--task", "rotate", "--ranks", "1", "--steps", "1"], tmp_path)
+    assert proc.returncode == 130, (proc.stdout, proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted:") and "run the same command again" in last, last
 
 
 def test_ctrl_c_keeps_finished_points_and_exits_130(main_here, tmp_path):

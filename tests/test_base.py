@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs import CtrlCInGetTensor
 from safetensors.torch import save_file
 
 import lab
@@ -338,3 +339,18 @@ def test_model_from_state_checks_first(tiny_base):
     state["ln_f.bias"] = torch.zeros(5)
     with pytest.raises(ValueError, match="shape"):
         model_from_state(model.config, state)
+
+
+def test_a_ctrl_c_swallowed_while_the_base_loads_is_a_ctrl_c_not_a_corrupt_file(
+    monkeypatch, ctrl_c_raises
+):
+    """Seen in a CLI run interrupted as it loaded the base: torch turned the KeyboardInterrupt
+    into "could not determine the shape of object type 'torch.storage.UntypedStorage'", which
+    was reported as a corrupt base model file."""
+    import lab.base
+
+    real = lab.base.safe_open
+    monkeypatch.setattr(lab.base, "safe_open", lambda *a, **k: CtrlCInGetTensor(real(*a, **k)))
+    with pytest.raises(KeyboardInterrupt) as caught:
+        load_base_model(device="cpu")
+    assert "could not determine the shape" in str(caught.value.__cause__)
