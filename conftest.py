@@ -15,7 +15,9 @@ it): two processes with a thread per core each spin against each other on a 2-co
 notebook that takes 6 s alone took minutes so beside three other busy processes). The stored
 outputs do not depend on it (every notebook passes strict nbval with 1 thread and with 2). The
 longest files go first (LONGEST_FIRST), so that the workers end together instead of one finishing
-them alone.
+them alone. Each notebook is checked against its stored outputs once: one that the read-only run
+(tests/test_readonly.py) or the browser run (tests/browser/test_lab.py) checks is left out of
+nbval's own run when that test is selected and can run.
 """
 
 import atexit
@@ -23,6 +25,8 @@ import os
 import shutil
 import sys
 import tempfile
+
+import pytest
 
 os.environ["LORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="lora-lab-nbval-cache-")
 atexit.register(shutil.rmtree, os.environ["LORA_LAB_CACHE"], ignore_errors=True)
@@ -86,13 +90,31 @@ def read_only_run_checks(items) -> list[str]:
     return []
 
 
+BROWSER_RUN = "tests/browser/test_lab.py"
+
+
+def browser_run_checks(items) -> list[str]:
+    """The notebooks the selected tests of tests/browser/test_lab.py run in JupyterLab and compare
+    with their stored outputs as strict nbval does, when they can run here (Playwright and a
+    Chromium); else none."""
+    found = []
+    for item in items:
+        if item.nodeid.startswith(BROWSER_RUN + "::"):
+            if not item.module.can_run():
+                return []
+            found.append(item.module.checked_by(item))
+    return [path for path in found if path]
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(config, items):
     """Each notebook runs under strict nbval once; the files in LONGEST_FIRST go first.
 
     A notebook the read-only run checks under strict nbval (the same stored outputs, the same
-    sanitizer) is not run a second time here when that run is selected and can run.
+    sanitizer), or the browser run in JupyterLab with its outputs compared as strict nbval does,
+    is not run a second time here when that run is selected and can run.
     """
-    twice = set(read_only_run_checks(items))
+    twice = set(read_only_run_checks(items)) | set(browser_run_checks(items))
     if twice:
         root = config.rootpath
         again = [i for i in items if i.path.relative_to(root).as_posix() in twice]

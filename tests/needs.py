@@ -27,6 +27,39 @@ def skip_or_fail(message: str) -> None:
     pytest.skip(message)
 
 
+PLAYWRIGHT_HINT = (
+    "the playwright Python package: `.venv/bin/pip install -r requirements.txt` (or `pip install "
+    "playwright`; never `playwright install`, its browser downloads are not used)"
+)
+CHROMIUM_HINT = (
+    "a Chromium binary: `apt-get install -y chromium` (Debian/Ubuntu; /usr/bin/chromium), or set "
+    "LORA_LAB_CHROMIUM to a Chromium or Chrome executable"
+)
+
+
+def find_chromium() -> str | None:
+    """$LORA_LAB_CHROMIUM if set (and only it), else Debian's /usr/bin/chromium, else chromium
+    on the PATH; None if there is none."""
+    if os.environ.get("LORA_LAB_CHROMIUM"):
+        candidates = [os.environ["LORA_LAB_CHROMIUM"]]
+    else:
+        candidates = ["/usr/bin/chromium"]
+        candidates += [shutil.which(n) for n in ("chromium", "chromium-browser")]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def browser_missing() -> list[str]:
+    """What the browser tests need and this machine lacks (install hints); [] when they can run."""
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec("playwright") is None:
+        missing.append(PLAYWRIGHT_HINT)
+    if find_chromium() is None:
+        missing.append(CHROMIUM_HINT)
+    return missing
+
+
 def interruptible() -> None:
     """A `preexec_fn` for a child process a test interrupts (Ctrl-C, SIGINT): SIGINT back to its
     default, so that Python there raises KeyboardInterrupt as at a terminal. A test run started

@@ -383,3 +383,27 @@ def test_a_notebook_the_read_only_run_checks_is_not_run_twice():
     first = [line for line in together if line.startswith(checked[0])]
     assert (first == []) == can_run, together
     assert any(line.startswith(other) for line in together), together
+
+
+def test_a_notebook_the_browser_run_compares_is_not_run_twice():
+    """With tests/browser/test_lab.py selected where it can run (Playwright and a Chromium), the
+    nbval items of the notebooks it runs in JupyterLab and compares with their stored outputs
+    are deselected; deselecting the browser tests (-m 'not browser', or -k) keeps them."""
+    import subprocess
+    import sys
+
+    from needs import browser_missing
+
+    def collected(*args: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        ).stdout  # fmt: skip
+        return [line for line in out.splitlines() if ".ipynb::" in line]
+
+    welcome, lab_test = "notebooks/01_welcome.ipynb", "tests/browser/test_lab.py"
+    with_browser = collected(welcome, lab_test)
+    assert bool(with_browser) == bool(browser_missing()), with_browser
+    for deselect in (["-m", "not browser"], ["-k", "not 01_welcome.ipynb]"]):
+        kept = collected(welcome, lab_test, *deselect)
+        assert any(line.startswith(welcome) for line in kept), (deselect, kept)

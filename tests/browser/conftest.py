@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import browser_missing, find_chromium, skip_or_fail
 from servers import NOTEBOOKS, ROOT, start_lab, start_voila
 
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -31,15 +32,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-PLAYWRIGHT_HINT = (
-    "the playwright Python package: `.venv/bin/pip install -r requirements.txt` (or `pip install "
-    "playwright`; never `playwright install`, its browser downloads are not used)"
-)
-CHROMIUM_HINT = (
-    "a Chromium binary: `apt-get install -y chromium` (Debian/Ubuntu; /usr/bin/chromium), or set "
-    "LORA_LAB_CHROMIUM to a Chromium or Chrome executable"
-)
-
 _TIMINGS: dict[str, float] = {}
 
 
@@ -47,34 +39,13 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
-def find_chromium() -> str | None:
-    """$LORA_LAB_CHROMIUM if set (and only it), else Debian's /usr/bin/chromium, else chromium
-    on the PATH; None if there is none."""
-    if os.environ.get("LORA_LAB_CHROMIUM"):
-        candidates = [os.environ["LORA_LAB_CHROMIUM"]]
-    else:
-        candidates = ["/usr/bin/chromium"]
-        candidates += [shutil.which(n) for n in ("chromium", "chromium-browser")]
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """The Chromium binary; skips (fails in CI) when it or Playwright is missing."""
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append(PLAYWRIGHT_HINT)
-    path = find_chromium()
-    if path is None:
-        missing.append(CHROMIUM_HINT)
+    missing = browser_missing()
     if missing:
-        message = "browser tests need " + "; and ".join(missing)
-        if in_ci():
-            pytest.fail(f"CI=true: {message}", pytrace=False)
-        pytest.skip(message)
-    return path
+        skip_or_fail("browser tests need " + "; and ".join(missing))
+    return find_chromium()
 
 
 @pytest.fixture(scope="session")

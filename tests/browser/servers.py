@@ -120,6 +120,13 @@ class Server:
             body = response.read()
         return json.loads(body) if body else None
 
+    def connection_file(self, relpath: str) -> Path:
+        """The connection file of the kernel of the open notebook at `relpath` (from root)."""
+        sessions = [s for s in self.api("GET", "/api/sessions") or [] if s["path"] == relpath]
+        assert len(sessions) == 1, f"{len(sessions)} sessions for {relpath}"
+        kernel = sessions[0]["kernel"]["id"]
+        return self.base / "jupyter" / "runtime" / f"kernel-{kernel}.json"
+
     def log_tail(self, chars: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-chars:]

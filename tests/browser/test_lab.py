@@ -1,9 +1,11 @@
 """The walkthrough in a real JupyterLab, driven by headless Chromium.
 
 Every notebook (but 04, which test_hub.py runs for two students at once) runs top to bottom
-through the Run menu and ends with every code cell executed and no error output; the sweep
-explorer in notebook 05 answers a control change and a Run with a new plot and a status line
-that says the point is now cached.
+through the Run menu and ends with every code cell executed and no error output, and what its
+kernel printed and displayed matches the stored outputs as strict nbval compares them (recorded
+from the kernel beside the browser: kernel_outputs.py); the root conftest then leaves these
+notebooks out of nbval's own run, so each runs once. The sweep explorer in notebook 05 answers a
+control change and a Run with a new plot and a status line that says the point is now cached.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import time
 
 import nbformat
 import pytest
+from kernel_outputs import KernelRecorder, cell_runs, differences
 from nbformat.v4 import new_code_cell, new_notebook
+from needs import browser_missing
 from pages import (
     FAST_STEPS,
     PANEL,
@@ -29,7 +33,7 @@ from pages import (
     stray_reprs,
     train_one_point,
 )
-from servers import NOTEBOOKS
+from servers import NOTEBOOKS, ROOT
 
 pytestmark = pytest.mark.browser
 
@@ -39,6 +43,22 @@ SWEEPS = "05_sweeps.ipynb"  # run by test_sweep_explorer_in_jupyterlab, which al
 # nothing printed as a stray repr).
 IN_THE_HUB_TEST = "04_fine_tuning.ipynb"
 WALKTHROUGH = [p.name for p in sorted(NOTEBOOKS.glob("0*.ipynb"))]
+SANITIZE = ROOT / "tests" / "nbval" / "sanitize.cfg"  # nbval's, named in pyproject.toml
+
+
+def can_run() -> bool:
+    """Whether this file's tests run here (else they skip, or fail under CI=true)."""
+    return not browser_missing()
+
+
+def checked_by(item: pytest.Item) -> str | None:
+    """The notebook (its path from the root) that a test of this file runs in JupyterLab and
+    compares with its stored outputs, for the root conftest; None for the other tests."""
+    if item.originalname == "test_sweep_explorer_in_jupyterlab":
+        return f"notebooks/{SWEEPS}"
+    if item.originalname == "test_walkthrough_notebook_runs_clean":
+        return f"notebooks/{item.callspec.params['name']}"
+    return None
 
 
 @pytest.fixture(autouse=True)
@@ -49,16 +69,25 @@ def one_kernel_at_a_time(lab_server):
 
 
 def run_clean(page, server, name, shots, timings) -> None:
-    """Open notebooks/<name>, Run All Cells, and check: every cell ran, no error, no stray repr."""
+    """Open notebooks/<name>, Run All Cells, and check: every cell ran, no error, no stray repr,
+    and the kernel's outputs match the stored ones as strict nbval compares them."""
     start = time.perf_counter()
     open_notebook(page, server, f"notebooks/{name}")
     opened = time.perf_counter() - start
-    seconds = run_all_cells(page)
+    recorder = KernelRecorder(server.connection_file(f"notebooks/{name}")).start()
+    try:
+        seconds = run_all_cells(page)
+    finally:
+        runs = cell_runs(recorder.stop())
     timings(f"JupyterLab: open {name}", opened)
     timings(f"JupyterLab: run all {name}", seconds)
     stem = name.removesuffix(".ipynb")
     page.screenshot(path=shots / f"lab-{stem}.png")
     check_ran_clean(page, name)
+    problems = differences(NOTEBOOKS / name, runs, SANITIZE)
+    assert not problems, f"{name} in JupyterLab, against its stored outputs:\n" + "\n".join(
+        problems
+    )
     screenshot_widgets(page, shots, f"lab-{stem}")
     for message in getattr(page, "page_errors", []):
         print(f"{name}: {message}")
