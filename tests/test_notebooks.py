@@ -351,59 +351,46 @@ def test_the_promise_check_reads_the_old_promises():
     assert not PROMISE.search("**Time:** about 15 minutes")  # the reader's time, not the CPU's
 
 
-def test_a_notebook_the_read_only_run_checks_is_not_run_twice():
+def test_a_notebook_the_read_only_or_the_browser_run_checks_is_not_run_twice():
     """With tests/test_readonly.py selected where it can run (root on Linux, strace, setpriv),
     its notebooks' nbval items are deselected (it checks them under strict nbval from the
-    read-only copy); a notebook collected alone, or one it does not run, keeps its items."""
+    read-only copy); with tests/browser/test_lab.py selected where it can run (Playwright and a
+    Chromium), so are those of the notebooks it runs in JupyterLab and compares with their
+    stored outputs. Collected alone, or with those tests deselected (-m 'not browser', -k), a
+    notebook keeps its items."""
     import shutil
     import subprocess
     import sys
 
     import test_readonly
-
-    def collected(*paths: str) -> list[str]:
-        out = subprocess.run(
-            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *paths],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-        ).stdout  # fmt: skip
-        return [line for line in out.splitlines() if ".ipynb::" in line]
-
-    checked = list(test_readonly.NOTEBOOKS)
-    assert checked and all((ROOT / nb).is_file() for nb in checked), checked
-    other = "notebooks/02_why_lora.ipynb"
-    assert other not in checked
-    alone = collected(checked[0], other)
-    assert any(line.startswith(checked[0]) for line in alone), alone
-    together = collected(checked[0], other, "tests/test_readonly.py")
-    can_run = (
-        sys.platform == "linux"
-        and os.geteuid() == 0
-        and all(shutil.which(tool) for tool in ("strace", "setpriv"))
-    )
-    first = [line for line in together if line.startswith(checked[0])]
-    assert (first == []) == can_run, together
-    assert any(line.startswith(other) for line in together), together
-
-
-def test_a_notebook_the_browser_run_compares_is_not_run_twice():
-    """With tests/browser/test_lab.py selected where it can run (Playwright and a Chromium), the
-    nbval items of the notebooks it runs in JupyterLab and compares with their stored outputs
-    are deselected; deselecting the browser tests (-m 'not browser', or -k) keeps them."""
-    import subprocess
-    import sys
-
     from needs import browser_missing
 
-    def collected(*args: str) -> list[str]:
+    def collected(*args: str) -> dict[str, int]:
         out = subprocess.run(
             [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *args],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         ).stdout  # fmt: skip
-        return [line for line in out.splitlines() if ".ipynb::" in line]
+        items = [line.split("::")[0] for line in out.splitlines() if ".ipynb::" in line]
+        return {path: items.count(path) for path in set(items)}
 
-    welcome, lab_test = "notebooks/01_welcome.ipynb", "tests/browser/test_lab.py"
-    with_browser = collected(welcome, lab_test)
-    assert bool(with_browser) == bool(browser_missing()), with_browser
-    for deselect in (["-m", "not browser"], ["-k", "not 01_welcome.ipynb]"]):
-        kept = collected(welcome, lab_test, *deselect)
-        assert any(line.startswith(welcome) for line in kept), (deselect, kept)
+    read_only = list(test_readonly.NOTEBOOKS)
+    assert read_only and all((ROOT / nb).is_file() for nb in read_only), read_only
+    welcome = "notebooks/01_welcome.ipynb"  # run in JupyterLab by the browser test, not read-only
+    other = "notebooks/dashboard.ipynb"  # run by neither
+    assert welcome not in read_only and other not in read_only
+    notebooks = [read_only[0], welcome, other]
+    tests = ["tests/test_readonly.py", "tests/browser/test_lab.py"]
+    alone = collected(*notebooks)
+    assert all(alone.get(nb) for nb in notebooks), alone
+    together = collected(*notebooks, *tests)
+    read_only_runs = (
+        sys.platform == "linux"
+        and os.geteuid() == 0
+        and all(shutil.which(tool) for tool in ("strace", "setpriv"))
+    )
+    assert (read_only[0] not in together) == read_only_runs, together
+    assert (welcome not in together) == (not browser_missing()), together
+    assert together.get(other) == alone[other], together
+    # The browser test deselected by mark and the read-only test by keyword: all come back.
+    deselected = collected(*notebooks, *tests, "-m", "not browser", "-k", "not read_only_copy")
+    assert deselected == alone, deselected
