@@ -72,12 +72,26 @@ class KernelRecorder:
             except queue.Empty:
                 continue
 
-    def stop(self) -> list[dict]:
-        time.sleep(0.5)  # the last outputs of the last cell, published before its idle status
+    def stop(self, timeout: float = 30.0) -> list[dict]:
+        """Stop listening once every execution heard of has said it is idle (the kernel publishes
+        that after the execution's last output); returns the messages."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._all_idle():
+            time.sleep(0.05)
         self._done.set()
         self._thread.join(timeout=10)
         self.client.stop_channels()
         return self.messages
+
+    def _all_idle(self) -> bool:
+        started, idle = set(), set()
+        for msg in list(self.messages):
+            parent = msg["parent_header"].get("msg_id")
+            if msg["msg_type"] == "execute_input":
+                started.add(parent)
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                idle.add(parent)
+        return started <= idle
 
 
 def cell_runs(messages: list[dict]) -> list[tuple[str, list[NotebookNode]]]:
